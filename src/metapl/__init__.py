@@ -1,0 +1,10 @@
+"""metapl: Meta Pseudo Labels (Pham et al., CVPR 2021) for PyTorch.
+
+The algorithm lives in ``metapl.core`` (any teacher and student ``nn.Module``); data sets in ``metapl.data``; models
+in ``metapl.models``; the command-line trainer in ``metapl.cli``.
+"""
+
+from metapl.core import Batch, MPLConfig, MPLState, ModelEMA, linear_ramp, mpl_update, warmup_cosine
+
+__version__ = "0.1.0"
+__all__ = ["Batch", "MPLConfig", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]

@@ -1,0 +1,21 @@
+"""The algorithm core: pure PyTorch, no files, no data sets, no command line."""
+
+from metapl.core.ema import ModelEMA
+from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistency
+from metapl.core.mpl import Batch, MPLConfig, MPLState, feedback_mode, mpl_update, unwrap
+from metapl.core.schedules import linear_ramp, warmup_cosine
+
+__all__ = [
+    "Batch",
+    "MPLConfig",
+    "MPLState",
+    "ModelEMA",
+    "feedback_mode",
+    "linear_ramp",
+    "mpl_update",
+    "pseudo_labels",
+    "soft_cross_entropy",
+    "uda_consistency",
+    "unwrap",
+    "warmup_cosine",
+]
