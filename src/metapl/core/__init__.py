@@ -4,6 +4,7 @@ from metapl.core.ema import ModelEMA
 from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistency
 from metapl.core.mpl import Batch, MPLConfig, MPLState, feedback_mode, mpl_update, unwrap
 from metapl.core.schedules import linear_ramp, warmup_cosine
+from metapl.core.supervised import supervised_step
 
 __all__ = [
     "Batch",
@@ -15,6 +16,7 @@ __all__ = [
     "mpl_update",
     "pseudo_labels",
     "soft_cross_entropy",
+    "supervised_step",
     "uda_consistency",
     "unwrap",
     "warmup_cosine",

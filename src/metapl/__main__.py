@@ -1,0 +1,7 @@
+"""``python -m metapl`` (also what ``torchrun -m metapl train ...`` runs)."""
+
+import sys
+
+from metapl.cli import main
+
+sys.exit(main())

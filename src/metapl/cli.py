@@ -1,0 +1,116 @@
+"""The ``metapl`` command: train, finetune, eval, predict, plot and an offline demo.
+
+Every error a user can fix is printed as one line (``metapl: error: ...``) with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from metapl.config import add_config_arguments, resolve
+from metapl.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that names the problem and where to look."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand."""
+    parser = _Parser(prog="metapl", description="Meta Pseudo Labels for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a teacher and a student with Meta Pseudo Labels")
+    add_config_arguments(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+
+    p = sub.add_parser("finetune", help="finetune a trained run's student on its labeled data")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--steps", type=int, default=None, help="finetune steps (default: the run's finetune_steps or 1000)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's finetune_lr)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a run's teacher, student and EMA student on a test split")
+    p.add_argument("path", metavar="RUN_DIR|CKPT")
+    p.add_argument("--data-dir", default=None, help="where the test data lives (default: the run's)")
+    p.add_argument("--output", default=None, help="JSON file for the results (default: RUN_DIR/eval.json)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="classify images or folders of images with a trained model")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("--model", choices=("ema", "student", "teacher", "finetuned"), default="ema")
+    p.add_argument("--output", default="predictions.csv", help="CSV file (default: predictions.csv)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("plot", help="PNG curves of one or several runs (accuracies, losses, h)")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--output", default=None, help="PNG file (default: RUN_DIR/curves.png of the first run)")
+
+    p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
+    p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each run")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``metapl`` console script and ``python -m metapl``."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"metapl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metapl: interrupted; resume with metapl train --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from metapl.train import load_run_config, train
+
+        if args.resume:
+            cfg = replace(load_run_config(args.resume), out=args.resume)
+            train(cfg, resume=True)
+        else:
+            train(resolve(args))
+        return 0
+    if args.command == "finetune":
+        from metapl.finetune import finetune_run
+
+        finetune_run(args.run_dir, steps=args.steps, lr=args.lr, device=args.device)
+        return 0
+    if args.command == "eval":
+        from metapl.inference import run_eval
+
+        run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device)
+        return 0
+    if args.command == "predict":
+        from metapl.inference import run_predict
+
+        run_predict(args.checkpoint, args.paths, model=args.model, output=args.output, top_k=args.top_k,
+                    device=args.device)  # fmt: skip
+        return 0
+    if args.command == "plot":
+        from metapl.plot import plot_runs
+
+        plot_runs(args.run_dirs, output=args.output)
+        return 0
+    if args.command == "demo":
+        from metapl.demo import demo
+
+        demo(out=args.out, steps=args.steps, seed=args.seed)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

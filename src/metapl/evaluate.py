@@ -1,0 +1,53 @@
+"""Top-1 / top-5 accuracy of several models over one pass of a test loader."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(
+    models: dict[str, nn.Module], loader, device: torch.device, *, amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """Accuracy of each model in eval mode on every batch of ``loader``; train mode is restored afterwards.
+
+    Args:
+        models: name -> model, e.g. ``{"teacher": t, "student": s, "ema": e}``.
+        loader: yields (x, y) batches.
+        device: where the models are.
+        amp_dtype: autocast dtype, or None.
+        channels_last: convert inputs to channels-last memory format.
+
+    Returns:
+        ``{"<name>_acc": top-1 %, "<name>_top5": top-5 %, ...}`` as Python floats (one sync at the end).
+    """
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    correct1 = {name: torch.zeros((), device=device) for name in models}
+    correct5 = {name: torch.zeros((), device=device) for name in models}
+    total = 0
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        total += y.shape[0]
+        for name, m in models.items():
+            with autocast:
+                logits = m(x).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices  # (N, k)
+            hit = top == y[:, None]
+            correct1[name] += hit[:, 0].sum()
+            correct5[name] += hit.any(dim=1).sum()
+    for name, m in models.items():
+        m.train(was_training[name])
+    out = {}
+    for name in models:
+        out[f"{name}_acc"] = 100.0 * correct1[name].item() / max(total, 1)
+        out[f"{name}_top5"] = 100.0 * correct5[name].item() / max(total, 1)
+    return out

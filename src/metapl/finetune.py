@@ -1,0 +1,111 @@
+"""The paper's last phase: finetune the student on the labeled data alone (``--finetune-steps``, ``metapl finetune``).
+
+The finetuned student is saved as ``finetuned.pt`` (same layout as ``checkpoint.pt``, with the finetuned student
+weights), so the MPL checkpoint stays untouched and finetuning can be repeated with other settings. A finetune
+killed midway is simply run again: it is short and restarts from the MPL checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from metapl import data as mdata
+from metapl.checkpoint import atomic_save
+from metapl.core import supervised_step, unwrap
+from metapl.evaluate import evaluate
+from metapl.runtime import make_sgd
+
+FINETUNED = "finetuned.pt"
+
+
+def finetune_student(run, run_dir: Path, writer, log) -> dict:
+    """Finetune ``run.student`` for ``cfg.finetune_steps`` steps on shuffled labeled batches (weak augmentation).
+
+    Args:
+        run: a built ``metapl.train.Run`` (models restored).
+        run_dir: the run directory.
+        writer: the run's ``MetricsWriter``; finetune records use steps after the MPL steps.
+        log: progress lines.
+
+    Returns:
+        ``{"finetuned_acc", "finetuned_top5", "finetune_steps"}``.
+    """
+    cfg, device, data = run.cfg, run.device, run.data
+    student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
+    opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                   weight_decay=cfg.weight_decay, device=device)  # fmt: skip
+    hflip = data.hflip if cfg.hflip is None else cfg.hflip
+    weak = mdata.weak_transform(data.image_size, hflip=hflip, mean=data.mean, std=data.std)
+    loader, _ = mdata.make_train_loaders(
+        data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=0,
+        num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    batches = iter(loader)
+    student.train()
+    losses = []
+    for i in range(cfg.finetune_steps):
+        x, y = (t.to(device, non_blocking=True) for t in next(batches))
+        out = supervised_step(student, opt, x, y, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                              amp_dtype=run.amp_dtype, scaler=None)  # fmt: skip
+        losses.append(out["loss/student"])
+        if (i + 1) % cfg.log_every == 0 and run.dist.is_main:
+            writer.write(run.step + i + 1, {"finetune/loss": torch.stack(losses).mean().item()})
+            losses = []
+    test_loader = mdata.make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=cfg.eval_batch_size)
+    result = {"finetune_steps": cfg.finetune_steps}
+    if run.dist.is_main:
+        accs = evaluate({"finetuned": unwrap(student)}, test_loader, device, amp_dtype=run.amp_dtype)
+        writer.write(run.step + cfg.finetune_steps, {f"eval/{k}": v for k, v in accs.items()})
+        log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
+        result.update(accs)
+        from metapl.train import _checkpoint
+
+        atomic_save(_checkpoint(run), run_dir / FINETUNED)
+    return result
+
+
+def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, device: str | None, log=print) -> dict:
+    """``metapl finetune RUN_DIR``: rebuild the run from its latest checkpoint and finetune its student.
+
+    Args:
+        run_dir: a run directory of ``metapl train``.
+        steps: finetune steps (default: the run's ``finetune_steps``, or 1000 when that is 0).
+        lr: learning rate (default: the run's ``finetune_lr``).
+        device: ``auto``/``cpu``/``cuda`` (default: the run's).
+        log: progress lines.
+
+    Returns:
+        The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
+    """
+    import json
+    from dataclasses import replace
+
+    from metapl.checkpoint import LATEST, load_checkpoint
+    from metapl.metrics import MetricsWriter
+    from metapl.runtime import init_distributed, seed_everything, select_device
+    from metapl.train import SUMMARY, _build, load_run_config
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    cfg = replace(
+        cfg, out=str(run_dir), finetune_steps=steps or cfg.finetune_steps or 1000,
+        finetune_lr=lr if lr is not None else cfg.finetune_lr, device=device or cfg.device,
+    )  # fmt: skip
+    ckpt = load_checkpoint(run_dir / LATEST)
+    dev = select_device(cfg.device)
+    seed_everything(cfg.seed + 1)
+    run = _build(cfg, dev, init_distributed(dev), run_dir, ckpt, log)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    try:
+        result = finetune_student(run, run_dir, writer, log)
+    finally:
+        writer.close()
+    summary_path = run_dir / SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update(result)
+    if run.dist.is_main:
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

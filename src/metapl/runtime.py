@@ -1,0 +1,131 @@
+"""Process-level setup shared by the commands: devices, torchrun/DDP, seeds, optimizers, schedulers."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from metapl.core import warmup_cosine
+from metapl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, Gloo on CPU); no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks the local rank's GPU when CUDA is available, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
+        device = torch.device(name if ":" in name else f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        # TF32 matmuls/convolutions: the usual speed-for-precision trade on Ampere and later.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        return device
+    if name != "cpu":
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp``; float16 needs CUDA (it relies on a gradient scaler)."""
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def make_sgd(
+    model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, device: torch.device
+) -> torch.optim.SGD:
+    """SGD with weight decay on weight matrices and kernels only (not on biases and normalisation parameters).
+
+    The fused CUDA kernel is used on GPUs, the multi-tensor ``foreach`` path elsewhere.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fast)
+
+
+def make_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, wait_steps: int = 0):
+    """LambdaLR over ``metapl.core.warmup_cosine``."""
+    schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, wait_steps=wait_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def wrap_ddp(model: nn.Module, d: Dist, device: torch.device, *, sync_bn: bool) -> nn.Module:
+    """DistributedDataParallel (with SyncBatchNorm if asked) when running under torchrun."""
+    if not d.enabled:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers are not broadcast every forward: BatchNorm statistics stay per rank (or synced by SyncBatchNorm).
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean of ``x`` over ranks (identity in a single process)."""
+    if d.enabled:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world_size
+    return x
+
+
+def barrier(d: Dist) -> None:
+    """Wait for every rank."""
+    if d.enabled:
+        dist.barrier()
