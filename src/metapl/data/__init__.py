@@ -1,0 +1,46 @@
+"""Data: readers that decode each dataset once into a cache, the labeled split, augmentations and resumable loaders.
+
+Typical use::
+
+    data = load_dataset("cifar10", "../shared/data/cifar10-jpeg.tar.gz")
+    split = make_split(data.train.labels, 4000, data.num_classes, seed=0)
+    weak = weak_transform(data.image_size, hflip=data.hflip, mean=data.mean, std=data.std)
+    strong = strong_transform(data.image_size, hflip=data.hflip, mean=data.mean, std=data.std)
+    labeled, unlabeled = make_train_loaders(data, split, batch_size=64, mu=7, seed=0, weak=weak, strong=strong)
+"""
+
+from metapl.data.cache import default_cache_dir
+from metapl.data.loader import (
+    EvalDataset,
+    LabeledDataset,
+    ResumableSampler,
+    UnlabeledDataset,
+    make_eval_loader,
+    make_train_loaders,
+)
+from metapl.data.sources import DATASETS, ImageArrays, SourceData, load_dataset
+from metapl.data.split import Split, load_split, make_split, per_class_counts, save_split
+from metapl.data.transforms import Cutout, eval_transform, strong_transform, weak_transform
+
+__all__ = [
+    "DATASETS",
+    "Cutout",
+    "EvalDataset",
+    "ImageArrays",
+    "LabeledDataset",
+    "ResumableSampler",
+    "SourceData",
+    "Split",
+    "UnlabeledDataset",
+    "default_cache_dir",
+    "eval_transform",
+    "load_dataset",
+    "load_split",
+    "make_eval_loader",
+    "make_split",
+    "make_train_loaders",
+    "per_class_counts",
+    "save_split",
+    "strong_transform",
+    "weak_transform",
+]
