@@ -35,7 +35,10 @@ class MetricsWriter:
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` (plain floats) at ``step``."""
-        record = {"step": step, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}}
+        record = {
+            "step": step,
+            **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()},
+        }
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:

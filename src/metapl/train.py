@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +20,22 @@ from torch import nn
 from metapl import data as mdata
 from metapl.checkpoint import BEST, LATEST, atomic_save, load_checkpoint, rng_state, set_rng_state
 from metapl.config import TrainConfig, config_from_dict, save_config
-from metapl.core import Batch, MPLState, ModelEMA, linear_ramp, mpl_update, supervised_step, unwrap
+from metapl.core import Batch, ModelEMA, MPLState, linear_ramp, mpl_update, supervised_step, unwrap
 from metapl.errors import UserError
 from metapl.evaluate import evaluate
 from metapl.metrics import MetricsWriter
 from metapl.models import count_parameters, create_model
 from metapl.runtime import (
-    Dist, all_reduce_mean, amp_dtype, barrier, init_distributed, make_scheduler, make_sgd, seed_everything,
-    select_device, wrap_ddp,
+    Dist,
+    all_reduce_mean,
+    amp_dtype,
+    barrier,
+    init_distributed,
+    make_scheduler,
+    make_sgd,
+    seed_everything,
+    select_device,
+    wrap_ddp,
 )  # fmt: skip
 
 SPLIT = "split.json"
@@ -131,9 +140,9 @@ def _build(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, 
     opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
     t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
     t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.t_warmup_steps)
-    s_sched = make_scheduler(
-        s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=cfg.s_wait_steps
-    )
+    # The baseline has no teacher to wait for: its student starts at once.
+    wait = cfg.s_wait_steps if cfg.method == "mpl" else 0
+    s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=wait)
     ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
     dtype = amp_dtype(cfg.amp, device)
     scalers = (None, None)
@@ -250,7 +259,10 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
             run.t_sched.step()
         else:
             metrics = _supervised_step(run, x_l, y_l)
-        run.s_sched.step()
+        with warnings.catch_warnings():
+            # While the student waits, mpl_update skips its optimizer on purpose; the schedule still advances.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            run.s_sched.step()
         if run.ema is not None:
             run.ema.update(run.student)
         run.step += 1
@@ -347,7 +359,9 @@ def _progress(cfg: TrainConfig, run: Run, log):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False)
+    # disable=None: a bar on a terminal, nothing in a log file (the per-evaluation lines remain).
+    return tqdm(total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False,
+                disable=None)  # fmt: skip
 
 
 def _hflip(cfg: TrainConfig, data) -> bool:

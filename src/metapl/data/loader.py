@@ -197,6 +197,9 @@ def _loader(dataset, sampler, batch_size, num_workers, pin_memory, persistent_wo
         worker_init_fn=_worker_init if workers else None,
         persistent_workers=persistent_workers and workers,
         prefetch_factor=prefetch_factor if workers else None,
+        # Its own generator: creating the iterator draws a base seed, which must not come from (and shift) the
+        # global generator that dropout uses, or a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator(),
     )
 
 
@@ -288,4 +291,5 @@ def make_eval_loader(
         shuffle=False,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator(),  # see _loader: leave the global generator alone
     )
