@@ -4,7 +4,7 @@ The algorithm lives in ``metapl.core`` (any teacher and student ``nn.Module``); 
 in ``metapl.models``; the command-line trainer in ``metapl.cli``.
 """
 
-from metapl.core import Batch, MPLConfig, MPLState, ModelEMA, linear_ramp, mpl_update, warmup_cosine
+from metapl.core import Batch, ModelEMA, MPLConfig, MPLState, linear_ramp, mpl_update, warmup_cosine
 
 __version__ = "0.1.0"
 __all__ = ["Batch", "MPLConfig", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]

@@ -26,7 +26,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - held for the run's life, closed by close()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -108,9 +108,7 @@ def load_or_build(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished entry should read like any folder
+        tmp.chmod(0o755)  # mkdtemp makes it private; a finished entry should be readable like any other folder
     except OSError as e:
         msg = f"cannot write the data cache in {root} ({e.strerror}); pass --cache-dir DIR or set METAPL_CACHE_DIR"
         raise UserError(msg) from e

@@ -177,7 +177,7 @@ def load_dataset(
     else:
         data = _load_torchvision(name, data_dir or DEFAULT_DATA_DIR, download, **opts)
     if unlabeled_dir is not None:
-        data.extra_unlabeled = _load_unlabeled(unlabeled_dir, data, image_size, **opts)
+        data.extra_unlabeled = _load_unlabeled(unlabeled_dir, data, **opts)
     log(
         f"{name}: {len(data.train)} train / {len(data.test)} test images"
         + (f" + {len(data.extra_unlabeled)} extra unlabeled" if data.extra_unlabeled is not None else "")
@@ -394,7 +394,7 @@ def _load_folder(data_dir, *, test_fraction, seed, image_size, cache_dir, skip_c
     return SourceData(train, test, None, list(meta["classes"]), mean, std, hflip=True)
 
 
-def _load_unlabeled(unlabeled_dir, data: SourceData, image_size, *, cache_dir, skip_corrupt, log) -> ImageArrays:
+def _load_unlabeled(unlabeled_dir, data: SourceData, *, image_size, cache_dir, skip_corrupt, log) -> ImageArrays:
     path = Path(unlabeled_dir).expanduser()
     if not path.exists():
         raise UserError(f"unlabeled directory {path} does not exist; fix --unlabeled-dir")
