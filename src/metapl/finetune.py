@@ -61,9 +61,9 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
         writer.write(run.step + cfg.finetune_steps, {f"eval/{k}": v for k, v in accs.items()})
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
-        from metapl.train import _checkpoint
+        from metapl.train import checkpoint_state
 
-        atomic_save(_checkpoint(run), run_dir / FINETUNED)
+        atomic_save(checkpoint_state(run), run_dir / FINETUNED)
     return result
 
 
@@ -86,7 +86,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     from metapl.checkpoint import LATEST, load_checkpoint
     from metapl.metrics import MetricsWriter
     from metapl.runtime import init_distributed, seed_everything, select_device
-    from metapl.train import SUMMARY, _build, load_run_config
+    from metapl.train import SUMMARY, build_run, load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -97,7 +97,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     ckpt = load_checkpoint(run_dir / LATEST)
     dev = select_device(cfg.device)
     seed_everything(cfg.seed + 1)
-    run = _build(cfg, dev, init_distributed(dev), run_dir, ckpt, log)
+    run = build_run(cfg, dev, init_distributed(dev), run_dir, ckpt, log)
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
     try:
         result = finetune_student(run, run_dir, writer, log)

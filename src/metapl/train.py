@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     elif (run_dir / LATEST).exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --out")
     seed_everything(cfg.seed, cfg.deterministic)
-    run = _build(cfg, device, d, run_dir, ckpt, log)
+    run = build_run(cfg, device, d, run_dir, ckpt, log)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -112,7 +112,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
 # Building a run
 
 
-def _build(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, log) -> Run:
+def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, log) -> Run:
+    """Data, split, models, optimizers, schedulers, EMA and scalers of a run; restored from ``ckpt`` if given."""
     data = mdata.load_dataset(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
@@ -160,7 +161,8 @@ def _build(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, 
     return run
 
 
-def _checkpoint(run: Run) -> dict:
+def checkpoint_state(run: Run) -> dict:
+    """The flat checkpoint dict of a run: models, optimizers, schedulers, scalers, RNG, split, config."""
     return {
         "config": run.cfg.to_dict(),
         "step": run.step,
@@ -209,7 +211,7 @@ def _restore(run: Run, ckpt: dict) -> None:
 
 def _save(run: Run, run_dir: Path, name: str = LATEST) -> None:
     if run.dist.is_main:
-        atomic_save(_checkpoint(run), run_dir / name)
+        atomic_save(checkpoint_state(run), run_dir / name)
     barrier(run.dist)
 
 
@@ -295,7 +297,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
                 score = accs.get("ema_acc", accs["student_acc"])
                 if score > run.best_acc:
                     run.best_acc = score
-                    atomic_save(_checkpoint(run), run_dir / BEST)
+                    atomic_save(checkpoint_state(run), run_dir / BEST)
             last.update({k: accs[k] for k in accs if k.endswith("_acc")})
             tick = time.perf_counter()  # evaluation time is not step time
         if do_save:
