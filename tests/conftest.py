@@ -1,0 +1,105 @@
+"""Shared fixtures: the real datasets in ../shared/data (decoded once per machine) and tiny synthetic image trees."""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR10_TAR = SHARED_DATA / "cifar10-jpeg.tar.gz"
+FASHION_DIR = SHARED_DATA / "fashion-mnist"
+# Decoded real data survives between test sessions here (.cache/ is git-ignored): only the first session decodes.
+TEST_CACHE = REPO / ".cache" / "test-data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache_dir(tmp_path_factory):
+    """Keep tests that rely on the default cache folder out of the user's ~/.cache/metapl."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METAPL_CACHE_DIR", str(tmp_path_factory.mktemp("metapl-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def cifar10_tar() -> Path:
+    """Path of the real CIFAR-10 JPEG archive; skips the test when it is absent."""
+    if not CIFAR10_TAR.is_file():
+        pytest.skip("../shared/data/cifar10-jpeg.tar.gz not found")
+    return CIFAR10_TAR
+
+
+@pytest.fixture(scope="session")
+def cifar10(cifar10_tar):
+    """The real CIFAR-10 copy as ``SourceData``, decoded once into ``<repo>/.cache/test-data`` and memory-mapped."""
+    from metapl.data import load_dataset
+
+    return load_dataset("cifar10", str(cifar10_tar), cache_dir=str(TEST_CACHE), log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """The folder with the real Fashion-MNIST IDX files; skips the test when it is absent."""
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("../shared/data/fashion-mnist not found")
+    return FASHION_DIR
+
+
+def class_value(label: int) -> int:
+    """The gray level that synthetic images of class ``label`` are painted with (lets tests check label order)."""
+    return 30 + 60 * label
+
+
+def write_image(path: Path, label: int, size: tuple[int, int], mode: str) -> None:
+    """Write one synthetic image: a flat ``class_value(label)`` background with a little noise, any PIL format."""
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+    base = np.full((size[1], size[0]), class_value(label), dtype=np.int16) + rng.integers(-3, 4, (size[1], size[0]))
+    gray = np.clip(base, 0, 255).astype(np.uint8)
+    image = Image.fromarray(gray, "L") if mode == "L" else Image.fromarray(np.stack([gray] * 3, axis=-1), "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+@pytest.fixture
+def make_tree(tmp_path):
+    """Factory for a small ImageFolder tree under tmp_path.
+
+    ``make_tree(name, classes=("ant", "bee", "cat"), splits=("train", "test"), per_class=4, mode="RGB",
+    sizes=((12, 12),), ext=".png")``; ``splits=()`` gives a single ``<class>/`` tree. Images cycle through ``sizes``
+    and, with ``mode="mixed"``, alternate RGB PNG and grayscale JPEG. Returns the tree's root.
+    """
+
+    def make(
+        name: str = "tree",
+        *,
+        classes=("ant", "bee", "cat"),
+        splits=("train", "test"),
+        per_class: int = 4,
+        mode: str = "RGB",
+        sizes=((12, 12),),
+        ext: str = ".png",
+    ) -> Path:
+        root = tmp_path / name
+        for split in splits or ("",):
+            for label, cls in enumerate(classes):
+                for i in range(per_class):
+                    img_mode, img_ext = mode, ext
+                    if mode == "mixed":
+                        img_mode, img_ext = ("RGB", ".png") if i % 2 == 0 else ("L", ".jpg")
+                    write_image(root / split / cls / f"{i:03d}{img_ext}", label, sizes[i % len(sizes)], img_mode)
+        return root
+
+    return make
+
+
+def make_tar(tree: Path, out: Path, *, wrapper: str | None = None) -> Path:
+    """Pack ``tree`` into the archive ``out`` (compression from its suffix), optionally inside one wrapper folder."""
+    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    with tarfile.open(out, mode) as tf:
+        tf.add(tree, arcname=wrapper or ".")
+    return out

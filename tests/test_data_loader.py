@@ -1,0 +1,209 @@
+"""Resumable sampling, seeded per-sample augmentation, transforms and the train/eval loaders."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from metapl.data import (
+    Cutout,
+    ImageArrays,
+    LabeledDataset,
+    ResumableSampler,
+    SourceData,
+    UnlabeledDataset,
+    eval_transform,
+    load_dataset,
+    make_eval_loader,
+    make_split,
+    make_train_loaders,
+    strong_transform,
+    weak_transform,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Per-image transforms in this process: intra-op threads only add wake-up latency (10x slower on a busy CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def take(iterable, n):
+    return list(islice(iterable, n))
+
+
+def synthetic(channels: int, size: int = 16, n: int = 60, classes: int = 3, seed: int = 0) -> SourceData:
+    rng = np.random.default_rng(seed)
+
+    def arrays(k):
+        return ImageArrays(rng.integers(0, 256, (k, size, size, channels), dtype=np.uint8), np.arange(k) % classes)
+
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    extra = ImageArrays(rng.integers(0, 256, (7, size, size, channels), dtype=np.uint8), np.full(7, -1))
+    return SourceData(arrays(n), arrays(20), extra, [f"c{i}" for i in range(classes)], mean, std, hflip=True)
+
+
+def views(data: SourceData):
+    kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
+    return weak_transform(data.image_size, **kw), strong_transform(data.image_size, **kw)
+
+
+# -- sampler ---------------------------------------------------------------------------------------------------------
+
+
+def test_sampler_is_deterministic_and_seeded():
+    a = take(ResumableSampler(10, seed=1), 35)
+    assert a == take(ResumableSampler(10, seed=1), 35)
+    assert [i for i, _ in a] != [i for i, _ in take(ResumableSampler(10, seed=2), 35)]
+    # Each epoch is a permutation, and epochs are shuffled differently.
+    epochs = [sorted(i for i, _ in a[e * 10 : (e + 1) * 10]) for e in range(3)]
+    assert all(e == list(range(10)) for e in epochs) and a[:10] != a[10:20]
+    seeds = [s for _, s in a]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_sampler_repeat_expands_the_epoch():
+    items = [i for i, _ in take(ResumableSampler(4, seed=0, repeat=3), 12)]
+    assert sorted(items) == sorted(list(range(4)) * 3)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shards_are_disjoint_and_cover_the_epoch(world_size):
+    n = 10  # not a multiple of 3: the last shard positions are padding, as in DistributedSampler
+    samplers = [ResumableSampler(n, seed=4, rank=r, world_size=world_size) for r in range(world_size)]
+    per_rank = samplers[0].per_rank
+    shards = [take(s, per_rank) for s in samplers]
+    assert all(len(s) == per_rank for s in shards)
+    positions = [samplers[r].epoch_positions(0) for r in range(world_size)]
+    flat = np.concatenate(positions)
+    assert len(flat) == per_rank * world_size and set(flat.tolist()) == set(range(n))
+    padding = per_rank * world_size - n
+    assert len(flat) - len(set(flat.tolist())) == padding  # only the padding repeats
+    seeds = [s for shard in shards for _, s in shard]
+    assert len(set(seeds)) == len(seeds)  # every shard item, padding included, gets its own augmentation
+
+
+@pytest.mark.parametrize("start", [0, 1, 9, 10, 11, 27])
+def test_start_resumes_the_uninterrupted_stream(start):
+    full = take(ResumableSampler(10, seed=5, rank=1, world_size=2), 40)
+    assert take(ResumableSampler(10, seed=5, rank=1, world_size=2, start=start), 40 - start) == full[start:]
+
+
+# -- per-sample augmentation ------------------------------------------------------------------------------------------
+
+
+def test_augmentation_depends_only_on_sample_seed():
+    data = synthetic(3)
+    weak, strong = views(data)
+    ds = UnlabeledDataset(data.train, np.arange(len(data.train)), weak, strong)
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    a, b, c = ds[(5, 123)], ds[(5, 123)], ds[(5, 124)]
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+    assert not torch.equal(a[0], a[1])  # the weak and strong views differ
+
+
+# -- transforms -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 8), (1, 28), (3, 32), (3, 40)])
+def test_transforms_keep_shape_and_normalize(channels, size):
+    image = torch.randint(0, 256, (channels, size, size), dtype=torch.uint8)
+    mean, std = (0.4,) * channels, (0.2,) * channels
+    for transform in (
+        weak_transform(size, hflip=True, mean=mean, std=std),
+        strong_transform(size, hflip=False, mean=mean, std=std),
+    ):
+        out = transform(image)
+        assert out.shape == (channels, size, size) and out.dtype == torch.float32
+    expected = (image.float() / 255 - 0.4) / 0.2
+    assert torch.allclose(eval_transform(mean, std)(image), expected, atol=1e-5)
+
+
+def test_cutout_fills_one_square():
+    image = torch.full((3, 20, 20), 200, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = Cutout(6, (1, 2, 3))(image)
+    filled = out[0] == 1
+    rows, cols = filled.any(1).nonzero().flatten(), filled.any(0).nonzero().flatten()
+    assert 1 <= len(rows) <= 6 and 1 <= len(cols) <= 6  # a square, clipped where it crosses the border
+    assert filled.sum() == len(rows) * len(cols)
+    assert (out[1][filled] == 2).all() and (out[2][filled] == 3).all() and (out[:, ~filled] == 200).all()
+    assert (image == 200).all()  # the input is not modified in place
+    assert torch.equal(Cutout(0, (0, 0, 0))(image), image)
+
+
+# -- loaders ----------------------------------------------------------------------------------------------------------
+
+
+def batches(data, split, steps, *, start_step=0, num_workers=0, batch_size=4, mu=3):
+    weak, strong = views(data)
+    labeled, unlabeled = make_train_loaders(
+        data, split, batch_size=batch_size, mu=mu, seed=11, start_step=start_step, num_workers=num_workers,
+        weak=weak, strong=strong, persistent_workers=False,
+    )  # fmt: skip
+    return list(zip(take(labeled, steps), take(unlabeled, steps)))
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for pa, pb in zip(a, b) for x, y in zip([*pa[0], *pa[1]], [*pb[0], *pb[1]]))
+
+
+def test_train_loaders_rgb_shapes_and_exact_resume():
+    data = synthetic(3)
+    split = make_split(data.train.labels, 9, data.num_classes, seed=0, log=lambda _: None)
+    run = batches(data, split, 4)
+    (x_l, y_l), (x_uw, x_us, y_u) = run[0]
+    assert x_l.shape == (4, 3, 16, 16) and x_l.dtype == torch.float32 and y_l.dtype == torch.int64
+    assert x_uw.shape == x_us.shape == (12, 3, 16, 16) and y_u.shape == (12,)
+    assert -2.5 < float(x_uw.mean()) < 2.5 and float(x_uw.std()) > 0.5  # normalized, not 0..255
+    assert set(y_l.tolist()) <= set(range(3)) and set(y_u.tolist()) <= {-1, 0, 1, 2}
+    assert same(batches(data, split, 2, start_step=2), run[2:])  # restarted at step 2 == uninterrupted steps 2, 3
+
+
+def test_loaders_same_batches_with_workers():
+    data = synthetic(1, size=8)
+    split = make_split(data.train.labels, 6, data.num_classes, seed=0, log=lambda _: None)
+    assert same(batches(data, split, 3, num_workers=0), batches(data, split, 3, num_workers=2))
+
+
+def test_extra_unlabeled_and_expand_labels():
+    data = synthetic(3)
+    split = make_split(data.train.labels, 3, data.num_classes, seed=0, log=lambda _: None)
+    weak, strong = views(data)
+    labeled, unlabeled = make_train_loaders(
+        data, split, batch_size=4, mu=5, seed=0, weak=weak, strong=strong, num_workers=0, expand_labels_to=30
+    )
+    assert labeled.sampler.repeat == 10 and len(unlabeled.dataset) == len(data.train) + 7
+    seen = torch.cat([y for _, _, y in take(unlabeled, 14)])  # 280 draws from 67 items: all of them
+    assert (seen == -1).sum() > 0 and (seen >= 0).sum() > 0
+
+
+def test_labeled_dataset_uses_split_indices():
+    data = synthetic(3)
+    ds = LabeledDataset(data.train, np.array([7, 2]), eval_transform(data.mean, data.std))
+    x, y = ds[(1, 0)]
+    assert int(y) == int(data.train.labels[2])
+    assert torch.allclose(
+        x, eval_transform(data.mean, data.std)(torch.from_numpy(data.train.images[2]).permute(2, 0, 1))
+    )
+
+
+def test_digits_grayscale_loaders():
+    data = load_dataset("digits", None, log=lambda _: None)
+    split = make_split(data.train.labels, 20, data.num_classes, seed=0, log=lambda _: None)
+    (x_l, y_l), (x_uw, x_us, y_u) = batches(data, split, 1, batch_size=8, mu=2)[0]
+    assert x_l.shape == (8, 1, 8, 8) and x_us.shape == (16, 1, 8, 8) and y_u.dtype == torch.int64
+    loader = make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=128)
+    xs, ys = zip(*loader)
+    assert sum(len(y) for y in ys) == 500 and torch.equal(torch.cat(ys), torch.from_numpy(data.test.labels))
+    assert xs[0].shape == (128, 1, 8, 8) and abs(float(torch.cat(xs).mean())) < 0.2  # constants fit the data
