@@ -118,7 +118,7 @@ def load_or_build(
         full_meta = {"key": {"reader": reader, "format": FORMAT_VERSION, **parts}, "arrays": sorted(arrays), **meta}
         # meta.json is written last: its presence marks a complete entry.
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
-        if final.exists():  # a stale entry without meta.json (e.g. deleted by hand halfway)
+        if final.exists() and not (final / META_FILE).is_file():  # a damaged entry (e.g. emptied by hand)
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(tmp, final)

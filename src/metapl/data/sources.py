@@ -12,6 +12,7 @@ import io
 import multiprocessing
 import os
 import posixpath
+import sys
 import tarfile
 import time
 import warnings
@@ -673,10 +674,10 @@ def _decode_entries(path, names, image_size, force_mode, skip_corrupt):
 def _decode_parallel(path: Path, slots: dict[str, int], image_size, force_mode) -> Iterator[tuple]:
     """Yield ``(slot, array or None, reason)`` per image, decoding chunks in worker processes when there are many."""
     tasks = ((chunk, image_size, force_mode) for chunk in _batched(_read_entries(path, slots), _CHUNK))
-    workers = min(os.cpu_count() or 1, 8)
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     # Pillow holds the GIL for most of a small image's decode, so threads do not help; fork()ed processes do (1.6x
-    # on 2 cores for CIFAR-10). fork shares nothing we mutate and needs no importable __main__.
-    if len(slots) >= _PARALLEL_MIN and workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+    # on 2 cores for CIFAR-10). fork needs no importable __main__; it is only safe enough on Linux.
+    if len(slots) >= _PARALLEL_MIN and workers > 1 and sys.platform == "linux":
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             for results in pool.imap(_decode_chunk, tasks):
                 yield from results
