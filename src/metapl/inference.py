@@ -1,0 +1,367 @@
+"""``metapl eval`` and ``metapl predict``: a trained run's models rebuilt from a checkpoint alone.
+
+Everything needed to rebuild the networks (model names, dropout, class count, channels, image size, normalisation,
+class names) is read from the checkpoint, so neither command takes training options. ``eval`` reloads the run's own
+test split through the saved config; ``predict`` reads arbitrary image files and preprocesses them the way the
+training data was decoded (channels converted, shorter side resized and centre-cropped with bicubic filtering, then
+scaled to [0, 1] and normalised with the run's mean/std).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from metapl.checkpoint import LATEST, load_checkpoint
+from metapl.config import TrainConfig, config_from_dict
+from metapl.errors import UserError
+from metapl.evaluate import evaluate
+from metapl.models import create_model
+from metapl.runtime import select_device
+
+FINETUNED = "finetuned.pt"  # same name as metapl.finetune.FINETUNED; not imported to keep the data package out
+EVAL_JSON = "eval.json"
+PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
+_REQUIRED = ("num_classes", "classes", "in_channels", "image_size", "mean", "std", "student")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rebuilding models from a checkpoint
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The ``.pt`` file that ``path`` names: itself, or a run directory's latest checkpoint.
+
+    Args:
+        path: a run directory or a ``.pt`` file.
+
+    Returns:
+        The checkpoint file path (not checked for existence).
+    """
+    path = Path(path)
+    return path / LATEST if path.is_dir() else path
+
+
+def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild one network of a checkpoint from its config and load its weights.
+
+    Args:
+        ckpt: a checkpoint dict (``metapl.checkpoint.load_checkpoint``).
+        role: ``teacher``, ``student`` or ``ema`` (the EMA student has the student's architecture).
+        source: where the checkpoint came from, for error messages.
+
+    Returns:
+        The model in eval mode, on the CPU.
+
+    Raises:
+        UserError: the checkpoint lacks that network, or its weights do not fit the architecture its config names.
+    """
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}; is it a checkpoint written by metapl train?")
+    state = ckpt.get(role)
+    if state is None:
+        raise UserError(f"{source} holds no {role} weights")
+    cfg = config_from_dict(ckpt["config"])
+    name, dropout = (cfg.teacher, cfg.teacher_dropout) if role == "teacher" else (cfg.student, cfg.student_dropout)
+    num_classes, in_channels = int(ckpt["num_classes"]), int(ckpt["in_channels"])
+    model = create_model(
+        name, num_classes=num_classes, in_channels=in_channels, image_size=int(ckpt["image_size"]), dropout=dropout
+    )
+    problem = _state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise UserError(
+            f"{source}: the {role} weights do not fit {name} rebuilt from the checkpoint's config "
+            f"(num_classes={num_classes}, in_channels={in_channels}): {problem}; "
+            "was the checkpoint edited, or written for another data set?"
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _state_dict_mismatch(expected: dict, given: dict) -> str | None:
+    """Describe the first way ``given`` fails to fit ``expected`` (both state dicts), or None when it fits.
+
+    Checked here rather than by catching ``load_state_dict``'s RuntimeError: its message spans many lines and the CLI
+    prints one, naming both shapes.
+    """
+    if not isinstance(given, dict):
+        return f"expected a state dict, found {type(given).__name__}"
+    for key, tensor in expected.items():
+        if key in given and hasattr(given[key], "shape") and tuple(given[key].shape) != tuple(tensor.shape):
+            have, want = tuple(given[key].shape), tuple(tensor.shape)
+            return f"{key} has shape {have} in the checkpoint but the model expects {want}"
+    absent = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    parts = []
+    if absent:
+        parts.append(f"{len(absent)} tensors missing ({_few(absent)})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensors ({_few(extra)})")
+    return ", ".join(parts) or None
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metapl eval
+
+
+def run_eval(
+    path: str | Path, *, data_dir: str | None = None, output: str | Path | None = None, device: str = "auto", log=print
+) -> dict:
+    """Top-1/top-5 test accuracy of a run's teacher, student, EMA student (and finetuned student, when present).
+
+    Args:
+        path: a run directory (its ``checkpoint.pt``, plus ``finetuned.pt`` if there) or a ``.pt`` checkpoint.
+        data_dir: where the test data lives, overriding the ``data_dir`` saved in the run's config.
+        output: JSON file for the results; default ``RUN_DIR/eval.json``, or ``<name>.eval.json`` beside a ``.pt``
+            (so that evaluating ``best.pt`` does not overwrite the result of ``checkpoint.pt``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        log: receives the table and progress lines.
+
+    Returns:
+        ``{"<model>_acc": top-1 %, "<model>_top5": top-5 %, ...}`` plus ``checkpoint``, ``step``, ``dataset`` and
+        ``num_test``; the same dict is written to ``output``.
+
+    Raises:
+        UserError: unreadable checkpoint, weights that do not fit their config, or a test set whose class count,
+            channels or image size differ from the checkpoint's.
+    """
+    path = Path(path)
+    ckpt_path = checkpoint_file(path)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_from_dict(ckpt["config"])
+    models = {role: build_model(ckpt, role, source=ckpt_path) for role in _eval_roles(ckpt, cfg)}
+    finetuned_path = path / FINETUNED
+    if path.is_dir() and finetuned_path.is_file():
+        models["finetuned"] = build_model(load_checkpoint(finetuned_path), "student", source=finetuned_path)
+
+    loader, num_test = _test_loader(cfg, ckpt, ckpt_path, data_dir, log)
+    dev = select_device(device)
+    accs = evaluate({name: m.to(dev) for name, m in models.items()}, loader, dev)
+
+    result = {"checkpoint": str(ckpt_path), "step": ckpt.get("step"), "dataset": cfg.dataset, "num_test": num_test}
+    result.update(accs)
+    log(f"{ckpt_path} (step {ckpt.get('step')}) on the {cfg.dataset} test split, {num_test} images:")
+    log(format_table(accs))
+    if output is None:
+        output = path / EVAL_JSON if path.is_dir() else path.with_name(f"{path.stem}.{EVAL_JSON}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {output}")
+    return result
+
+
+def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
+    # A labels-only run never trains its teacher; the trainer does not report it either.
+    roles = ["student"] if cfg.method == "supervised" else ["teacher", "student"]
+    if ckpt.get("ema") is not None:
+        roles.append("ema")
+    return roles
+
+
+def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, log) -> tuple[object, int]:
+    """A loader of the run's test split, checked against what the checkpoint's models take, and its size."""
+    from metapl import data as mdata  # imported here: predict and the model helpers work without the data package
+
+    # Same name, image size and seed as in training: digits and class folders without test/ split by seed.
+    data = mdata.load_dataset(
+        cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, download=cfg.download,
+        image_size=cfg.image_size, cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+    )  # fmt: skip
+    checks = (
+        ("classes", data.num_classes, ckpt["num_classes"]),
+        ("channels", data.in_channels, ckpt["in_channels"]),
+        ("pixels per side", data.image_size, ckpt["image_size"]),
+    )
+    for what, have, want in checks:
+        if int(have) != int(want):
+            raise UserError(
+                f"the {cfg.dataset} test data has {have} {what} but checkpoint {ckpt_path} was trained with "
+                f"{want} {what}; pass the --data-dir of the data set the run was trained on"
+            )
+    if list(data.classes) != list(ckpt["classes"]):
+        log(f"warning: the data set's class names differ from the checkpoint's ({_few(list(data.classes))} vs "
+            f"{_few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
+    # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
+    loader = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size)
+    return loader, len(data.test)
+
+
+def format_table(accs: dict[str, float]) -> str:
+    """An aligned text table of ``evaluate``'s result: one row per model, top-1 % and top-5 %.
+
+    Args:
+        accs: ``{"<model>_acc": ..., "<model>_top5": ...}``.
+
+    Returns:
+        The table, lines joined by newlines.
+    """
+    names = [k.removesuffix("_acc") for k in accs if k.endswith("_acc")]
+    width = max([len("model"), *map(len, names)])
+    lines = [f"{'model':<{width}}  {'top-1 %':>8}  {'top-5 %':>8}"]
+    for name in names:
+        lines.append(f"{name:<{width}}  {accs[f'{name}_acc']:>8.2f}  {accs.get(f'{name}_top5', float('nan')):>8.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metapl predict
+
+
+def run_predict(
+    checkpoint: str | Path, paths: Iterable[str | Path], *, model: str = "ema", output: str | Path = "predictions.csv",
+    top_k: int = 3, device: str = "auto", log=print,
+) -> list[dict]:  # fmt: skip
+    """Classify image files and folders of images (searched recursively) and write one CSV row per image.
+
+    Args:
+        checkpoint: a ``.pt`` checkpoint or a run directory (its ``checkpoint.pt``).
+        paths: image files (any format Pillow reads) and folders.
+        model: ``ema`` (the EMA student; the student when the run kept no EMA), ``student``, ``teacher`` or
+            ``finetuned`` (the student in ``finetuned.pt`` beside the checkpoint).
+        output: the CSV file, columns ``path,class,probability,top_k``; ``top_k`` reads ``cat:0.8100;dog:0.1200``.
+        top_k: how many classes ``top_k`` lists (capped at the number of classes).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        log: receives warnings and the closing line.
+
+    Returns:
+        One dict per image: ``path``, ``class``, ``probability`` and ``top_k`` (a list of ``(class, probability)``,
+        most probable first).
+
+    Raises:
+        UserError: a missing path, no images found, an unreadable image (named), no ``finetuned.pt``, or a bad
+            ``top_k``.
+    """
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    ckpt_path = checkpoint_file(checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    net, ckpt = _predict_model(ckpt, ckpt_path, model, log)
+    files = find_images(paths)
+    classes = [str(c) for c in ckpt["classes"]]
+    k = min(top_k, len(classes))
+    dev = select_device(device)
+    net = net.to(dev)
+    mode = "L" if int(ckpt["in_channels"]) == 1 else "RGB"
+    mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(ckpt["std"], dtype=torch.float32).view(-1, 1, 1)
+
+    rows = []
+    for batch_files in _chunks(files, PREDICT_BATCH):
+        x = torch.stack([_read_image(f, mode, int(ckpt["image_size"])) for f in batch_files])  # (B, C, H, W) uint8
+        x = (x.float() / 255.0 - mean) / std  # as the eval transform: ToDtype(scale=True), then Normalize
+        with torch.inference_mode():
+            probs = net(x.to(dev)).float().softmax(dim=1)
+        top_p, top_i = probs.topk(k, dim=1)  # (B, k), sorted most probable first
+        for f, ps, idx in zip(batch_files, top_p.cpu().tolist(), top_i.cpu().tolist()):
+            ranked = [(classes[i], p) for i, p in zip(idx, ps)]
+            rows.append({"path": str(f), "class": ranked[0][0], "probability": ranked[0][1], "top_k": ranked})
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "class", "probability", "top_k"])
+        for r in rows:
+            top = ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"])
+            writer.writerow([r["path"], r["class"], f"{r['probability']:.4f}", top])
+    log(f"wrote predictions for {len(rows)} images to {output} ({model} model of {ckpt_path}, step {ckpt.get('step')})")
+    return rows
+
+
+def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Module, dict]:
+    """The network ``--model`` names, and the checkpoint it came from."""
+    if which == "finetuned":
+        ft_path = ckpt_path if ckpt_path.name == FINETUNED else ckpt_path.with_name(FINETUNED)
+        if not ft_path.is_file():
+            raise UserError(
+                f"no {FINETUNED} beside {ckpt_path}; run metapl finetune {ckpt_path.parent} first, "
+                "or pick another --model"
+            )
+        ft = load_checkpoint(ft_path)
+        return build_model(ft, "student", source=ft_path), ft
+    if which == "ema" and ckpt.get("ema") is None:
+        log(f"warning: {ckpt_path} has no EMA student (trained with --ema 0); predicting with the student")
+        which = "student"
+    if which == "teacher" and config_from_dict(ckpt["config"]).method == "supervised":
+        raise UserError(f"{ckpt_path} is a labels-only run (--method supervised): its teacher was never trained")
+    if which not in ("ema", "student", "teacher"):
+        raise UserError(f"unknown --model {which!r}; choose ema, student, teacher or finetuned")
+    return build_model(ckpt, which, source=ckpt_path), ckpt
+
+
+def _readable_extensions() -> set[str]:
+    # Only formats Pillow can open: registered_extensions() also lists write-only ones such as .pdf.
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders into a list of image files.
+
+    A file named explicitly is taken whatever its extension (Pillow decides whether it can read it); inside folders,
+    files with an extension Pillow can open are collected recursively, in sorted order, skipping hidden ones.
+
+    Args:
+        paths: files and folders.
+
+    Returns:
+        The image files, each once, in the order given.
+
+    Raises:
+        UserError: a path does not exist, or nothing was found.
+    """
+    extensions = _readable_extensions()
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{p} does not exist; pass image files or folders of images")
+        if p.is_dir():
+            candidates = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in extensions
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )  # fmt: skip
+        else:
+            candidates = [p]
+        for f in candidates:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(f)
+    if not found:
+        names = ", ".join(str(p) for p in paths)
+        raise UserError(f"no images found in {names}; readable extensions include .png, .jpg, .bmp, .gif, .tif")
+    return found
+
+
+def _read_image(path: Path, mode: str, size: int) -> torch.Tensor:
+    """Decode one image as the training data was decoded: ``mode`` channels, ``size``x``size``; uint8 (C, H, W)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if im.size != (size, size):
+                # Shorter side to `size`, then a centre crop: what the data package does to differently sized images.
+                im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
+            array = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read image {path} ({reason}); remove it or pass other paths") from None
+    return array.view(size, size, len(mode)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
