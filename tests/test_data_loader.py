@@ -176,6 +176,18 @@ def test_loaders_same_batches_with_workers():
     assert same(batches(data, split, 3, num_workers=0), batches(data, split, 3, num_workers=2))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loaders_leave_the_global_rng_alone(num_workers):
+    data = synthetic(3)
+    split = make_split(data.train.labels, 6, data.num_classes, seed=0, log=lambda _: None)
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    batches(data, split, 1, num_workers=num_workers)
+    list(make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=8))
+    assert torch.equal(torch.rand(4), expected)  # a resumed run's dropout etc. stay in step with the original
+
+
 def test_extra_unlabeled_and_expand_labels():
     data = synthetic(3)
     split = make_split(data.train.labels, 3, data.num_classes, seed=0, log=lambda _: None)
