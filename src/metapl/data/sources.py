@@ -446,7 +446,7 @@ def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
     return train_idx, test_idx
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
 
     Args:
@@ -454,17 +454,18 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, .
         chunk: images per chunk.
 
     Returns:
-        ``(mean, std)``, one float per channel.
+        ``(mean, std)``, one float per channel, rounded to 4 decimals.
     """
-    total = np.zeros(images.shape[3])
-    total_sq = np.zeros(images.shape[3])
+    # A 256-bin histogram per channel gives exact moments and is ~10x faster than float arithmetic on every pixel.
+    hist = np.zeros((images.shape[3], 256), dtype=np.int64)
     for start in range(0, len(images), chunk):
-        x = np.asarray(images[start : start + chunk], dtype=np.float64) / 255.0
-        total += x.sum(axis=(0, 1, 2))
-        total_sq += np.square(x).sum(axis=(0, 1, 2))
-    n = max(1, images.shape[0] * images.shape[1] * images.shape[2])
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+        block = np.asarray(images[start : start + chunk])
+        for c in range(images.shape[3]):
+            hist[c] += np.bincount(block[..., c].ravel(), minlength=256)
+    values = np.arange(256) / 255.0
+    n = np.maximum(hist.sum(axis=1), 1)
+    mean = hist @ values / n
+    std = np.sqrt(np.maximum(hist @ values**2 / n - mean**2, 0.0))
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
@@ -630,9 +631,10 @@ def decode_tree(
     labels = np.array([label for _, label in entries], dtype=np.int64)
     arrays, offset = {}, 0
     for split, split_entries in plan.items():
-        keep = ok[offset : offset + len(split_entries)]
-        arrays[f"{split}_images"] = images[offset : offset + len(split_entries)][keep]
-        arrays[f"{split}_labels"] = labels[offset : offset + len(split_entries)][keep]
+        part = slice(offset, offset + len(split_entries))
+        keep = ok[part] if skipped else slice(None)  # a view, not a copy, when nothing was skipped
+        arrays[f"{split}_images"] = images[part][keep]
+        arrays[f"{split}_labels"] = labels[part][keep]
         offset += len(split_entries)
     meta = {"classes": classes, "skipped": skipped}
     if "train_images" in arrays and "test_images" not in arrays:  # train/ without test/: hold out like one tree
