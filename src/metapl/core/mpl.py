@@ -3,8 +3,9 @@
 Notation follows the paper (Sec. 2 and Appendix A) and ``docs/algorithm.md``:
 
 * teacher T with parameters θ_T, student S with θ_S; labeled (x_l, y_l); unlabeled weak view x_uw, strong x_us;
-* ŷ: the teacher's pseudo labels; the student's step  θ'_S = θ_S − η_S ∇_{θ_S} CE(ŷ, S(x_us; θ_S))      (Eq. 2)
-* the teacher's feedback: the labeled loss of the student after its step, L_l(θ'_S) = CE(y_l, S(x_l; θ'_S)) (Eq. 3).
+* ŷ: the teacher's pseudo labels; L_u(θ_T, θ_S) = CE(ŷ, S(x_us; θ_S)), the student's loss               (Eq. 1)
+* the teacher's objective: the student's labeled loss L_l = CE(y_l, S(x_l; ·)) after learning from ŷ      (Eq. 2)
+* with one look-ahead step θ'_S = θ_S − η_S ∇_{θ_S} L_u(θ_T, θ_S) in place of the argmin, L_l(θ'_S)      (Eq. 3).
 
 The hard variant estimates the teacher's gradient with REINFORCE, h · ∇_{θ_T} CE(ŷ, T(x_us; θ_T)), where
 h = η_S ∇_{θ'_S} L_l(θ'_S) · ∇_{θ_S} CE(ŷ, S(x_us; θ_S))  (Appendix A, "dot"), or to first order
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistency
+from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistency, upcast
 
 
 class Batch(NamedTuple):
@@ -180,7 +181,7 @@ def mpl_update(
         state: carries the moving-average baseline of h; required when ``config.baseline_decay > 0``.
         uda_weight: weight of the teacher's UDA loss at this step (the caller ramps it up); 0 = no UDA.
         amp_dtype: autocast dtype (``torch.bfloat16`` or ``torch.float16``) for the models' forwards, or None.
-            The feedback measurements of L_l always run in float32: h is a small difference of two losses.
+            The feedback measurements of L_l always run in float32 or wider: h is a small difference of two losses.
         t_scaler: gradient scaler for the teacher (float16 only).
         s_scaler: gradient scaler for the student (float16 only).
         generator: random generator for ``pseudo_label="sample"``.
@@ -223,7 +224,7 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
     t_logits_uw = None
     if config.label_view == "weak" or uda_weight > 0:
         with torch.no_grad(), autocast:
-            t_logits_uw = t_net(x_uw).float()  # (μB, K)
+            t_logits_uw = upcast(t_net(x_uw))  # (μB, K)
     t_logits_l = t_logits_us = None
     if config.label_view == "strong":
         t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
@@ -232,14 +233,14 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
         label_source = t_logits_uw
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
 
-    # Student's step on the pseudo labels (Eq. 2) and the teacher's feedback coefficient h (Appendix A).
+    # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
     s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
     if eta > 0:
         if config.feedback == "taylor":
             s_loss_l_old = _labeled_loss(s_net, x_l, y_l)  # L_l(θ_S)
         with autocast:
             s_logits_us = student(x_us)  # (μB, K)
-        s_loss = F.cross_entropy(s_logits_us.float(), y_hat)
+        s_loss = F.cross_entropy(upcast(s_logits_us), y_hat)
         s_params = [p for p in s_net.parameters() if p.requires_grad]
         s_optimizer.zero_grad(set_to_none=True)
         _backward(s_loss, s_scaler)
@@ -256,7 +257,7 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
             h = s_loss_l_old - s_loss_l_new
         else:
             with torch.enable_grad(), feedback_mode(s_net):
-                s_loss_l_new = F.cross_entropy(s_net(x_l).float(), y_l)
+                s_loss_l_new = F.cross_entropy(upcast(s_net(x_l)), y_l)
                 g_l = torch.autograd.grad(s_loss_l_new, s_params, allow_unused=True)  # ∇_{θ'_S} L_l(θ'_S)
             dot = torch.stack([(gl * gu).sum() for gl, gu in zip(g_l, g_us) if gl is not None]).sum()
             h = eta * dot
@@ -273,7 +274,7 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
         state.baseline = base + config.baseline_decay * (h - base)
         h_used = h - state.baseline
 
-    # Teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (Eq. 3 with the REINFORCE estimate).
+    # Teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
     if t_logits_l is None:
         t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
     t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
@@ -317,14 +318,14 @@ def _soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
     if uda_weight > 0 and config.label_view == "weak":
         views.append(x_us)
     with autocast:
-        t_logits = teacher(torch.cat(views)).float()
+        t_logits = upcast(teacher(torch.cat(views)))
     t_logits_l = t_logits[:n_l]
     t_logits_src = t_logits[n_l : n_l + n_u]
     t_logits_us = t_logits[-n_u:]
     t_logits_uw = t_logits_src if config.label_view == "weak" else None
     if uda_weight > 0 and t_logits_uw is None:
         with torch.no_grad(), autocast:
-            t_logits_uw = t_net(x_uw).float()
+            t_logits_uw = upcast(t_net(x_uw))
     q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)  # soft pseudo labels q(θ_T), (μB, K)
 
     t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
@@ -334,17 +335,17 @@ def _soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
     s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
     grads = None
     if eta > 0:
-        # Student's step as a function of θ_T (Eq. 2): θ'_S = θ_S − η_S ∇_{θ_S} CE(q(θ_T), S(x_us; θ_S)).
+        # Student's step as a function of θ_T (Eq. 3's look-ahead): θ'_S = θ_S − η_S ∇_{θ_S} CE(q(θ_T), S(x_us; θ_S)).
         # Buffers are the module's own: this forward is the student's real training forward, so BatchNorm's
         # running statistics advance once, as in hard mode.
         with autocast:
             s_logits_us = functional_call(s_net, s_params, (x_us,), strict=False)
-        s_loss = soft_cross_entropy(s_logits_us.float(), q)
+        s_loss = soft_cross_entropy(upcast(s_logits_us), q)
         grads = torch.autograd.grad(s_loss, list(s_params.values()), create_graph=True)
         s_params_new = {n: p - eta * g for (n, p), g in zip(s_params.items(), grads)}
         # L_l(θ'_S(θ_T)) in float32 feedback mode; its gradient wrt θ_T is the exact meta-gradient (Eq. 3).
         with feedback_mode(s_net):
-            s_loss_l_new = F.cross_entropy(functional_call(s_net, s_params_new, (x_l,), strict=False).float(), y_l)
+            s_loss_l_new = F.cross_entropy(upcast(functional_call(s_net, s_params_new, (x_l,), strict=False)), y_l)
         meta = -s_loss_l_new if config.feedback_sign == "reversed" else s_loss_l_new
         t_loss = t_loss + config.mpl_weight * meta
 
@@ -382,15 +383,15 @@ def _autocast(x: Tensor, amp_dtype: torch.dtype | None):
 def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast) -> tuple[Tensor, Tensor]:
     """One forward with a graph over labeled + strong images; BatchNorm sees them as one batch, as in UDA."""
     with autocast:
-        logits = teacher(torch.cat([x_l, x_us])).float()  # (B + μB, K)
+        logits = upcast(teacher(torch.cat([x_l, x_us])))  # (B + μB, K)
     return logits[: x_l.shape[0]], logits[x_l.shape[0] :]
 
 
 @torch.no_grad()
 def _labeled_loss(s_net: nn.Module, x_l: Tensor, y_l: Tensor) -> Tensor:
-    """L_l(θ) in float32 feedback mode (see ``feedback_mode``)."""
+    """L_l(θ) in float32 (or float64) feedback mode (see ``feedback_mode``)."""
     with feedback_mode(s_net):
-        return F.cross_entropy(s_net(x_l).float(), y_l)
+        return F.cross_entropy(upcast(s_net(x_l)), y_l)
 
 
 def _uda(t_logits_uw, t_logits_us, config: MPLConfig, uda_weight: float, zero: Tensor) -> tuple[Tensor, Tensor]:
