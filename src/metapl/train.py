@@ -8,12 +8,14 @@ Run directory layout: ``config.yaml`` (resolved config), ``split.json`` (labeled
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
@@ -21,6 +23,7 @@ from metapl import data as mdata
 from metapl.checkpoint import BEST, LATEST, atomic_save, load_checkpoint, rng_state, set_rng_state
 from metapl.config import TrainConfig, config_from_dict, save_config
 from metapl.core import Batch, ModelEMA, MPLState, linear_ramp, mpl_update, supervised_step, unwrap
+from metapl.data.loader import mix_seed
 from metapl.errors import UserError
 from metapl.evaluate import evaluate
 from metapl.metrics import MetricsWriter
@@ -31,6 +34,7 @@ from metapl.runtime import (
     amp_dtype,
     barrier,
     init_distributed,
+    launched_world_size,
     make_scheduler,
     make_sgd,
     seed_everything,
@@ -84,6 +88,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
         The summary dict also written to ``RUN_DIR/summary.json``.
     """
     device = select_device(cfg.device)
+    _refuse_unsupported(cfg, device, launched_world_size())
     d = init_distributed(device)
     log = log if d.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
@@ -98,7 +103,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         mdata.save_split(run.split, run_dir / SPLIT)
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=run.step if ckpt else None)
+    writer = _NoWriter()  # rank 0 alone writes the run's files; under torchrun the other ranks only train
+    if d.is_main:
+        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=run.step if ckpt else None)
     try:
         if run.step < cfg.steps:
             _loop(run, run_dir, writer, log)
@@ -154,6 +161,8 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     if ckpt is not None:
         _restore(run, ckpt)
         log(f"resumed {run_dir} at step {run.step}")
+    elif d.enabled:
+        _seed_rank(cfg, d)
     run.teacher = wrap_ddp(teacher, d, device, sync_bn=cfg.sync_bn)
     run.student = wrap_ddp(student, d, device, sync_bn=cfg.sync_bn)
     if cfg.compile:
@@ -206,13 +215,59 @@ def _restore(run: Run, ckpt: dict) -> None:
         state = {"baseline": state["baseline"].to(run.device)}
     run.state.load_state_dict(state)
     run.step, run.seconds, run.best_acc = ckpt["step"], ckpt["seconds"], ckpt["best_acc"]
-    set_rng_state(ckpt["rng"])
+    # Each rank resumes its own generators (see _save); a single process takes rank 0's.
+    ranks = ckpt.get("rng_ranks")
+    if not run.dist.enabled:
+        set_rng_state(ckpt["rng"])
+    elif ranks is not None and len(ranks) == run.dist.world_size:
+        set_rng_state(ranks[run.dist.rank])
+    else:  # another world size: no exact resume is possible, but the ranks must still draw differently
+        _seed_rank(run.cfg, run.dist, run.step)
 
 
 def _save(run: Run, run_dir: Path, name: str = LATEST) -> None:
+    # Every rank's generators (dropout masks, sampled pseudo labels differ per rank), so that a resumed
+    # multi-process run continues bit-identically; a collective, so every rank calls _save.
+    ranks = None
+    if run.dist.enabled:
+        ranks = [None] * run.dist.world_size
+        dist.all_gather_object(ranks, rng_state())
     if run.dist.is_main:
-        atomic_save(checkpoint_state(run), run_dir / name)
+        state = checkpoint_state(run)
+        if ranks is not None:
+            state["rng_ranks"] = ranks
+        atomic_save(state, run_dir / name)
     barrier(run.dist)
+
+
+def _seed_rank(cfg: TrainConfig, d: Dist, step: int = 0) -> None:
+    """Give each rank its own random stream, after the models were built identically from ``cfg.seed``.
+
+    With one seed for all ranks, every rank would draw the same dropout masks and the same sampled pseudo labels
+    for its different images. Data augmentation does not depend on this: the loaders seed each image themselves.
+    """
+    seed_everything(mix_seed(cfg.seed, d.rank, step) >> 31, cfg.deterministic)  # NumPy takes 32-bit seeds
+
+
+def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
+    """Settings that cannot run as asked, refused before any process joins the group or loads data."""
+    if world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
+        raise UserError(
+            "--mode soft (exact meta-gradient) does not run under torchrun/DDP: it differentiates through a "
+            "functional copy of the student that DDP cannot synchronise; use --mode hard, or a single process"
+        )
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm has no {device.type} kernel); drop --sync-bn")
+
+
+class _NoWriter:
+    """What ranks other than 0 get in place of a ``MetricsWriter``: they write no files."""
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,7 +318,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
             metrics = _supervised_step(run, x_l, y_l)
         with warnings.catch_warnings():
             # While the student waits, mpl_update skips its optimizer on purpose; the schedule still advances.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             run.s_sched.step()
         if run.ema is not None:
             run.ema.update(run.student)
