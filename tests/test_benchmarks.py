@@ -1,0 +1,151 @@
+"""Smoke tests of the benchmark scripts: the step-speed benchmark end to end at its tiny size, and the GPU check's
+pieces that need no GPU (its TINY mode runs the trainer too and takes over 30 s on 2 busy cores, so it is checked by
+its parts here and by hand with ``TINY=1 .venv/bin/python benchmarks/gpu_check.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+VARIANT_ROWS = {"hard-taylor", "hard-dot", "soft", "naive", "ideal-taylor", "ideal-dot"}
+
+
+def _load(name: str):
+    """Import benchmarks/NAME.py (the folder is no package; its scripts import ``common`` as a sibling)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_speed():
+    return _load("step_speed")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _load("gpu_check")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One ``step_speed.py --tiny`` run over every variant, as a subprocess (the CPU path forks per variant)."""
+    out = tmp_path_factory.mktemp("step_speed") / "out.json"
+    cmd = [sys.executable, str(BENCH / "step_speed.py"), "--tiny", "--models", "small_cnn", "--threads", "1",
+           "--json", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, json.loads(out.read_text())
+
+
+def test_step_speed_tiny_prints_a_table_per_model_and_shape(tiny_run):
+    stdout, _ = tiny_run
+    assert "== small_cnn @ tiny: B=2, mu=1, 6 images/step" in stdout
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    assert lines[header].split() == ["variant", "ms/step", "images/s", "peak", "MB"]
+    printed = {line.split()[0] for line in lines[header + 1 : header + 7]}
+    assert printed == VARIANT_ROWS
+    for name in ("speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "soft time / hard-taylor"):
+        target = next(line for line in lines if line.startswith(name))
+        assert target.split()[-1] in ("PASS", "MISS")
+    assert "runtime" in lines[-1]
+
+
+def test_step_speed_tiny_json_holds_every_figure(tiny_run):
+    _, report = tiny_run
+    for key in ("device", "torch", "threads", "amp", "channels_last", "steps", "warmup", "memory_method", "runtime_s"):
+        assert key in report
+    assert report["steps"] == 2 and report["warmup"] == 1 and report["threads"] == 1
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == VARIANT_ROWS
+    for name, row in rows.items():
+        assert row["model"] == "small_cnn" and row["shape"] == "tiny" and row["images_per_step"] == 6
+        assert row["ms_per_step"] > 0 and row["images_per_s"] > 0
+        if name.startswith("ideal"):
+            assert row["peak_mb"] is None and row["components_ms"]
+        else:
+            assert len(row["ms_steps"]) == 2
+            if sys.platform == "linux":
+                assert row["peak_mb"] is not None and row["peak_mb"] > 0
+    ideal = rows["ideal-taylor"]
+    assert ideal["ms_per_step"] == pytest.approx(
+        sum(ms * (2 if k == "student_fwd_nograd_l_fp32" else 1) for k, ms in ideal["components_ms"].items())
+    )
+    assert len(report["targets"]) == 7
+    for t in report["targets"]:
+        assert {"model", "shape", "name", "value", "op", "limit", "passed"} <= set(t)
+        assert ("bound" in t) == (not t["passed"])
+
+
+def test_step_speed_rejects_unknown_variant(step_speed, capsys):
+    args = step_speed.get_args_parser().parse_args(["--variants", "hard-taylor,fast"])
+    assert step_speed.main(args) == 2
+    assert "fast" in capsys.readouterr().err
+
+
+def test_check_targets_compares_ratios_with_the_issue_goals(step_speed):
+    rows = [
+        {"variant": "hard-taylor", "ms_per_step": 100.0, "peak_mb": 50.0},
+        {"variant": "naive", "ms_per_step": 120.0, "peak_mb": 100.0},
+        {"variant": "ideal-taylor", "ms_per_step": 95.0, "peak_mb": None},
+        {"variant": "soft", "ms_per_step": 300.0, "peak_mb": 80.0},
+    ]
+    targets = {t["name"]: t for t in step_speed.check_targets(rows)}
+    assert set(targets) == {
+        "speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "hard-taylor peak memory / naive",
+        "soft time / hard-taylor",
+    }  # fmt: skip
+    speed = targets["speed-up of hard-taylor over naive"]
+    assert speed["value"] == pytest.approx(1.2) and not speed["passed"]
+    assert "naive/ideal = 1.26" in speed["bound"]
+    assert targets["hard-taylor time / ideal-taylor"]["passed"]
+    assert targets["hard-taylor peak memory / naive"]["value"] == pytest.approx(0.5)
+    assert not targets["soft time / hard-taylor"]["passed"]
+
+
+def test_gpu_check_commands(gpu_check, tmp_path):
+    args = gpu_check.get_args_parser().parse_args(["--steps", "1500", "--data", "cifar.tar.gz"])
+    args.tiny = False
+    bench = gpu_check.bench_command(args, tmp_path)
+    for flag in ("--device cuda", "--amp bf16", "--channels-last", "--models wrn28_2", "--shapes paper"):
+        assert flag in " ".join(bench)
+    train = " ".join(gpu_check.train_command(args, tmp_path / "run"))
+    for flag in ("-m metapl train", "--dataset cifar10", "--data-dir cifar.tar.gz", "--cache-dir .devdata/cache",
+                 "--amp bf16", "--channels-last", "--workers 8", "--steps 1500", "--eval-every 1000",
+                 "--s-wait-steps 0", "--finetune-steps 0"):  # fmt: skip
+        assert flag in train
+    assert "--config configs/cifar10_4k.yaml" in train or "--uda-weight 8" in train
+
+    tiny = argparse.Namespace(**{**vars(args), "tiny": True})
+    assert "--tiny" in gpu_check.bench_command(tiny, tmp_path)
+    tiny_train = " ".join(gpu_check.train_command(tiny, tmp_path / "run"))
+    assert "--dataset digits" in tiny_train and "--device cpu" in tiny_train and "--steps 2" in tiny_train
+
+
+def test_gpu_check_projects_the_protocol_from_the_metrics(gpu_check):
+    records = [
+        {"step": 100, "train/time/step_ms": 500.0, "train/time/images_per_s": 1920.0},  # warm-up interval: ignored
+        {"step": 200, "train/time/step_ms": 60.0, "train/time/images_per_s": 16000.0},
+        {"step": 300, "train/time/step_ms": 50.0, "train/time/images_per_s": 19200.0},
+        {"step": 400, "train/time/step_ms": 70.0, "train/time/images_per_s": 13700.0},
+        {"step": 400, "eval/ema_acc": 41.5, "eval/student_acc": 40.0},
+    ]
+    figures = gpu_check.summarize_training(records, [(200, 10.0), (400, 24.0)])
+    assert figures["ms_per_step"] == 60.0 and figures["images_per_s"] == 16000.0
+    assert figures["ema_acc"] == 41.5 and figures["eval_step"] == 400 and figures["steps_done"] == 400
+    assert figures["projected_steps_h"] == pytest.approx(300_000 * 0.060 / 3600)
+    assert figures["projected_with_eval_h"] == pytest.approx(300_000 * (14.0 / 200) / 3600)
+    assert gpu_check.summarize_training([], [])["projected_steps_h"] is None
