@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from common import available_cpus  # also puts src/ on sys.path in a bare checkout
 from metapl.data import load_dataset, make_split, make_train_loaders, strong_transform, weak_transform
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
@@ -141,7 +142,7 @@ def main(args: argparse.Namespace) -> None:
     print()
     print(f"{args.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, B={b}, mu={mu}, "
           f"{args.workers} workers/loader, {args.model}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, {args.steps} timed steps")  # fmt: skip
+          f"{available_cpus()} CPUs, {args.steps} timed steps")  # fmt: skip
     print(f"{'measurement':<34}{'steps/s':>10}{'views/s':>10}{'ms/step':>10}")
     for name, seconds in (
         ("loaders alone (delivered)", load_s),

@@ -43,6 +43,12 @@ def cifar10(cifar10_tar):
 
 
 @pytest.fixture(scope="session")
+def cifar10_cache_dir(cifar10) -> Path:
+    """A cache folder that already holds the decoded CIFAR-10 copy: a run pointed at it decodes nothing."""
+    return TEST_CACHE
+
+
+@pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     """The folder with the real Fashion-MNIST IDX files; skips the test when it is absent."""
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():

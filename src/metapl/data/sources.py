@@ -7,8 +7,10 @@ The image-folder decoder (directories and tars, decoded in parallel) is the last
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import multiprocessing
 import os
 import posixpath
@@ -16,6 +18,7 @@ import sys
 import tarfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -530,12 +533,8 @@ def _list_tree(path: Path) -> tuple[list[str], set[str]]:
             dirs.update(rel + d for d in subdirs)
             files.extend(rel + n for n in names)
     else:
-        try:
-            with tarfile.open(path, "r|*") as tf:  # stream mode: one sequential pass, no seeking, no extraction
-                for member in tf:
-                    (files.append if member.isfile() else dirs.add)(_clean(member.name))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise UserError(f"cannot read archive {path} ({e}); check the file or extract it") from e
+        for _, member in _iter_tar(path):
+            (files.append if member.isfile() else dirs.add)(_clean(member.name))
     files = [f for f in files if not _hidden(f)]
     dirs = {d for d in dirs if d and not _hidden(d)}
     dirs.update(posixpath.dirname(f) for f in files if "/" in f)
@@ -694,14 +693,45 @@ def _read_entries(path: Path, slots: dict[str, int]) -> Iterator[tuple[int, byte
         for name, slot in slots.items():
             yield slot, str(path / name)
         return
+    for tf, member in _iter_tar(path):
+        slot = slots.get(_clean(member.name)) if member.isfile() else None
+        if slot is not None:
+            yield slot, tf.extractfile(member).read()
+
+
+_DECOMPRESSORS = {
+    b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f),
+    b"BZh": bz2.BZ2File,
+    b"\xfd7zXZ\x00": lzma.LZMAFile,
+}
+
+
+def _iter_tar(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Stream the members of a plain, gzip, bzip2 or xz tar once, in order, without extracting; fail on a cut-off file.
+
+    tarfile stops quietly when an archive ends inside a header, so a truncated download would pass for a smaller data
+    set. Draining the decompressor (which checks its end marker and CRC) or, for a plain tar, finding the zero block
+    that ends every archive catches that.
+    """
     try:
-        with tarfile.open(path, "r|*") as tf:
-            for member in tf:
-                slot = slots.get(_clean(member.name)) if member.isfile() else None
-                if slot is not None:
-                    yield slot, tf.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"cannot read archive {path} ({e}); check the file or extract it") from e
+        with open(path, "rb") as raw:
+            magic = raw.read(6)
+            raw.seek(0)
+            opener = next((fn for prefix, fn in _DECOMPRESSORS.items() if magic.startswith(prefix)), None)
+            stream = opener(raw) if opener else raw
+            with tarfile.open(fileobj=stream, mode="r|") as tf:  # "|": sequential reads only, no seeking
+                yield from ((tf, member) for member in tf)
+                end = tf.offset
+            if opener:
+                while stream.read(1 << 20):
+                    pass
+            else:
+                raw.seek(end)
+                tail = raw.read(512)
+                if len(tail) < 512 or any(tail):
+                    raise EOFError("the archive ends without its end-of-archive block")
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"cannot read archive {path} ({e}); check the file (a cut-off copy?) or extract it") from e
 
 
 def _batched(items, n):
