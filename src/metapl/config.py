@@ -101,7 +101,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile both models
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
-    sync_bn: bool = False  # SyncBatchNorm under DDP
+    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only; refused on the CPU)
     tensorboard: bool = True
     progress: bool = True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from torch import nn
 
 from metapl.core import warmup_cosine
 from metapl.errors import UserError
+
+_DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,27 @@ class Dist:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started for this job (``WORLD_SIZE``; 1 without torchrun).
+
+    Readable before joining the process group, so that a setting that cannot run distributed is refused before any
+    process waits for the others.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, Gloo on CPU); no-op otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, Gloo on CPU); no-op otherwise.
+
+    On the CPU, each rank gets an equal share of the cores unless ``OMP_NUM_THREADS`` says otherwise (torchrun sets
+    it to 1): N ranks each using every core would oversubscribe them N times.
+    """
+    world = launched_world_size()
     if world <= 1:
         return Dist()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -106,14 +125,17 @@ def make_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, wait_s
 
 
 def wrap_ddp(model: nn.Module, d: Dist, device: torch.device, *, sync_bn: bool) -> nn.Module:
-    """DistributedDataParallel (with SyncBatchNorm if asked) when running under torchrun."""
+    """DistributedDataParallel (with SyncBatchNorm if asked; it runs on CUDA only) when running under torchrun."""
     if not d.enabled:
         return model
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     # Buffers are not broadcast every forward: BatchNorm statistics stay per rank (or synced by SyncBatchNorm).
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # Newer torch renames the flag (and deprecates the old name); both leave the initial broadcast of rank 0's
+    # parameters, which is what makes every rank start from the same weights.
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **sync)
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -25,6 +25,21 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """``logits`` in the precision losses are computed in: float16/bfloat16 (autocast) go up to float32.
+
+    float32 and float64 stay as they are. A plain ``.float()`` would round a float64 model's logits to float32, and
+    with them h (a small difference of two losses) and every comparison against a float64 reference.
+
+    Args:
+        logits: (B, K) scores of any floating dtype.
+
+    Returns:
+        ``logits`` itself, or a float32 copy of it.
+    """
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def pseudo_labels(logits: Tensor, how: str, generator: torch.Generator | None = None) -> Tensor:
     """The teacher's hard labels for unlabeled images (paper, Sec. 2: ŷ ~ T(x_u; θ_T)).
 
@@ -62,9 +77,9 @@ def uda_consistency(
     Returns:
         (loss, mask_ratio): the scalar loss and the fraction of images that passed the threshold.
     """
-    t_logits_uw = t_logits_uw.detach().float()
+    t_logits_uw = upcast(t_logits_uw.detach())
     target = F.softmax(t_logits_uw / temperature, dim=-1)  # (B, K)
     confidence = F.softmax(t_logits_uw, dim=-1).amax(dim=-1)  # (B,)
     mask = (confidence >= threshold).float()
-    per_image = -(target * F.log_softmax(t_logits_us.float(), dim=-1)).sum(dim=-1)  # (B,)
+    per_image = -(target * F.log_softmax(upcast(t_logits_us), dim=-1)).sum(dim=-1)  # (B,)
     return (per_image * mask).mean(), mask.mean()
