@@ -60,6 +60,7 @@ NUM_CLASSES, IMAGE_SIZE, DROPOUT = 10, 32, 0.2
 LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.05, 0.9, 5e-4, 0.15
 UDA_WEIGHT, UDA_TEMPERATURE, UDA_THRESHOLD = 8.0, 0.7, 0.6
 MIB = 2**20
+MEMORY_STEPS = 2  # step 1 allocates gradients and optimizer state; step 2 runs with them in place (the steady state)
 
 # The passes each hard update cannot avoid, with how many times a step runs them.
 IDEAL = {
@@ -109,11 +110,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class Job:
-    """One measurement: a variant of one model at one batch shape (picklable, for the CPU's fresh processes)."""
+    """One measurement of one model at one batch shape (picklable, for the CPU's fresh processes).
+
+    With ``memory`` False: the interleaved timing of every variant in ``variants``. With ``memory`` True: the peak
+    memory of the one variant in ``variants`` over ``MEMORY_STEPS`` steps.
+    """
 
     model: str
     shape: str
-    variant: str
+    variants: tuple[str, ...]
+    memory: bool
     device: str
     amp: str
     channels_last: bool
@@ -127,69 +133,58 @@ class Job:
 # One measurement
 
 
-def run_job(job: Job) -> list[dict]:
-    """Build the models and a batch, run ``job.variant``'s steps and measure them.
+def run_job(job: Job) -> dict:
+    """Build fresh models and batches and measure them.
 
     Args:
         job: what to measure.
 
     Returns:
-        Result rows (one; two for ``ideal``: taylor and dot), each with ``ms_per_step``, ``ms_steps``,
-        ``images_per_s`` and ``peak_mb`` (None where not measured), or ``skipped`` with a reason.
+        ``{"peak_mb": MiB or None}`` for a memory job; otherwise ``{"seconds": {name: [s, ...]}}`` with one list of
+        step durations per variant, and per pass of the ideal (``IDEAL``'s keys).
     """
     torch.set_num_threads(job.threads)
-    torch.manual_seed(job.seed)
     device = select_device(job.device)
     amp = resolve_amp(job.amp, device)
     b, mu = SHAPES[job.shape]
-    base = {"model": job.model, "shape": job.shape, "batch_size": b, "mu": mu, "images_per_step": b * (1 + 2 * mu)}
-    if job.variant == "soft" and amp == torch.float16:
-        return [{**base, "variant": "soft", "skipped": "soft mode refuses float16 gradient scaling; use --amp bf16"}]
-
     fmt = torch.channels_last if job.channels_last else torch.contiguous_format
-    teacher, student = (_model(job.model, device, fmt) for _ in range(2))
-    batch = _random_batch(b, mu, device, fmt)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-    if job.variant == "ideal":
-        components = _time_components(teacher, student, batch, amp, device, job, sync)
-        rows = []
-        for name, counts in IDEAL.items():
-            ms = sum(components[c] * n for c, n in counts.items())
-            rows.append({**base, "variant": name, "ms_per_step": ms, "ms_steps": None,
-                         "images_per_s": 1000 * base["images_per_step"] / ms, "peak_mb": None,
-                         "components_ms": {c: components[c] for c in counts}})  # fmt: skip
-        return rows
-
-    step = _make_step(job.variant, teacher, student, batch, amp, device)
-    memory = PeakMemory(device)
-    memory.start()
-    seconds = time_calls(step, warmup=job.warmup, steps=job.steps, sync=sync)
-    ms = 1000 * median(seconds)
-    return [{**base, "variant": job.variant, "ms_per_step": ms, "ms_steps": [1000 * s for s in seconds],
-             "images_per_s": 1000 * base["images_per_step"] / ms, "peak_mb": memory.peak_mb()}]  # fmt: skip
+    calls = {}
+    for variant in job.variants:
+        torch.manual_seed(job.seed)  # the same weights and images for every variant
+        calls.update(_build(variant, job.model, b, mu, amp, device, fmt))
+    if job.memory:
+        memory = PeakMemory(device)
+        memory.start()
+        for _ in range(MEMORY_STEPS):
+            for fn in calls.values():
+                fn()
+            sync()
+        return {"peak_mb": memory.peak_mb()}
+    return {"seconds": time_interleaved(calls, warmup=job.warmup, steps=job.steps, sync=sync)}
 
 
-def time_calls(fn, *, warmup: int, steps: int, sync) -> list[float]:
-    """Seconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones; ``sync()`` brackets each call.
+def time_interleaved(calls: dict, *, warmup: int, steps: int, sync) -> dict[str, list[float]]:
+    """Seconds of each call, in rounds that call every callable once, so a drift in the machine's load hits all alike.
 
     Args:
-        fn: a zero-argument callable.
-        warmup: untimed calls first.
-        steps: timed calls.
-        sync: waits for the device (``torch.cuda.synchronize``; a no-op on the CPU).
+        calls: name -> zero-argument callable.
+        warmup: untimed rounds first.
+        steps: timed rounds.
+        sync: waits for the device (``torch.cuda.synchronize``; a no-op on the CPU); it brackets each call.
 
     Returns:
-        One duration per timed call.
+        name -> one duration per timed round.
     """
-    out = []
+    out = {name: [] for name in calls}
     for i in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        if i >= warmup:
-            out.append(time.perf_counter() - start)
+        for name, fn in calls.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -261,22 +256,26 @@ def _random_batch(b: int, mu: int, device: torch.device, fmt: torch.memory_forma
     return Batch(x_l=images(b), y_l=labels, x_uw=images(mu * b), x_us=images(mu * b))
 
 
-def _make_step(variant: str, teacher, student, batch: Batch, amp, device: torch.device):
-    """A zero-argument callable running one step of ``variant`` (everything but the ideal)."""
+def _build(variant: str, model: str, b: int, mu: int, amp, device: torch.device, fmt) -> dict:
+    """Fresh teacher, student, optimizers and batch for ``variant``; name -> step callable (the ideal: one per pass)."""
+    teacher, student = (_model(model, device, fmt) for _ in range(2))
+    batch = _random_batch(b, mu, device, fmt)
+    if variant == "ideal":
+        return _ideal_passes(teacher, student, batch, amp, device)
     scalers = (None, None)
     if amp == torch.float16:
         scalers = (torch.amp.GradScaler(device.type), torch.amp.GradScaler(device.type))
     if variant == "naive":
         t_opt, s_opt = _port_sgd(teacher), _port_sgd(student)
-        return lambda: naive_step(teacher, student, t_opt, s_opt, batch, amp_dtype=amp, t_scaler=scalers[0],
-                                  s_scaler=scalers[1])  # fmt: skip
+        return {"naive": lambda: naive_step(teacher, student, t_opt, s_opt, batch, amp_dtype=amp,
+                                            t_scaler=scalers[0], s_scaler=scalers[1])}  # fmt: skip
     mode, feedback = MPL_VARIANTS[variant]
     config = MPLConfig(mode=mode, feedback=feedback, label_smoothing=LABEL_SMOOTHING,
                        uda_temperature=UDA_TEMPERATURE, uda_threshold=UDA_THRESHOLD)  # fmt: skip
     t_opt, s_opt = (_sgd(m, device) for m in (teacher, student))
     state = MPLState()
-    return lambda: mpl_update(teacher, student, t_opt, s_opt, batch, config, state, uda_weight=UDA_WEIGHT,
-                              amp_dtype=amp, t_scaler=scalers[0], s_scaler=scalers[1])  # fmt: skip
+    return {variant: lambda: mpl_update(teacher, student, t_opt, s_opt, batch, config, state, uda_weight=UDA_WEIGHT,
+                                        amp_dtype=amp, t_scaler=scalers[0], s_scaler=scalers[1])}  # fmt: skip
 
 
 def _sgd(model, device: torch.device) -> torch.optim.SGD:
@@ -287,8 +286,8 @@ def _sgd(model, device: torch.device) -> torch.optim.SGD:
 # The references
 
 
-def _time_components(teacher, student, batch: Batch, amp, device: torch.device, job: Job, sync) -> dict[str, float]:
-    """Median ms of each pass a hard update cannot avoid, each timed alone (see ``IDEAL``)."""
+def _ideal_passes(teacher, student, batch: Batch, amp, device: torch.device) -> dict:
+    """name -> callable running one pass that a hard update cannot avoid (see ``IDEAL``), to be timed alone."""
     x_l, y_l, x_uw, x_us, _ = batch
     y_u = torch.randint(NUM_CLASSES, (x_us.shape[0],), device=x_us.device)
     autocast = torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None)
@@ -311,7 +310,7 @@ def _time_components(teacher, student, batch: Batch, amp, device: torch.device, 
 
     def student_fwd_bwd_l_fp32():
         with feedback_mode(student):
-            torch.autograd.grad(F.cross_entropy(student(x_l).float(), y_l), s_params)
+            torch.autograd.grad(F.cross_entropy(student(x_l).float(), y_l), s_params, allow_unused=True)
 
     def teacher_fwd_bwd_l_us():
         teacher.zero_grad(set_to_none=True)
@@ -319,17 +318,15 @@ def _time_components(teacher, student, batch: Batch, amp, device: torch.device, 
             logits = teacher(torch.cat([x_l, x_us]))
         F.cross_entropy(logits.float(), torch.cat([y_l, y_u])).backward()
 
-    passes = {
+    return {
         "teacher_fwd_nograd_uw": teacher_fwd_nograd_uw,
         "student_fwd_bwd_us": student_fwd_bwd_us,
         "student_fwd_nograd_l_fp32": student_fwd_nograd_l_fp32,
         "student_fwd_bwd_l_fp32": student_fwd_bwd_l_fp32,
         "teacher_fwd_bwd_l_us": teacher_fwd_bwd_l_us,
-        "student_step": s_opt.step,  # the gradients left by the fwd+bwd passes above
+        "student_step": s_opt.step,  # on the gradients left by the fwd+bwd passes above
         "teacher_step": t_opt.step,
     }
-    return {name: 1000 * median(time_calls(fn, warmup=job.warmup, steps=job.steps, sync=sync))
-            for name, fn in passes.items()}  # fmt: skip
 
 
 def _port_sgd(model) -> torch.optim.SGD:
@@ -416,7 +413,7 @@ def _port_step(optimizer, scaler) -> None:
 # Running the jobs, reporting
 
 
-def run_isolated(job: Job) -> list[dict]:
+def run_isolated(job: Job) -> dict:
     """``run_job`` in a fresh child process, whose peak RSS then belongs to this job alone.
 
     On Linux the child is forked from this process, which has imported the libraries but run no tensor work (so no
@@ -426,7 +423,7 @@ def run_isolated(job: Job) -> list[dict]:
         job: what to measure.
 
     Returns:
-        ``run_job``'s rows, or one row with ``error`` when the child failed or died (out of memory, say).
+        ``run_job``'s result, or ``{"error": message}`` when the child failed or died (out of memory, say).
     """
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     receiver, sender = ctx.Pipe(duplex=False)
@@ -434,30 +431,95 @@ def run_isolated(job: Job) -> list[dict]:
     proc.start()
     sender.close()  # only the child holds the sending end now: its death ends recv() with EOFError
     try:
-        status, payload = receiver.recv()
+        result = receiver.recv()
     except EOFError:
-        status, payload = "error", "the measuring process died; out of memory?"
+        result = {"error": "the measuring process died; out of memory?"}
     proc.join()
-    if status == "error":
-        if proc.exitcode:
-            payload += f" (exit code {proc.exitcode})"
-        return [_error_row(job, payload)]
-    return payload
+    if "error" in result and proc.exitcode:
+        result["error"] += f" (exit code {proc.exitcode})"
+    return result
+
+
+def run_in_process(job: Job) -> dict:
+    """``run_job`` here (CUDA: the allocator's peak counters can be reset, no fresh process needed)."""
+    try:
+        return run_job(job)
+    except Exception as e:  # noqa: BLE001 - one failed measurement should not lose the others' figures
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _child(job: Job, sender) -> None:
     try:
-        sender.send(("ok", run_job(job)))
-    except Exception as e:  # noqa: BLE001 - one failed variant should not lose the others' figures
-        sender.send(("error", f"{type(e).__name__}: {e}"))
+        sender.send(run_job(job))
+    except Exception as e:  # noqa: BLE001 - one failed measurement should not lose the others' figures
+        sender.send({"error": f"{type(e).__name__}: {e}"})
     finally:
         sender.close()
 
 
-def _error_row(job: Job, message: str) -> dict:
-    b, mu = SHAPES[job.shape]
-    return {"model": job.model, "shape": job.shape, "batch_size": b, "mu": mu, "images_per_step": b * (1 + 2 * mu),
-            "variant": job.variant, "error": message}  # fmt: skip
+def measure_group(model: str, shape: str, variants: list[str], args: argparse.Namespace, device, threads) -> list[dict]:
+    """Every variant of one model at one batch shape: peak memory one variant at a time, then the timing of all of
+    them interleaved.
+
+    Args:
+        model: model name.
+        shape: a key of ``SHAPES``.
+        variants: the variants asked for.
+        args: the parsed flags (amp, channels_last, steps, warmup, seed).
+        device: the torch device.
+        threads: torch CPU threads.
+
+    Returns:
+        Result rows, one per variant (two for ``ideal``: taylor and dot).
+    """
+    b, mu = SHAPES[shape]
+    base = {"model": model, "shape": shape, "batch_size": b, "mu": mu, "images_per_step": b * (1 + 2 * mu)}
+    rows: dict[str, dict] = {}
+    if "soft" in variants and args.amp == "fp16":
+        rows["soft"] = {**base, "variant": "soft", "skipped": "soft mode refuses float16 scaling; use --amp bf16"}
+    timed = [v for v in variants if v not in rows]
+    run = run_in_process if device.type == "cuda" else run_isolated
+
+    def job(vs: list[str], memory: bool) -> Job:
+        return Job(model, shape, tuple(vs), memory, str(device), args.amp, args.channels_last, args.steps,
+                   args.warmup, threads, args.seed)  # fmt: skip
+
+    peaks = {}
+    for v in timed:
+        if v != "ideal":
+            tick = time.perf_counter()
+            peaks[v] = run(job([v], True))
+            print(f"  {model} @ {shape}: peak memory of {v} ({MEMORY_STEPS} steps) {time.perf_counter() - tick:.1f} s",
+                  flush=True)  # fmt: skip
+    tick = time.perf_counter()
+    timing = run(job(timed, False))
+    print(f"  {model} @ {shape}: {args.warmup} + {args.steps} interleaved rounds of {', '.join(timed)} "
+          f"{time.perf_counter() - tick:.1f} s", flush=True)  # fmt: skip
+
+    for v in timed:
+        if "error" in timing:
+            rows[v] = {**base, "variant": v, "error": timing["error"]}
+            continue
+        seconds = timing["seconds"]
+        if v == "ideal":
+            for name, counts in IDEAL.items():
+                components = {c: 1000 * median(seconds[c]) for c in counts}
+                ms = sum(components[c] * n for c, n in counts.items())
+                rows[name] = {**base, "variant": name, "ms_per_step": ms, "ms_min": None, "ms_steps": None,
+                              "images_per_s": 1000 * base["images_per_step"] / ms, "peak_mb": None,
+                              "components_ms": components}  # fmt: skip
+            continue
+        ms_steps = [1000 * s for s in seconds[v]]
+        ms = median(ms_steps)
+        rows[v] = {**base, "variant": v, "ms_per_step": ms, "ms_min": min(ms_steps), "ms_steps": ms_steps,
+                   "images_per_s": 1000 * base["images_per_step"] / ms, "peak_mb": peaks[v].get("peak_mb"),
+                   "peak_error": peaks[v].get("error")}  # fmt: skip
+    order = [n for v in variants for n in ((*IDEAL,) if v == "ideal" else (v,))]
+    return [rows[n] for n in order if n in rows]
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -512,13 +574,15 @@ def _bound(name: str, num: str, den: str, by_variant: dict) -> str:
 def print_table(rows: list[dict], targets: list[dict], header: str) -> None:
     """Print one (model, shape)'s figures and its targets."""
     print(f"\n== {header} ==")
-    print(f"{'variant':<14} {'ms/step':>10} {'images/s':>10} {'peak MB':>9}")
+    print(f"{'variant':<14} {'ms/step':>10} {'fastest':>10} {'images/s':>10} {'peak MB':>9}")
     for r in rows:
         if "error" in r or "skipped" in r:
-            print(f"{r['variant']:<14} {'-':>10} {'-':>10} {'-':>9}  {r.get('error') or r.get('skipped')}")
+            print(f"{r['variant']:<14} {'-':>10} {'-':>10} {'-':>10} {'-':>9}  {r.get('error') or r.get('skipped')}")
             continue
         peak = f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-"
-        print(f"{r['variant']:<14} {r['ms_per_step']:>10.1f} {r['images_per_s']:>10.1f} {peak:>9}")
+        fastest = f"{r['ms_min']:.1f}" if r.get("ms_min") is not None else "-"
+        note = f"  (peak memory: {r['peak_error']})" if r.get("peak_error") else ""
+        print(f"{r['variant']:<14} {r['ms_per_step']:>10.1f} {fastest:>10} {r['images_per_s']:>10.1f} {peak:>9}{note}")
     for r in rows:
         if "components_ms" in r:
             counts = IDEAL[r["variant"]]
@@ -563,35 +627,24 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
-        memory_method = ("torch.cuda.max_memory_allocated over warm-up + timed steps minus "
+        memory_method = (f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} steps of the variant alone minus "
                          "torch.cuda.memory_allocated before them")  # fmt: skip
     else:
         device_name = f"CPU, {threads} threads"
         memory_method = (
-            "peak RSS of a fresh process per variant (kernel high-water mark, reset via /proc/self/clear_refs "
-            "after building models, optimizers and inputs) minus its RSS then"
+            f"peak RSS over {MEMORY_STEPS} steps of a fresh process per variant (kernel high-water mark, reset via "
+            "/proc/self/clear_refs after building models, optimizers and inputs) minus its RSS then"
         )
     fmt = "channels_last" if args.channels_last else "contiguous"
-    print(f"device {device_name}; torch {torch.__version__}; amp {args.amp}; {fmt}; {steps} timed steps after "
-          f"{warmup} warm-up; peak memory: {memory_method}", flush=True)  # fmt: skip
+    print(f"device {device_name}; torch {torch.__version__}; amp {args.amp}; {fmt}; timing: {steps} rounds after "
+          f"{warmup} warm-up, each round one step of every variant and one run of every ideal pass (median "
+          f"reported); peak memory: {memory_method}", flush=True)  # fmt: skip
 
+    args = argparse.Namespace(**{**vars(args), "steps": steps, "warmup": warmup})  # --tiny's sizes win
     results, targets = [], []
     for model in models:
         for shape in shapes:
-            group = []
-            for variant in variants:
-                job = Job(model, shape, variant, str(device), args.amp, args.channels_last, steps, warmup, threads,
-                          args.seed)  # fmt: skip
-                tick = time.perf_counter()
-                print(f"  {model} @ {shape}: {variant} ...", end="", flush=True)
-                if device.type == "cuda":
-                    rows = run_job(job)
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                else:
-                    rows = run_isolated(job)
-                print(f" {time.perf_counter() - tick:.1f} s", flush=True)
-                group += rows
+            group = measure_group(model, shape, variants, args, device, threads)
             b, mu = SHAPES[shape]
             header = f"{model} @ {shape}: B={b}, mu={mu}, {b * (1 + 2 * mu)} images/step; {device_name}, amp {args.amp}"
             group_targets = [{"model": model, "shape": shape, **t} for t in check_targets(group)]

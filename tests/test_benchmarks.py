@@ -55,7 +55,7 @@ def test_step_speed_tiny_prints_a_table_per_model_and_shape(tiny_run):
     assert "== small_cnn @ tiny: B=2, mu=1, 6 images/step" in stdout
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
-    assert lines[header].split() == ["variant", "ms/step", "images/s", "peak", "MB"]
+    assert lines[header].split() == ["variant", "ms/step", "fastest", "images/s", "peak", "MB"]
     printed = {line.split()[0] for line in lines[header + 1 : header + 7]}
     assert printed == VARIANT_ROWS
     for name in ("speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "soft time / hard-taylor"):
@@ -77,7 +77,7 @@ def test_step_speed_tiny_json_holds_every_figure(tiny_run):
         if name.startswith("ideal"):
             assert row["peak_mb"] is None and row["components_ms"]
         else:
-            assert len(row["ms_steps"]) == 2
+            assert len(row["ms_steps"]) == 2 and row["ms_min"] == min(row["ms_steps"])
             if sys.platform == "linux":
                 assert row["peak_mb"] is not None and row["peak_mb"] > 0
     ideal = rows["ideal-taylor"]
