@@ -26,13 +26,13 @@ PROTOCOLS = {
         dataset="fashion-mnist", data_dir=str(SHARED / "fashion-mnist"), num_labeled=1000, teacher="small_cnn",
         student="small_cnn", steps=500, batch_size=16, mu=7, t_lr=0.05, s_lr=0.05, s_wait_steps=50,
         s_warmup_steps=50, t_warmup_steps=50, uda_weight=1.0, uda_steps=200, randaug_m=9, ema=0.99,
-        eval_every=100, save_every=300, log_every=25, workers=2, label_smoothing=0.1,
+        eval_every=100, save_every=300, log_every=25, workers=1, label_smoothing=0.1,
     ),
     "cifar10": dict(
         dataset="cifar10", data_dir=str(SHARED / "cifar10-jpeg.tar.gz"), num_labeled=4000, teacher="small_cnn",
         student="small_cnn", steps=500, batch_size=16, mu=7, t_lr=0.05, s_lr=0.05, s_wait_steps=50,
         s_warmup_steps=50, t_warmup_steps=50, uda_weight=1.0, uda_steps=200, randaug_m=10, ema=0.99,
-        eval_every=100, save_every=300, log_every=25, workers=2, label_smoothing=0.1,
+        eval_every=100, save_every=300, log_every=25, workers=1, label_smoothing=0.1,
     ),
 }  # fmt: skip
 
