@@ -24,15 +24,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROTOCOLS = {
     "fashion": dict(
         dataset="fashion-mnist", data_dir=str(SHARED / "fashion-mnist"), num_labeled=1000, teacher="small_cnn",
-        student="small_cnn", steps=500, batch_size=16, mu=7, t_lr=0.05, s_lr=0.05, s_wait_steps=50,
+        student="small_cnn", steps=400, batch_size=16, mu=4, t_lr=0.05, s_lr=0.05, s_wait_steps=50,
         s_warmup_steps=50, t_warmup_steps=50, uda_weight=1.0, uda_steps=200, randaug_m=9, ema=0.99,
-        eval_every=100, save_every=300, log_every=25, workers=1, label_smoothing=0.1,
+        eval_every=100, save_every=400, log_every=25, workers=1, label_smoothing=0.1,
     ),
     "cifar10": dict(
         dataset="cifar10", data_dir=str(SHARED / "cifar10-jpeg.tar.gz"), num_labeled=4000, teacher="small_cnn",
-        student="small_cnn", steps=500, batch_size=16, mu=7, t_lr=0.05, s_lr=0.05, s_wait_steps=50,
+        student="small_cnn", steps=400, batch_size=16, mu=4, t_lr=0.05, s_lr=0.05, s_wait_steps=50,
         s_warmup_steps=50, t_warmup_steps=50, uda_weight=1.0, uda_steps=200, randaug_m=10, ema=0.99,
-        eval_every=100, save_every=300, log_every=25, workers=1, label_smoothing=0.1,
+        eval_every=100, save_every=400, log_every=25, workers=1, label_smoothing=0.1,
     ),
 }  # fmt: skip
 
@@ -92,7 +92,7 @@ def report(root: Path, protocol: str, png: Path | None) -> str:
             continue
         curves[method] = histories
 
-        def stat(key):
+        def stat(key, summaries=summaries):
             vals = [s[key] for s in summaries if s.get(key) is not None]
             if not vals:
                 return "–"

@@ -74,6 +74,7 @@ class Run:
     step: int = 0
     seconds: float = 0.0
     best_acc: float = -1.0
+    last_eval: tuple[int, dict] | None = None  # (step, accuracies) of the latest evaluation
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
@@ -346,6 +347,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
             run.seconds += time.perf_counter() - seg_start
             seg_start = time.perf_counter()
             accs = _evaluate(run, test_loader)
+            run.last_eval = (run.step, accs)
             if run.dist.is_main:
                 writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
                 log(_eval_line(run.step, accs))
@@ -431,9 +433,13 @@ def _hflip(cfg: TrainConfig, data) -> bool:
 
 def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
     cfg = run.cfg
-    test_loader = mdata.make_eval_loader(run.data.test, mean=run.data.mean, std=run.data.std,
-                                         batch_size=cfg.eval_batch_size)  # fmt: skip
-    accs = _evaluate(run, test_loader)
+    if run.last_eval is not None and run.last_eval[0] == run.step:
+        accs = run.last_eval[1]  # the loop just evaluated this very step
+    else:
+        test_loader = mdata.make_eval_loader(
+            run.data.test, mean=run.data.mean, std=run.data.std, batch_size=cfg.eval_batch_size
+        )
+        accs = _evaluate(run, test_loader)
     summary = {
         "teacher_acc": accs.get("teacher_acc"),
         "student_acc": accs.get("student_acc"),
