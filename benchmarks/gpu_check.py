@@ -148,20 +148,20 @@ class GpuMemoryPoller(threading.Thread):
         super().__init__(daemon=True)
         self.period_s = period_s
         self.peak_mib: float | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         """Sample until ``stop()``."""
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             used = _nvidia_smi(["--query-gpu=memory.used", "--format=csv,noheader,nounits"])
             if used:
                 value = max(float(v) for v in used.split())
                 self.peak_mib = value if self.peak_mib is None else max(self.peak_mib, value)
-            self._stop.wait(self.period_s)
+            self._halt.wait(self.period_s)
 
     def stop(self) -> None:
         """End the sampling."""
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
