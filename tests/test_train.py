@@ -208,3 +208,18 @@ def test_trains_on_the_real_cifar10_copy(tmp_path, cifar10_cache_dir):
         assert 0.0 <= summary[key] <= 100.0
     ckpt = load_checkpoint(out)
     assert ckpt["num_classes"] == 10 and ckpt["classes"][0] == "airplane" and ckpt["image_size"] == 32
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_bf16_autocast_and_channels_last_train(tmp_path, mode):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "3", "--mode", mode, "--amp", "bf16", "--channels-last", "--out", str(out)) == 0
+    losses = [r["train/loss/teacher"] for r in read_metrics(out) if "train/loss/teacher" in r]
+    assert losses and all(v is not None and abs(v) < 1e3 for v in losses)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
+    assert cli(*TINY, "--steps", "2", "--amp", "fp16", "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--amp fp16 needs a CUDA device" in err
