@@ -99,6 +99,13 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_resume_refuses_other_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "2", "--out", str(out)) == 0
+    assert main(["train", "--resume", str(out), "--steps", "5"]) == 2
+    assert "--resume uses the run's saved config.yaml; drop --steps" in capsys.readouterr().err
+
+
 def test_labels_only_baseline_and_finetune(tmp_path):
     out = tmp_path / "sup"
     assert cli(*TINY, "--steps", "4", "--method", "supervised", "--out", str(out)) == 0

@@ -78,6 +78,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from metapl.train import load_run_config, train
 
         if args.resume:
+            given = sorted("--" + k.replace("_", "-") for k in vars(args) if k not in ("command", "resume", "config"))
+            if given or args.config:
+                # A resumed run must be the same run: its saved config wins over anything on the command line.
+                raise UserError(f"--resume uses the run's saved config.yaml; drop {', '.join(given) or '--config'}")
             cfg = replace(load_run_config(args.resume), out=args.resume)
             train(cfg, resume=True)
         else:
