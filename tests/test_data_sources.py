@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CACHE, class_value, make_tar, write_image
-from metapl.data import load_dataset
+from metapl.data import imagetree, load_dataset
 from metapl.data import sources as sources_mod
 from metapl.data.sources import channel_stats, read_idx
 from metapl.errors import UserError
@@ -39,7 +39,7 @@ def forbid_decoding(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("an image was decoded although the cache holds it")
 
-    monkeypatch.setattr(sources_mod, "_decode_chunk", refuse)
+    monkeypatch.setattr(imagetree, "_decode_chunk", refuse)
     monkeypatch.setattr(sources_mod, "read_idx", refuse)
 
 

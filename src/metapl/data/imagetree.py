@@ -1,0 +1,341 @@
+"""Decoding an ImageFolder tree (a directory or a tar of one) into uint8 arrays, in parallel where it pays.
+
+Split from ``sources.py``: that file maps each data set name to a reader; this one is the folder/tar reader's
+machinery (listing, planning the class layout, streaming tars, decoding with Pillow, resizing) and ``channel_stats``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import multiprocessing
+import os
+import posixpath
+import sys
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from metapl.errors import UserError
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
+
+    Args:
+        images: ``(N, H, W, C)`` uint8, possibly a memmap (read in chunks, never copied whole).
+        chunk: images per chunk.
+
+    Returns:
+        ``(mean, std)``, one float per channel, rounded to 4 decimals.
+    """
+    # A 256-bin histogram per channel gives exact moments and is ~10x faster than float arithmetic on every pixel.
+    hist = np.zeros((images.shape[3], 256), dtype=np.int64)
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start : start + chunk])
+        for c in range(images.shape[3]):
+            hist[c] += np.bincount(block[..., c].ravel(), minlength=256)
+    values = np.arange(256) / 255.0
+    n = np.maximum(hist.sum(axis=1), 1)
+    mean = hist @ values / n
+    std = np.sqrt(np.maximum(hist @ values**2 / n - mean**2, 0.0))
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_IMAGE_SUFFIXES = frozenset(Image.registered_extensions())  # every format this Pillow can open
+_CHUNK = 256  # images per decode task: large enough to amortise the inter-process transfer
+_PARALLEL_MIN = 2048  # below this, starting worker processes costs more than it saves
+
+
+def archive_or_folder(path: Path) -> str:
+    """``"archive"`` for a tar file, ``"folder"`` for a directory; a UserError for any other file."""
+    if path.is_dir():
+        return "folder"
+    if path.name.lower().endswith(_ARCHIVE_SUFFIXES) or tarfile.is_tarfile(path):
+        return "archive"
+    raise UserError(f"{path} is a file but not a .tar/.tar.gz archive; point the option at a folder or an archive")
+
+
+def is_split_tree(path: Path) -> bool:
+    """True for a folder holding ``train/`` (possibly inside one wrapper folder), i.e. an ImageFolder split."""
+    if not path.is_dir():
+        return False
+    if (path / "train").is_dir():
+        return True
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return len(subdirs) == 1 and (subdirs[0] / "train").is_dir()
+
+
+def _hidden(relpath: str) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in relpath.split("/"))
+
+
+def _is_image(relpath: str) -> bool:
+    return posixpath.splitext(relpath)[1].lower() in _IMAGE_SUFFIXES
+
+
+def _clean(name: str) -> str:
+    return posixpath.normpath(name).lstrip("/").removeprefix("./")
+
+
+def _list_tree(path: Path) -> tuple[list[str], set[str]]:
+    """Relative POSIX paths of the files and folders below ``path`` (a folder or a tar), hidden entries left out."""
+    files, dirs = [], set()
+    if archive_or_folder(path) == "folder":
+        for root, subdirs, names in os.walk(path, followlinks=True):
+            rel = Path(root).relative_to(path).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            dirs.update(rel + d for d in subdirs)
+            files.extend(rel + n for n in names)
+    else:
+        for _, member in _iter_tar(path):
+            (files.append if member.isfile() else dirs.add)(_clean(member.name))
+    files = [f for f in files if not _hidden(f)]
+    dirs = {d for d in dirs if d and not _hidden(d)}
+    dirs.update(posixpath.dirname(f) for f in files if "/" in f)
+    return files, dirs
+
+
+def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Find the classes and the ``(file, label)`` lists of each split (``train``/``test``, or ``all`` for one tree)."""
+    images = sorted(f for f in files if _is_image(f))
+    prefix = ""
+    # Archives often wrap the tree in one folder ("cifar10/train/..."): strip it while images stay inside classes.
+    while images:
+        tops = {f[len(prefix) :].split("/", 1)[0] for f in images}
+        top = next(iter(tops))
+        if len(tops) != 1 or top in ("train", "test") or any(f[len(prefix) :].count("/") < 2 for f in images):
+            break
+        prefix += top + "/"
+    top_dirs = {d[len(prefix) :] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix) :]}
+    if "train" in top_dirs:
+        trees = {"train": prefix + "train/"} | ({"test": prefix + "test/"} if "test" in top_dirs else {})
+    else:
+        trees = {"all": prefix}
+    expected = "train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
+    per_tree: dict[str, dict[str, list[str]]] = {}
+    for split, root in trees.items():
+        class_dirs = sorted(d[len(root) :] for d in dirs if d.startswith(root) and "/" not in d[len(root) :])
+        groups = {c: [f for f in images if f.startswith(f"{root}{c}/")] for c in class_dirs}
+        for c, members in groups.items():
+            if not members:
+                raise UserError(f"class folder {root}{c} in {source} has no images; add images or remove the folder")
+        per_tree[split] = groups
+    classes = sorted(per_tree.get("train", per_tree.get("all", {})))
+    if not classes:
+        raise UserError(f"no class folders with images in {source}; expected {expected}")
+    if len(classes) < 2:
+        raise UserError(f"{source} has only one class folder ({classes[0]}); a classifier needs at least two")
+    if "test" in per_tree and set(per_tree["test"]) != set(classes):
+        only_train = sorted(set(classes) - set(per_tree["test"]))
+        only_test = sorted(set(per_tree["test"]) - set(classes))
+        raise UserError(
+            f"train and test classes differ in {source} (only in train: {only_train}, only in test: {only_test}); "
+            "make both folders hold the same class folders"
+        )
+    plan = {
+        split: [(f, label) for label, c in enumerate(classes) for f in groups[c]] for split, groups in per_tree.items()
+    }
+    return classes, plan
+
+
+def decode_tree(
+    path: Path,
+    *,
+    image_size: int | None,
+    skip_corrupt: bool,
+    log: Callable[[str], None] = print,
+    flat: bool = False,
+    channels: int | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Decode every image of a folder or tar (the ``build`` step of the folder cache entry).
+
+    Args:
+        path: a folder, or a tar archive read in streaming mode.
+        image_size: resize (shorter side, then centre crop) to this square size; without it all images must share
+            one square size.
+        skip_corrupt: leave out unreadable images (listed in ``meta["skipped"]``) instead of raising.
+        log: receives progress lines.
+        flat: ignore folder structure and label everything -1 (``--unlabeled-dir``).
+        channels: force 1 (grayscale) or 3 (RGB) channels; ``None`` picks 1 only when every image is grayscale.
+
+    Returns:
+        ``(arrays, meta)``: ``train_*``/``test_*`` arrays for a split tree or ``all_*`` for one tree (``*_images``
+        uint8 ``(N, H, W, C)``, ``*_labels`` int64), and ``meta`` with ``classes``, ``skipped`` ([file, reason]
+        pairs) and, for a split tree, the train ``mean``/``std``.
+    """
+    files, dirs = _list_tree(path)
+    if flat:
+        classes, plan = [], {"all": [(f, -1) for f in sorted(files) if _is_image(f)]}
+        if not plan["all"]:
+            raise UserError(f"no images found in {path}; point the option at a folder (or tar) that holds images")
+    else:
+        classes, plan = _plan_tree(path, files, dirs)
+    entries = [entry for split_entries in plan.values() for entry in split_entries]
+    n = len(entries)
+    log(f"decoding {n} images from {path} (once: later runs read the cache)")
+    start = time.perf_counter()
+    force_mode = {None: None, 1: "L", 3: "RGB"}[channels]
+    images, ok, skipped = _decode_entries(path, [f for f, _ in entries], image_size, force_mode, skip_corrupt)
+    log(f"decoded {n} images in {time.perf_counter() - start:.1f} s")
+    if images.shape[1] != images.shape[2]:
+        raise UserError(
+            f"images in {path} are {images.shape[1]}x{images.shape[2]}, not square; pass --image-size N to crop them"
+        )
+    labels = np.array([label for _, label in entries], dtype=np.int64)
+    arrays, offset = {}, 0
+    for split, split_entries in plan.items():
+        part = slice(offset, offset + len(split_entries))
+        keep = ok[part] if skipped else slice(None)  # a view, not a copy, when nothing was skipped
+        arrays[f"{split}_images"] = images[part][keep]
+        arrays[f"{split}_labels"] = labels[part][keep]
+        offset += len(split_entries)
+    meta = {"classes": classes, "skipped": skipped}
+    if "train_images" in arrays and "test_images" not in arrays:  # train/ without test/: hold out like one tree
+        arrays["all_images"], arrays["all_labels"] = arrays.pop("train_images"), arrays.pop("train_labels")
+    if "train_images" in arrays:
+        meta["mean"], meta["std"] = channel_stats(arrays["train_images"])
+    return arrays, meta
+
+
+def _decode_entries(path, names, image_size, force_mode, skip_corrupt):
+    """Decode ``names`` (in that order) into one array; returns ``(images, ok mask, skipped [name, reason] list)``."""
+    slots = {name: i for i, name in enumerate(names)}
+    images, ok, skipped, size_of = None, np.zeros(len(names), dtype=bool), [], {}
+    for slot, array, reason in _decode_parallel(path, slots, image_size, force_mode):
+        if array is None:
+            if not skip_corrupt:
+                raise UserError(f"cannot read image {names[slot]} ({reason}); fix or delete it, or pass --skip-corrupt")
+            skipped.append([names[slot], reason])
+            continue
+        if array.ndim == 2:
+            array = array[..., None]
+        if images is None:
+            images = np.zeros((len(names), *array.shape), dtype=np.uint8)
+            size_of = (names[slot], array.shape[:2])
+        elif array.shape[:2] != images.shape[1:3]:
+            raise UserError(
+                f"images differ in size ({size_of[0]} is {size_of[1][0]}x{size_of[1][1]}, {names[slot]} is "
+                f"{array.shape[0]}x{array.shape[1]}); pass --image-size N to resize them all"
+            )
+        if array.shape[2] > images.shape[2]:  # first colour image after grayscale ones: widen the buffer once
+            images = np.repeat(images, 3, axis=3)
+        images[slot] = array  # a grayscale image broadcasts into all three channels of an RGB buffer
+        ok[slot] = True
+    if images is None:
+        raise UserError(f"none of the {len(names)} images in {path} could be read; check the files")
+    return images, ok, skipped
+
+
+def _decode_parallel(path: Path, slots: dict[str, int], image_size, force_mode) -> Iterator[tuple]:
+    """Yield ``(slot, array or None, reason)`` per image, decoding chunks in worker processes when there are many."""
+    tasks = ((chunk, image_size, force_mode) for chunk in _batched(_read_entries(path, slots), _CHUNK))
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    # Pillow holds the GIL for most of a small image's decode, so threads do not help; fork()ed processes do (1.6x
+    # on 2 cores for CIFAR-10). fork needs no importable __main__; it is only safe enough on Linux.
+    if len(slots) >= _PARALLEL_MIN and workers > 1 and sys.platform == "linux":
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for results in pool.imap(_decode_chunk, tasks):
+                yield from results
+    else:
+        for task in tasks:
+            yield from _decode_chunk(task)
+
+
+def _read_entries(path: Path, slots: dict[str, int]) -> Iterator[tuple[int, bytes | str]]:
+    """``(slot, file path)`` for a folder; ``(slot, bytes)`` for a tar, streamed once in archive order."""
+    if path.is_dir():
+        for name, slot in slots.items():
+            yield slot, str(path / name)
+        return
+    for tf, member in _iter_tar(path):
+        slot = slots.get(_clean(member.name)) if member.isfile() else None
+        if slot is not None:
+            yield slot, tf.extractfile(member).read()
+
+
+_DECOMPRESSORS = {
+    b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f),
+    b"BZh": bz2.BZ2File,
+    b"\xfd7zXZ\x00": lzma.LZMAFile,
+}
+
+
+def _iter_tar(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Stream the members of a plain, gzip, bzip2 or xz tar once, in order, without extracting; fail on a cut-off file.
+
+    tarfile stops quietly when an archive ends inside a header, so a truncated download would pass for a smaller data
+    set. Draining the decompressor (which checks its end marker and CRC) or, for a plain tar, finding the zero block
+    that ends every archive catches that.
+    """
+    try:
+        with open(path, "rb") as raw:
+            magic = raw.read(6)
+            raw.seek(0)
+            opener = next((fn for prefix, fn in _DECOMPRESSORS.items() if magic.startswith(prefix)), None)
+            stream = opener(raw) if opener else raw
+            with tarfile.open(fileobj=stream, mode="r|") as tf:  # "|": sequential reads only, no seeking
+                yield from ((tf, member) for member in tf)
+                end = tf.offset
+            if opener:
+                while stream.read(1 << 20):
+                    pass
+            else:
+                raw.seek(end)
+                tail = raw.read(512)
+                if len(tail) < 512 or any(tail):
+                    raise EOFError("the archive ends without its end-of-archive block")
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"cannot read archive {path} ({e}); check the file (a cut-off copy?) or extract it") from e
+
+
+def _batched(items, n):
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def _decode_chunk(task) -> list[tuple[int, np.ndarray | None, str | None]]:
+    chunk, image_size, force_mode = task
+    return [_decode_one(slot, src, image_size, force_mode) for slot, src in chunk]
+
+
+def _decode_one(slot, src, image_size, force_mode):
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            mode = force_mode or ("L" if im.mode in _GRAY_MODES else "RGB")
+            if image_size is not None:
+                im.draft(mode, (image_size, image_size))  # JPEG only: decode at 1/2, 1/4, 1/8 scale when that fits
+                out = ImageOps.fit(im.convert(mode), (image_size, image_size), Image.Resampling.BICUBIC)
+            else:
+                out = im.convert(mode)
+            return slot, np.asarray(out), None
+    except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
+        return slot, None, f"{type(e).__name__}: {e}"
+
+
+def resize_arrays(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 ``(N, H, W, C)`` images to ``(N, size, size, C)`` (shorter side, then centre crop; bicubic).
+
+    Args:
+        images: the images.
+        size: output side length.
+
+    Returns:
+        A new uint8 array.
+    """
+    out = np.empty((len(images), size, size, images.shape[3]), dtype=np.uint8)
+    for i, image in enumerate(images):
+        pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+        out[i] = np.asarray(ImageOps.fit(pil, (size, size), Image.Resampling.BICUBIC)).reshape(size, size, -1)
+    return out
