@@ -7,6 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from metapl.data import (
     Cutout,
@@ -23,6 +24,7 @@ from metapl.data import (
     strong_transform,
     weak_transform,
 )
+from metapl.data.transforms import PILRandAugment, RandomFlip, ReflectPadCrop, ToNormalizedFloat
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +129,60 @@ def test_transforms_keep_shape_and_normalize(channels, size):
         assert out.shape == (channels, size, size) and out.dtype == torch.float32
     expected = (image.float() / 255 - 0.4) / 0.2
     assert torch.allclose(eval_transform(mean, std)(image), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "padding"), [(8, 1), (32, 4), (5, 7)])
+def test_reflect_pad_crop_gives_every_crop_of_the_reflect_padded_image(size, padding):
+    image = torch.randint(0, 256, (2, size, size), dtype=torch.uint8)
+    padded = image.float()[None]
+    while padded.shape[-1] < size + 2 * padding:  # torch pads by less than the side per call; repeat to reflect more
+        step = min(padded.shape[-1] - 1, (size + 2 * padding - padded.shape[-1]) // 2)
+        padded = torch.nn.functional.pad(padded, (step,) * 4, mode="reflect")
+    padded = padded[0].to(torch.uint8)
+    offsets = 2 * padding + 1
+    crops = {(t, c): padded[:, t : t + size, c : c + size] for t in range(offsets) for c in range(offsets)}
+    crop = ReflectPadCrop(size, padding)
+    seen = set()
+    for seed in range(40 * offsets * offsets):
+        torch.manual_seed(seed)
+        out = crop(image)
+        match = [key for key, ref in crops.items() if torch.equal(out, ref)]
+        assert match, "the output is not a crop of the reflect-padded image"
+        seen.update(match)
+    assert seen == set(crops)  # every offset is drawn
+
+
+def test_random_flip_flips_half_the_time():
+    image = torch.arange(12, dtype=torch.uint8).view(1, 3, 4)
+    flipped = 0
+    for seed in range(400):
+        torch.manual_seed(seed)
+        out = RandomFlip()(image)
+        assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
+        flipped += torch.equal(out, image.flip(-1))
+    assert 150 < flipped < 250
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pil_randaugment_keeps_shape_and_changes_the_image(channels):
+    image = torch.randint(0, 256, (channels, 24, 24), dtype=torch.uint8)
+    augment = PILRandAugment(2, 10, [128] * channels)
+    outs = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        outs.append(augment(image))
+        torch.manual_seed(seed)
+        assert torch.equal(augment(image), outs[-1])  # seeded like every other view
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outs)
+    assert sum(not torch.equal(o, image) for o in outs) >= 15
+
+
+def test_to_normalized_float_matches_torchvision():
+    image = torch.randint(0, 256, (4, 3, 9, 9), dtype=torch.uint8)
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    assert torch.equal(ToNormalizedFloat(mean, std)(image), reference(image))
+    assert torch.equal(ToNormalizedFloat(mean, std)(image[0]), reference(image[0]))
 
 
 def test_cutout_fills_one_square():
