@@ -1,6 +1,7 @@
-"""Smoke tests of the benchmark scripts: the step-speed benchmark end to end at its tiny size, and the GPU check's
-pieces that need no GPU (its TINY mode runs the trainer too and takes over 30 s on 2 busy cores, so it is checked by
-its parts here and by hand with ``TINY=1 .venv/bin/python benchmarks/gpu_check.py``)."""
+"""Smoke tests of the benchmark scripts: the step-speed benchmark end to end at its tiny size, the loader benchmark
+and the accuracy table (2-step runs, on the real data in ../shared/data; skipped where it is absent), and the GPU
+check's pieces that need no GPU (its TINY mode runs the trainer too and takes over 30 s on 2 busy cores, so it is
+checked by its parts here and by hand with ``TINY=1 .venv/bin/python benchmarks/gpu_check.py``)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,46 @@ def test_gpu_check_projects_the_protocol_from_the_metrics(gpu_check):
     assert figures["projected_steps_h"] == pytest.approx(300_000 * 0.060 / 3600)
     assert figures["projected_with_eval_h"] == pytest.approx(300_000 * (14.0 / 200) / 3600)
     assert gpu_check.summarize_training([], [])["projected_steps_h"] is None
+
+
+def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
+    cmd = [sys.executable, str(BENCH / "loader_speed.py"), "--tiny", "--data", str(cifar10_tar), "--cache-dir",
+           str(cifar10_cache_dir), "--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--workers", "1",
+           "--threads", "1"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {}
+    for line in res.stdout.splitlines():
+        for name in ("loaders alone (delivered)", "hard-MPL step alone (consumed)", "MPL step fed by the loaders"):
+            if line.startswith(name):
+                rows[name] = [float(v) for v in line[len(name) :].split()]
+    assert len(rows) == 3
+    for steps_per_s, views_per_s, ms in rows.values():
+        assert steps_per_s > 0 and views_per_s == pytest.approx(steps_per_s * 4 * (1 + 2 * 2), rel=0.02, abs=1)
+        assert ms == pytest.approx(1000 / steps_per_s, rel=0.02)
+    assert "x its rate" in res.stdout and "3 timed steps" in res.stdout
+
+
+def test_accuracy_runs_in_pieces_skips_finished_runs_and_reports(fashion_dir, tmp_path):
+    accuracy = _load("accuracy")
+    root, cache = tmp_path / "runs", tmp_path / "cache"
+    common = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(cache)]
+    assert accuracy.main([*common, "--methods", "labels-only,mpl-taylor", "--seeds", "0"]) == 0
+    assert accuracy.main([*common, "--methods", "labels-only", "--seeds", "1"]) == 0
+    first = root / "fashion" / "labels-only" / "seed0" / "summary.json"
+    stamp = first.stat().st_mtime_ns
+    assert accuracy.main([*common, "--methods", "labels-only", "--seeds", "0"]) == 0  # finished: not trained again
+    assert first.stat().st_mtime_ns == stamp
+
+    png = tmp_path / "acc.png"
+    table = accuracy.report(root, "fashion", png)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert set(rows) == {"labels-only", "mpl-taylor"}
+    assert rows["labels-only"][0] == "2" and rows["mpl-taylor"][0] == "1"
+    assert rows["labels-only"][3] == "–" and "±" in rows["mpl-taylor"][3]  # no teacher in the labels-only runs
+    for cells in rows.values():
+        mean = float(cells[1].split("±")[0])
+        assert 0 <= mean <= 100
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        accuracy.main([*common, "--methods", "mpl-nope"])
