@@ -6,6 +6,10 @@ Markdown table (mean ± std over seeds) and a PNG of the EMA student's test accu
 
     python benchmarks/accuracy.py --protocol fashion --methods all --seeds 0,1,2
     python benchmarks/accuracy.py --protocol fashion --report
+
+``--finetune-steps N`` adds the paper's last phase: every pseudo-label student is then finetuned on the labeled
+images for N steps (same batch size), and the labels-only model trains N steps longer, so every method gets the same
+number of optimizer steps; these runs go to ``ROOT/PROTOCOL-ftN`` and ``--report`` gains a finetuned column.
 """
 
 from __future__ import annotations
@@ -46,12 +50,20 @@ METHODS = {
 }
 
 
-def run_one(root: Path, protocol: str, method: str, seed: int, *, steps: int | None, cache_dir: str | None) -> dict:
+def run_dir(root: Path, protocol: str, finetune_steps: int) -> Path:
+    """Where a protocol's runs go: ``ROOT/PROTOCOL``, or ``ROOT/PROTOCOL-ftN`` with N finetuning steps."""
+    return root / (f"{protocol}-ft{finetune_steps}" if finetune_steps else protocol)
+
+
+def run_one(
+    root: Path, protocol: str, method: str, seed: int, *, steps: int | None, cache_dir: str | None,
+    finetune_steps: int = 0,
+) -> dict:  # fmt: skip
     """Train one (protocol, method, seed) unless its summary exists; return the summary."""
     from metapl.config import TrainConfig
     from metapl.train import train
 
-    out = root / protocol / method / f"seed{seed}"
+    out = run_dir(root, protocol, finetune_steps) / method / f"seed{seed}"
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
@@ -64,27 +76,34 @@ def run_one(root: Path, protocol: str, method: str, seed: int, *, steps: int | N
     cfg = TrainConfig(**values)
     if steps:
         cfg = replace(cfg, steps=steps, eval_every=max(1, steps // 6), save_every=steps, log_every=max(1, steps // 6))
+    if finetune_steps and cfg.method == "supervised":  # the same number of optimizer steps as MPL + finetuning
+        cfg = replace(cfg, steps=cfg.steps + finetune_steps, save_every=cfg.steps + finetune_steps)
+    elif finetune_steps:
+        cfg = replace(cfg, finetune_steps=finetune_steps, finetune_batch_size=cfg.batch_size)
     start = time.perf_counter()
     summary = train(cfg, log=lambda *a, **k: None)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{protocol} {method} seed {seed}: student {summary['student_acc']:.2f} ema {summary['ema_acc']:.2f} "
-          f"({summary['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
+    finetuned = f" finetuned {summary['finetuned_acc']:.2f}" if summary.get("finetuned_acc") is not None else ""
+    print(f"{protocol} {method} seed {seed}: student {summary['student_acc']:.2f} ema {summary['ema_acc']:.2f}"
+          f"{finetuned} ({summary['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
     return summary
 
 
-def report(root: Path, protocol: str, png: Path | None) -> str:
+def report(root: Path, protocol: str, png: Path | None, finetune_steps: int = 0) -> str:
     """Markdown table of mean ± std per method, and optionally a PNG of EMA accuracy over steps."""
     from metapl.metrics import read_metrics
 
+    finetuned_header = " finetuned student acc (%) |" if finetune_steps else ""
     lines = [
-        "| method | runs | student acc (%) | EMA student acc (%) | teacher acc (%) | wall time / run (s) |",
-        "|---|---|---|---|---|---|",
+        f"| method | runs | student acc (%) | EMA student acc (%) |{finetuned_header} teacher acc (%) | "
+        "wall time / run (s) |",
+        "|---|---|---|---|---|---|" + ("---|" if finetune_steps else ""),
     ]
     curves = {}
     for method in METHODS:
         summaries, histories = [], []
-        for summary_path in sorted((root / protocol / method).glob("seed*/summary.json")):
+        for summary_path in sorted((run_dir(root, protocol, finetune_steps) / method).glob("seed*/summary.json")):
             summaries.append(json.loads(summary_path.read_text()))
             histories.append([(r["step"], r["eval/ema_acc"]) for r in read_metrics(summary_path.parent)
                               if r.get("eval/ema_acc") is not None])  # fmt: skip
@@ -100,7 +119,8 @@ def report(root: Path, protocol: str, png: Path | None) -> str:
             return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
 
         wall = statistics.mean(s.get("wall_seconds", s["seconds"]) for s in summaries)
-        lines.append(f"| {method} | {len(summaries)} | {stat('student_acc')} | {stat('ema_acc')} | "
+        finetuned = f" {stat('finetuned_acc')} |" if finetune_steps else ""
+        lines.append(f"| {method} | {len(summaries)} | {stat('student_acc')} | {stat('ema_acc')} |{finetuned} "
                      f"{stat('teacher_acc')} | {wall:.0f} |")  # fmt: skip
     if png is not None and curves:
         import matplotlib
@@ -134,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: metapl's)")
     p.add_argument("--report", action="store_true", help="aggregate the finished runs instead of training")
     p.add_argument("--png", default=None, help="with --report: write the accuracy plot here")
+    p.add_argument("--finetune-steps", type=int, default=0, help="finetune pseudo-label students N steps on labels")
     args = p.parse_args(argv)
+    if args.finetune_steps < 0:
+        p.error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     root = Path(args.root)
     if args.report:
-        print(report(root, args.protocol, Path(args.png) if args.png else None))
+        print(report(root, args.protocol, Path(args.png) if args.png else None, args.finetune_steps))
         return 0
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -145,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in methods:
-            run_one(root, args.protocol, method, seed, steps=args.steps, cache_dir=args.cache_dir)
+            run_one(root, args.protocol, method, seed, steps=args.steps, cache_dir=args.cache_dir,
+                    finetune_steps=args.finetune_steps)  # fmt: skip
     return 0
 
 
