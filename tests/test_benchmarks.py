@@ -193,3 +193,22 @@ def test_accuracy_runs_in_pieces_skips_finished_runs_and_reports(fashion_dir, tm
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         accuracy.main([*common, "--methods", "mpl-nope"])
+
+
+def test_accuracy_finetune_gives_every_method_the_same_step_count(fashion_dir, tmp_path):
+    accuracy = _load("accuracy")
+    root = tmp_path / "runs"
+    argv = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--methods", "labels-only,uda-distill", "--seeds", "0", "--finetune-steps", "3"]  # fmt: skip
+    assert accuracy.main(argv) == 0
+    labels_only = json.loads((root / "fashion-ft3" / "labels-only" / "seed0" / "summary.json").read_text())
+    distilled = json.loads((root / "fashion-ft3" / "uda-distill" / "seed0" / "summary.json").read_text())
+    assert labels_only["steps"] == 2 + 3 and "finetuned_acc" not in labels_only
+    assert distilled["steps"] == 2 and distilled["finetune_steps"] == 3 and 0 <= distilled["finetuned_acc"] <= 100
+    assert not (root / "fashion").exists()  # finetuned runs never mix with the plain protocol's
+    table = accuracy.report(root, "fashion", None, finetune_steps=3)
+    header, _, *rows = table.splitlines()
+    assert "finetuned student acc (%)" in header
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+    assert cells["labels-only"][3] == "–" and cells["uda-distill"][3] == f"{distilled['finetuned_acc']:.2f} ± 0.00"
+    assert accuracy.report(root, "fashion", None).count("\n") == 1  # the plain protocol has no runs yet
