@@ -152,6 +152,12 @@ def test_gpu_check_projects_the_protocol_from_the_metrics(gpu_check):
     assert gpu_check.summarize_training([], [])["projected_steps_h"] is None
 
 
+def _table_cells(table: str) -> dict[str, list[str]]:
+    """The body of an ``accuracy.report`` Markdown table: method -> the cells after it."""
+    rows = table.splitlines()[2:]
+    return {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+
+
 def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
     cmd = [sys.executable, str(BENCH / "loader_speed.py"), "--tiny", "--data", str(cifar10_tar), "--cache-dir",
            str(cifar10_cache_dir), "--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--workers", "1",
@@ -183,7 +189,7 @@ def test_accuracy_runs_in_pieces_skips_finished_runs_and_reports(fashion_dir, tm
 
     png = tmp_path / "acc.png"
     table = accuracy.report(root, "fashion", png)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    rows = _table_cells(table)
     assert set(rows) == {"labels-only", "mpl-taylor"}
     assert rows["labels-only"][0] == "2" and rows["mpl-taylor"][0] == "1"
     assert rows["labels-only"][3] == "–" and "±" in rows["mpl-taylor"][3]  # no teacher in the labels-only runs
@@ -207,8 +213,7 @@ def test_accuracy_finetune_gives_every_method_the_same_step_count(fashion_dir, t
     assert distilled["steps"] == 2 and distilled["finetune_steps"] == 3 and 0 <= distilled["finetuned_acc"] <= 100
     assert not (root / "fashion").exists()  # finetuned runs never mix with the plain protocol's
     table = accuracy.report(root, "fashion", None, finetune_steps=3)
-    header, _, *rows = table.splitlines()
-    assert "finetuned student acc (%)" in header
-    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+    assert "finetuned student acc (%)" in table.splitlines()[0]
+    cells = _table_cells(table)
     assert cells["labels-only"][3] == "–" and cells["uda-distill"][3] == f"{distilled['finetuned_acc']:.2f} ± 0.00"
     assert accuracy.report(root, "fashion", None).count("\n") == 1  # the plain protocol has no runs yet

@@ -152,10 +152,6 @@ def _fill(mean: Sequence[float]) -> list[int]:
     return [round(255 * m) for m in mean]
 
 
-def _to_float(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [ToNormalizedFloat(mean, std)]
-
-
 def _weak_geometry(image_size: int, hflip: bool) -> list:
     # Pad-and-crop translates by up to 12.5% of the side, as in the paper's CIFAR setup (4 px at 32 px).
     flip = [RandomFlip()] if hflip else []
@@ -174,7 +170,7 @@ def weak_transform(image_size: int, *, hflip: bool, mean: Sequence[float], std: 
     Returns:
         A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
     """
-    return v2.Compose([*_weak_geometry(image_size, hflip), *_to_float(mean, std)])
+    return v2.Compose([*_weak_geometry(image_size, hflip), ToNormalizedFloat(mean, std)])
 
 
 def strong_transform(
@@ -207,7 +203,7 @@ def strong_transform(
             *_weak_geometry(image_size, hflip),
             PILRandAugment(randaug_n, randaug_m, fill),
             Cutout(image_size // 2 if cutout is None else cutout, fill),
-            *_to_float(mean, std),
+            ToNormalizedFloat(mean, std),
         ]
     )
 
@@ -222,4 +218,4 @@ def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     Returns:
         A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
     """
-    return v2.Compose(_to_float(mean, std))
+    return v2.Compose([ToNormalizedFloat(mean, std)])
