@@ -101,8 +101,9 @@ def test_soft_teacher_gradient_matches_finite_differences():
 # Hard mode: h
 
 
-def reference_dot_h(teacher, student, batch, eta):
-    """η ⟨∇L_l(θ'_S), ∇CE(ŷ, S(x_us; θ_S))⟩ with plain autograd on copies (train-mode BN, no dropout)."""
+def reference_dot_h(teacher, student, batch, eta, cosine=False):
+    """η ⟨∇L_l(θ'_S), ∇CE(ŷ, S(x_us; θ_S))⟩ with plain autograd on copies (train-mode BN, no dropout); with
+    ``cosine``, the cosine similarity of the same two gradients instead."""
     t, s = copy.deepcopy(teacher), copy.deepcopy(student)
     with torch.no_grad():
         y_hat = t(batch.x_uw).argmax(-1)
@@ -111,6 +112,8 @@ def reference_dot_h(teacher, student, batch, eta):
         for p, g in zip(s.parameters(), g_us):
             p -= eta * g
     g_l = torch.autograd.grad(F.cross_entropy(s(batch.x_l), batch.y_l), list(s.parameters()))
+    if cosine:
+        return F.cosine_similarity(torch.cat([g.flatten() for g in g_l]), torch.cat([g.flatten() for g in g_us]), 0)
     return eta * sum((a * b).sum() for a, b in zip(g_l, g_us))
 
 
@@ -122,6 +125,18 @@ def test_hard_dot_h_equals_gradient_dot_product():
     metrics = run(teacher, student, batch, MPLConfig(feedback="dot"), s_lr=eta)
     assert torch.allclose(metrics["mpl/h"].double(), expected, rtol=1e-5, atol=1e-12)
     assert expected.abs() > 1e-6
+
+
+def test_hard_cosine_h_is_the_gradients_cosine_and_free_of_eta():
+    teacher, student = make_mlp(0), make_mlp(1, hidden=9)
+    batch = make_batch(3)
+    for eta in (0.3, 0.003):
+        expected = reference_dot_h(teacher, student, batch, eta, cosine=True)
+        h = run(copy.deepcopy(teacher), copy.deepcopy(student), batch, MPLConfig(feedback="cosine"), s_lr=eta)["mpl/h"]
+        assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-9)
+        assert 0.01 < expected.abs() <= 1.0  # the raw dot form is ~eta * |g|^2; the cosine is not scaled by eta
+    dot = run(copy.deepcopy(teacher), copy.deepcopy(student), batch, MPLConfig(feedback="dot"), s_lr=0.003)["mpl/h"]
+    assert torch.sign(dot) == torch.sign(h)
 
 
 def test_taylor_agrees_with_dot_to_first_order():
@@ -180,8 +195,9 @@ def test_sign_derived_reinforces_helpful_labels_and_reversed_suppresses_them(fee
 @pytest.mark.parametrize(
     "config",
     [MPLConfig(feedback="taylor"), MPLConfig(feedback="dot"), MPLConfig(mode="soft"),
-     MPLConfig(label_view="strong", pseudo_label="sample"), MPLConfig(mode="soft", label_view="strong")],
-    ids=["taylor", "dot", "soft", "strong-sample", "soft-strong"],
+     MPLConfig(label_view="strong", pseudo_label="sample"), MPLConfig(mode="soft", label_view="strong"),
+     MPLConfig(feedback="cosine"), MPLConfig(teacher_batch="joint")],
+    ids=["taylor", "dot", "soft", "strong-sample", "soft-strong", "cosine", "joint"],
 )  # fmt: skip
 def test_every_parameter_gets_a_gradient_and_changes(config):
     teacher, student = make_mlp(0, dropout=0.2), make_mlp(1, hidden=4, dropout=0.1)

@@ -65,13 +65,30 @@ def test_unknown_unlabeled_mode(labels):
         make_split(labels, 8, 4, seed=0, unlabeled="some", log=quiet)
 
 
+@pytest.mark.parametrize("unlabeled", ["all", "rest"])
+def test_validation_carved_from_the_labeled_draw(labels, unlabeled):
+    whole = make_split(labels, 40, 4, seed=3, unlabeled=unlabeled, log=quiet)
+    split = make_split(labels, 40, 4, seed=3, unlabeled=unlabeled, val=12, log=quiet)
+    # The held-out images come out of the same labeled draw, so seeds stay paired with and without validation.
+    assert np.array_equal(np.union1d(split.labeled, split.val), whole.labeled)
+    assert per_class_counts(labels, split.val, 4) == [3, 3, 3, 3]
+    assert not np.intersect1d(split.val, split.unlabeled).size  # never trained on, not even unlabeled
+    assert np.array_equal(split.unlabeled, np.setdiff1d(whole.unlabeled, split.val))
+
+
+def test_validation_must_leave_a_label_per_class(labels):
+    with pytest.raises(UserError, match="--val-labeled 37 leaves fewer than one training label per class"):
+        make_split(labels, 40, 4, seed=0, val=37, log=quiet)
+
+
 @pytest.mark.parametrize("name", ["split.json", "split.npz"])
 def test_save_load_roundtrip(labels, tmp_path, name):
-    split = make_split(labels, 12, 4, seed=5, unlabeled="rest", log=quiet)
+    split = make_split(labels, 12, 4, seed=5, unlabeled="rest", val=4, log=quiet)
     save_split(split, tmp_path / name)
     back = load_split(tmp_path / name)
     assert isinstance(back, Split) and back.seed == 5
     assert np.array_equal(back.labeled, split.labeled) and np.array_equal(back.unlabeled, split.unlabeled)
+    assert np.array_equal(back.val, split.val) and len(back.val) == 4
 
 
 def test_load_bad_split_file(tmp_path):

@@ -22,10 +22,11 @@ from metapl.errors import UserError
 CHOICES = {
     "method": ("mpl", "supervised"),
     "mode": ("hard", "soft"),
-    "feedback": ("taylor", "dot"),
+    "feedback": ("taylor", "dot", "cosine"),
     "feedback_sign": ("derived", "reversed"),
     "pseudo_label": ("argmax", "sample"),
     "label_view": ("weak", "strong"),
+    "teacher_batch": ("split", "joint"),
     "unlabeled": ("all", "rest"),
     "amp": ("none", "bf16", "fp16"),
 }
@@ -40,6 +41,7 @@ class TrainConfig:
     data_dir: str | None = None  # a root, an ImageFolder tree or a .tar(.gz) of one
     download: bool = False  # let torchvision download cifar10/cifar100/svhn
     num_labeled: int = 100  # class-balanced labeled subset of the train split
+    val_labeled: int = 0  # of those, hold out this many (class-balanced) as a validation set; 0 = none
     unlabeled: str = "all"  # all: the whole train split is unlabeled data (the paper); rest: only the others
     unlabeled_dir: str | None = None  # extra images without classes (folder or tar)
     image_size: int | None = None  # resize to this size; None keeps the data set's size
@@ -77,6 +79,7 @@ class TrainConfig:
     feedback_sign: str = "derived"
     pseudo_label: str = "argmax"
     label_view: str = "weak"
+    teacher_batch: str = "split"
     soft_temperature: float = 1.0
     mpl_weight: float = 1.0
     baseline_decay: float = 0.0
@@ -117,6 +120,8 @@ class TrainConfig:
             raise UserError(f"--num-labeled must be positive, got {self.num_labeled}")
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"--ema must be in [0, 1) (0 turns EMA off), got {self.ema}")
+        if self.val_labeled < 0:
+            raise UserError(f"--val-labeled must be >= 0, got {self.val_labeled}")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         if self.amp == "fp16" and self.mode == "soft":
@@ -126,7 +131,8 @@ class TrainConfig:
         """The core's view of these settings."""
         return MPLConfig(
             mode=self.mode, feedback=self.feedback, feedback_sign=self.feedback_sign,
-            pseudo_label=self.pseudo_label, label_view=self.label_view, soft_temperature=self.soft_temperature,
+            pseudo_label=self.pseudo_label, label_view=self.label_view, teacher_batch=self.teacher_batch,
+            soft_temperature=self.soft_temperature,
             mpl_weight=self.mpl_weight, baseline_decay=self.baseline_decay, label_smoothing=self.label_smoothing,
             uda_temperature=self.uda_temperature, uda_threshold=self.uda_threshold, grad_clip=self.grad_clip,
         )  # fmt: skip

@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+from metapl import data as mdata
+
+
+def eval_loaders(data, split, batch_size: int) -> dict[str, object]:
+    """Loaders to evaluate a run on: the test set (key ``""``) and, when the split holds labeled images out, the
+    validation set (key ``"val_"``, the prefix its accuracies are reported under).
+
+    Args:
+        data: the run's ``SourceData``.
+        split: the run's ``Split``.
+        batch_size: images per evaluation batch.
+
+    Returns:
+        prefix -> ``DataLoader``.
+    """
+    loaders = {"": mdata.make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=batch_size)}
+    if len(split.val):
+        val = mdata.ImageArrays(np.asarray(data.train.images[split.val]), data.train.labels[split.val])
+        loaders["val_"] = mdata.make_eval_loader(val, mean=data.mean, std=data.std, batch_size=batch_size)
+    return loaders
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 from metapl import data as mdata
 from metapl.checkpoint import atomic_save
 from metapl.core import supervised_step, unwrap
-from metapl.evaluate import evaluate
+from metapl.evaluate import eval_loaders, evaluate
 from metapl.runtime import make_sgd
 
 FINETUNED = "finetuned.pt"
@@ -54,10 +54,12 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
         if (i + 1) % cfg.log_every == 0 and run.dist.is_main:
             writer.write(run.step + i + 1, {"finetune/loss": torch.stack(losses).mean().item()})
             losses = []
-    test_loader = mdata.make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=cfg.eval_batch_size)
     result = {"finetune_steps": cfg.finetune_steps}
     if run.dist.is_main:
-        accs = evaluate({"finetuned": unwrap(student)}, test_loader, device, amp_dtype=run.amp_dtype)
+        accs = {}
+        for prefix, loader in eval_loaders(data, run.split, cfg.eval_batch_size).items():
+            scores = evaluate({"finetuned": unwrap(student)}, loader, device, amp_dtype=run.amp_dtype)
+            accs.update({prefix + k: v for k, v in scores.items()})
         writer.write(run.step + cfg.finetune_steps, {f"eval/{k}": v for k, v in accs.items()})
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)

@@ -25,7 +25,7 @@ from metapl.config import TrainConfig, config_from_dict, save_config
 from metapl.core import Batch, ModelEMA, MPLState, linear_ramp, mpl_update, supervised_step, unwrap
 from metapl.data.loader import mix_seed
 from metapl.errors import UserError
-from metapl.evaluate import evaluate
+from metapl.evaluate import eval_loaders, evaluate
 from metapl.metrics import MetricsWriter
 from metapl.models import count_parameters, create_model
 from metapl.runtime import (
@@ -130,8 +130,9 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
         split = mdata.load_split(run_dir / SPLIT)
     else:
         split = mdata.make_split(
-            data.train.labels, cfg.num_labeled, data.num_classes, seed=cfg.seed, unlabeled=cfg.unlabeled, log=log
-        )
+            data.train.labels, cfg.num_labeled, data.num_classes, seed=cfg.seed, unlabeled=cfg.unlabeled,
+            val=cfg.val_labeled, log=log,
+        )  # fmt: skip
     log(
         f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
         f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled, {len(data.test.labels)} test"
@@ -289,7 +290,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
         expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
-    test_loader = mdata.make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=cfg.eval_batch_size)
+    test_loader = eval_loaders(run.data, run.split, cfg.eval_batch_size)
     l_iter = iter(l_loader)
     u_iter = iter(u_loader) if cfg.method == "mpl" else None
     mpl_config = cfg.mpl_config()
@@ -351,7 +352,9 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
             if run.dist.is_main:
                 writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
                 log(_eval_line(run.step, accs))
-                score = accs.get("ema_acc", accs["student_acc"])
+                # With a validation split the best checkpoint is chosen on it, never on the test set.
+                prefix = "val_" if "val_student_acc" in accs else ""
+                score = accs.get(f"{prefix}ema_acc", accs[f"{prefix}student_acc"])
                 if score > run.best_acc:
                     run.best_acc = score
                     atomic_save(checkpoint_state(run), run_dir / BEST)
@@ -395,7 +398,8 @@ def _sync_metrics(run: Run, keys: list[str], pending: list[torch.Tensor]) -> dic
     return {k: float(v) for k, v in zip(keys, mean.cpu().tolist())}
 
 
-def _evaluate(run: Run, loader) -> dict[str, float]:
+def _evaluate(run: Run, loaders: dict[str, object]) -> dict[str, float]:
+    """Accuracies of teacher, student and EMA on each loader; validation keys carry a ``val_`` prefix."""
     out = {}
     if run.dist.is_main:
         models = {"teacher": unwrap(run.teacher), "student": unwrap(run.student)}
@@ -403,7 +407,9 @@ def _evaluate(run: Run, loader) -> dict[str, float]:
             models.pop("teacher")
         if run.ema is not None:
             models["ema"] = run.ema.module
-        out = evaluate(models, loader, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
+        for prefix, loader in loaders.items():
+            accs = evaluate(models, loader, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
+            out.update({prefix + k: v for k, v in accs.items()})
     barrier(run.dist)
     return out
 
@@ -436,10 +442,7 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
-        test_loader = mdata.make_eval_loader(
-            run.data.test, mean=run.data.mean, std=run.data.std, batch_size=cfg.eval_batch_size
-        )
-        accs = _evaluate(run, test_loader)
+        accs = _evaluate(run, eval_loaders(run.data, run.split, cfg.eval_batch_size))
     summary = {
         "teacher_acc": accs.get("teacher_acc"),
         "student_acc": accs.get("student_acc"),
@@ -447,6 +450,7 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
         "teacher_top5": accs.get("teacher_top5"),
         "student_top5": accs.get("student_top5"),
         "ema_top5": accs.get("ema_top5"),
+        **{k: v for k, v in accs.items() if k.startswith("val_") and k.endswith("_acc")},
         "best_acc": run.best_acc,
         "steps": run.step,
         "seconds": round(run.seconds, 2),

@@ -53,10 +53,15 @@ class MPLConfig:
     Attributes:
         mode: ``"hard"`` pseudo labels with REINFORCE feedback, or ``"soft"`` labels with the exact meta-gradient.
         feedback: hard mode's estimator of h: ``"taylor"`` (L_l before − after the step; one extra no-grad labeled
-            forward) or ``"dot"`` (η_S times the dot product of the two gradients; one extra labeled backward).
+            forward), ``"dot"`` (η_S times the dot product of the two gradients; one extra labeled backward) or
+            ``"cosine"`` (the cosine similarity of the same two gradients, bounded in [−1, 1]; the paper's
+            Appendix A allows it in place of the raw product, whose scale (~1e-3) makes the MPL term negligible).
         feedback_sign: ``"derived"`` (h > 0 when the student's step lowered its labeled loss; the teacher then makes
             ŷ more likely) or ``"reversed"`` (the sign of the official release and the most-used PyTorch port).
         pseudo_label: hard labels by ``"argmax"`` or by ``"sample"`` from the teacher's distribution.
+        teacher_batch: ``"split"`` (the weak view goes through the teacher in its own no-grad forward: less memory)
+            or ``"joint"`` (one forward over labeled, weak and strong images, so BatchNorm normalises them as one
+            batch, as UDA's and FixMatch's releases do; costs the weak view's share of the teacher's backward).
         label_view: the view the teacher labels, ``"weak"`` (clean labels, as UDA) or ``"strong"`` (the paper's
             derivation with x_u = x_us for both models).
         soft_temperature: temperature of the teacher's distribution in soft mode.
@@ -69,10 +74,11 @@ class MPLConfig:
     """
 
     mode: Literal["hard", "soft"] = "hard"
-    feedback: Literal["taylor", "dot"] = "taylor"
+    feedback: Literal["taylor", "dot", "cosine"] = "taylor"
     feedback_sign: Literal["derived", "reversed"] = "derived"
     pseudo_label: Literal["argmax", "sample"] = "argmax"
     label_view: Literal["weak", "strong"] = "weak"
+    teacher_batch: Literal["split", "joint"] = "split"
     soft_temperature: float = 1.0
     mpl_weight: float = 1.0
     baseline_decay: float = 0.0
@@ -84,10 +90,11 @@ class MPLConfig:
     def __post_init__(self) -> None:
         choices = {
             "mode": ("hard", "soft"),
-            "feedback": ("taylor", "dot"),
+            "feedback": ("taylor", "dot", "cosine"),
             "feedback_sign": ("derived", "reversed"),
             "pseudo_label": ("argmax", "sample"),
             "label_view": ("weak", "strong"),
+            "teacher_batch": ("split", "joint"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -220,17 +227,21 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
     eta = s_optimizer.param_groups[0]["lr"]  # a Python float: reading it does not synchronise
     zero = x_l.new_zeros((), dtype=torch.float32)
 
-    # Teacher on the weak view: only a target, so no graph is kept (saves a third of the naive step's memory).
-    t_logits_uw = None
-    if config.label_view == "weak" or uda_weight > 0:
+    t_logits_uw = t_logits_l = t_logits_us = None
+    needs_weak = config.label_view == "weak" or uda_weight > 0
+    if needs_weak and config.teacher_batch == "joint":
+        # One forward over all three views (BatchNorm sees them as one batch); the weak logits are only a target.
+        with autocast:
+            t_logits = upcast(teacher(torch.cat([x_l, x_uw, x_us])))  # (B + 2μB, K)
+        n_l, n_u = x_l.shape[0], x_uw.shape[0]
+        t_logits_l, t_logits_uw, t_logits_us = t_logits[:n_l], t_logits[n_l : n_l + n_u].detach(), t_logits[-n_u:]
+    elif needs_weak:
+        # Teacher on the weak view: only a target, so no graph is kept (saves a third of the naive step's memory).
         with torch.no_grad(), autocast:
             t_logits_uw = upcast(t_net(x_uw))  # (μB, K)
-    t_logits_l = t_logits_us = None
-    if config.label_view == "strong":
+    if config.label_view == "strong" and t_logits_us is None:
         t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
-        label_source = t_logits_us.detach()
-    else:
-        label_source = t_logits_uw
+    label_source = t_logits_us.detach() if config.label_view == "strong" else t_logits_uw
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
 
     # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
@@ -247,7 +258,7 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
         if s_scaler is not None:
             s_scaler.unscale_(s_optimizer)
         g_us = None
-        if config.feedback == "dot":
+        if config.feedback != "taylor":
             # ∇_{θ_S} CE(ŷ, S(x_us; θ_S)), kept before the optimizer step overwrites θ_S.
             g_us = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in s_params]
         _clip_and_step(s_optimizer, s_params, s_scaler, config.grad_clip)
@@ -259,8 +270,14 @@ def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, stat
             with torch.enable_grad(), feedback_mode(s_net):
                 s_loss_l_new = F.cross_entropy(upcast(s_net(x_l)), y_l)
                 g_l = torch.autograd.grad(s_loss_l_new, s_params, allow_unused=True)  # ∇_{θ'_S} L_l(θ'_S)
-            dot = torch.stack([(gl * gu).sum() for gl, gu in zip(g_l, g_us) if gl is not None]).sum()
-            h = eta * dot
+            pairs = [(gl, gu) for gl, gu in zip(g_l, g_us) if gl is not None]
+            dot = torch.stack([(gl * gu).sum() for gl, gu in pairs]).sum()
+            if config.feedback == "dot":
+                h = eta * dot
+            else:  # cosine: the same direction test, free of both gradients' scale (and of η_S)
+                norm_l = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gl) for gl, _ in pairs]))
+                norm_us = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gu) for _, gu in pairs]))
+                h = dot / (norm_l * norm_us).clamp_min(torch.finfo(dot.dtype).tiny)
             s_loss_l_new = s_loss_l_new.detach()
         # A float16 step that the scaler skipped leaves inf/nan here; it carries no information about ŷ.
         h = torch.where(torch.isfinite(h), h, zero)

@@ -1,0 +1,128 @@
+"""Hyper-parameter sweeps scored on a validation split carved from the labeled images (never the test set).
+
+Each grid is a base config plus named variants; each (grid, variant, seed) is one ``metapl train`` run in
+``ROOT/GRID/VARIANT/seedS``, skipped when its ``summary.json`` exists, so a sweep can be split across lanes
+(``--lane 0/2`` and ``--lane 1/2`` run alternate variants) and resumed after a kill. ``--report`` prints a Markdown
+table of validation accuracy (final and median of the last five evaluations) per variant; test accuracy is shown
+only for the record, never used to choose.
+
+    python benchmarks/sweep.py --grid fashion-teacher --lane 0/2 &
+    python benchmarks/sweep.py --grid fashion-teacher --lane 1/2
+    python benchmarks/sweep.py --grid fashion-teacher --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+_FASHION = dict(
+    dataset="fashion-mnist", data_dir=str(SHARED / "fashion-mnist"), teacher="small_cnn", student="small_cnn",
+    batch_size=16, mu=4, t_lr=0.05, s_lr=0.05, t_warmup_steps=50, label_smoothing=0.1, randaug_m=9, ema=0.99,
+    workers=1, log_every=50, tensorboard=False, progress=False, device="cpu",
+)  # fmt: skip
+
+# Teacher-only grids hold the student waiting for the whole run (its work is skipped), so they cost a UDA teacher.
+# num_labeled 2000 with 1000 held out: 1000 training labels, and a validation set large enough to separate variants.
+GRIDS = {
+    "fashion-teacher": dict(
+        base={**_FASHION, "num_labeled": 2000, "val_labeled": 1000, "steps": 2000, "eval_every": 250,
+              "save_every": 2000, "s_wait_steps": 2000, "mpl_weight": 0.0, "uda_weight": 1.0, "uda_steps": 200},
+        variants={
+            "labels-only": dict(method="supervised", s_wait_steps=0),
+            "uda": {},
+            "uda-joint": dict(teacher_batch="joint"),
+            "uda-w4": dict(uda_weight=4.0),
+            "uda-mu7": dict(mu=7),
+            "uda-sharp": dict(uda_temperature=0.4, uda_threshold=0.8),
+        },
+    ),
+}  # fmt: skip
+
+
+def run_one(root: Path, grid: str, variant: str, seed: int, cache_dir: str | None) -> dict:
+    """Train one (grid, variant, seed) unless its summary exists; return the summary."""
+    from metapl.config import TrainConfig
+    from metapl.train import train
+
+    out = root / grid / variant / f"seed{seed}"
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    if out.exists():  # killed before its summary: start it again
+        import shutil
+
+        shutil.rmtree(out)
+    spec = GRIDS[grid]
+    cfg = TrainConfig(**{**spec["base"], **spec["variants"][variant], "seed": seed, "out": str(out),
+                         "cache_dir": cache_dir})  # fmt: skip
+    start = time.perf_counter()
+    summary = train(cfg, log=lambda *a, **k: None)
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{grid} {variant} seed {seed}: val teacher {summary.get('val_teacher_acc')} "
+          f"val student {summary.get('val_student_acc')} ({summary['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
+    return summary
+
+
+def last_five_median(run: Path, key: str) -> float | None:
+    """Median of the last five evaluations of ``eval/KEY`` in a run's metrics (None if never logged)."""
+    from metapl.metrics import read_metrics
+
+    values = [r[f"eval/{key}"] for r in read_metrics(run) if r.get(f"eval/{key}") is not None]
+    return statistics.median(values[-5:]) if values else None
+
+
+def report(root: Path, grid: str) -> str:
+    """Markdown table: per variant, validation accuracy of the model that matters (teacher, or the labels-only
+    student), final and median of the last five evaluations, mean over seeds; test accuracy for the record."""
+    lines = ["| variant | seeds | val acc final (%) | val acc median last 5 (%) | test acc final (%) | s / run |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for variant in GRIDS[grid]["variants"]:
+        runs = sorted((root / grid / variant).glob("seed*/summary.json"))
+        if not runs:
+            continue
+        rows = []
+        for path in runs:
+            summary = json.loads(path.read_text())
+            who = "teacher" if summary["method"] == "mpl" else "student"
+            rows.append((summary[f"val_{who}_acc"], last_five_median(path.parent, f"val_{who}_acc"),
+                         summary[f"{who}_acc"], summary["wall_seconds"]))  # fmt: skip
+        mean = [statistics.mean(col) for col in zip(*rows)]
+        lines.append(f"| {variant} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {mean[3]:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=sorted(GRIDS), required=True)
+    p.add_argument("--variants", default="all", help="comma list of the grid's variants, or all")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--lane", default="0/1", help="I/N: run every N-th variant starting at I (parallel lanes)")
+    p.add_argument("--root", default="runs/sweep")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--report", action="store_true")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    if args.report:
+        print(report(root, args.grid))
+        return 0
+    variants = list(GRIDS[args.grid]["variants"]) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in GRIDS[args.grid]["variants"]]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown} for grid {args.grid}")
+    lane, lanes = (int(x) for x in args.lane.split("/"))
+    jobs = [(v, int(s)) for s in args.seeds.split(",") for v in variants]
+    for variant, seed in jobs[lane::lanes]:
+        run_one(root, args.grid, variant, seed, args.cache_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
