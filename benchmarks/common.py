@@ -53,3 +53,47 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
+    """One ``metapl train`` run from a flat dict of config values, unless ``out/summary.json`` already exists.
+
+    A run killed before its summary is started again from scratch (benchmark runs are short and one run per
+    command, so a sweep can be killed and resumed at any time).
+
+    Args:
+        out: the run directory.
+        values: ``TrainConfig`` field values (``out`` is set here).
+        log_line: printed with the summary's accuracies when the run finishes (e.g. "fashion uda seed 0").
+
+    Returns:
+        The run's summary dict, with ``wall_seconds`` added.
+    """
+    import json
+    import shutil
+    import time
+
+    from metapl.config import TrainConfig
+    from metapl.train import train
+
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = TrainConfig(**{**values, "out": str(out)})
+    start = time.perf_counter()
+    summary = train(cfg, log=lambda *a, **k: None)
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if log_line:
+        accs = {k: round(v, 2) for k, v in summary.items() if k.endswith("_acc") and v is not None}
+        print(f"{log_line}: {accs} ({summary['wall_seconds']:.0f} s)", flush=True)
+    return summary
+
+
+def last_evaluations(run: Path, key: str, count: int = 5) -> list[float]:
+    """The last ``count`` logged values of ``eval/KEY`` in a run's ``metrics.jsonl`` (oldest first)."""
+    from metapl.metrics import read_metrics
+
+    return [r[f"eval/{key}"] for r in read_metrics(run) if r.get(f"eval/{key}") is not None][-count:]

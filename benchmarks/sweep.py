@@ -17,8 +17,9 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
+
+from common import last_evaluations, train_once
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -41,6 +42,18 @@ GRIDS = {
             "uda-w4": dict(uda_weight=4.0),
             "uda-mu7": dict(mu=7),
             "uda-sharp": dict(uda_temperature=0.4, uda_threshold=0.8),
+            "uda-cut8": dict(cutout=8),
+            "uda-cut0": dict(cutout=0),
+        },
+    ),
+    # 250 training labels (1,250 drawn, 1,000 held out for validation).
+    "fashion-teacher-250": dict(
+        base={**_FASHION, "num_labeled": 1250, "val_labeled": 1000, "steps": 2000, "eval_every": 250,
+              "save_every": 2000, "s_wait_steps": 2000, "mpl_weight": 0.0, "uda_weight": 1.0, "uda_steps": 200},
+        variants={
+            "labels-only": dict(method="supervised", s_wait_steps=0),
+            "uda": {},
+            "uda-cut8": dict(cutout=8),
         },
     ),
 }  # fmt: skip
@@ -48,35 +61,9 @@ GRIDS = {
 
 def run_one(root: Path, grid: str, variant: str, seed: int, cache_dir: str | None) -> dict:
     """Train one (grid, variant, seed) unless its summary exists; return the summary."""
-    from metapl.config import TrainConfig
-    from metapl.train import train
-
-    out = root / grid / variant / f"seed{seed}"
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    if out.exists():  # killed before its summary: start it again
-        import shutil
-
-        shutil.rmtree(out)
     spec = GRIDS[grid]
-    cfg = TrainConfig(**{**spec["base"], **spec["variants"][variant], "seed": seed, "out": str(out),
-                         "cache_dir": cache_dir})  # fmt: skip
-    start = time.perf_counter()
-    summary = train(cfg, log=lambda *a, **k: None)
-    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{grid} {variant} seed {seed}: val teacher {summary.get('val_teacher_acc')} "
-          f"val student {summary.get('val_student_acc')} ({summary['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
-    return summary
-
-
-def last_five_median(run: Path, key: str) -> float | None:
-    """Median of the last five evaluations of ``eval/KEY`` in a run's metrics (None if never logged)."""
-    from metapl.metrics import read_metrics
-
-    values = [r[f"eval/{key}"] for r in read_metrics(run) if r.get(f"eval/{key}") is not None]
-    return statistics.median(values[-5:]) if values else None
+    values = {**spec["base"], **spec["variants"][variant], "seed": seed, "cache_dir": cache_dir}
+    return train_once(root / grid / variant / f"seed{seed}", values, f"{grid} {variant} seed {seed}")
 
 
 def report(root: Path, grid: str) -> str:
@@ -92,7 +79,7 @@ def report(root: Path, grid: str) -> str:
         for path in runs:
             summary = json.loads(path.read_text())
             who = "teacher" if summary["method"] == "mpl" else "student"
-            rows.append((summary[f"val_{who}_acc"], last_five_median(path.parent, f"val_{who}_acc"),
+            rows.append((summary[f"val_{who}_acc"], statistics.median(last_evaluations(path.parent, f"val_{who}_acc")),
                          summary[f"{who}_acc"], summary["wall_seconds"]))  # fmt: skip
         mean = [statistics.mean(col) for col in zip(*rows)]
         lines.append(f"| {variant} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {mean[3]:.0f} |")

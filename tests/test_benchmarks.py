@@ -152,12 +152,6 @@ def test_gpu_check_projects_the_protocol_from_the_metrics(gpu_check):
     assert gpu_check.summarize_training([], [])["projected_steps_h"] is None
 
 
-def _table_cells(table: str) -> dict[str, list[str]]:
-    """The body of an ``accuracy.report`` Markdown table: method -> the cells after it."""
-    rows = table.splitlines()[2:]
-    return {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
-
-
 def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
     cmd = [sys.executable, str(BENCH / "loader_speed.py"), "--tiny", "--data", str(cifar10_tar), "--cache-dir",
            str(cifar10_cache_dir), "--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--workers", "1",
@@ -176,44 +170,44 @@ def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
     assert "x its rate" in res.stdout and "3 timed steps" in res.stdout
 
 
-def test_accuracy_runs_in_pieces_skips_finished_runs_and_reports(fashion_dir, tmp_path):
-    accuracy = _load("accuracy")
+def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
+    ablation = _load("ablation")
     root, cache = tmp_path / "runs", tmp_path / "cache"
     common = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(cache)]
-    assert accuracy.main([*common, "--methods", "labels-only,mpl-taylor", "--seeds", "0"]) == 0
-    assert accuracy.main([*common, "--methods", "labels-only", "--seeds", "1"]) == 0
+    assert ablation.main([*common, "--rows", "labels-only,uda-distill,uda-mpl-cosine", "--seeds", "0,1"]) == 0
     first = root / "fashion" / "labels-only" / "seed0" / "summary.json"
     stamp = first.stat().st_mtime_ns
-    assert accuracy.main([*common, "--methods", "labels-only", "--seeds", "0"]) == 0  # finished: not trained again
+    assert ablation.main([*common, "--rows", "labels-only", "--seeds", "0"]) == 0  # finished: not trained again
     assert first.stat().st_mtime_ns == stamp
 
-    png = tmp_path / "acc.png"
-    table = accuracy.report(root, "fashion", png)
-    rows = _table_cells(table)
-    assert set(rows) == {"labels-only", "mpl-taylor"}
-    assert rows["labels-only"][0] == "2" and rows["mpl-taylor"][0] == "1"
-    assert rows["labels-only"][3] == "–" and "±" in rows["mpl-taylor"][3]  # no teacher in the labels-only runs
-    for cells in rows.values():
-        mean = float(cells[1].split("±")[0])
-        assert 0 <= mean <= 100
+    labels_only = json.loads(first.read_text())
+    distilled = json.loads((root / "fashion" / "uda-distill" / "seed0" / "summary.json").read_text())
+    # Every final model gets the same optimizer-step count: 2 MPL steps + 1 finetuning step vs 3 labels-only steps.
+    assert labels_only["steps"] == 3 and "finetuned_acc" not in labels_only
+    assert distilled["steps"] == 2 and distilled["finetune_steps"] == 1
+    # Seeds are paired: the same labeled split for every row of a seed.
+    splits = {row: json.loads((root / "fashion" / row / "seed1" / "split.json").read_text())["labeled"]
+              for row in ("labels-only", "uda-distill")}  # fmt: skip
+    assert splits["labels-only"] == splits["uda-distill"]
+
+    png = tmp_path / "ablation.png"
+    table = ablation.report(root, "fashion", png)
+    runs = ablation.collect(root, "fashion")
+    assert runs["uda-distill"][0]["final"] == distilled["finetuned_acc"]
+    assert runs["labels-only"][1]["final"] == json.loads(
+        (root / "fashion" / "labels-only" / "seed1" / "summary.json").read_text())["student_acc"]  # fmt: skip
+    diffs = [runs["uda-distill"][s]["final"] - runs["labels-only"][s]["final"] for s in (0, 1)]
+    mean = sum(diffs) / 2
+    assert f"| uda-distill − labels-only | 2 | {mean:+.2f} |" in table
+    assert "| uda-mpl-cosine − uda-distill | 2 |" in table
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit):
-        accuracy.main([*common, "--methods", "mpl-nope"])
+        ablation.main([*common, "--rows", "mpl-nope"])
 
 
-def test_accuracy_finetune_gives_every_method_the_same_step_count(fashion_dir, tmp_path):
-    accuracy = _load("accuracy")
-    root = tmp_path / "runs"
-    argv = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(tmp_path / "cache"),
-            "--methods", "labels-only,uda-distill", "--seeds", "0", "--finetune-steps", "3"]  # fmt: skip
-    assert accuracy.main(argv) == 0
-    labels_only = json.loads((root / "fashion-ft3" / "labels-only" / "seed0" / "summary.json").read_text())
-    distilled = json.loads((root / "fashion-ft3" / "uda-distill" / "seed0" / "summary.json").read_text())
-    assert labels_only["steps"] == 2 + 3 and "finetuned_acc" not in labels_only
-    assert distilled["steps"] == 2 and distilled["finetune_steps"] == 3 and 0 <= distilled["finetuned_acc"] <= 100
-    assert not (root / "fashion").exists()  # finetuned runs never mix with the plain protocol's
-    table = accuracy.report(root, "fashion", None, finetune_steps=3)
-    assert "finetuned student acc (%)" in table.splitlines()[0]
-    cells = _table_cells(table)
-    assert cells["labels-only"][3] == "–" and cells["uda-distill"][3] == f"{distilled['finetuned_acc']:.2f} ± 0.00"
-    assert accuracy.report(root, "fashion", None).count("\n") == 1  # the plain protocol has no runs yet
+def test_paired_interval_is_a_t_interval():
+    ablation = _load("ablation")
+    mean, half, n = ablation.paired_interval({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    # differences 2, 3, 1: mean 2, sd 1, t(0.975, 2) = 4.303
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / 3**0.5)
+    assert ablation.paired_interval({0: 1.0}, {0: 0.0}) is None

@@ -28,6 +28,7 @@ CHOICES = {
     "label_view": ("weak", "strong"),
     "teacher_batch": ("split", "joint"),
     "unlabeled": ("all", "rest"),
+    "labeled_aug": ("weak", "strong"),
     "amp": ("none", "bf16", "fp16"),
 }
 
@@ -52,6 +53,7 @@ class TrainConfig:
     randaug_n: int = 2  # RandAugment: operations per image
     randaug_m: int = 10  # RandAugment: magnitude (torchvision scale, 0-30)
     cutout: int | None = None  # Cutout side in pixels; None: half the image size
+    labeled_aug: str = "weak"  # labeled images' augmentation: weak (flip + crop) or strong (+ RandAugment, Cutout)
     workers: int = 2  # data-loader worker processes
     # Models
     teacher: str = "small_cnn"

@@ -44,29 +44,38 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     batches = iter(loader)
+    loaders = eval_loaders(data, run.split, cfg.eval_batch_size)
     student.train()
-    losses = []
+    losses, accs = [], {}
     for i in range(cfg.finetune_steps):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
         out = supervised_step(student, opt, x, y, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
                               amp_dtype=run.amp_dtype, scaler=None)  # fmt: skip
         losses.append(out["loss/student"])
-        if (i + 1) % cfg.log_every == 0 and run.dist.is_main:
-            writer.write(run.step + i + 1, {"finetune/loss": torch.stack(losses).mean().item()})
+        done = i + 1
+        if done % cfg.log_every == 0 and run.dist.is_main:
+            writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
             losses = []
+        # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
+        if (done % cfg.eval_every == 0 or done == cfg.finetune_steps) and run.dist.is_main:
+            accs = _evaluate_finetuned(unwrap(student), loaders, device, run.amp_dtype)
+            writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
     result = {"finetune_steps": cfg.finetune_steps}
     if run.dist.is_main:
-        accs = {}
-        for prefix, loader in eval_loaders(data, run.split, cfg.eval_batch_size).items():
-            scores = evaluate({"finetuned": unwrap(student)}, loader, device, amp_dtype=run.amp_dtype)
-            accs.update({prefix + k: v for k, v in scores.items()})
-        writer.write(run.step + cfg.finetune_steps, {f"eval/{k}": v for k, v in accs.items()})
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
         from metapl.train import checkpoint_state
 
         atomic_save(checkpoint_state(run), run_dir / FINETUNED)
     return result
+
+
+def _evaluate_finetuned(student, loaders: dict, device, amp_dtype) -> dict[str, float]:
+    accs = {}
+    for prefix, loader in loaders.items():
+        scores = evaluate({"finetuned": student}, loader, device, amp_dtype=amp_dtype)
+        accs.update({prefix + k: v for k, v in scores.items()})
+    return accs
 
 
 def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, device: str | None, log=print) -> dict:

@@ -288,7 +288,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
         data, run.split, batch_size=cfg.batch_size, mu=cfg.mu, seed=cfg.seed, start_step=run.step,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=strong,
         expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
-        pin_memory=device.type == "cuda",
+        labeled_transform=strong if cfg.labeled_aug == "strong" else weak, pin_memory=device.type == "cuda",
     )  # fmt: skip
     test_loader = eval_loaders(run.data, run.split, cfg.eval_batch_size)
     l_iter = iter(l_loader)

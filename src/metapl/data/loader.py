@@ -233,6 +233,7 @@ def make_train_loaders(
     weak: Callable,
     strong: Callable,
     expand_labels_to: int | None = None,
+    labeled_transform: Callable | None = None,
     pin_memory: bool = False,
     persistent_workers: bool = True,
     prefetch_factor: int = 4,
@@ -253,6 +254,8 @@ def make_train_loaders(
         strong: strong transform (the strong unlabeled view).
         expand_labels_to: repeat the labeled set within an epoch until it holds at least this many items (e.g.
             ``batch_size * eval_every``).
+        labeled_transform: the labeled images' transform; None means ``weak`` (``strong`` gives the paper's
+            "RandAugment" rows of its ablation).
         pin_memory: pin batches for faster host-to-GPU copies.
         persistent_workers: keep workers between epochs (the streams are endless, so this rarely matters).
         prefetch_factor: batches prefetched per worker.
@@ -276,7 +279,8 @@ def make_train_loaders(
         len(unlabeled_ds), seed=mix_seed(seed, 2), start=start_step * mu * batch_size, rank=rank, world_size=world_size
     )
     common = (num_workers, pin_memory, persistent_workers, prefetch_factor)
-    labeled = _loader(LabeledDataset(data.train, split.labeled, weak), labeled_sampler, batch_size, *common)
+    labeled_ds = LabeledDataset(data.train, split.labeled, labeled_transform or weak)
+    labeled = _loader(labeled_ds, labeled_sampler, batch_size, *common)
     unlabeled = _loader(unlabeled_ds, unlabeled_sampler, mu * batch_size, *common)
     return labeled, unlabeled
 

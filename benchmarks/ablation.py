@@ -1,0 +1,244 @@
+"""The paper's ablation table (Pham et al. 2021, Table 6 / MPL_NOTES) at a budget a 2-core CPU can run.
+
+Rows, each a ``metapl train`` run per seed, seeds paired across rows (same labeled split, same initial weights):
+
+* ``labels-only``         the student on the labeled images alone (weak augmentation)      partner of itself
+* ``labels-mpl``          teacher on labels + MPL feedback, no UDA, no RandAugment; student on its pseudo labels
+* ``randaug-labels-only`` the labeled images with RandAugment + Cutout
+* ``randaug-mpl``         as labels-mpl, with RandAugment on the teacher's labeled and the student's images
+* ``uda-distill``         UDA teacher, feedback off (h = 0): the teacher distilled into the student
+* ``uda-mpl``             UDA teacher + MPL feedback (``taylor``, derived sign): the full recipe
+* feedback variants of ``uda-mpl`` (``uda-mpl-dot``, ``uda-mpl-cosine``, ``*-reversed``) and soft pseudo labels
+  (``uda-mpl-soft`` with its own h = 0 control ``uda-distill-soft``), for the feedback-effect table.
+
+Every pseudo-label row is followed by the paper's student finetuning on the labeled images (``finetune_steps``);
+each labels-only row trains ``steps + finetune_steps`` steps, so every final model gets the same number of
+optimizer steps. A finished run (its ``summary.json`` exists) is skipped; a killed one is started again, so the
+table is built in pieces, one run per command if wanted, and resumed at will:
+
+    python benchmarks/ablation.py --protocol fashion --rows labels-only --seeds 0
+    python benchmarks/ablation.py --protocol fashion --rows core --seeds 0,1,2
+    python benchmarks/ablation.py --protocol fashion --report --png benchmarks/results/ablation_fashion.png
+
+The report gives, per row, the final test accuracy of the model a user keeps (the finetuned student, or the
+labels-only student) and the median of its last five evaluations (never the best-on-test), mean ± std over seeds;
+then each pair's gain paired by seed, and the feedback effect MPL − (h = 0) with a 95 % t-interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from common import last_evaluations, train_once
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The recipes were chosen with benchmarks/sweep.py on validation images carved from the labeled set
+# (benchmarks/README.md, section "Choosing the recipe"); the test set played no part.
+PROTOCOLS = {
+    "fashion": dict(
+        dataset="fashion-mnist", data_dir=str(SHARED / "fashion-mnist"), num_labeled=1000, teacher="small_cnn",
+        student="small_cnn", steps=3000, finetune_steps=500, batch_size=16, mu=4, t_lr=0.05, s_lr=0.05,
+        t_warmup_steps=50, s_wait_steps=50, s_warmup_steps=50, uda_weight=1.0, uda_steps=200, randaug_m=9,
+        label_smoothing=0.1, ema=0.99, eval_every=250, save_every=5000, log_every=50, workers=1,
+    ),
+    "cifar10": dict(
+        dataset="cifar10", data_dir=str(SHARED / "cifar10-jpeg.tar.gz"), num_labeled=4000, teacher="small_cnn",
+        student="small_cnn", steps=3000, finetune_steps=500, batch_size=16, mu=4, t_lr=0.05, s_lr=0.05,
+        t_warmup_steps=50, s_wait_steps=50, s_warmup_steps=50, uda_weight=1.0, uda_steps=200, randaug_m=10,
+        label_smoothing=0.1, ema=0.99, eval_every=250, save_every=5000, log_every=50, workers=1,
+    ),
+}  # fmt: skip
+
+NO_UDA = dict(uda_weight=0.0)
+NO_RANDAUG = dict(randaug_n=0, cutout=0)  # the "strong" view is then the weak view's flip + crop
+ROWS = {
+    "labels-only": dict(method="supervised"),
+    "labels-mpl": {**NO_UDA, **NO_RANDAUG},
+    "randaug-labels-only": dict(method="supervised", labeled_aug="strong"),
+    "randaug-mpl": {**NO_UDA, "labeled_aug": "strong"},
+    "uda-distill": dict(mpl_weight=0.0),
+    "uda-mpl": dict(feedback="taylor"),
+    "uda-mpl-reversed": dict(feedback="taylor", feedback_sign="reversed"),
+    "uda-mpl-dot": dict(feedback="dot"),
+    "uda-mpl-dot-reversed": dict(feedback="dot", feedback_sign="reversed"),
+    "uda-mpl-cosine": dict(feedback="cosine"),
+    "uda-mpl-cosine-reversed": dict(feedback="cosine", feedback_sign="reversed"),
+    "uda-distill-soft": dict(mode="soft", mpl_weight=0.0),
+    "uda-mpl-soft": dict(mode="soft"),
+}
+GROUPS = {
+    "core": ["labels-only", "uda-distill", "uda-mpl"],
+    "paper": ["labels-only", "labels-mpl", "randaug-labels-only", "randaug-mpl", "uda-distill", "uda-mpl"],
+    "feedback": ["uda-mpl-dot", "uda-mpl-cosine", "uda-mpl-reversed", "uda-mpl-dot-reversed",
+                 "uda-mpl-cosine-reversed", "uda-distill-soft", "uda-mpl-soft"],
+}  # fmt: skip
+# (row, partner): a pseudo-label row against the labels-only row with the same augmentation.
+PAIRS = [("labels-mpl", "labels-only"), ("randaug-mpl", "randaug-labels-only"), ("uda-distill", "labels-only"),
+         ("uda-mpl", "labels-only")]  # fmt: skip
+# (row, its h = 0 control): the feedback effect.
+FEEDBACK = [(row, "uda-distill-soft" if row.endswith("soft") else "uda-distill")
+            for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> dict:
+    """The flat ``TrainConfig`` values of one run: the protocol's recipe, the row's changes, the seed."""
+    values = {**PROTOCOLS[protocol], **ROWS[row], "seed": seed, "progress": False, "tensorboard": False,
+              "device": "cpu"}  # fmt: skip
+    if steps is not None:  # smoke tests: a few steps, a proportional finetune
+        finetune = max(1, steps // 2)
+        values.update(
+            steps=steps,
+            finetune_steps=finetune,
+            eval_every=max(1, steps // 2),
+            log_every=1,
+            save_every=steps + finetune,
+            s_wait_steps=0,
+            s_warmup_steps=0,
+            t_warmup_steps=0,
+            uda_steps=0,
+        )
+    if values.get("method") == "supervised":  # the same optimizer-step count as pseudo labels + finetuning
+        values["steps"] += values.pop("finetune_steps")
+        values["finetune_steps"] = 0
+        values["s_wait_steps"] = 0
+    return values
+
+
+def run_one(root: Path, protocol: str, row: str, seed: int, *, steps: int | None = None, cache_dir=None) -> dict:
+    """Train one (protocol, row, seed) unless it is finished; return its summary."""
+    values = {**run_values(protocol, row, seed, steps), "cache_dir": cache_dir}
+    return train_once(root / protocol / row / f"seed{seed}", values, f"{protocol} {row} seed {seed}")
+
+
+def final_model(summary: dict) -> str:
+    """Which model a user keeps from a run: the finetuned student, or the student of a labels-only run."""
+    return "finetuned" if summary.get("finetuned_acc") is not None else "student"
+
+
+def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
+    """row -> seed -> {"final", "median5", "teacher", "ema", "seconds", "curve"} for every finished run."""
+    out: dict[str, dict[int, dict]] = {}
+    for row in ROWS:
+        for path in sorted((root / protocol / row).glob("seed*/summary.json")):
+            summary = json.loads(path.read_text())
+            who = final_model(summary)
+            curve = [(r["step"], r["eval/ema_acc"]) for r in _read(path.parent) if r.get("eval/ema_acc") is not None]
+            out.setdefault(row, {})[summary["seed"]] = {
+                "final": summary[f"{who}_acc"],
+                "median5": statistics.median(last_evaluations(path.parent, f"{who}_acc")),
+                "teacher": summary.get("teacher_acc"),
+                "student": summary.get("student_acc"),
+                "seconds": summary.get("wall_seconds", summary["seconds"]),
+                "curve": curve,
+            }
+    return out
+
+
+def _read(run: Path) -> list[dict]:
+    from metapl.metrics import read_metrics
+
+    return read_metrics(run)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def paired_interval(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
+    """Mean of a − b over the seeds both have, and the half-width of its 95 % t-interval (None below 2 seeds)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    half = T_975[len(seeds) - 1] * statistics.stdev(diffs) / len(seeds) ** 0.5
+    return statistics.mean(diffs), half, len(seeds)
+
+
+def report(root: Path, protocol: str, png: Path | None = None) -> str:
+    """Three Markdown tables (rows; paired gains; feedback effect) and optionally a PNG of EMA accuracy."""
+    runs = collect(root, protocol)
+    lines = ["| row | seeds | final model acc (%) | median of last 5 evals (%) | teacher (%) | student before "
+             "finetuning (%) | s / run |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row, seeds in runs.items():
+        col = {k: [v[k] for v in seeds.values() if v[k] is not None] for k in ("final", "median5", "teacher")}
+        before = [] if row.endswith("labels-only") else [v["student"] for v in seeds.values()]
+        wall = statistics.mean(v["seconds"] for v in seeds.values())
+        lines.append(f"| {row} | {len(seeds)} | {_mean_sd(col['final'])} | {_mean_sd(col['median5'])} | "
+                     f"{_mean_sd(col['teacher'])} | {_mean_sd(before)} | {wall:.0f} |")  # fmt: skip
+    lines += [
+        "",
+        "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
+        "|---|---|---|---|",
+    ]
+    for row, partner in PAIRS + FEEDBACK:
+        if row in runs and partner in runs:
+            stats = paired_interval({s: v["final"] for s, v in runs[row].items()},
+                                    {s: v["final"] for s, v in runs[partner].items()})  # fmt: skip
+            if stats is not None:
+                mean, half, n = stats
+                lines.append(f"| {row} − {partner} | {n} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |")
+    if png is not None and runs:
+        _plot(runs, protocol, png)
+    return "\n".join(lines)
+
+
+def _plot(runs: dict, protocol: str, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (row, seeds) in enumerate(runs.items()):
+        curves = [v["curve"] for v in seeds.values() if v["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[j][1] for c in curves) for j in range(n)]
+        ax.plot([s for s, _ in curves[0][:n]], mean, marker="o", ms=2, label=row, color=f"C{i % 10}",
+                ls="-" if i < 10 else "--")  # fmt: skip
+    ax.set_xlabel("step (MPL phase; finetuning not shown)")
+    ax.set_ylabel("EMA student test accuracy (%)")
+    ax.set_title(f"{protocol}: EMA student accuracy over steps (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    p.add_argument("--rows", default="core", help=f"comma list of rows or groups ({', '.join(GROUPS)})")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--root", default="runs/ablation", help="where the runs go")
+    p.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: metapl's)")
+    p.add_argument("--report", action="store_true", help="print the tables of the finished runs instead")
+    p.add_argument("--png", default=None, help="with --report: write the accuracy plot here")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    if args.report:
+        print(report(root, args.protocol, Path(args.png) if args.png else None))
+        return 0
+    rows = [r for item in args.rows.split(",") for r in GROUPS.get(item, [item])]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)} or a group ({', '.join(GROUPS)})")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in dict.fromkeys(rows):
+            run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
