@@ -56,6 +56,17 @@ GRIDS = {
             "uda-cut8": dict(cutout=8),
         },
     ),
+    # 100 training labels (1,100 drawn, 1,000 held out for validation).
+    "fashion-teacher-100": dict(
+        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 2000, "eval_every": 250,
+              "save_every": 2000, "s_wait_steps": 2000, "mpl_weight": 0.0, "uda_weight": 1.0, "uda_steps": 200},
+        variants={
+            "labels-only": dict(method="supervised", s_wait_steps=0),
+            "uda": {},
+            "uda-cut8": dict(cutout=8),
+            "uda-w3-cut8": dict(cutout=8, uda_weight=3.0),
+        },
+    ),
 }  # fmt: skip
 
 
