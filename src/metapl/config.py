@@ -17,6 +17,7 @@ MPL, finetuning, run), and ``--resume`` reads it back from there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, fields
@@ -179,11 +180,11 @@ def _parse(spec: Spec, value):
         return int(text) if spec.kind is int else float(text)
     except ValueError:
         pass
-    try:
-        number = float(text)  # an int written as 1e3
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() else value
+    with contextlib.suppress(ValueError):
+        number = float(text)
+        if number.is_integer():
+            return int(number)  # an integer written as 1e3
+    return value
 
 
 def _help(spec: Spec) -> str:
