@@ -71,9 +71,10 @@ def test_yaml_sets_defaults_and_flags_win(tmp_path):
         (["--num-labeled", "5000"], None, "--num-labeled 5000 exceeds"),
         (["--dataset", "folder", "--data-dir", "/nonexistent/data"], None, "/nonexistent/data"),
         (["--mode", "medium"], None, "invalid choice"),
-        (["--steps", "0"], None, "--steps must be a positive integer"),
+        (["--steps", "0"], None, "--steps 0 is out of range; use an integer >= 1"),
+        ([], "t_lr: .nan\n", "t_lr nan is not finite; use a finite number >= 0"),
     ],
-    ids=["unknown-flag", "unknown-key", "too-many-labels", "missing-data", "bad-choice", "bad-steps"],
+    ids=["unknown-flag", "unknown-key", "too-many-labels", "missing-data", "bad-choice", "bad-steps", "yaml-nan"],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, config_text, message):
     extra = []

@@ -14,10 +14,10 @@ from metapl.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that names the problem and where to look."""
+    """argparse, but a usage error is the house's one line (``metapl: error: ...``) that names where to look."""
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"metapl: error: {message}; see {self.prog} --help\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,192 +1,201 @@
-"""The trainer's hyper-parameters: one frozen dataclass, YAML defaults, command-line overrides.
+"""The trainer's hyper-parameters: one frozen dataclass, YAML defaults, command-line flags, all from one declaration.
+
+Design: ``TrainConfig`` is a frozen dataclass *subclass* of the core's ``MPLConfig``. Each MPL option is declared once,
+in ``MPLConfig`` (with its help text and range, ``metapl.core.options.option``); the trainer's own options are declared
+once below, the same way. Every field, inherited or not, is a constructor keyword (``TrainConfig(mode="soft",
+uda_weight=1.0)``), a YAML key (``uda_weight``) and a flag (``--uda-weight``) whose ``--help`` line is built from the
+field's help, range and default, and whose ``choices`` are the field's ``Literal`` type. A new ``MPLConfig`` field
+therefore reaches the flags, the YAML files and ``mpl_config()`` with no edit here. One check (``check_options``)
+validates every field in ``__post_init__``: library calls, YAML files and flags all pass through it; here it raises
+``UserError`` naming the flag (``--t-lr``), in ``MPLConfig`` a ValueError naming ``MPLConfig.t_lr``.
 
 Precedence, lowest first: the dataclass defaults, the ``--config`` YAML file, the command-line flags. The resolved
-config is written as ``config.yaml`` into every run directory, and ``--resume`` reads it back from there.
+config is written as ``config.yaml`` into every run directory (grouped as in ``--help``: data, models, optimisation,
+MPL, finetuning, run), and ``--resume`` reads it back from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from metapl.core import MPLConfig
+from metapl.core.options import Spec, check_options, check_value, option, specs
 from metapl.errors import UserError
 
-CHOICES = {
-    "method": ("mpl", "supervised"),
-    "mode": ("hard", "soft"),
-    "feedback": ("taylor", "dot", "cosine"),
-    "feedback_sign": ("derived", "reversed"),
-    "pseudo_label": ("argmax", "sample"),
-    "label_view": ("weak", "strong"),
-    "teacher_batch": ("split", "joint"),
-    "unlabeled": ("all", "rest"),
-    "labeled_aug": ("weak", "strong"),
-    "amp": ("none", "bf16", "fp16"),
+_MPL_SECTION = "Meta Pseudo Labels (metapl.core.MPLConfig; docs/algorithm.md)"
+
+# --help groups and the order of a saved config.yaml: each section starts at the named TrainConfig field and runs to the
+# next one; MPLConfig's fields open the MPL section.
+_SECTIONS = {
+    "dataset": "data",
+    "teacher": "models",
+    "method": "optimisation",
+    "uda_weight": _MPL_SECTION,
+    "finetune_steps": "student finetuning on the labeled data after MPL (the paper's last phase)",
+    "out": "run",
 }
+_BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything ``metapl train`` needs. Field names are the YAML keys; ``--field-name`` sets them on the CLI."""
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(MPLConfig):
+    """Everything ``metapl train`` needs: the fields of ``MPLConfig`` and the trainer's own, declared below."""
 
-    # Data
-    dataset: str = "digits"  # digits | cifar10 | cifar100 | svhn | fashion-mnist | folder
-    data_dir: str | None = None  # a root, an ImageFolder tree or a .tar(.gz) of one
-    download: bool = False  # let torchvision download cifar10/cifar100/svhn
-    num_labeled: int = 100  # class-balanced labeled subset of the train split
-    val_labeled: int = 0  # of those, hold out this many (class-balanced) as a validation set; 0 = none
-    unlabeled: str = "all"  # all: the whole train split is unlabeled data (the paper); rest: only the others
-    unlabeled_dir: str | None = None  # extra images without classes (folder or tar)
-    image_size: int | None = None  # resize to this size; None keeps the data set's size
-    expand_labels: bool = False  # repeat the labeled set so one labeled epoch spans eval_every steps
-    cache_dir: str | None = None  # decoded-image cache; default $METAPL_CACHE_DIR or ~/.cache/metapl
-    skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
-    hflip: bool | None = None  # horizontal flips in both views; None: the data set's default
-    randaug_n: int = 2  # RandAugment: operations per image
-    randaug_m: int = 10  # RandAugment: magnitude (torchvision scale, 0-30)
-    cutout: int | None = None  # Cutout side in pixels; None: half the image size
-    labeled_aug: str = "weak"  # labeled images' augmentation: weak (flip + crop) or strong (+ RandAugment, Cutout)
-    workers: int = 2  # data-loader worker processes
-    # Models
-    teacher: str = "small_cnn"
-    student: str = "small_cnn"
-    teacher_dropout: float = 0.0
-    student_dropout: float = 0.0
-    # Optimisation
-    method: str = "mpl"  # mpl, or supervised: the student trained on the labeled data alone (a baseline)
-    steps: int = 1000
-    batch_size: int = 32  # labeled images per step (per process)
-    mu: int = 7  # unlabeled images per labeled image
-    t_lr: float = 0.05
-    s_lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4  # not applied to biases and normalisation weights
-    t_warmup_steps: int = 0
-    s_wait_steps: int = 0  # student learning rate 0 (and its work skipped) for these first steps
-    s_warmup_steps: int = 0
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    ema: float = 0.995  # EMA decay of the student's weights; 0 = no EMA
-    # Meta Pseudo Labels (see metapl.core.MPLConfig and docs/algorithm.md)
-    mode: str = "hard"
-    feedback: str = "taylor"
-    feedback_sign: str = "derived"
-    pseudo_label: str = "argmax"
-    label_view: str = "weak"
-    teacher_batch: str = "split"
-    soft_temperature: float = 1.0
-    mpl_weight: float = 1.0
-    baseline_decay: float = 0.0
-    label_smoothing: float = 0.0
-    uda_weight: float = 0.0  # weight of the teacher's UDA loss; 0 = no UDA
-    uda_steps: int = 0  # linear ramp-up of uda_weight
-    uda_temperature: float = 0.7
-    uda_threshold: float = 0.6
-    # Student finetuning on the labeled data after MPL (the paper's last phase)
-    finetune_steps: int = 0
-    finetune_lr: float = 0.01
-    finetune_batch_size: int = 32
-    # Run
-    out: str = "runs/mpl"
-    seed: int = 0
-    eval_every: int = 100
-    log_every: int = 10
-    save_every: int = 500
-    eval_batch_size: int = 512
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
-    channels_last: bool = False
-    compile: bool = False  # torch.compile both models
-    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
-    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only; refused on the CPU)
-    tensorboard: bool = True
-    progress: bool = True
+    dataset: str = option("digits", "data set: digits, cifar10, cifar100, svhn, fashion-mnist or folder")
+    data_dir: str | None = option(
+        None, "a data root, an ImageFolder tree or a .tar(.gz) of one; none: the default root"
+    )
+    download: bool = option(False, "let torchvision download cifar10, cifar100 or svhn into --data-dir")
+    num_labeled: int = option(100, "size of the class-balanced labeled subset of the train split", ge=1)
+    val_labeled: int = option(
+        0, "of the labeled images, hold out this many (class-balanced) as a validation set; 0 = none", ge=0
+    )
+    unlabeled: Literal["all", "rest"] = option(
+        "all", "all: the whole train split is unlabeled data (the paper); rest: only the images left unlabeled"
+    )
+    unlabeled_dir: str | None = option(None, "extra images without classes (a folder or a tar)")
+    image_size: int | None = option(
+        None, "resize images to this side, in pixels; none keeps the data set's size", ge=8, le=4096
+    )
+    expand_labels: bool = option(False, "repeat the labeled set so that one labeled epoch spans --eval-every steps")
+    cache_dir: str | None = option(None, "decoded-image cache; none: $METAPL_CACHE_DIR or ~/.cache/metapl")
+    skip_corrupt: bool = option(False, "skip unreadable images with a warning instead of stopping")
+    hflip: bool | None = option(None, "horizontal flips in both views; none: the data set's default")
+    randaug_n: int = option(2, "RandAugment: operations per image", ge=0, le=14)
+    randaug_m: int = option(10, "RandAugment: magnitude, on torchvision's 0-30 scale", ge=0, le=30)
+    cutout: int | None = option(
+        None, "side of the Cutout square, in pixels, at most the image size; 0 = off; none: half the image size",
+        ge=0, le=4096,
+    )  # fmt: skip
+    labeled_aug: Literal["weak", "strong"] = option(
+        "weak", "augmentation of the labeled images: weak (flip + crop) or strong (+ RandAugment and Cutout)"
+    )
+    workers: int = option(2, "data-loader worker processes; 0 loads in the training process", ge=0, le=256)
+
+    teacher: str = option(
+        "small_cnn", "teacher network: a registered name (small_cnn, wrn28_2, ...), tv:NAME, timm:NAME"
+    )
+    student: str = option("small_cnn", "student network, named as --teacher")
+    teacher_dropout: float = option(0.0, "dropout before the teacher's classifier", ge=0, lt=1)
+    student_dropout: float = option(0.0, "dropout before the student's classifier", ge=0, lt=1)
+
+    method: Literal["mpl", "supervised"] = option(
+        "mpl", "mpl, or supervised: the student trained on the labeled data alone (a baseline)"
+    )
+    steps: int = option(1000, "training steps (one teacher and one student update each)", ge=1)
+    batch_size: int = option(32, "labeled images per step, per process", ge=1, le=_BATCH)
+    mu: int = option(7, "unlabeled images per labeled image in a step", ge=1, le=1024)
+    t_lr: float = option(0.05, "teacher's peak learning rate (warmup, then cosine decay); 0 freezes the teacher", ge=0)
+    s_lr: float = option(0.05, "student's peak learning rate (wait, warmup, then cosine decay)", gt=0)
+    momentum: float = option(0.9, "SGD momentum of both models", ge=0, lt=1)
+    nesterov: bool = option(True, "Nesterov momentum (ignored when --momentum is 0)")
+    weight_decay: float = option(5e-4, "SGD weight decay, not applied to biases and normalisation weights", ge=0, lt=1)
+    t_warmup_steps: int = option(0, "teacher's linear learning-rate warmup, in steps", ge=0)
+    s_wait_steps: int = option(0, "student's learning rate is 0 (and its work skipped) for these first steps", ge=0)
+    s_warmup_steps: int = option(0, "student's linear learning-rate warmup after the wait, in steps", ge=0)
+    ema: float = option(0.995, "EMA decay of the student's weights, per step; 0 = no EMA", ge=0, lt=1)
+
+    uda_weight: float = option(0.0, "weight of the teacher's UDA consistency loss; 0 = no UDA", ge=0)
+    uda_steps: int = option(0, "linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once", ge=0)
+
+    finetune_steps: int = option(0, "student finetuning steps after MPL; 0 = none", ge=0)
+    finetune_lr: float = option(0.01, "finetuning learning rate (constant)", gt=0)
+    finetune_batch_size: int = option(32, "labeled images per finetuning step", ge=1, le=_BATCH)
+
+    out: str = option("runs/mpl", "run directory: config, split, metrics, checkpoints")
+    seed: int = option(0, "seed of the labeled split, the initialisation and the data order", ge=0, le=2**32 - 1)
+    eval_every: int = option(100, "evaluate on the test split every this many steps", ge=1)
+    log_every: int = option(10, "log training metrics every this many steps", ge=1)
+    save_every: int = option(500, "write a checkpoint every this many steps", ge=1)
+    eval_batch_size: int = option(512, "images per evaluation batch", ge=1, le=_BATCH)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: Literal["none", "bf16", "fp16"] = option("none", "mixed precision: none, bf16, or fp16 (CUDA only)")
+    channels_last: bool = option(False, "channels-last memory format (faster convolutions on recent GPUs)")
+    compile: bool = option(False, "torch.compile both models")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms (bit-exact resume on the CPU)")
+    sync_bn: bool = option(False, "SyncBatchNorm under DDP (CUDA only; refused on the CPU)")
+    tensorboard: bool = option(True, "write TensorBoard event files into the run directory")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        positive = ["steps", "batch_size", "mu", "eval_every", "log_every", "save_every", "eval_batch_size"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)}")
-        if self.num_labeled <= 0:
-            raise UserError(f"--num-labeled must be positive, got {self.num_labeled}")
-        if not 0.0 <= self.ema < 1.0:
-            raise UserError(f"--ema must be in [0, 1) (0 turns EMA off), got {self.ema}")
-        if self.val_labeled < 0:
-            raise UserError(f"--val-labeled must be >= 0, got {self.val_labeled}")
-        if self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        check_options(self, UserError, lambda name: "--" + _flag(name))
         if self.amp == "fp16" and self.mode == "soft":
             raise UserError("--amp fp16 does not work with --mode soft (second-order gradients); use --amp bf16")
+        if self.cutout is not None and self.image_size is not None and self.cutout > self.image_size:
+            raise UserError(
+                f"--cutout {self.cutout} exceeds --image-size {self.image_size}; use at most the image size"
+            )
+        try:
+            self.mpl_config()  # any check MPLConfig makes beyond its fields' ranges
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def mpl_config(self) -> MPLConfig:
-        """The core's view of these settings."""
-        return MPLConfig(
-            mode=self.mode, feedback=self.feedback, feedback_sign=self.feedback_sign,
-            pseudo_label=self.pseudo_label, label_view=self.label_view, teacher_batch=self.teacher_batch,
-            soft_temperature=self.soft_temperature,
-            mpl_weight=self.mpl_weight, baseline_decay=self.baseline_decay, label_smoothing=self.label_smoothing,
-            uda_temperature=self.uda_temperature, uda_threshold=self.uda_threshold, grad_clip=self.grad_clip,
-        )  # fmt: skip
+        """The core's view of these settings: the values of ``MPLConfig``'s fields."""
+        return MPLConfig(**{f.name: getattr(self, f.name) for f in fields(MPLConfig)})
 
     def to_dict(self) -> dict:
-        """Plain dict, for YAML and checkpoints."""
-        return dataclasses.asdict(self)
+        """Plain dict, for YAML and checkpoints, in the order of ``--help``."""
+        values = dataclasses.asdict(self)
+        return {name: values[name] for _, names in sections() for name in names}
+
+
+def sections() -> list[tuple[str, list[str]]]:
+    """``TrainConfig``'s field names grouped as ``--help`` shows them: (title, names) per section."""
+    mpl = [f.name for f in fields(MPLConfig)]
+    out: list[tuple[str, list[str]]] = []
+    for f in fields(TrainConfig):
+        if f.name in _SECTIONS:
+            title = _SECTIONS[f.name]
+            out.append((title, list(mpl) if title == _MPL_SECTION else []))
+        if f.name not in mpl:
+            out[-1][1].append(f.name)
+    return out
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """Field name -> (base type, optional)."""
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for f in fields(TrainConfig):
-        tp = hints[f.name]
-        args = typing.get_args(tp)
-        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-            base = next(a for a in args if a is not type(None))
-            out[f.name] = (base, True)
-        else:
-            out[f.name] = (tp, False)
-    return out
-
-
-def _coerce(name: str, value, source: str):
-    base, optional = _field_types()[name]
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise UserError(f"{source}: {name} cannot be empty; give a {base.__name__}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{source}: {name} must be true or false, got {value!r}")
+def _parse(spec: Spec, value):
+    """A flag's text or a YAML value as the option's type. Text that does not parse is returned unchanged, and the
+    check then refuses it with the option's range."""
+    if not isinstance(value, str):
+        is_whole = spec.kind is int and isinstance(value, float) and value.is_integer()
+        return int(value) if is_whole else value
+    text = value.strip().lower()
+    if spec.optional and text in ("none", "null", ""):
+        return None
+    if spec.kind is bool:
+        return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                "off": False}.get(text, value)  # fmt: skip
+    if spec.kind not in (int, float) or spec.choices:
+        return value
     try:
-        if base is int:
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return base(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: {name} must be a {base.__name__}, got {value!r}") from None
+        return int(text) if spec.kind is int else float(text)
+    except ValueError:
+        pass
+    with contextlib.suppress(ValueError):
+        number = float(text)
+        if number.is_integer():
+            return int(number)  # an integer written as 1e3
+    return value
+
+
+def _help(spec: Spec) -> str:
+    """A flag's ``--help`` line: what the option does, what values fit, its default."""
+    text = f"{spec.help}; {spec.expected()}" if spec.kind in (int, float) else spec.help  # choices show in the usage
+    default = spec.default
+    shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+    return f"{text} (default: {shown})".replace("%", "%%")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -209,44 +218,44 @@ def load_yaml(path: str | Path) -> dict:
         raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of option: value")
-    names = [f.name for f in fields(TrainConfig)]
+    known = specs(TrainConfig)
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=3)
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see metapl train --help for the keys"
             raise UserError(f"unknown key {key!r} in config file {path}{hint}")
-        out[name] = _coerce(name, value, f"config file {path}")
+        out[name] = _parse(known[name], value)
+        check_value(known[name], out[name], f"config file {path}: {name}", UserError)
     return out
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per ``TrainConfig`` field; flags default to "not given"."""
-    parser.add_argument("--config", help="YAML file of defaults; flags on the command line win")
-    defaults = TrainConfig()
-    for name, (base, _optional) in _field_types().items():
-        flag = "--" + _flag(name)
-        default = getattr(defaults, name)
-        if base is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                help=f"(default: {default})",
-            )  # fmt: skip
-        else:
-            kwargs = {"choices": CHOICES[name]} if name in CHOICES else {}
-            parser.add_argument(
-                flag, dest=name, default=argparse.SUPPRESS, metavar=base.__name__.upper(),
-                help=f"(default: {default})", **kwargs,
-            )  # fmt: skip
+    """Add ``--config`` and one flag per ``TrainConfig`` field, in groups; flags default to "not given"."""
+    parser.add_argument(
+        "--config", help="YAML file of defaults (keys as the flags, with _ or -); flags on the command line win"
+    )
+    known = specs(TrainConfig)
+    for title, names in sections():
+        group = parser.add_argument_group(title)
+        for name in names:
+            spec, flag = known[name], "--" + _flag(name)
+            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": _help(spec)}
+            if spec.kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            elif spec.choices:
+                group.add_argument(flag, choices=spec.choices, **kwargs)
+            else:
+                group.add_argument(flag, metavar=spec.kind.__name__.upper(), **kwargs)
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """Defaults < ``--config`` file < flags."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    for f in fields(TrainConfig):
-        if hasattr(args, f.name):
-            values[f.name] = _coerce(f.name, getattr(args, f.name), f"--{_flag(f.name)}")
+    for name, spec in specs(TrainConfig).items():
+        if hasattr(args, name):
+            values[name] = _parse(spec, getattr(args, name))
     return TrainConfig(**values)
 
 
