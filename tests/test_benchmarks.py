@@ -211,3 +211,15 @@ def test_paired_interval_is_a_t_interval():
     # differences 2, 3, 1: mean 2, sd 1, t(0.975, 2) = 4.303
     assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / 3**0.5)
     assert ablation.paired_interval({0: 1.0}, {0: 0.0}) is None
+
+
+def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, capsys):
+    gpu_ablation = _load("gpu_ablation")
+    assert gpu_ablation.main(["--tiny", "--root", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    runs = tmp_path / "cifar10-gpu"
+    steps = {row: json.loads((runs / row / "seed0" / "summary.json").read_text())["steps"]
+             for row in gpu_ablation.ROWS}  # fmt: skip
+    assert steps == {"labels-only": 3, "uda-distill": 2, "uda-mpl": 2}  # 2 MPL steps + 1 finetuning step each
+    table = (tmp_path / "table.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == list(gpu_ablation.ROWS)
+    assert table in capsys.readouterr().out
