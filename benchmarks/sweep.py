@@ -67,6 +67,18 @@ GRIDS = {
             "uda-w3-cut8": dict(cutout=8, uda_weight=3.0),
         },
     ),
+    # Full MPL runs (teacher, student, finetuning) at 100 training labels: how far the student trails, and when.
+    "fashion-mpl-100": dict(
+        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 3000, "eval_every": 250,
+              "save_every": 3000, "s_wait_steps": 50, "s_warmup_steps": 50, "uda_weight": 1.0, "uda_steps": 200,
+              "finetune_steps": 300, "finetune_batch_size": 16},
+        variants={
+            "uda-mpl": {},
+            "uda-mpl-wait1000": dict(s_wait_steps=1000),
+            "uda-mpl-cosine": dict(feedback="cosine"),
+            "labels-only": dict(method="supervised", steps=3300, finetune_steps=0),
+        },
+    ),
 }  # fmt: skip
 
 
@@ -78,22 +90,23 @@ def run_one(root: Path, grid: str, variant: str, seed: int, cache_dir: str | Non
 
 
 def report(root: Path, grid: str) -> str:
-    """Markdown table: per variant, validation accuracy of the model that matters (teacher, or the labels-only
-    student), final and median of the last five evaluations, mean over seeds; test accuracy for the record."""
-    lines = ["| variant | seeds | val acc final (%) | val acc median last 5 (%) | test acc final (%) | s / run |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    """Markdown table: per variant and model (teacher, student, EMA, finetuned student), validation accuracy, final
+    and median of the last five evaluations, mean over seeds; test accuracy only for the record."""
+    lines = ["| variant | model | seeds | val acc final (%) | val acc median last 5 (%) | test acc final (%) | "
+             "s / run |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant in GRIDS[grid]["variants"]:
-        runs = sorted((root / grid / variant).glob("seed*/summary.json"))
-        if not runs:
-            continue
-        rows = []
-        for path in runs:
-            summary = json.loads(path.read_text())
-            who = "teacher" if summary["method"] == "mpl" else "student"
-            rows.append((summary[f"val_{who}_acc"], statistics.median(last_evaluations(path.parent, f"val_{who}_acc")),
-                         summary[f"{who}_acc"], summary["wall_seconds"]))  # fmt: skip
-        mean = [statistics.mean(col) for col in zip(*rows)]
-        lines.append(f"| {variant} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {mean[3]:.0f} |")
+        summaries = [
+            (p.parent, json.loads(p.read_text())) for p in sorted((root / grid / variant).glob("seed*/summary.json"))
+        ]
+        base = {**GRIDS[grid]["base"], **GRIDS[grid]["variants"][variant]}
+        student_trained = base.get("method") == "supervised" or base["s_wait_steps"] < base["steps"]
+        for who in ("teacher", "student", "ema", "finetuned") if student_trained else ("teacher",):
+            rows = [(s[f"val_{who}_acc"], statistics.median(last_evaluations(run, f"val_{who}_acc")), s[f"{who}_acc"],
+                     s["wall_seconds"]) for run, s in summaries if s.get(f"val_{who}_acc") is not None]  # fmt: skip
+            if rows:
+                mean = [statistics.mean(col) for col in zip(*rows)]
+                lines.append(f"| {variant} | {who} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | "
+                             f"{mean[3]:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
