@@ -290,7 +290,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
         expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
         labeled_transform=strong if cfg.labeled_aug == "strong" else weak, pin_memory=device.type == "cuda",
     )  # fmt: skip
-    test_loader = eval_loaders(run.data, run.split, cfg.eval_batch_size)
+    eval_sets = eval_loaders(run.data, run.split, cfg.eval_batch_size)
     l_iter = iter(l_loader)
     u_iter = iter(u_loader) if cfg.method == "mpl" else None
     mpl_config = cfg.mpl_config()
@@ -347,7 +347,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log) -> None:
         if do_eval:
             run.seconds += time.perf_counter() - seg_start
             seg_start = time.perf_counter()
-            accs = _evaluate(run, test_loader)
+            accs = _evaluate(run, eval_sets)
             run.last_eval = (run.step, accs)
             if run.dist.is_main:
                 writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
@@ -415,8 +415,12 @@ def _evaluate(run: Run, loaders: dict[str, object]) -> dict[str, float]:
 
 
 def _eval_line(step: int, accs: dict[str, float]) -> str:
-    parts = [f"{k.removesuffix('_acc')} {v:.2f}%" for k, v in accs.items() if k.endswith("_acc")]
-    return f"step {step}: test accuracy " + ", ".join(parts)
+    def listing(prefix: str) -> str:
+        return ", ".join(f"{k[len(prefix) : -4]} {v:.2f}%" for k, v in accs.items()
+                         if k.endswith("_acc") and k.startswith("val_") == (prefix == "val_"))  # fmt: skip
+
+    val = f"; validation accuracy {listing('val_')}" if "val_student_acc" in accs else ""
+    return f"step {step}: test accuracy {listing('')}{val}"
 
 
 def _progress(cfg: TrainConfig, run: Run, log):
