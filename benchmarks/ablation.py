@@ -44,7 +44,8 @@ PROTOCOLS = {
         dataset="fashion-mnist", data_dir=str(SHARED / "fashion-mnist"), num_labeled=100, teacher="small_cnn",
         student="small_cnn", steps=3000, finetune_steps=300, finetune_batch_size=16, batch_size=16, mu=4, t_lr=0.05,
         s_lr=0.05, t_warmup_steps=50, s_wait_steps=50, s_warmup_steps=50, uda_weight=1.0, uda_steps=200,
-        randaug_m=9, label_smoothing=0.1, ema=0.99, eval_every=250, save_every=5000, log_every=50, workers=1,
+        randaug_m=9, cutout=8, label_smoothing=0.1, ema=0.99, eval_every=250, save_every=5000, log_every=50,
+        workers=1,
     ),
     "cifar10": dict(
         dataset="cifar10", data_dir=str(SHARED / "cifar10-jpeg.tar.gz"), num_labeled=4000, teacher="small_cnn",
