@@ -133,8 +133,8 @@ def load_dataset(
         data_dir: where the data is. ``cifar10``/``cifar100``/``svhn``: torchvision's root folder (default ``./data``),
             or for CIFAR an ImageFolder tree / ``.tar.gz`` of one. ``fashion-mnist``: a folder with the four IDX files
             (also searched in ``<dir>/FashionMNIST/raw`` and ``/usr/share/datasets/fashion-mnist``). ``folder``: an
-            ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``) or a tar of one. Ignored by
-            ``digits``.
+            ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``) or a tar of one. ``digits``
+            reads none: giving one is an error rather than silently ignored.
         download: let torchvision download a missing ``cifar10``/``cifar100``/``svhn``/``fashion-mnist``.
         image_size: resize (shorter side, then centre crop) every image to this square size; needed when a folder's
             images differ in size.
@@ -153,6 +153,11 @@ def load_dataset(
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and image_size < 4:
         raise UserError(f"--image-size {image_size} is too small; use at least 4 pixels")
+    if name == "digits" and data_dir:
+        raise UserError(
+            f"--dataset digits is bundled with scikit-learn and reads no --data-dir ({data_dir}); to train on that "
+            "folder pass --dataset folder (or cifar10, fashion-mnist, ...), else drop --data-dir"
+        )
     opts = {"image_size": image_size, "cache_dir": cache_dir, "skip_corrupt": skip_corrupt, "log": log}
     if name == "digits":
         data = _load_digits(image_size, seed)
@@ -345,6 +350,12 @@ def _load_fashion_mnist(data_dir, download, *, image_size, cache_dir, skip_corru
     def build():
         arrays = {key: read_idx(path) for key, path in files.items()}
         for split in ("train", "test"):
+            n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+            if n_images != n_labels:
+                raise UserError(
+                    f"{files[f'{split}_images']} holds {n_images} images but {files[f'{split}_labels']} holds "
+                    f"{n_labels} labels; the two files must come from the same Fashion-MNIST copy"
+                )
             images = arrays[f"{split}_images"][..., None]
             if image_size is not None and image_size != images.shape[1]:
                 images = resize_arrays(images, image_size)
