@@ -133,8 +133,9 @@ def test_repro3_run_killed_before_its_first_checkpoint(copy_of, capsys):
     )
     # --overwrite starts afresh: the old records are gone, not mixed with the new ones; other files stay.
     (killed / "metrics.jsonl").write_text('{"step": 99, "train/loss/teacher": 1.0}\n')
-    assert cli(capsys, "train", *QUICK, "--seed", "3", "--out", killed, "--overwrite")[0] == 0
-    assert [r["step"] for r in read_metrics(killed)] == [5, 5]  # one train record, one eval record
+    args = [*QUICK, "--steps", "2", "--eval-every", "2", "--seed", "3"]
+    assert cli(capsys, "train", *args, "--out", killed, "--overwrite")[0] == 0
+    assert [r["step"] for r in read_metrics(killed)] == [2, 2]  # one train record, one eval record
     assert (killed / "notes.txt").read_text() == "keep me\n"
     assert load_checkpoint(killed)["config"]["seed"] == 3
 
@@ -182,7 +183,7 @@ def test_repro4_resume_after_images_were_added(make_tree, tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "meta", "deleted"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "meta", "edited-meta", "deleted"])
 def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage):
     tree, cache = make_tree(), tmp_path / "cache"
     first = load_dataset("folder", str(tree), cache_dir=str(cache), log=lambda _: None)
@@ -196,6 +197,9 @@ def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage):
         victim.write_bytes(b"\x00garbage" * (victim.stat().st_size // 8) + b"\x00" * (victim.stat().st_size % 8))
     elif damage == "meta":
         (entry / "meta.json").write_text('{"arrays": [')
+    elif damage == "edited-meta":
+        meta = json.loads((entry / "meta.json").read_text())
+        (entry / "meta.json").write_text(json.dumps({**meta, "classes": ["x", "y", "z"]}))
     else:
         victim.unlink()
     lines = []
@@ -337,6 +341,14 @@ def test_damaged_metrics_on_resume_and_plot(copy_of, capsys):
         code, err = cli(capsys, *argv)
         assert code == 2 and err == f"{expected}; delete that line and try again", err
     assert not (run / "curves.png").exists()
+
+
+def test_damaged_summary_on_finetune_is_reported_before_any_work(copy_of, capsys):
+    run = copy_of()
+    (run / "summary.json").write_text('{"student_acc": 1')
+    code, err = cli(capsys, "finetune", run, "--steps", "1")
+    assert code == 2 and err.startswith(f"metapl: error: {run / 'summary.json'} is damaged (")
+    assert err.endswith("delete it (it is rewritten) and try again") and not (run / FINETUNED).exists()
 
 
 def test_eval_of_a_torn_checkpoint(copy_of, capsys):

@@ -96,30 +96,10 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
         UserError: missing entries, a checkpoint of other data (class count, channels, image size, split), weights
             that do not fit the models, or non-finite weights.
     """
-    require_keys(ckpt, RESUME_KEYS, source)
-    have = (int(ckpt["num_classes"]), int(ckpt["in_channels"]), int(ckpt["image_size"]))
-    want = (run.data.num_classes, run.data.in_channels, run.data.image_size)
-    if have != want:
-        raise UserError(
-            f"{source} was written for {have[0]} classes of {have[1]}-channel {have[2]}x{have[2]} images but this "
-            f"run's data has {want[0]} classes of {want[1]}-channel {want[2]}x{want[2]} images; it belongs to "
-            "another run: put this run's own checkpoint back, or start a new run"
-        )
-    digest = ckpt.get("split_sha256")
-    if digest is not None and digest != split_digest(run.split):
-        raise UserError(
-            f"{SPLIT} beside {source} is not the split the checkpoint was trained on (edited, or copied from "
-            f"another run?); put the run's own {SPLIT} back, or start a new run"
-        )
     modules = {"teacher": unwrap(run.teacher), "student": unwrap(run.student)}
-    if run.ema is not None and ckpt["ema"] is not None:
+    if run.ema is not None and ckpt.get("ema") is not None:
         modules["ema"] = run.ema.module
-    for role, module in modules.items():
-        problem = state_dict_mismatch(module.state_dict(), ckpt[role])
-        if problem:
-            raise UserError(f"{source}: the {role} weights do not fit this run's {role} ({problem}); is it another "
-                            "run's checkpoint?")  # fmt: skip
-    refuse_nonfinite(ckpt, source)
+    _check_belongs(run, modules, ckpt, source)
     for role, module in modules.items():
         module.load_state_dict(ckpt[role])
     run.t_opt.load_state_dict(ckpt["t_opt"])
@@ -143,6 +123,31 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
     else:  # another world size: no exact resume is possible
         return False
     return True
+
+
+def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
+    """Refuse a checkpoint of another run (data shape, split, architecture) or with non-finite weights."""
+    require_keys(ckpt, RESUME_KEYS, source)
+    have = (int(ckpt["num_classes"]), int(ckpt["in_channels"]), int(ckpt["image_size"]))
+    want = (run.data.num_classes, run.data.in_channels, run.data.image_size)
+    if have != want:
+        raise UserError(
+            f"{source} was written for {have[0]} classes of {have[1]}-channel {have[2]}x{have[2]} images but this "
+            f"run's data has {want[0]} classes of {want[1]}-channel {want[2]}x{want[2]} images; it belongs to "
+            "another run: put this run's own checkpoint back, or start a new run"
+        )
+    digest = ckpt.get("split_sha256")
+    if digest is not None and digest != split_digest(run.split):
+        raise UserError(
+            f"{SPLIT} beside {source} is not the split the checkpoint was trained on (edited, or copied from "
+            f"another run?); put the run's own {SPLIT} back, or start a new run"
+        )
+    for role, module in modules.items():
+        problem = state_dict_mismatch(module.state_dict(), ckpt[role])
+        if problem:
+            raise UserError(f"{source}: the {role} weights do not fit this run's {role} ({problem}); is it another "
+                            "run's checkpoint?")  # fmt: skip
+    refuse_nonfinite(ckpt, source)
 
 
 def split_digest(split) -> str:

@@ -62,7 +62,8 @@ def describe_os_error(
     """
     where = path if path is not None else e.filename
     target = f" {os.fspath(where)}" if where is not None else ""
-    reason = e.strerror or str(e) or type(e).__name__
+    # strerror is None when the error was re-raised from a data-loader worker: its text then spans many lines.
+    reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
     return f"cannot {doing}{target} ({reason}); {fix or _FIXES.get(e.errno, 'check the path and the disk')}"
 
 
