@@ -8,6 +8,7 @@ unlabeled indices and the data's fingerprint), ``checkpoint.pt`` (latest), ``bes
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,12 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    # Found now rather than after loading the data: the nearest existing folder must be one we can write into.
+    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"--out {out} lies under {nearest}, which is a file; pick another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {nearest} (permission denied or read-only); pick another --out")
     if resume:
         if not (run_dir / LATEST).is_file():
             raise UserError(

@@ -153,14 +153,9 @@ def load_dataset(
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and image_size < 4:
         raise UserError(f"--image-size {image_size} is too small; use at least 4 pixels")
-    if name == "digits" and data_dir:
-        raise UserError(
-            f"--dataset digits is bundled with scikit-learn and reads no --data-dir ({data_dir}); to train on that "
-            "folder pass --dataset folder (or cifar10, fashion-mnist, ...), else drop --data-dir"
-        )
     opts = {"image_size": image_size, "cache_dir": cache_dir, "skip_corrupt": skip_corrupt, "log": log}
     if name == "digits":
-        data = _load_digits(image_size, seed)
+        data = _load_digits(data_dir, image_size, seed)
     elif name == "folder" or (name in ("cifar10", "cifar100") and data_dir and _is_image_tree(data_dir)):
         data = _load_folder(data_dir, test_fraction=test_fraction, seed=seed, **opts)
         if name != "folder":
@@ -193,7 +188,12 @@ def _is_image_tree(data_dir: str) -> bool:
 # -- digits: bundled with scikit-learn, needs no files -----------------------------------------------------------------
 
 
-def _load_digits(image_size: int | None, seed: int) -> SourceData:
+def _load_digits(data_dir: str | None, image_size: int | None, seed: int) -> SourceData:
+    if data_dir:  # silently training on digits instead of the folder the user named would be worse than an error
+        raise UserError(
+            f"--dataset digits is bundled with scikit-learn and reads no --data-dir ({data_dir}); to train on that "
+            "folder pass --dataset folder (or cifar10, fashion-mnist, ...), else drop --data-dir"
+        )
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
