@@ -69,14 +69,18 @@ def write_png(folder: Path, count: int = 1) -> Path:
 # The five reproductions of issue 11
 
 
-@pytest.mark.parametrize("lr", ["1e6", "nan"])
-def test_repro1_diverged_finetune_fails_and_saves_nothing(copy_of, tmp_path, capsys, lr):
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        ("1e6", "finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate 1000000.0; "
+                f"{FINETUNED} was not written; finetune again with a lower --lr"),
+        ("nan", "--finetune-lr nan is not finite; use a finite number > 0"),  # the config layer's range check
+    ],
+)  # fmt: skip
+def test_repro1_diverged_finetune_fails_and_saves_nothing(copy_of, tmp_path, capsys, lr, message):
     run = copy_of()
     summary_before = (run / "summary.json").read_text()
-    code, err = cli(capsys, "finetune", run, "--steps", "20", "--lr", lr)
-    assert code == 2
-    assert err.startswith("metapl: error: finetuning diverged: the student's weights became non-finite (NaN/inf)")
-    assert err.endswith(f"{FINETUNED} was not written; finetune again with a lower --lr")
+    assert cli(capsys, "finetune", run, "--steps", "20", "--lr", lr) == (2, f"metapl: error: {message}")
     assert not (run / FINETUNED).exists()
     assert (run / "summary.json").read_text() == summary_before
     code, err = cli(capsys, "predict", run, write_png(tmp_path / "img"), "--model", "finetuned",
@@ -114,7 +118,7 @@ def test_repro3_existing_files_are_never_overwritten(tmp_path, capsys, monkeypat
 
     monkeypatch.chdir(tmp_path)
     assert cli(capsys, "train", *QUICK, "--out", "") == (
-        2, "metapl: error: --out is empty; name a folder for the run, e.g. --out runs/mpl")  # fmt: skip
+        2, "metapl: error: --out '' is empty; use a non-empty string")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
@@ -323,7 +327,7 @@ def test_damaged_config_yaml_on_resume_and_finetune(copy_of, capsys):
     run = copy_of()
     for text, reason in ((b"steps: [unclosed\n", "while parsing a flow sequence"),
                          (b"\xff\xfe not utf-8", "'utf-8' codec can't decode byte 0xff"),
-                         (b"steps: many\n", f"{run / 'config.yaml'}: steps must be a int, got 'many'"),
+                         (b"steps: many\n", "--steps 'many' is not an integer; use an integer >= 1"),
                          (b"- a list\n", "not a mapping of option: value")):  # fmt: skip
         (run / "config.yaml").write_bytes(text)
         for argv in (["train", "--resume", run], ["finetune", run, "--steps", "1"]):
