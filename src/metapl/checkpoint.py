@@ -1,7 +1,19 @@
-"""Checkpoints written atomically, and the random-number state that makes a resumed run bit-identical."""
+"""The run directory's format: every file name in it, and what a checkpoint holds, how it is written and restored.
+
+A checkpoint is one flat dict saved with ``torch.save``: the config, the data's shape and normalisation (so that
+``eval`` and ``predict`` rebuild the models from the file alone), the three networks, both optimizers, schedulers and
+gradient scalers, the MPL state, the random generators, and a digest of the split. The split itself lives in
+``split.json``; a checkpoint stores only its SHA-256, checked on resume, so that a ``split.json`` edited or copied
+from another run is caught instead of silently training on other images (the index lists, up to tens of thousands
+of integers, were pickled into every checkpoint and never read back).
+
+Checkpoints are written atomically and only with finite weights (``nonfinite_weights``), so the newest file on disk is
+always one a run can resume from.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -9,25 +21,212 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metapl.errors import UserError
+from metapl.core import unwrap
+from metapl.errors import UserError, few, reporting_os_errors
 
-LATEST = "checkpoint.pt"
-BEST = "best.pt"
+# Run-directory files.
+CONFIG = "config.yaml"  # the resolved config (metapl.config)
+SPLIT = "split.json"  # labeled / unlabeled / validation indices and the data fingerprint (metapl.data.split)
+METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.metrics)
+SUMMARY = "summary.json"  # final accuracies
+LATEST = "checkpoint.pt"  # the latest checkpoint: what --resume continues from
+BEST = "best.pt"  # the best evaluated checkpoint
+FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.finetune)
+EVAL_JSON = "eval.json"  # metapl eval's result
+CURVES = "curves.png"  # metapl plot's default image
+TENSORBOARD = "tb"  # TensorBoard event files
+# What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
+RUN_FILES = (CONFIG, SPLIT, METRICS, SUMMARY, LATEST, BEST, FINETUNED, EVAL_JSON, CURVES, TENSORBOARD) + tuple(
+    f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED)
+)
+
+ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
+# What rebuilding a model needs (eval, predict), and what resuming training needs on top.
+MODEL_KEYS = ("config", "num_classes", "classes", "in_channels", "image_size", "mean", "std", "student")
+RESUME_KEYS = MODEL_KEYS + (
+    *("step", "seconds", "best_acc", "teacher", "ema", "t_opt", "s_opt", "t_sched", "s_sched"),
+    *("t_scaler", "s_scaler", "mpl_state", "rng"),
+)
+
+
+def checkpoint_state(run) -> dict:
+    """The flat checkpoint dict of a run (a ``metapl.run.Run``).
+
+    Returns:
+        Models, optimizers, schedulers, scalers, RNG, the split's digest, the config and the data's shape.
+    """
+    return {
+        "config": run.cfg.to_dict(),
+        "step": run.step,
+        "seconds": run.seconds,
+        "best_acc": run.best_acc,
+        "num_classes": run.data.num_classes,
+        "classes": list(run.data.classes),
+        "in_channels": run.data.in_channels,
+        "image_size": run.data.image_size,
+        "mean": list(run.data.mean),
+        "std": list(run.data.std),
+        "teacher": unwrap(run.teacher).state_dict(),
+        "student": unwrap(run.student).state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "t_opt": run.t_opt.state_dict(),
+        "s_opt": run.s_opt.state_dict(),
+        "t_sched": run.t_sched.state_dict(),
+        "s_sched": run.s_sched.state_dict(),
+        "t_scaler": run.t_scaler.state_dict() if run.t_scaler is not None else None,
+        "s_scaler": run.s_scaler.state_dict() if run.s_scaler is not None else None,
+        "mpl_state": run.state.state_dict(),
+        "split_sha256": split_digest(run.split),
+        "rng": rng_state(),
+    }
+
+
+def restore(run, ckpt: dict, source: str | Path) -> bool:
+    """Load a checkpoint into a freshly built run, after checking that it belongs to this run and is finite.
+
+    Args:
+        run: a ``metapl.run.Run`` whose models are not wrapped yet.
+        ckpt: the checkpoint dict.
+        source: where it came from, for messages.
+
+    Returns:
+        Whether the random generators were restored (False under another number of processes: the caller reseeds).
+
+    Raises:
+        UserError: missing entries, a checkpoint of other data (class count, channels, image size, split), weights
+            that do not fit the models, or non-finite weights.
+    """
+    modules = {"teacher": unwrap(run.teacher), "student": unwrap(run.student)}
+    if run.ema is not None and ckpt.get("ema") is not None:
+        modules["ema"] = run.ema.module
+    _check_belongs(run, modules, ckpt, source)
+    for role, module in modules.items():
+        module.load_state_dict(ckpt[role])
+    run.t_opt.load_state_dict(ckpt["t_opt"])
+    run.s_opt.load_state_dict(ckpt["s_opt"])
+    run.t_sched.load_state_dict(ckpt["t_sched"])
+    run.s_sched.load_state_dict(ckpt["s_sched"])
+    for scaler, key in ((run.t_scaler, "t_scaler"), (run.s_scaler, "s_scaler")):
+        if scaler is not None and ckpt[key] is not None:
+            scaler.load_state_dict(ckpt[key])
+    state = ckpt["mpl_state"]
+    if state["baseline"] is not None:
+        state = {"baseline": state["baseline"].to(run.device)}
+    run.state.load_state_dict(state)
+    run.step, run.seconds, run.best_acc = ckpt["step"], ckpt["seconds"], ckpt["best_acc"]
+    # Each rank resumes its own generators (see metapl.train._save); a single process takes rank 0's.
+    ranks = ckpt.get("rng_ranks")
+    if not run.dist.enabled:
+        set_rng_state(ckpt["rng"])
+    elif ranks is not None and len(ranks) == run.dist.world_size:
+        set_rng_state(ranks[run.dist.rank])
+    else:  # another world size: no exact resume is possible
+        return False
+    return True
+
+
+def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
+    """Refuse a checkpoint of another run (data shape, split, architecture) or with non-finite weights."""
+    require_keys(ckpt, RESUME_KEYS, source)
+    have = (int(ckpt["num_classes"]), int(ckpt["in_channels"]), int(ckpt["image_size"]))
+    want = (run.data.num_classes, run.data.in_channels, run.data.image_size)
+    if have != want:
+        raise UserError(
+            f"{source} was written for {have[0]} classes of {have[1]}-channel {have[2]}x{have[2]} images but this "
+            f"run's data has {want[0]} classes of {want[1]}-channel {want[2]}x{want[2]} images; it belongs to "
+            "another run: put this run's own checkpoint back, or start a new run"
+        )
+    digest = ckpt.get("split_sha256")
+    if digest is not None and digest != split_digest(run.split):
+        raise UserError(
+            f"{SPLIT} beside {source} is not the split the checkpoint was trained on (edited, or copied from "
+            f"another run?); put the run's own {SPLIT} back, or start a new run"
+        )
+    for role, module in modules.items():
+        problem = state_dict_mismatch(module.state_dict(), ckpt[role])
+        if problem:
+            raise UserError(f"{source}: the {role} weights do not fit this run's {role} ({problem}); is it another "
+                            "run's checkpoint?")  # fmt: skip
+    refuse_nonfinite(ckpt, source)
+
+
+def split_digest(split) -> str:
+    """SHA-256 of a ``metapl.data.Split``'s index arrays: what a checkpoint keeps of its split."""
+    h = hashlib.sha256()
+    for name in ("labeled", "unlabeled", "val"):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(getattr(split, name), dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def require_keys(ckpt: dict, keys: tuple[str, ...], source: str | Path) -> None:
+    """A ``UserError`` naming the entries of ``keys`` that ``ckpt`` lacks."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise UserError(f"{source} lacks {few(missing)}; is it a checkpoint written by metapl train?")
+
+
+def nonfinite_weights(ckpt: dict) -> list[str]:
+    """The networks of a checkpoint (``teacher``, ``student``, ``ema``) whose weights hold a NaN or an infinity.
+
+    One reduction per network, on whatever device the tensors are: cheap next to writing them.
+    """
+    bad = []
+    for role in ROLES:
+        state = ckpt.get(role)
+        tensors = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()] if state else []
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            bad.append(role)
+    return bad
+
+
+def refuse_nonfinite(ckpt: dict, source: str | Path, roles: tuple[str, ...] = ROLES) -> None:
+    """A ``UserError`` when any of ``roles`` in ``ckpt`` holds non-finite weights (a diverged run's file)."""
+    bad = [role for role in nonfinite_weights(ckpt) if role in roles]
+    if bad:
+        raise UserError(
+            f"{source} holds non-finite (NaN/inf) {' and '.join(bad)} weights: the run diverged before it was saved; "
+            f"use an earlier checkpoint such as {BEST}, or train again with lower learning rates"
+        )
+
+
+def state_dict_mismatch(expected: dict, given: dict) -> str | None:
+    """Describe the first way ``given`` fails to fit ``expected`` (both state dicts), or None when it fits.
+
+    Checked here rather than by catching ``load_state_dict``'s RuntimeError: its message spans many lines and the CLI
+    prints one, naming both shapes.
+    """
+    if not isinstance(given, dict):
+        return f"expected a state dict, found {type(given).__name__}"
+    for key, tensor in expected.items():
+        if key in given and hasattr(given[key], "shape") and tuple(given[key].shape) != tuple(tensor.shape):
+            have, want = tuple(given[key].shape), tuple(tensor.shape)
+            return f"{key} has shape {have} in the checkpoint but the model expects {want}"
+    absent = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    parts = []
+    if absent:
+        parts.append(f"{len(absent)} tensors missing ({few(absent)})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensors ({few(extra)})")
+    return ", ".join(parts) or None
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``.
 
-    A process killed at any moment leaves either the previous file or the new one, never a torn file.
+    A process killed at any moment leaves either the previous file or the new one, never a torn file. A full disk
+    or a read-only folder is a ``UserError`` naming ``path``, and the previous file is kept.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with reporting_os_errors(path):
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -40,7 +239,7 @@ def load_checkpoint(path: str | Path) -> dict:
         path: a ``.pt`` file or a run directory holding ``checkpoint.pt``.
 
     Returns:
-        The checkpoint dict (see ``metapl.train``).
+        The checkpoint dict (see ``checkpoint_state``).
     """
     path = Path(path)
     if path.is_dir():

@@ -1,6 +1,8 @@
 """The ``metapl`` command: train, finetune, eval, predict, plot and an offline demo.
 
-Every error a user can fix is printed as one line (``metapl: error: ...``) with exit status 2, never a traceback.
+Every error a user can fix is printed as one line (``metapl: error: ...``) with exit status 2, never a traceback;
+a file-system error that no deeper code named (``OSError``) is reported the same way, naming its path. A training
+run stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the signal number (130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 from dataclasses import replace
 
 from metapl.config import add_config_arguments, resolve
-from metapl.errors import UserError
+from metapl.errors import Interrupted, UserError, describe_os_error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +30,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a teacher and a student with Meta Pseudo Labels")
     add_config_arguments(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="start the run in --out even if that folder is not empty: the files of an earlier run there "
+        "(config.yaml, split.json, metrics.jsonl, tb/, checkpoints, summary.json, eval.json, curves.png) are "
+        "deleted first; other files are left alone. Without it a folder that is not empty is refused",
+    )  # fmt: skip
 
     p = sub.add_parser("finetune", help="finetune a trained run's student on its labeled data")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -68,24 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"metapl: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the last resort: file-writing sites name their path themselves
+        print(f"metapl: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"metapl: {e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
-        print("metapl: interrupted; resume with metapl train --resume RUN_DIR", file=sys.stderr)
+        # Outside the training loop (loading data, evaluating, finetuning): only the last checkpoint is on disk.
+        print("metapl: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
         return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from metapl.train import load_run_config, train
+        from metapl.run import load_run_config
+        from metapl.train import train
 
         if args.resume:
-            given = sorted("--" + k.replace("_", "-") for k in vars(args) if k not in ("command", "resume", "config"))
+            own = ("command", "resume", "config", "overwrite")
+            given = sorted("--" + k.replace("_", "-") for k in vars(args) if k not in own)
+            given += ["--overwrite"] if args.overwrite else []
             if given or args.config:
                 # A resumed run must be the same run: its saved config wins over anything on the command line.
                 raise UserError(f"--resume uses the run's saved config.yaml; drop {', '.join(given) or '--config'}")
             cfg = replace(load_run_config(args.resume), out=args.resume)
             train(cfg, resume=True)
         else:
-            train(resolve(args))
+            train(_resolve(args), overwrite=args.overwrite)
         return 0
     if args.command == "finetune":
         from metapl.finetune import finetune_run
@@ -114,6 +132,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         demo(out=args.out, steps=args.steps, seed=args.seed)
         return 0
     raise AssertionError(args.command)
+
+
+def _resolve(args: argparse.Namespace):
+    """The train config of the command line; a ``--config`` file that is not text is named in one line."""
+    try:
+        return resolve(args)
+    except UnicodeDecodeError:
+        raise UserError(f"config file {args.config} is not UTF-8 text; save it as UTF-8 YAML") from None
 
 
 if __name__ == "__main__":

@@ -7,30 +7,35 @@ killed midway is simply run again: it is short and restarts from the MPL checkpo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from metapl import data as mdata
-from metapl.checkpoint import atomic_save
+from metapl.checkpoint import FINETUNED, LATEST, atomic_save, checkpoint_state, load_checkpoint, nonfinite_weights
 from metapl.core import supervised_step, unwrap
+from metapl.errors import UserError
 from metapl.evaluate import eval_loaders, evaluate
-from metapl.runtime import make_sgd
-
-FINETUNED = "finetuned.pt"
+from metapl.metrics import MetricsWriter
+from metapl.run import build_run, load_run_config, read_summary, write_summary
+from metapl.runtime import init_distributed, make_sgd, seed_everything, select_device
 
 
 def finetune_student(run, run_dir: Path, writer, log) -> dict:
     """Finetune ``run.student`` for ``cfg.finetune_steps`` steps on shuffled labeled batches (weak augmentation).
 
     Args:
-        run: a built ``metapl.train.Run`` (models restored).
+        run: a built ``metapl.run.Run`` (models restored).
         run_dir: the run directory.
         writer: the run's ``MetricsWriter``; finetune records use steps after the MPL steps.
         log: progress lines.
 
     Returns:
         ``{"finetuned_acc", "finetuned_top5", "finetune_steps"}``.
+
+    Raises:
+        UserError: the finetuned weights became non-finite (nothing is evaluated or written then).
     """
     cfg, device, data = run.cfg, run.device, run.data
     student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
@@ -57,17 +62,26 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
             writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
             losses = []
         # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
-        if (done % cfg.eval_every == 0 or done == cfg.finetune_steps) and run.dist.is_main:
-            accs = _evaluate_finetuned(unwrap(student), loaders, device, run.amp_dtype)
-            writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
+        if done % cfg.eval_every == 0 or done == cfg.finetune_steps:
+            _refuse_diverged(student, cfg)  # every rank: they hold the same weights and must stop together
+            if run.dist.is_main:
+                accs = _evaluate_finetuned(unwrap(student), loaders, device, run.amp_dtype)
+                writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
     result = {"finetune_steps": cfg.finetune_steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
-        from metapl.train import checkpoint_state
-
         atomic_save(checkpoint_state(run), run_dir / FINETUNED)
     return result
+
+
+def _refuse_diverged(student, cfg) -> None:
+    """Stop before a diverged student is evaluated or saved as ``finetuned.pt``."""
+    if nonfinite_weights({"student": unwrap(student).state_dict()}):
+        raise UserError(
+            f"finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate "
+            f"{cfg.finetune_lr}; {FINETUNED} was not written; finetune again with a lower --lr"
+        )
 
 
 def _evaluate_finetuned(student, loaders: dict, device, amp_dtype) -> dict[str, float]:
@@ -91,14 +105,6 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     Returns:
         The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
     """
-    import json
-    from dataclasses import replace
-
-    from metapl.checkpoint import LATEST, load_checkpoint
-    from metapl.metrics import MetricsWriter
-    from metapl.runtime import init_distributed, seed_everything, select_device
-    from metapl.train import SUMMARY, build_run, load_run_config
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     cfg = replace(
@@ -106,6 +112,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         finetune_lr=lr if lr is not None else cfg.finetune_lr, device=device or cfg.device,
     )  # fmt: skip
     ckpt = load_checkpoint(run_dir / LATEST)
+    summary = read_summary(run_dir)  # read first: a damaged file is reported before minutes of work
     dev = select_device(cfg.device)
     seed_everything(cfg.seed + 1)
     run = build_run(cfg, dev, init_distributed(dev), run_dir, ckpt, log)
@@ -114,9 +121,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         result = finetune_student(run, run_dir, writer, log)
     finally:
         writer.close()
-    summary_path = run_dir / SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.update(result)
     if run.dist.is_main:
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(run_dir, summary)
     return summary

@@ -18,17 +18,23 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from metapl.checkpoint import LATEST, load_checkpoint
+from metapl.checkpoint import (
+    EVAL_JSON,
+    FINETUNED,
+    LATEST,
+    MODEL_KEYS,
+    load_checkpoint,
+    refuse_nonfinite,
+    require_keys,
+    state_dict_mismatch,
+)
 from metapl.config import TrainConfig, config_from_dict
-from metapl.errors import UserError
+from metapl.errors import UserError, few, reporting_os_errors
 from metapl.evaluate import evaluate
 from metapl.models import create_model
 from metapl.runtime import select_device
 
-FINETUNED = "finetuned.pt"  # same name as metapl.finetune.FINETUNED; not imported to keep the data package out
-EVAL_JSON = "eval.json"
 PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
-_REQUIRED = ("num_classes", "classes", "in_channels", "image_size", "mean", "std", "student")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,11 +66,10 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
         The model in eval mode, on the CPU.
 
     Raises:
-        UserError: the checkpoint lacks that network, or its weights do not fit the architecture its config names.
+        UserError: the checkpoint lacks that network, its weights do not fit the architecture its config names, or
+            they hold NaN/inf (a diverged run).
     """
-    missing = [k for k in _REQUIRED if k not in ckpt]
-    if missing:
-        raise UserError(f"{source} lacks {', '.join(missing)}; is it a checkpoint written by metapl train?")
+    require_keys(ckpt, MODEL_KEYS, source)
     state = ckpt.get(role)
     if state is None:
         raise UserError(f"{source} holds no {role} weights")
@@ -74,41 +79,16 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
     model = create_model(
         name, num_classes=num_classes, in_channels=in_channels, image_size=int(ckpt["image_size"]), dropout=dropout
     )
-    problem = _state_dict_mismatch(model.state_dict(), state)
+    problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
         raise UserError(
             f"{source}: the {role} weights do not fit {name} rebuilt from the checkpoint's config "
             f"(num_classes={num_classes}, in_channels={in_channels}): {problem}; "
             "was the checkpoint edited, or written for another data set?"
         )
+    refuse_nonfinite(ckpt, source, roles=(role,))
     model.load_state_dict(state)
     return model.eval()
-
-
-def _state_dict_mismatch(expected: dict, given: dict) -> str | None:
-    """Describe the first way ``given`` fails to fit ``expected`` (both state dicts), or None when it fits.
-
-    Checked here rather than by catching ``load_state_dict``'s RuntimeError: its message spans many lines and the CLI
-    prints one, naming both shapes.
-    """
-    if not isinstance(given, dict):
-        return f"expected a state dict, found {type(given).__name__}"
-    for key, tensor in expected.items():
-        if key in given and hasattr(given[key], "shape") and tuple(given[key].shape) != tuple(tensor.shape):
-            have, want = tuple(given[key].shape), tuple(tensor.shape)
-            return f"{key} has shape {have} in the checkpoint but the model expects {want}"
-    absent = [k for k in expected if k not in given]
-    extra = [k for k in given if k not in expected]
-    parts = []
-    if absent:
-        parts.append(f"{len(absent)} tensors missing ({_few(absent)})")
-    if extra:
-        parts.append(f"{len(extra)} unexpected tensors ({_few(extra)})")
-    return ", ".join(parts) or None
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,8 +136,9 @@ def run_eval(
     if output is None:
         output = path / EVAL_JSON if path.is_dir() else path.with_name(f"{path.stem}.{EVAL_JSON}")
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    with reporting_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {output}")
     return result
 
@@ -191,8 +172,8 @@ def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | 
                 f"{want} {what}; pass the --data-dir of the data set the run was trained on"
             )
     if list(data.classes) != list(ckpt["classes"]):
-        log(f"warning: the data set's class names differ from the checkpoint's ({_few(list(data.classes))} vs "
-            f"{_few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
+        log(f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
+            f"{few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
     # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
     loader = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size)
     return loader, len(data.test)
@@ -269,13 +250,14 @@ def run_predict(
             rows.append({"path": str(f), "class": ranked[0][0], "probability": ranked[0][1], "top_k": ranked})
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "class", "probability", "top_k"])
-        for r in rows:
-            top = ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"])
-            writer.writerow([r["path"], r["class"], f"{r['probability']:.4f}", top])
+    with reporting_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "class", "probability", "top_k"])
+            for r in rows:
+                top = ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"])
+                writer.writerow([r["path"], r["class"], f"{r['probability']:.4f}", top])
     log(f"wrote predictions for {len(rows)} images to {output} ({model} model of {ckpt_path}, step {ckpt.get('step')})")
     return rows
 

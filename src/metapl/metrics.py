@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
-METRICS = "metrics.jsonl"
+from metapl.checkpoint import METRICS, TENSORBOARD
+from metapl.errors import UserError, reporting_os_errors
 
 
 class MetricsWriter:
     """Appends ``{"step": s, key: value, ...}`` records to ``RUN_DIR/metrics.jsonl`` and mirrors them to TensorBoard.
 
     On resume from step ``s``, records after ``s`` (written by the killed run after its last checkpoint) are dropped
-    first, so the file never holds a step twice.
+    first, so the file never holds a step twice; a line torn by a kill mid-write is dropped too. A file that cannot
+    be written (disk full, read-only) is a ``UserError`` naming it.
 
     Args:
         run_dir: the run directory.
@@ -23,15 +26,16 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool, resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / METRICS
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a")  # noqa: SIM115 - held for the run's life, closed by close()
+        with reporting_os_errors(self.path):
+            if self.path.exists() and (resume_step is not None or _torn(self.path)):
+                kept = [r for r in read_metrics(self.path) if resume_step is None or r["step"] <= resume_step]
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._file = open(self.path, "a")  # noqa: SIM115 - held for the run's life, closed by close()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD), purge_step=resume_step)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` (plain floats) at ``step``."""
@@ -39,8 +43,9 @@ class MetricsWriter:
             "step": step,
             **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()},
         }
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with reporting_os_errors(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and v is not None and not math.isnan(v):
@@ -54,16 +59,39 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics file (a run directory means its ``metrics.jsonl``)."""
+    """The records of a metrics file (a run directory means its ``metrics.jsonl``).
+
+    A last line torn by a kill mid-write is skipped (a resumed run rewrites its step); any other line that is not a
+    JSON record with an integer ``step`` is a ``UserError`` naming the file and the line.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS
+    with reporting_os_errors(path, "read"):
+        raw = path.read_bytes()
+    lines = raw.split(b"\n")
     records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-write; its step is rewritten after resume
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or type(record.get("step")) is not int:
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
+            if number == len(lines):  # the last line, without its newline: torn by a kill; its step is rewritten
+                continue
+            raise UserError(
+                f"{path} line {number} is damaged ({str(e).splitlines()[0][:80]}); delete that line and try again"
+            ) from None
+        records.append(record)
     return records
+
+
+def _torn(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (a kill mid-write)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"

@@ -14,10 +14,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from metapl.errors import UserError
-from metapl.metrics import METRICS, read_metrics
+from metapl.checkpoint import CURVES, METRICS
+from metapl.errors import UserError, reporting_os_errors
+from metapl.metrics import read_metrics
 
-CURVES = "curves.png"
 ACC_KEYS = (("eval/teacher_acc", "teacher"), ("eval/student_acc", "student"), ("eval/ema_acc", "EMA student"))
 FINETUNED_KEY = "eval/finetuned_acc"
 LINESTYLES = {"teacher": "--", "student": ":", "EMA student": "-", "h": "-", "baseline": "--", "loss": "-"}
@@ -38,7 +38,8 @@ def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, l
         The path of the image written.
 
     Raises:
-        UserError: no run given, a missing run directory, a run without metrics, or an unsupported output extension.
+        UserError: no run given, a missing run directory, a run without metrics or with a damaged metrics line, an
+            unsupported output extension, or an output that cannot be written.
     """
     if not run_dirs:
         raise UserError("pass at least one run directory to plot")
@@ -50,8 +51,9 @@ def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, l
     fig = make_figure(runs)
     if fmt not in fig.canvas.get_supported_filetypes():
         raise UserError(f"cannot write a .{fmt} image ({output}); use a .png file name")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, format=fmt, dpi=110)
+    with reporting_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output, format=fmt, dpi=110)
     log(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return output
 

@@ -1,10 +1,12 @@
-"""Process-level setup shared by the commands: devices, torchrun/DDP, seeds, optimizers, schedulers."""
+"""Process-level setup shared by the commands: devices, torchrun/DDP, seeds, optimizers, schedulers, signals."""
 
 from __future__ import annotations
 
 import inspect
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,3 +153,33 @@ def barrier(d: Dist) -> None:
     """Wait for every rank."""
     if d.enabled:
         dist.barrier()
+
+
+class StopSignals:
+    """A context in which SIGINT (Ctrl-C) and SIGTERM only set ``signum``: the training loop polls it, saves and exits.
+
+    Stopping between two steps, never inside one, keeps the teacher, the student and the optimizers consistent for
+    the checkpoint. A second signal interrupts at once (``KeyboardInterrupt``), for a step that never ends. Outside
+    the main thread, where Python cannot install handlers, the signals keep their usual effect.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *_exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)

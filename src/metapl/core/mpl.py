@@ -198,12 +198,17 @@ def mpl_update(
         s_scaler: gradient scaler for the student (float16 only).
         generator: random generator for ``pseudo_label="sample"``.
 
+    Raises:
+        ValueError: an empty image field of ``batch`` (named), two unlabeled views of different sizes, or options
+            that do not go together.
+
     Returns:
         Named, detached scalar tensors: ``loss/teacher``, ``loss/teacher_l``, ``loss/teacher_uda``,
         ``loss/teacher_mpl``, ``loss/student``, ``mpl/h`` (signed, before the baseline), ``mpl/baseline``,
         ``mpl/s_loss_l_old``, ``mpl/s_loss_l_new``, ``mask_ratio``, ``pseudo/confidence`` and, when ``batch.y_u`` is
         given, ``pseudo/acc`` (fraction of correct pseudo labels among images whose label is known).
     """
+    _check_batch(batch)
     if config.baseline_decay > 0 and state is None:
         raise ValueError("config.baseline_decay > 0 needs an MPLState to carry the baseline between updates")
     if config.mode == "soft" and isinstance(student, nn.parallel.DistributedDataParallel):
@@ -218,6 +223,19 @@ def mpl_update(
         teacher, student, t_optimizer, s_optimizer, batch, config, state,
         uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator,
     )  # fmt: skip
+
+
+def _check_batch(batch: Batch) -> None:
+    """Refuse a batch the update cannot learn from, naming the field (shapes only: no device sync)."""
+    for name in ("x_l", "x_uw", "x_us"):
+        if getattr(batch, name).shape[0] == 0:
+            # The losses would average over no images: NaN, which would then poison both models silently.
+            raise ValueError(f"batch.{name} is empty (0 images); every MPL update needs labeled and unlabeled images")
+    if batch.x_uw.shape[0] != batch.x_us.shape[0]:
+        raise ValueError(
+            f"batch.x_uw has {batch.x_uw.shape[0]} images but batch.x_us has {batch.x_us.shape[0]}; they must be two "
+            "views of the same unlabeled images"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

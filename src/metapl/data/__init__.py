@@ -19,7 +19,15 @@ from metapl.data.loader import (
     make_train_loaders,
 )
 from metapl.data.sources import DATASETS, ImageArrays, SourceData, load_dataset
-from metapl.data.split import Split, load_split, make_split, per_class_counts, save_split
+from metapl.data.split import (
+    Split,
+    check_fingerprint,
+    data_fingerprint,
+    load_split,
+    make_split,
+    per_class_counts,
+    save_split,
+)
 from metapl.data.transforms import Cutout, eval_transform, strong_transform, weak_transform
 
 __all__ = [
@@ -32,6 +40,8 @@ __all__ = [
     "SourceData",
     "Split",
     "UnlabeledDataset",
+    "check_fingerprint",
+    "data_fingerprint",
     "default_cache_dir",
     "eval_transform",
     "load_dataset",

@@ -7,11 +7,14 @@ The hash covers the reader name, the absolute source path, a fingerprint of the 
 sorted list of file names, sizes and mtimes of a folder), the output image size and ``FORMAT_VERSION``, so editing
 the source or changing ``--image-size`` builds a new entry. Entries are never updated in place: an entry is built
 in a temporary folder and renamed into place atomically, so a crash or two concurrent runs never leave a half-written
-entry. Deleting the cache folder (or one ``<reader>-<hash>`` subfolder) clears it; nothing else refers to it.
+entry. Each hit is checked cheaply (sizes, digests of the ends of each file, meta.json's own checksum; see
+``_check_entry``) and a damaged entry is rebuilt. Deleting the cache folder (or one ``<reader>-<hash>`` subfolder)
+clears it; nothing else refers to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from metapl.errors import UserError
+from metapl.errors import reporting_os_errors
 
 # Bump when the meaning of cached arrays changes (decoding, resizing, layout), so old entries are not reused.
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+CHECKSUM = "meta_sha256"  # meta.json's own checksum, over its other keys
+EDGE_BYTES = 1 << 20  # how much of each end of an array file is hashed when the entry is written and checked on a hit
 
 
 def default_cache_dir() -> Path:
@@ -87,6 +92,8 @@ def load_or_build(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Return cached arrays for ``(reader, parts)``, building and storing them first if they are not cached yet.
 
+    An entry found damaged (see ``_check_entry``) is rebuilt, with one line saying so.
+
     Args:
         cache_dir: cache root; ``None`` means ``default_cache_dir()``.
         reader: reader name, see ``cache_key``.
@@ -100,47 +107,128 @@ def load_or_build(
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / cache_key(reader, parts)
-    if (final / META_FILE).is_file():
-        log(f"using cached arrays in {final}")
-        return _open(final)
+    key = {"reader": reader, "format": FORMAT_VERSION, **parts}
+    if final.exists():
+        try:
+            opened = _open_checked(final, key)
+            log(f"using cached arrays in {final}")
+            return opened
+        except _Damaged as e:
+            log(f"cache entry {final} is damaged ({e}); rebuilding it")
 
     arrays, meta = build()
-    try:
+    with reporting_os_errors(root, "write the data cache in", "pass --cache-dir DIR or set METAPL_CACHE_DIR"):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it private; a finished entry should be readable like any other folder
-    except OSError as e:
-        msg = f"cannot write the data cache in {root} ({e.strerror}); pass --cache-dir DIR or set METAPL_CACHE_DIR"
-        raise UserError(msg) from e
     try:
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-        full_meta = {"key": {"reader": reader, "format": FORMAT_VERSION, **parts}, "arrays": sorted(arrays), **meta}
-        # meta.json is written last: its presence marks a complete entry.
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
-        if final.exists() and not (final / META_FILE).is_file():  # a damaged entry (e.g. emptied by hand)
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process finished the same entry first; theirs is identical, keep it.
-            if not (final / META_FILE).is_file():
-                raise
+        with reporting_os_errors(tmp, "write the data cache in"):
+            files = {}
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+                files[f"{name}.npy"] = _file_summary(tmp / f"{name}.npy")
+            full_meta = {"key": key, "arrays": sorted(arrays), "files": files, **meta}
+            full_meta[CHECKSUM] = _meta_checksum(full_meta)
+            # meta.json is written last: its presence marks a complete entry.
+            (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
+            _replace_entry(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"cached decoded arrays in {final} (delete the folder to clear it)")
-    return _open(final)
+    return _open_checked(final, key)
 
 
-def _open(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
-    meta = json.loads((folder / META_FILE).read_text())
-    arrays = {name: _load(folder / f"{name}.npy") for name in meta["arrays"]}
+class _Damaged(Exception):
+    """A cache entry that cannot be used as it is; the message says why."""
+
+
+def _replace_entry(tmp: Path, final: Path) -> None:
+    """Rename a finished entry into place, moving a damaged one out of the way first."""
+    if final.exists():
+        # Renamed first, then deleted: a process reading the old entry keeps its open files, and no reader ever sees
+        # a half-deleted folder under the entry's name.
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another process moved it already
+            os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        # Another process finished the same entry first; theirs is identical, keep it.
+        if not (final / META_FILE).is_file():
+            raise
+
+
+def _file_summary(path: Path) -> dict:
+    return {"size": path.stat().st_size, "edges_sha256": _edges_digest(path)}
+
+
+def _edges_digest(path: Path) -> str:
+    """SHA-256 of the first and the last ``EDGE_BYTES`` of a file (the whole file when it is smaller)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(EDGE_BYTES))
+        size = f.seek(0, os.SEEK_END)
+        if size > EDGE_BYTES:
+            f.seek(max(EDGE_BYTES, size - EDGE_BYTES))
+            h.update(f.read(EDGE_BYTES))
+    return h.hexdigest()
+
+
+def _meta_checksum(meta: dict) -> str:
+    return hashlib.sha256(
+        json.dumps({k: v for k, v in meta.items() if k != CHECKSUM}, sort_keys=True).encode()
+    ).hexdigest()
+
+
+def _check_entry(folder: Path, key: dict) -> dict:
+    """The entry's meta dict, after cheap checks; raises ``_Damaged`` saying what is wrong.
+
+    Checked on every hit: ``meta.json`` parses, carries the key it should and its own checksum (so an edited or
+    truncated meta.json is caught), and each array file has the size and the first/last-MiB digest it was written
+    with. A full checksum would read gigabytes at every start; a truncated, deleted, replaced or overwritten file
+    changes its size or its edges, and ``np.load`` then checks the ``.npy`` header against the size. Entries written
+    before these checks existed (no ``files`` in their meta) get the ``np.load`` check alone.
+    """
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except FileNotFoundError:
+        raise _Damaged(f"no {META_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise _Damaged(f"{META_FILE} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), list) or meta.get("key") != key:
+        raise _Damaged(f"{META_FILE} does not describe this entry")
+    if CHECKSUM in meta and meta[CHECKSUM] != _meta_checksum(meta):
+        raise _Damaged(f"{META_FILE} was altered")
+    for name, want in meta.get("files", {}).items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+            if size != want["size"]:
+                raise _Damaged(f"{name} has {size} bytes, {want['size']} were written")
+            if _edges_digest(path) != want["edges_sha256"]:
+                raise _Damaged(f"{name} was overwritten")
+        except OSError as e:
+            raise _Damaged(f"{name}: {e.strerror}") from None
+    return meta
+
+
+def _open_checked(folder: Path, key: dict) -> tuple[dict[str, np.ndarray], dict]:
+    meta = _check_entry(folder, key)
+    arrays = {}
+    for name in meta["arrays"]:
+        try:
+            arrays[name] = _load(folder / f"{name}.npy")
+        except (OSError, ValueError, EOFError) as e:
+            raise _Damaged(f"{name}.npy is unreadable: {e}") from None
     return arrays, meta
 
 
 def _load(path: Path) -> np.ndarray:
     # mmap cannot map zero bytes: an empty array (e.g. every image of a split skipped) is read normally.
     try:
-        return np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError:
-        return np.load(path)
+        if path.stat().st_size == 0:
+            raise
+        return np.load(path, allow_pickle=False)

@@ -9,6 +9,7 @@ that seed, so which worker, or which process, does the work does not matter.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -200,6 +201,9 @@ class EvalDataset(Dataset):
 def _worker_init(_worker_id: int) -> None:
     # Each worker handles one image at a time; intra-op threads would only oversubscribe the cores.
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the main process saves a checkpoint and stops its workers itself, so a
+    # worker killed by the same signal would only break the batches it still has to deliver.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader(dataset, sampler, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor) -> DataLoader:

@@ -133,8 +133,8 @@ def load_dataset(
         data_dir: where the data is. ``cifar10``/``cifar100``/``svhn``: torchvision's root folder (default ``./data``),
             or for CIFAR an ImageFolder tree / ``.tar.gz`` of one. ``fashion-mnist``: a folder with the four IDX files
             (also searched in ``<dir>/FashionMNIST/raw`` and ``/usr/share/datasets/fashion-mnist``). ``folder``: an
-            ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``) or a tar of one. Ignored by
-            ``digits``.
+            ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``) or a tar of one. ``digits``
+            reads none: giving one is an error rather than silently ignored.
         download: let torchvision download a missing ``cifar10``/``cifar100``/``svhn``/``fashion-mnist``.
         image_size: resize (shorter side, then centre crop) every image to this square size; needed when a folder's
             images differ in size.
@@ -155,7 +155,7 @@ def load_dataset(
         raise UserError(f"--image-size {image_size} is too small; use at least 4 pixels")
     opts = {"image_size": image_size, "cache_dir": cache_dir, "skip_corrupt": skip_corrupt, "log": log}
     if name == "digits":
-        data = _load_digits(image_size, seed)
+        data = _load_digits(data_dir, image_size, seed)
     elif name == "folder" or (name in ("cifar10", "cifar100") and data_dir and _is_image_tree(data_dir)):
         data = _load_folder(data_dir, test_fraction=test_fraction, seed=seed, **opts)
         if name != "folder":
@@ -188,7 +188,12 @@ def _is_image_tree(data_dir: str) -> bool:
 # -- digits: bundled with scikit-learn, needs no files -----------------------------------------------------------------
 
 
-def _load_digits(image_size: int | None, seed: int) -> SourceData:
+def _load_digits(data_dir: str | None, image_size: int | None, seed: int) -> SourceData:
+    if data_dir:  # silently training on digits instead of the folder the user named would be worse than an error
+        raise UserError(
+            f"--dataset digits is bundled with scikit-learn and reads no --data-dir ({data_dir}); to train on that "
+            "folder pass --dataset folder (or cifar10, fashion-mnist, ...), else drop --data-dir"
+        )
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -345,6 +350,12 @@ def _load_fashion_mnist(data_dir, download, *, image_size, cache_dir, skip_corru
     def build():
         arrays = {key: read_idx(path) for key, path in files.items()}
         for split in ("train", "test"):
+            n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+            if n_images != n_labels:
+                raise UserError(
+                    f"{files[f'{split}_images']} holds {n_images} images but {files[f'{split}_labels']} holds "
+                    f"{n_labels} labels; the two files must come from the same Fashion-MNIST copy"
+                )
             images = arrays[f"{split}_images"][..., None]
             if image_size is not None and image_size != images.shape[1]:
                 images = resize_arrays(images, image_size)

@@ -1,7 +1,12 @@
-"""Seeded, class-balanced choice of the labeled subset of the training images, saved with each run."""
+"""Seeded, class-balanced choice of the labeled subset of the training images, saved with each run.
+
+The saved split carries a fingerprint of the data it indexes (``data_fingerprint``): a resumed run checks it, since
+the same indices into changed data (images added to a folder, another copy of a data set) silently pick other images.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -10,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metapl.errors import UserError
+from metapl.errors import UserError, reporting_os_errors
 
 UNLABELED_MODES = ("all", "rest")
 
@@ -26,12 +31,14 @@ class Split:
         seed: the seed that chose ``labeled``.
         val: sorted int64 indices of the labeled images held out for validation (class-balanced, carved from the
             labeled draw; never trained on, not even as unlabeled data). Empty unless ``--val-labeled`` asks.
+        fingerprint: ``data_fingerprint`` of the data the split was drawn from, or None (files of older versions).
     """
 
     labeled: np.ndarray
     unlabeled: np.ndarray
     seed: int
     val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    fingerprint: dict | None = None
 
 
 def per_class_counts(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:
@@ -138,21 +145,83 @@ def _carve_validation(labels, labeled: np.ndarray, num_classes: int, val: int, r
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+FINGERPRINT_SAMPLES = 64  # images hashed by data_fingerprint, evenly spaced: a cheap check of the pixels
+
+
+def data_fingerprint(data) -> dict:
+    """What identifies a data set cheaply: counts, per-class counts, and hashes of the labels and a sample of images.
+
+    Reads the labels and ``FINGERPRINT_SAMPLES`` images, never the whole image array, so checking it on resume costs
+    milliseconds even for large data sets. It depends on the content only, not on paths or file times: a copy of the
+    data elsewhere matches.
+
+    Args:
+        data: a ``metapl.data.SourceData``.
+
+    Returns:
+        A JSON-able dict.
+    """
+    labels = np.ascontiguousarray(data.train.labels, dtype=np.int64)
+    images = data.train.images
+    rows = np.unique(np.linspace(0, len(images) - 1, num=min(FINGERPRINT_SAMPLES, len(images))).astype(np.int64))
+    sample = np.ascontiguousarray(images[rows]) if len(images) else np.zeros(0, dtype=np.uint8)
+    extra = data.extra_unlabeled
+    return {
+        "train_images": int(len(images)),
+        "test_images": int(len(data.test)),
+        "extra_unlabeled": int(len(extra)) if extra is not None else 0,
+        "image_shape": [int(d) for d in images.shape[1:]],
+        "class_counts": np.bincount(labels[labels >= 0], minlength=data.num_classes).tolist(),
+        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+        "images_sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
+    }
+
+
+def check_fingerprint(saved: dict | None, current: dict, where: str | os.PathLike) -> None:
+    """Refuse to reuse a split on data that changed since it was drawn.
+
+    Args:
+        saved: the split's ``fingerprint`` (None: an older split file without one; nothing to check).
+        current: ``data_fingerprint`` of the data loaded now.
+        where: the split file, for the message.
+
+    Raises:
+        UserError: naming the first difference.
+    """
+    if saved is None or saved == current:
+        return
+    names = {"train_images": "training images", "test_images": "test images", "extra_unlabeled": "extra unlabeled "
+             "images", "image_shape": "image shape", "class_counts": "images per class",
+             "labels_sha256": "labels", "images_sample_sha256": "image content"}  # fmt: skip
+    key = next((k for k in names if saved.get(k) != current.get(k)), None)
+    change = f"{names[key]}: {saved.get(key)} then, {current.get(key)} now" if key else "its fingerprint"
+    if key and key.endswith("sha256"):
+        change = f"the {names[key]} differ"
+    raise UserError(
+        f"the data changed since {where} was written ({change}); the saved split would pick other images: "
+        "restore the run's data (its data_dir in config.yaml), or start a new run"
+    )
+
+
 def save_split(split: Split, path: str | os.PathLike) -> None:
     """Write a split as JSON (or ``.npz`` when ``path`` ends in ``.npz``), so a run can be resumed or audited.
+
+    The JSON form also keeps the split's data fingerprint (key ``data``).
 
     Args:
         split: the split.
         path: the output file.
     """
     path = Path(path)
-    if path.suffix == ".npz":
-        np.savez(path, labeled=split.labeled, unlabeled=split.unlabeled, seed=np.int64(split.seed), val=split.val)
-        return
-    payload = {"version": 1, "seed": split.seed, "labeled": split.labeled.tolist()}
-    payload["unlabeled"] = split.unlabeled.tolist()
-    payload["val"] = split.val.tolist()
-    path.write_text(json.dumps(payload))
+    with reporting_os_errors(path):
+        if path.suffix == ".npz":
+            np.savez(path, labeled=split.labeled, unlabeled=split.unlabeled, seed=np.int64(split.seed), val=split.val)
+            return
+        payload = {"version": 1, "seed": split.seed, "labeled": split.labeled.tolist()}
+        payload["unlabeled"] = split.unlabeled.tolist()
+        payload["val"] = split.val.tolist()
+        payload["data"] = split.fingerprint
+        path.write_text(json.dumps(payload))
 
 
 def load_split(path: str | os.PathLike) -> Split:
@@ -171,11 +240,14 @@ def load_split(path: str | os.PathLike) -> Split:
                 val = z["val"].astype(np.int64) if "val" in z else np.zeros(0, dtype=np.int64)
                 return Split(z["labeled"].astype(np.int64), z["unlabeled"].astype(np.int64), int(z["seed"]), val)
         payload = json.loads(path.read_text())
+        if not isinstance(payload.get("data"), (dict, type(None))):
+            raise ValueError("its data fingerprint is not a mapping")
         return Split(
             np.asarray(payload["labeled"], dtype=np.int64),
             np.asarray(payload["unlabeled"], dtype=np.int64),
             int(payload["seed"]),
             np.asarray(payload.get("val", []), dtype=np.int64),
+            payload.get("data"),
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read the split file {path} ({e}); delete it to draw a new split") from e

@@ -1,0 +1,243 @@
+"""A training run as ``metapl train`` and ``metapl finetune`` both rebuild it: its state, its folder, its config.
+
+Run directory layout (names in ``metapl.checkpoint``): ``config.yaml`` (resolved config), ``split.json`` (labeled /
+unlabeled indices and the data's fingerprint), ``checkpoint.pt`` (latest), ``best.pt`` (best evaluation),
+``finetuned.pt``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``summary.json`` (final accuracies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from metapl import data as mdata
+from metapl.checkpoint import CONFIG, LATEST, RUN_FILES, SPLIT, SUMMARY, restore
+from metapl.config import TrainConfig, config_from_dict
+from metapl.core import ModelEMA, MPLState
+from metapl.data.loader import mix_seed
+from metapl.errors import UserError, few, reporting_os_errors
+from metapl.models import count_parameters, create_model
+from metapl.runtime import Dist, amp_dtype, make_scheduler, make_sgd, seed_everything, wrap_ddp
+
+
+@dataclass
+class Run:
+    """Everything the training loop mutates, and what a checkpoint holds."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: Dist
+    data: object
+    split: object
+    teacher: nn.Module
+    student: nn.Module
+    t_opt: torch.optim.Optimizer
+    s_opt: torch.optim.Optimizer
+    t_sched: object
+    s_sched: object
+    ema: ModelEMA | None
+    state: MPLState
+    t_scaler: torch.amp.GradScaler | None
+    s_scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    seconds: float = 0.0
+    best_acc: float = -1.0
+    last_eval: tuple[int, dict] | None = None  # (step, accuracies) of the latest evaluation
+    saved_step: int | None = None  # step of the checkpoint.pt on disk, None before the first save
+
+
+def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, log) -> Run:
+    """Data, split, models, optimizers, schedulers, EMA and scalers of a run; restored from ``ckpt`` if given.
+
+    With ``ckpt``, the saved ``split.json`` is reused after checking that the data still matches its fingerprint.
+    """
+    data = mdata.load_dataset(
+        cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
+        cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+    )  # fmt: skip
+    split = _split(cfg, data, run_dir / SPLIT if ckpt is not None else None, log)
+    log(
+        f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
+        f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled, {len(data.test.labels)} test"
+    )
+    teacher, student = (
+        create_model(name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size,
+                     dropout=drop)
+        for name, drop in ((cfg.teacher, cfg.teacher_dropout), (cfg.student, cfg.student_dropout))
+    )  # fmt: skip
+    log(f"teacher {cfg.teacher}: {count_parameters(teacher):,} parameters; "
+        f"student {cfg.student}: {count_parameters(student):,} parameters")  # fmt: skip
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    teacher = teacher.to(device, memory_format=memory_format)
+    student = student.to(device, memory_format=memory_format)
+    opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
+    t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
+    t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.t_warmup_steps)
+    # The baseline has no teacher to wait for: its student starts at once.
+    wait = cfg.s_wait_steps if cfg.method == "mpl" else 0
+    s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=wait)
+    ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
+    dtype = amp_dtype(cfg.amp, device)
+    scalers = (None, None)
+    if dtype == torch.float16:
+        scalers = (torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda"))
+    run = Run(cfg, device, d, data, split, teacher, student, t_opt, s_opt, t_sched, s_sched, ema, MPLState(),
+              *scalers, dtype)  # fmt: skip
+    if ckpt is not None:
+        if not restore(run, ckpt, run_dir / LATEST):
+            seed_rank(cfg, d, run.step)  # another number of processes: no exact resume, but distinct streams
+        run.saved_step = run.step
+        log(f"resumed {run_dir} at step {run.step}")
+    elif d.enabled:
+        seed_rank(cfg, d)
+    run.teacher = wrap_ddp(teacher, d, device, sync_bn=cfg.sync_bn)
+    run.student = wrap_ddp(student, d, device, sync_bn=cfg.sync_bn)
+    if cfg.compile:
+        run.teacher, run.student = torch.compile(run.teacher), torch.compile(run.student)
+    return run
+
+
+def _split(cfg: TrainConfig, data, saved: Path | None, log):
+    """The saved split of a resumed run (checked against the data), else a new one carrying the data's fingerprint."""
+    fingerprint = mdata.data_fingerprint(data)
+    if saved is not None and saved.exists():
+        split = mdata.load_split(saved)
+        mdata.check_fingerprint(split.fingerprint, fingerprint, saved)
+        return split
+    split = mdata.make_split(
+        data.train.labels, cfg.num_labeled, data.num_classes, seed=cfg.seed, unlabeled=cfg.unlabeled,
+        val=cfg.val_labeled, log=log,
+    )  # fmt: skip
+    if cfg.method == "mpl" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
+        raise UserError(
+            f"--unlabeled rest leaves no unlabeled images: all {len(data.train)} training images are labeled or held "
+            "out; lower --num-labeled, use --unlabeled all, or add images with --unlabeled-dir"
+        )
+    split.fingerprint = fingerprint
+    return split
+
+
+def seed_rank(cfg: TrainConfig, d: Dist, step: int = 0) -> None:
+    """Give each rank its own random stream, after the models were built identically from ``cfg.seed``.
+
+    With one seed for all ranks, every rank would draw the same dropout masks and the same sampled pseudo labels
+    for its different images. Data augmentation does not depend on this: the loaders seed each image themselves.
+    """
+    seed_everything(mix_seed(cfg.seed, d.rank, step) >> 31, cfg.deterministic)  # NumPy takes 32-bit seeds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory
+
+
+def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse a run directory that would mix two runs or overwrite files; nothing is written or deleted here.
+
+    Args:
+        out: ``--out`` (or the ``--resume`` directory).
+        resume: the run in ``out`` is being continued: it must hold a checkpoint.
+        overwrite: ``--overwrite``: a folder that is not empty is accepted (its run files are removed later by
+            ``clear_run_files``, once the new run has been built).
+
+    Returns:
+        The run directory.
+    """
+    if not str(out).strip():
+        raise UserError("--out is empty; name a folder for the run, e.g. --out runs/mpl")
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    # Found now rather than after loading the data: the nearest existing folder must be one we can write into.
+    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"--out {out} lies under {nearest}, which is a file; pick another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {nearest} (permission denied or read-only); pick another --out")
+    if resume:
+        if not (run_dir / LATEST).is_file():
+            raise UserError(
+                f"{run_dir} has no {LATEST} to resume from (stopped before its first save?); start it again with "
+                f"metapl train --out {run_dir} --overwrite and the same options"
+            )
+        return run_dir
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if not entries or overwrite:
+        return run_dir
+    if LATEST in entries:
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to start it again "
+            "(its run files are deleted), or another --out"
+        )
+    raise UserError(
+        f"--out {run_dir} is not empty (it holds {few(entries)}); pick another --out, or pass --overwrite to "
+        "replace the metapl run files in it"
+    )
+
+
+def clear_run_files(run_dir: Path, log) -> None:
+    """Delete the files a run writes (``metapl.checkpoint.RUN_FILES``) from ``run_dir``; other files stay."""
+    removed = []
+    for name in RUN_FILES:
+        path = run_dir / name
+        with reporting_os_errors(path, "delete"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            else:
+                continue
+        removed.append(name)
+    if removed:
+        log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved config saved in a run directory (for ``--resume`` and the other commands)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found; pass the --out of an earlier metapl train")
+    if not path.exists():
+        raise UserError(f"{run_dir} has no {CONFIG}; pass a run directory written by metapl train")
+    with reporting_os_errors(path, "read"):
+        text = path.read_bytes()
+    try:
+        values = yaml.safe_load(text.decode("utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError("not a mapping of option: value")
+        return config_from_dict(values)
+    except (yaml.YAMLError, ValueError, TypeError, UserError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{path} is damaged ({reason}); repair it (checkpoint.pt keeps a copy of the run's config under 'config')"
+        ) from None
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The run's ``summary.json``, or ``{}`` when it has none yet."""
+    path = run_dir / SUMMARY
+    if not path.exists():
+        return {}
+    try:
+        with reporting_os_errors(path, "read"):
+            summary = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise UserError(f"{path} is damaged ({str(e)[:80]}); delete it (it is rewritten) and try again") from None
+    return summary
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """Write ``summary.json`` (a ``UserError`` naming it when the disk refuses)."""
+    path = run_dir / SUMMARY
+    with reporting_os_errors(path):
+        path.write_text(json.dumps(summary, indent=2) + "\n")
