@@ -93,17 +93,9 @@ def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> 
               "device": "cpu"}  # fmt: skip
     if steps is not None:  # smoke tests: a few steps, a proportional finetune
         finetune = max(1, steps // 2)
-        values.update(
-            steps=steps,
-            finetune_steps=finetune,
-            eval_every=max(1, steps // 2),
-            log_every=1,
-            save_every=steps + finetune,
-            s_wait_steps=0,
-            s_warmup_steps=0,
-            t_warmup_steps=0,
-            uda_steps=0,
-        )
+        values.update(steps=steps, finetune_steps=finetune, eval_every=steps, log_every=1, save_every=steps + finetune,
+                      s_wait_steps=0, s_warmup_steps=0, t_warmup_steps=0, uda_steps=0, workers=0,
+                      eval_limit=200)  # fmt: skip
     if values.get("method") == "supervised":  # the same optimizer-step count as pseudo labels + finetuning
         values["steps"] += values.pop("finetune_steps")
         values["finetune_steps"] = 0

@@ -16,7 +16,7 @@ from metapl.models import create_model
 
 TINY = ["--dataset", "digits", "--num-labeled", "60", "--val-labeled", "20", "--batch-size", "8", "--mu", "2",
         "--workers", "0", "--eval-every", "2", "--log-every", "2", "--save-every", "6", "--no-tensorboard",
-        "--no-progress", "--uda-weight", "1", "--device", "cpu", "--steps", "6", "--finetune-steps", "2"]  # fmt: skip
+        "--no-progress", "--uda-weight", "1", "--device", "cpu", "--steps", "6", "--finetune-steps", "2", "--eval-limit", "40"]  # fmt: skip
 
 
 def test_validation_split_is_evaluated_and_chooses_the_best_checkpoint(tmp_path, capsys):
@@ -33,6 +33,8 @@ def test_validation_split_is_evaluated_and_chooses_the_best_checkpoint(tmp_path,
     assert summary["best_acc"] == max(r["eval/val_ema_acc"] for r in evals)
     assert summary["val_teacher_acc"] == evals[-1]["eval/val_teacher_acc"]
     assert "validation accuracy teacher" in capsys.readouterr().out
+    # --eval-limit 40: test accuracies are counts out of the first 40 test images.
+    assert all(round(summary[k] * 40 / 100, 6).is_integer() for k in ("teacher_acc", "student_acc", "ema_acc"))
 
     # The logged validation accuracy is the saved student's accuracy on exactly the held-out images.
     ckpt = load_checkpoint(out / "checkpoint.pt")

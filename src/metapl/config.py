@@ -116,6 +116,9 @@ class TrainConfig(MPLConfig):
     log_every: int = option(10, "log training metrics every this many steps", ge=1)
     save_every: int = option(500, "write a checkpoint every this many steps", ge=1)
     eval_batch_size: int = option(512, "images per evaluation batch", ge=1, le=_BATCH)
+    eval_limit: int | None = option(
+        None, "evaluate on the first N test (and validation) images only, for quick checks; none: all", ge=1
+    )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: Literal["none", "bf16", "fp16"] = option("none", "mixed precision: none, bf16, or fp16 (CUDA only)")
     channels_last: bool = option(False, "channels-last memory format (faster convolutions on recent GPUs)")

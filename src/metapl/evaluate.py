@@ -9,7 +9,7 @@ from torch import nn
 from metapl import data as mdata
 
 
-def eval_loaders(data, split, batch_size: int) -> dict[str, object]:
+def eval_loaders(data, split, batch_size: int, limit: int | None = None) -> dict[str, object]:
     """Loaders to evaluate a run on: the test set (key ``""``) and, when the split holds labeled images out, the
     validation set (key ``"val_"``, the prefix its accuracies are reported under).
 
@@ -17,13 +17,16 @@ def eval_loaders(data, split, batch_size: int) -> dict[str, object]:
         data: the run's ``SourceData``.
         split: the run's ``Split``.
         batch_size: images per evaluation batch.
+        limit: evaluate on the first ``limit`` images of each set only (quick checks); None = all.
 
     Returns:
         prefix -> ``DataLoader``.
     """
-    loaders = {"": mdata.make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=batch_size)}
+    test = data.test if limit is None else mdata.ImageArrays(data.test.images[:limit], data.test.labels[:limit])
+    loaders = {"": mdata.make_eval_loader(test, mean=data.mean, std=data.std, batch_size=batch_size)}
     if len(split.val):
-        val = mdata.ImageArrays(np.asarray(data.train.images[split.val]), data.train.labels[split.val])
+        rows = split.val[:limit]
+        val = mdata.ImageArrays(np.asarray(data.train.images[rows]), data.train.labels[rows])
         loaders["val_"] = mdata.make_eval_loader(val, mean=data.mean, std=data.std, batch_size=batch_size)
     return loaders
 

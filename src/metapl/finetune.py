@@ -49,7 +49,7 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     batches = iter(loader)
-    loaders = eval_loaders(data, run.split, cfg.eval_batch_size)
+    loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit)
     student.train()
     losses, accs = [], {}
     for i in range(cfg.finetune_steps):
