@@ -103,10 +103,14 @@ class TrainConfig(MPLConfig):
     s_warmup_steps: int = option(0, "student's linear learning-rate warmup after the wait, in steps", ge=0)
     ema: float = option(0.995, "EMA decay of the student's weights, per step; 0 = no EMA", ge=0, lt=1)
 
-    uda_weight: float = option(0.0, "weight of the teacher's UDA consistency loss; 0 = no UDA", ge=0)
+    uda_weight: float = option(1.0, "weight of the teacher's UDA consistency loss; 0 = no UDA", ge=0)
     uda_steps: int = option(0, "linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once", ge=0)
 
-    finetune_steps: int = option(0, "student finetuning steps after MPL; 0 = none", ge=0)
+    finetune_steps: int | None = option(
+        None,
+        "student finetuning steps after MPL; 0 = none; none: a tenth of --steps (none for --method supervised)",
+        ge=0,
+    )
     finetune_lr: float = option(0.01, "finetuning learning rate (constant)", gt=0)
     finetune_batch_size: int = option(32, "labeled images per finetuning step", ge=1, le=_BATCH)
 
@@ -140,6 +144,13 @@ class TrainConfig(MPLConfig):
             self.mpl_config()  # any check MPLConfig makes beyond its fields' ranges
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    def planned_finetune_steps(self) -> int:
+        """``finetune_steps``, with its default resolved: a tenth of ``steps`` after MPL, none after a labels-only run
+        (the recipe's last phase: benchmarks/README.md, "The ablation")."""
+        if self.finetune_steps is not None:
+            return self.finetune_steps
+        return self.steps // 10 if self.method == "mpl" else 0
 
     def mpl_config(self) -> MPLConfig:
         """The core's view of these settings: the values of ``MPLConfig``'s fields."""

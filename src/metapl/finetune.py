@@ -23,7 +23,7 @@ from metapl.runtime import init_distributed, make_sgd, seed_everything, select_d
 
 
 def finetune_student(run, run_dir: Path, writer, log) -> dict:
-    """Finetune ``run.student`` for ``cfg.finetune_steps`` steps on shuffled labeled batches (weak augmentation).
+    """Finetune ``run.student`` for ``cfg.planned_finetune_steps()`` steps on shuffled labeled batches (weak views).
 
     Args:
         run: a built ``metapl.run.Run`` (models restored).
@@ -52,7 +52,8 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
     loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit)
     student.train()
     losses, accs = [], {}
-    for i in range(cfg.finetune_steps):
+    steps = cfg.planned_finetune_steps()
+    for i in range(steps):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
         out = supervised_step(student, opt, x, y, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
                               amp_dtype=run.amp_dtype, scaler=None)  # fmt: skip
@@ -62,12 +63,12 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
             writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
             losses = []
         # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
-        if done % cfg.eval_every == 0 or done == cfg.finetune_steps:
+        if done % cfg.eval_every == 0 or done == steps:
             _refuse_diverged(student, cfg)  # every rank: they hold the same weights and must stop together
             if run.dist.is_main:
                 accs = _evaluate_finetuned(unwrap(student), loaders, device, run.amp_dtype)
                 writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
-    result = {"finetune_steps": cfg.finetune_steps}
+    result = {"finetune_steps": steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
@@ -108,7 +109,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     cfg = replace(
-        cfg, out=str(run_dir), finetune_steps=steps or cfg.finetune_steps or 1000,
+        cfg, out=str(run_dir), finetune_steps=steps or cfg.planned_finetune_steps() or 1000,
         finetune_lr=lr if lr is not None else cfg.finetune_lr, device=device or cfg.device,
     )  # fmt: skip
     ckpt = load_checkpoint(run_dir / LATEST)

@@ -397,7 +397,7 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
         "num_labeled": len(run.split.labeled),
         "seed": cfg.seed,
     }
-    if cfg.finetune_steps > 0:
+    if cfg.planned_finetune_steps() > 0:
         summary.update(finetune_student(run, run_dir, writer, log))
     if run.dist.is_main:
         write_summary(run_dir, summary)
