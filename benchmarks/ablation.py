@@ -212,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: metapl's)")
     p.add_argument("--report", action="store_true", help="print the tables of the finished runs instead")
     p.add_argument("--png", default=None, help="with --report: write the accuracy plot here")
+    p.add_argument("--json", default=None, help="with --report: write every run's figures (per seed) here")
     args = p.parse_args(argv)
     root = Path(args.root)
     if args.report:
         print(report(root, args.protocol, Path(args.png) if args.png else None))
+        if args.json:
+            runs = {row: {seed: {k: v for k, v in run.items() if k != "curve"} for seed, run in seeds.items()}
+                    for row, seeds in collect(root, args.protocol).items()}  # fmt: skip
+            Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
         return 0
     rows = [r for item in args.rows.split(",") for r in GROUPS.get(item, [item])]
     unknown = [r for r in rows if r not in ROWS]
