@@ -186,16 +186,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-        memory_method = (f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} steps of the variant alone minus "
-                         "torch.cuda.memory_allocated before them")  # fmt: skip
-    else:
-        device_name = f"CPU, {threads} threads"
-        memory_method = (
-            f"peak RSS over {MEMORY_STEPS} steps of a fresh process per variant (kernel high-water mark, reset via "
-            "/proc/self/clear_refs after building models, optimizers and inputs) minus its RSS then"
-        )
+    device_name, memory_method = _describe(device, threads)
     fmt = "channels_last" if args.channels_last else "contiguous"
     print(f"device {device_name}; torch {torch.__version__}; amp {args.amp}; {fmt}; timing: {steps} rounds after "
           f"{warmup} warm-up, each round one step of every variant and one run of every ideal pass (median "
@@ -226,6 +217,19 @@ def main(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=2)
             f.write("\n")
     return 0
+
+
+def _describe(device: torch.device, threads: int) -> tuple[str, str]:
+    """The device's name and how peak memory is measured on it, for the header and the JSON."""
+    if device.type == "cuda":
+        memory_method = (f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} steps of the variant alone minus "
+                         "torch.cuda.memory_allocated before them")  # fmt: skip
+        return torch.cuda.get_device_name(device), memory_method
+    memory_method = (
+        f"peak RSS over {MEMORY_STEPS} steps of a fresh process per variant (kernel high-water mark, reset via "
+        "/proc/self/clear_refs after building models, optimizers and inputs) minus its RSS then"
+    )
+    return f"CPU, {threads} threads", memory_method
 
 
 def _job_config() -> dict:
