@@ -194,7 +194,7 @@ def test_predict_writes_one_row_per_image_with_sorted_top_k(tmp_path):
         pairs = [item.split(":") for item in r["top_k"].split(";")]
         probs = [float(p) for _, p in pairs]
         assert len(pairs) == 4 and all(c in CLASSES for c, _ in pairs)
-        assert all(0.0 <= p <= 1.0 for p in probs) and probs == sorted(probs, reverse=True)
+        assert probs == sorted(probs, reverse=True)
         assert r["class"] == pairs[0][0] and float(r["probability"]) == probs[0]
     assert "5 images" in lines[-1] and str(out) in lines[-1]
 
@@ -204,6 +204,10 @@ def test_predict_writes_one_row_per_image_with_sorted_top_k(tmp_path):
         want = expected_probs(models["ema"], array)
         assert row["class"] == CLASSES[int(want.argmax())]
         assert row["probability"] == pytest.approx(float(want.max()), abs=1e-5)
+        top_p, top_i = want.topk(4)
+        pairs = [item.split(":") for item in next(r for r in csv_rows if r["path"] == str(path))["top_k"].split(";")]
+        assert [c for c, _ in pairs] == [CLASSES[i] for i in top_i.tolist()]
+        assert [float(p) for _, p in pairs] == pytest.approx(top_p.tolist(), abs=5e-5)  # written with 4 decimals
 
 
 def test_predict_picks_the_requested_model_and_converts_channels(tmp_path):
