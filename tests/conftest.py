@@ -153,8 +153,9 @@ def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str
     """``count_accuracies`` of every network in a ``metapl train`` checkpoint on its run's test split.
 
     The models are rebuilt with ``create_model`` from the checkpoint's config, and the test split is read as the
-    trainer reads it (``load_dataset`` with the run's seed, ``make_eval_loader`` with its batch size and the
-    checkpoint's normalisation), not through ``metapl.inference`` or ``metapl.evaluate``.
+    trainer reads it (``load_dataset`` with the run's seed, its ``eval_limit`` where the config has one,
+    ``make_eval_loader`` with its batch size and the checkpoint's normalisation), not through ``metapl.inference``
+    or ``metapl.evaluate``.
 
     Args:
         path: the ``.pt`` file.
@@ -165,14 +166,17 @@ def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str
     """
     import torch
 
-    from metapl.data import load_dataset, make_eval_loader
+    from metapl.data import ImageArrays, load_dataset, make_eval_loader
     from metapl.models import create_model
 
     ckpt = torch.load(path, weights_only=False)
     cfg = ckpt["config"]
     data = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], cache_dir=cfg["cache_dir"],
                         seed=cfg["seed"], log=lambda _: None)  # fmt: skip
-    loader = make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg["eval_batch_size"])
+    test, limit = data.test, cfg.get("eval_limit")  # a run evaluated on the first N test images only: the same N
+    if limit is not None:
+        test = ImageArrays(test.images[:limit], test.labels[:limit])
+    loader = make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg["eval_batch_size"])
     shape = {key: int(ckpt[key]) for key in ("num_classes", "in_channels", "image_size")}
     models = {}
     for role in ("teacher", "student", "ema"):
