@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 import zlib
 from pathlib import Path
@@ -9,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+# One intra-op thread for the session and every process it starts (set here, before any test module imports torch;
+# an explicit OMP_NUM_THREADS is kept). The tests' tensors are tiny, so a second thread only adds wake-ups, and on a
+# loaded 2-core machine two OpenMP threads spin waiting for each other: the suite took 20 min there instead of 3.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -109,3 +115,77 @@ def make_tar(tree: Path, out: Path, *, wrapper: str | None = None) -> Path:
     with tarfile.open(out, mode) as tf:
         tf.add(tree, arcname=wrapper or ".")
     return out
+
+
+# -- accuracies counted independently of metapl.evaluate --------------------------------------------------------------
+
+
+def count_accuracies(models: dict, loader) -> dict[str, float]:
+    """Top-1 and top-5 % of each model (switched to eval mode) over ``loader``, counted here in plain torch.
+
+    The reference that the trainer's summary and ``metapl eval`` are checked against: the same batches through the
+    same weights give the same logits bit for bit, so the figures must agree exactly.
+
+    Args:
+        models: name -> ``nn.Module``.
+        loader: yields ``(x, y)`` batches.
+
+    Returns:
+        ``{"<name>_acc": ..., "<name>_top5": ...}``.
+    """
+    import torch
+
+    hits1, hits5, total = dict.fromkeys(models, 0), dict.fromkeys(models, 0), 0
+    with torch.no_grad():
+        for x, y in loader:
+            total += len(y)
+            for name, model in models.items():
+                logits = model.eval()(x)
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits1[name] += int((top[:, 0] == y).sum())
+                hits5[name] += int((top == y[:, None]).any(dim=1).sum())
+    out = {f"{name}_acc": 100.0 * hits1[name] / total for name in models}
+    out.update({f"{name}_top5": 100.0 * hits5[name] / total for name in models})
+    return out
+
+
+def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str, float]:
+    """``count_accuracies`` of every network in a ``metapl train`` checkpoint on its run's test split.
+
+    The models are rebuilt with ``create_model`` from the checkpoint's config, and the test split is read as the
+    trainer reads it (``load_dataset`` with the run's seed, its ``eval_limit`` where the config has one,
+    ``make_eval_loader`` with its batch size and the checkpoint's normalisation), not through ``metapl.inference``
+    or ``metapl.evaluate``.
+
+    Args:
+        path: the ``.pt`` file.
+        threads: torch CPU threads to count with (a run's own count keeps its logits bit for bit), then restored.
+
+    Returns:
+        ``count_accuracies``'s dict over the roles the checkpoint holds (teacher, student, ema).
+    """
+    import torch
+
+    from metapl.data import ImageArrays, load_dataset, make_eval_loader
+    from metapl.models import create_model
+
+    ckpt = torch.load(path, weights_only=False)
+    cfg = ckpt["config"]
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], cache_dir=cfg["cache_dir"],
+                        seed=cfg["seed"], log=lambda _: None)  # fmt: skip
+    test, limit = data.test, cfg.get("eval_limit")  # a run evaluated on the first N test images only: the same N
+    if limit is not None:
+        test = ImageArrays(test.images[:limit], test.labels[:limit])
+    loader = make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg["eval_batch_size"])
+    shape = {key: int(ckpt[key]) for key in ("num_classes", "in_channels", "image_size")}
+    models = {}
+    for role in ("teacher", "student", "ema"):
+        if ckpt.get(role) is not None:
+            models[role] = create_model(cfg["teacher"] if role == "teacher" else cfg["student"], **shape)
+            models[role].load_state_dict(ckpt[role])
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or saved_threads)
+    try:
+        return count_accuracies(models, loader)
+    finally:
+        torch.set_num_threads(saved_threads)

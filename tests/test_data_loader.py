@@ -27,15 +27,6 @@ from metapl.data import (
 from metapl.data.transforms import PILRandAugment, RandomFlip, ReflectPadCrop, ToNormalizedFloat
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Per-image transforms in this process: intra-op threads only add wake-up latency (10x slower on a busy CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def take(iterable, n):
     return list(islice(iterable, n))
 
@@ -140,16 +131,21 @@ def test_reflect_pad_crop_gives_every_crop_of_the_reflect_padded_image(size, pad
         padded = torch.nn.functional.pad(padded, (step,) * 4, mode="reflect")
     padded = padded[0].to(torch.uint8)
     offsets = 2 * padding + 1
-    crops = {(t, c): padded[:, t : t + size, c : c + size] for t in range(offsets) for c in range(offsets)}
+    crops = {}  # the crop's bytes -> every offset that gives it (a lookup, not a comparison with each crop)
+    for t in range(offsets):
+        for c in range(offsets):
+            crops.setdefault(padded[:, t : t + size, c : c + size].numpy().tobytes(), set()).add((t, c))
     crop = ReflectPadCrop(size, padding)
     seen = set()
-    for seed in range(40 * offsets * offsets):
-        torch.manual_seed(seed)
+    torch.manual_seed(0)  # once: one seeded stream of draws (re-seeding per draw cost more than the crops)
+    for _ in range(20 * offsets * offsets):  # P(an offset never drawn) < offsets² · e^-20
         out = crop(image)
-        match = [key for key, ref in crops.items() if torch.equal(out, ref)]
+        assert out.shape == image.shape and out.dtype == image.dtype
+        match = crops.get(out.numpy().tobytes())
         assert match, "the output is not a crop of the reflect-padded image"
         seen.update(match)
-    assert seen == set(crops)  # every offset is drawn
+    assert seen == set().union(*crops.values())  # every offset is drawn
+    assert len(seen) == offsets * offsets
 
 
 def test_random_flip_flips_half_the_time():

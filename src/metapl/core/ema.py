@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from metapl.core.mpl import unwrap
+from metapl.core.parts import unwrap
 
 
 class ModelEMA:

@@ -10,7 +10,9 @@ Notation follows the paper (Sec. 2 and Appendix A) and ``docs/algorithm.md``:
 The hard variant estimates the teacher's gradient with REINFORCE, h · ∇_{θ_T} CE(ŷ, T(x_us; θ_T)), where
 h = η_S ∇_{θ'_S} L_l(θ'_S) · ∇_{θ_S} CE(ŷ, S(x_us; θ_S))  (Appendix A, "dot"), or to first order
 h ≈ L_l(θ_S) − L_l(θ'_S) ("taylor"). The soft variant differentiates L_l(θ'_S(θ_T)) exactly through the student's
-one SGD step (second order, ``torch.func.functional_call``).
+one SGD step (second order, ``torch.func.functional_call``). This module holds the update's types and its entry
+point ``mpl_update``; the hard update is in ``metapl.core.hard``, the soft one in ``metapl.core.soft``, and the
+pieces both use (``unwrap``, ``feedback_mode``, the optimizer step) in ``metapl.core.parts``.
 
 This module knows nothing of files, data or the command line. It never calls ``.item()`` or ``.cuda()``: the device
 comes from the tensors, and the caller decides when to synchronise.
@@ -18,19 +20,18 @@ comes from the tensors, and the caller decides when to synchronise.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistency, upcast
+from metapl.core.hard import hard_update
 from metapl.core.options import check_options, option
+from metapl.core.parts import feedback_mode, unwrap
+from metapl.core.soft import soft_update
+
+__all__ = ["Batch", "MPLConfig", "MPLState", "feedback_mode", "mpl_update", "unwrap"]  # the last two: core.parts
 
 
 class Batch(NamedTuple):
@@ -125,42 +126,6 @@ class MPLState:
         self.baseline = state["baseline"]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel (or torch.compile) wrapper; the model itself otherwise."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-@contextlib.contextmanager
-def feedback_mode(model: nn.Module):
-    """Measure L_l(θ) comparably before and after the student's step (the "BatchNorm trap").
-
-    Inside, BatchNorm layers normalise with the statistics of the batch they see (as in training) but leave their
-    running statistics untouched, and every other module is in eval mode, so dropout and other stochastic layers
-    are off. Two measurements on the same x_l then differ only through θ: with η_S = 0, h is exactly 0. The official
-    release instead compares a 1,024-image mixed batch with 128 labeled images, which biases h even at η_S = 0.
-    """
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    try:
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.train(True)
-                m.track_running_stats = False
-            else:
-                m.training = False
-        yield model
-    finally:
-        for m, training, track in saved:
-            m.training = training
-            if track is not None:
-                m.track_running_stats = track
-
-
 def mpl_update(
     teacher: nn.Module,
     student: nn.Module,
@@ -218,7 +183,7 @@ def mpl_update(
         )
     if config.mode == "soft" and (amp_dtype == torch.float16 or s_scaler is not None):
         raise ValueError("soft mode does not support float16 gradient scaling; use bfloat16 autocast or float32")
-    step = _hard_update if config.mode == "hard" else _soft_update
+    step = hard_update if config.mode == "hard" else soft_update
     return step(
         teacher, student, t_optimizer, s_optimizer, batch, config, state,
         uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator,
@@ -239,235 +204,4 @@ def _check_batch(batch: Batch) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hard pseudo labels, REINFORCE feedback
-
-
-def _hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
-                 t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
-    x_l, y_l, x_uw, x_us, y_u = batch
-    t_net, s_net = unwrap(teacher), unwrap(student)
-    autocast = _autocast(x_l, amp_dtype)
-    eta = s_optimizer.param_groups[0]["lr"]  # a Python float: reading it does not synchronise
-    zero = x_l.new_zeros((), dtype=torch.float32)
-
-    t_logits_uw = t_logits_l = t_logits_us = None
-    needs_weak = config.label_view == "weak" or uda_weight > 0
-    if needs_weak and config.teacher_batch == "joint":
-        # One forward over all three views (BatchNorm sees them as one batch); the weak logits are only a target.
-        with autocast:
-            t_logits = upcast(teacher(torch.cat([x_l, x_uw, x_us])))  # (B + 2μB, K)
-        n_l, n_u = x_l.shape[0], x_uw.shape[0]
-        t_logits_l, t_logits_uw, t_logits_us = t_logits[:n_l], t_logits[n_l : n_l + n_u].detach(), t_logits[-n_u:]
-    elif needs_weak:
-        # Teacher on the weak view: only a target, so no graph is kept (saves a third of the naive step's memory).
-        with torch.no_grad(), autocast:
-            t_logits_uw = upcast(t_net(x_uw))  # (μB, K)
-    if config.label_view == "strong" and t_logits_us is None:
-        t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
-    label_source = t_logits_us.detach() if config.label_view == "strong" else t_logits_uw
-    y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
-
-    # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
-    s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
-    if eta > 0:
-        if config.feedback == "taylor":
-            s_loss_l_old = _labeled_loss(s_net, x_l, y_l)  # L_l(θ_S)
-        with autocast:
-            s_logits_us = student(x_us)  # (μB, K)
-        s_loss = F.cross_entropy(upcast(s_logits_us), y_hat)
-        s_params = [p for p in s_net.parameters() if p.requires_grad]
-        s_optimizer.zero_grad(set_to_none=True)
-        _backward(s_loss, s_scaler)
-        if s_scaler is not None:
-            s_scaler.unscale_(s_optimizer)
-        g_us = None
-        if config.feedback != "taylor":
-            # ∇_{θ_S} CE(ŷ, S(x_us; θ_S)), kept before the optimizer step overwrites θ_S.
-            g_us = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in s_params]
-        _clip_and_step(s_optimizer, s_params, s_scaler, config.grad_clip)
-
-        if config.feedback == "taylor":
-            s_loss_l_new = _labeled_loss(s_net, x_l, y_l)  # L_l(θ'_S)
-            h = s_loss_l_old - s_loss_l_new
-        else:
-            with torch.enable_grad(), feedback_mode(s_net):
-                s_loss_l_new = F.cross_entropy(upcast(s_net(x_l)), y_l)
-                g_l = torch.autograd.grad(s_loss_l_new, s_params, allow_unused=True)  # ∇_{θ'_S} L_l(θ'_S)
-            pairs = [(gl, gu) for gl, gu in zip(g_l, g_us) if gl is not None]
-            dot = torch.stack([(gl * gu).sum() for gl, gu in pairs]).sum()
-            if config.feedback == "dot":
-                h = eta * dot
-            else:  # cosine: the same direction test, free of both gradients' scale (and of η_S)
-                norm_l = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gl) for gl, _ in pairs]))
-                norm_us = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gu) for _, gu in pairs]))
-                h = dot / (norm_l * norm_us).clamp_min(torch.finfo(dot.dtype).tiny)
-            s_loss_l_new = s_loss_l_new.detach()
-        # A float16 step that the scaler skipped leaves inf/nan here; it carries no information about ŷ.
-        h = torch.where(torch.isfinite(h), h, zero)
-        h = _mean_over_ranks(h)
-
-    h = -h if config.feedback_sign == "reversed" else h
-    h_used = h
-    if config.baseline_decay > 0:
-        # Official release: m ← m − decay (m − h); the teacher uses h − m (a variance-reducing baseline).
-        base = state.baseline if state.baseline is not None else zero
-        state.baseline = base + config.baseline_decay * (h - base)
-        h_used = h - state.baseline
-
-    # Teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
-    if t_logits_l is None:
-        t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
-    t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
-    t_loss_uda, mask_ratio = _uda(t_logits_uw, t_logits_us, config, uda_weight, zero)
-    t_loss_mpl = h_used.detach() * F.cross_entropy(t_logits_us, y_hat)
-    t_loss = t_loss_l + uda_weight * t_loss_uda + config.mpl_weight * t_loss_mpl
-    t_params = [p for p in t_net.parameters() if p.requires_grad]
-    t_optimizer.zero_grad(set_to_none=True)
-    _backward(t_loss, t_scaler)
-    if t_scaler is not None:
-        t_scaler.unscale_(t_optimizer)
-    _clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
-
-    metrics = {
-        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": t_loss_mpl, "loss/student": s_loss, "mpl/h": h,
-        "mpl/baseline": state.baseline if state is not None and state.baseline is not None else zero,
-        "mpl/s_loss_l_old": s_loss_l_old, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
-    }  # fmt: skip
-    metrics.update(_pseudo_metrics(label_source, y_hat, y_u))
-    return {k: v.detach().float() for k, v in metrics.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Soft pseudo labels, exact meta-gradient
-
-
-def _soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
-                 t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
-    del s_scaler, generator, state  # float16 is refused above; soft labels draw nothing; no baseline in soft mode
-    x_l, y_l, x_uw, x_us, y_u = batch
-    t_net, s_net = unwrap(teacher), unwrap(student)
-    autocast = _autocast(x_l, amp_dtype)
-    eta = s_optimizer.param_groups[0]["lr"]
-    zero = x_l.new_zeros((), dtype=torch.float32)
-    n_l, n_u = x_l.shape[0], x_us.shape[0]
-
-    # The teacher's distribution must stay differentiable, so the labeled view, the labeled images and (for UDA)
-    # the strong view go through the teacher in one forward with a graph.
-    views = [x_l, x_uw if config.label_view == "weak" else x_us]
-    if uda_weight > 0 and config.label_view == "weak":
-        views.append(x_us)
-    with autocast:
-        t_logits = upcast(teacher(torch.cat(views)))
-    t_logits_l = t_logits[:n_l]
-    t_logits_src = t_logits[n_l : n_l + n_u]
-    t_logits_us = t_logits[-n_u:]
-    t_logits_uw = t_logits_src if config.label_view == "weak" else None
-    if uda_weight > 0 and t_logits_uw is None:
-        with torch.no_grad(), autocast:
-            t_logits_uw = upcast(t_net(x_uw))
-    q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)  # soft pseudo labels q(θ_T), (μB, K)
-
-    t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
-    t_loss_uda, mask_ratio = _uda(t_logits_uw, t_logits_us, config, uda_weight, zero)
-    t_loss = t_loss_l + uda_weight * t_loss_uda
-    s_loss, s_loss_l_new, meta = zero, zero, zero
-    s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
-    grads = None
-    if eta > 0:
-        # Student's step as a function of θ_T (Eq. 3's look-ahead): θ'_S = θ_S − η_S ∇_{θ_S} CE(q(θ_T), S(x_us; θ_S)).
-        # Buffers are the module's own: this forward is the student's real training forward, so BatchNorm's
-        # running statistics advance once, as in hard mode.
-        with autocast:
-            s_logits_us = functional_call(s_net, s_params, (x_us,), strict=False)
-        s_loss = soft_cross_entropy(upcast(s_logits_us), q)
-        grads = torch.autograd.grad(s_loss, list(s_params.values()), create_graph=True)
-        s_params_new = {n: p - eta * g for (n, p), g in zip(s_params.items(), grads)}
-        # L_l(θ'_S(θ_T)) in float32 feedback mode; its gradient wrt θ_T is the exact meta-gradient (Eq. 3).
-        with feedback_mode(s_net):
-            s_loss_l_new = F.cross_entropy(upcast(functional_call(s_net, s_params_new, (x_l,), strict=False)), y_l)
-        meta = -s_loss_l_new if config.feedback_sign == "reversed" else s_loss_l_new
-        t_loss = t_loss + config.mpl_weight * meta
-
-    t_params = [p for p in t_net.parameters() if p.requires_grad]
-    t_optimizer.zero_grad(set_to_none=True)
-    (t_scaler.scale(t_loss) if t_scaler is not None else t_loss).backward(inputs=t_params)
-    if t_scaler is not None:
-        t_scaler.unscale_(t_optimizer)
-    _clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
-
-    if grads is not None:
-        # The student's real step uses the first-order gradient already computed for the look-ahead.
-        s_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(s_params.values(), grads):
-            p.grad = g.detach()
-        _clip_and_step(s_optimizer, list(s_params.values()), None, config.grad_clip)
-
-    metrics = {
-        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": meta, "loss/student": s_loss, "mpl/h": zero, "mpl/baseline": zero,
-        "mpl/s_loss_l_old": zero, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
-    }  # fmt: skip
-    metrics.update(_pseudo_metrics(t_logits_src.detach(), t_logits_src.detach().argmax(-1), y_u))
-    return {k: v.detach().float() for k, v in metrics.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pieces
-
-
-def _autocast(x: Tensor, amp_dtype: torch.dtype | None):
-    return torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast) -> tuple[Tensor, Tensor]:
-    """One forward with a graph over labeled + strong images; BatchNorm sees them as one batch, as in UDA."""
-    with autocast:
-        logits = upcast(teacher(torch.cat([x_l, x_us])))  # (B + μB, K)
-    return logits[: x_l.shape[0]], logits[x_l.shape[0] :]
-
-
-@torch.no_grad()
-def _labeled_loss(s_net: nn.Module, x_l: Tensor, y_l: Tensor) -> Tensor:
-    """L_l(θ) in float32 (or float64) feedback mode (see ``feedback_mode``)."""
-    with feedback_mode(s_net):
-        return F.cross_entropy(upcast(s_net(x_l)), y_l)
-
-
-def _uda(t_logits_uw, t_logits_us, config: MPLConfig, uda_weight: float, zero: Tensor) -> tuple[Tensor, Tensor]:
-    if uda_weight <= 0 or t_logits_uw is None:
-        return zero, zero
-    return uda_consistency(t_logits_uw, t_logits_us, temperature=config.uda_temperature, threshold=config.uda_threshold)
-
-
-def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-
-
-def _clip_and_step(optimizer, params, scaler, grad_clip: float) -> None:
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-
-
-def _mean_over_ranks(x: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
-
-
-def _pseudo_metrics(t_logits: Tensor, y_hat: Tensor, y_u: Tensor | None) -> dict[str, Tensor]:
-    probs = F.softmax(t_logits.float(), dim=-1)
-    out = {"pseudo/confidence": probs.amax(dim=-1).mean()}
-    if y_u is not None:
-        known = (y_u >= 0).float()
-        correct = (y_hat == y_u).float() * known
-        # NaN when no label is known in this batch: "unknown", not "0 % correct".
-        out["pseudo/acc"] = correct.sum() / known.sum()
-    return out
+# The two updates: metapl.core.hard (REINFORCE feedback) and metapl.core.soft (exact meta-gradient)

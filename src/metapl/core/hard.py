@@ -1,0 +1,174 @@
+"""The hard-label MPL update: the teacher's pseudo labels ŷ are classes, and its gradient is estimated by REINFORCE.
+
+Notation as in ``metapl.core.mpl`` (the paper's Sec. 2 and Appendix A). The student takes one step on
+L_u = CE(ŷ, S(x_us; θ_S)) (Eq. 1, the look-ahead of Eq. 3); the teacher's gradient of L_l(θ'_S) is estimated as
+h · ∇_{θ_T} CE(ŷ, T(x_us; θ_T)), with h = η_S ∇_{θ'_S} L_l(θ'_S) · ∇_{θ_S} CE(ŷ, S(x_us; θ_S)) ("dot", Appendix A),
+its cosine form ("cosine"), or to first order h ≈ L_l(θ_S) − L_l(θ'_S) ("taylor").
+
+Called through ``metapl.core.mpl.mpl_update``, which checks the arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metapl.core.losses import pseudo_labels, upcast
+from metapl.core.parts import autocast_for, clip_and_step, feedback_mode, pseudo_metrics, uda_term, unwrap
+
+
+def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
+                t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
+    """One hard-label MPL update: the student's step on ŷ, then the teacher's (see ``mpl_update`` for the arguments).
+
+    Returns:
+        ``mpl_update``'s metrics: named, detached float32 scalars.
+    """
+    x_l, y_l, x_uw, x_us, y_u = batch
+    t_net, s_net = unwrap(teacher), unwrap(student)
+    autocast = autocast_for(x_l, amp_dtype)
+    eta = s_optimizer.param_groups[0]["lr"]  # a Python float: reading it does not synchronise
+    zero = x_l.new_zeros((), dtype=torch.float32)
+
+    t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(teacher, t_net, batch, config, uda_weight,
+                                                                       autocast)  # fmt: skip
+    y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
+
+    # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
+    s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
+    if eta > 0:
+        s_loss, s_loss_l_old, s_loss_l_new, h = _student_step(student, s_net, s_optimizer, batch, y_hat, config,
+                                                              s_scaler, autocast, eta, zero)  # fmt: skip
+
+    h = -h if config.feedback_sign == "reversed" else h
+    h_used = h
+    if config.baseline_decay > 0:
+        # Official release: m ← m − decay (m − h); the teacher uses h − m (a variance-reducing baseline).
+        base = state.baseline if state.baseline is not None else zero
+        state.baseline = base + config.baseline_decay * (h - base)
+        h_used = h - state.baseline
+
+    # Teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
+    if t_logits_l is None:
+        t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
+    t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
+    t_loss_uda, mask_ratio = uda_term(t_logits_uw, t_logits_us, config, uda_weight, zero)
+    t_loss_mpl = h_used.detach() * F.cross_entropy(t_logits_us, y_hat)
+    t_loss = t_loss_l + uda_weight * t_loss_uda + config.mpl_weight * t_loss_mpl
+    t_params = [p for p in t_net.parameters() if p.requires_grad]
+    t_optimizer.zero_grad(set_to_none=True)
+    _backward(t_loss, t_scaler)
+    if t_scaler is not None:
+        t_scaler.unscale_(t_optimizer)
+    clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
+
+    metrics = {
+        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
+        "loss/teacher_mpl": t_loss_mpl, "loss/student": s_loss, "mpl/h": h,
+        "mpl/baseline": state.baseline if state is not None and state.baseline is not None else zero,
+        "mpl/s_loss_l_old": s_loss_l_old, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
+    }  # fmt: skip
+    metrics.update(pseudo_metrics(label_source, y_hat, y_u))
+    return {k: v.detach().float() for k, v in metrics.items()}
+
+
+def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
+    """The teacher's forwards before the student's step.
+
+    Returns:
+        ``(t_logits_l, t_logits_uw, t_logits_us, label_source)``: the labeled and strong logits with a graph where
+        this forward already made them (None otherwise: the teacher's update makes them), the weak logits (a
+        target only, or None when nothing needs them) and the logits whose distribution gives ŷ.
+    """
+    x_l, _, x_uw, x_us, _ = batch
+    t_logits_uw = t_logits_l = t_logits_us = None
+    needs_weak = config.label_view == "weak" or uda_weight > 0
+    if needs_weak and config.teacher_batch == "joint":
+        # One forward over all three views (BatchNorm sees them as one batch); the weak logits are only a target.
+        with autocast:
+            t_logits = upcast(teacher(torch.cat([x_l, x_uw, x_us])))  # (B + 2μB, K)
+        n_l, n_u = x_l.shape[0], x_uw.shape[0]
+        t_logits_l, t_logits_uw, t_logits_us = t_logits[:n_l], t_logits[n_l : n_l + n_u].detach(), t_logits[-n_u:]
+    elif needs_weak:
+        # Teacher on the weak view: only a target, so no graph is kept (saves a third of the naive step's memory).
+        with torch.no_grad(), autocast:
+            t_logits_uw = upcast(t_net(x_uw))  # (μB, K)
+    if config.label_view == "strong" and t_logits_us is None:
+        t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
+    label_source = t_logits_us.detach() if config.label_view == "strong" else t_logits_uw
+    return t_logits_l, t_logits_uw, t_logits_us, label_source
+
+
+def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_scaler, autocast, eta: float,
+                  zero: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The student's step on ŷ and the feedback h it gives the teacher (Appendix A), before sign and baseline.
+
+    Returns:
+        ``(s_loss, s_loss_l_old, s_loss_l_new, h)``; L_l(θ_S) is measured by the taylor estimator only (zero else).
+    """
+    x_l, y_l, _, x_us, _ = batch
+    s_loss_l_old = zero
+    if config.feedback == "taylor":
+        s_loss_l_old = _labeled_loss(s_net, x_l, y_l)  # L_l(θ_S)
+    with autocast:
+        s_logits_us = student(x_us)  # (μB, K)
+    s_loss = F.cross_entropy(upcast(s_logits_us), y_hat)
+    s_params = [p for p in s_net.parameters() if p.requires_grad]
+    s_optimizer.zero_grad(set_to_none=True)
+    _backward(s_loss, s_scaler)
+    if s_scaler is not None:
+        s_scaler.unscale_(s_optimizer)
+    g_us = None
+    if config.feedback != "taylor":
+        # ∇_{θ_S} CE(ŷ, S(x_us; θ_S)), kept before the optimizer step overwrites θ_S.
+        g_us = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in s_params]
+    clip_and_step(s_optimizer, s_params, s_scaler, config.grad_clip)
+
+    if config.feedback == "taylor":
+        s_loss_l_new = _labeled_loss(s_net, x_l, y_l)  # L_l(θ'_S)
+        h = s_loss_l_old - s_loss_l_new
+    else:
+        with torch.enable_grad(), feedback_mode(s_net):
+            s_loss_l_new = F.cross_entropy(upcast(s_net(x_l)), y_l)
+            g_l = torch.autograd.grad(s_loss_l_new, s_params, allow_unused=True)  # ∇_{θ'_S} L_l(θ'_S)
+        pairs = [(gl, gu) for gl, gu in zip(g_l, g_us) if gl is not None]
+        dot = torch.stack([(gl * gu).sum() for gl, gu in pairs]).sum()
+        if config.feedback == "dot":
+            h = eta * dot
+        else:  # cosine: the same direction test, free of both gradients' scale (and of η_S)
+            norm_l = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gl) for gl, _ in pairs]))
+            norm_us = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gu) for _, gu in pairs]))
+            h = dot / (norm_l * norm_us).clamp_min(torch.finfo(dot.dtype).tiny)
+        s_loss_l_new = s_loss_l_new.detach()
+    # A float16 step that the scaler skipped leaves inf/nan here; it carries no information about ŷ.
+    h = torch.where(torch.isfinite(h), h, zero)
+    return s_loss, s_loss_l_old, s_loss_l_new, _mean_over_ranks(h)
+
+
+def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast) -> tuple[Tensor, Tensor]:
+    """One forward with a graph over labeled + strong images; BatchNorm sees them as one batch, as in UDA."""
+    with autocast:
+        logits = upcast(teacher(torch.cat([x_l, x_us])))  # (B + μB, K)
+    return logits[: x_l.shape[0]], logits[x_l.shape[0] :]
+
+
+@torch.no_grad()
+def _labeled_loss(s_net: nn.Module, x_l: Tensor, y_l: Tensor) -> Tensor:
+    """L_l(θ) in float32 (or float64) feedback mode (see ``feedback_mode``)."""
+    with feedback_mode(s_net):
+        return F.cross_entropy(upcast(s_net(x_l)), y_l)
+
+
+def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _mean_over_ranks(x: Tensor) -> Tensor:
+    """h averaged over the ``torch.distributed`` ranks, so every rank applies the same feedback."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x

@@ -1,0 +1,87 @@
+"""Pieces shared by the hard-label and the soft-label MPL updates (``metapl.core.hard``, ``metapl.core.soft``).
+
+Notation as in ``metapl.core.mpl``: teacher T, student S, labeled (x_l, y_l), unlabeled strong view x_us, and the
+student's labeled loss L_l(θ_S) = CE(y_l, S(x_l; θ_S)) that the teacher's feedback measures (Eq. 2 of the paper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from metapl.core.losses import uda_consistency
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or torch.compile) wrapper; the model itself otherwise."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def feedback_mode(model: nn.Module):
+    """Measure L_l(θ) comparably before and after the student's step (the "BatchNorm trap").
+
+    Inside, BatchNorm layers normalise with the statistics of the batch they see (as in training) but leave their
+    running statistics untouched, and every other module is in eval mode, so dropout and other stochastic layers
+    are off. Two measurements on the same x_l then differ only through θ: with η_S = 0, h is exactly 0. The official
+    release instead compares a 1,024-image mixed batch with 128 labeled images, which biases h even at η_S = 0.
+    """
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.train(True)
+                m.track_running_stats = False
+            else:
+                m.training = False
+        yield model
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+def autocast_for(x: Tensor, amp_dtype: torch.dtype | None):
+    """Autocast on ``x``'s device type to ``amp_dtype``; a disabled one when ``amp_dtype`` is None."""
+    return torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def uda_term(t_logits_uw, t_logits_us, config, uda_weight: float, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher's UDA consistency loss and mask ratio under ``config`` (an ``MPLConfig``); zeros when off."""
+    if uda_weight <= 0 or t_logits_uw is None:
+        return zero, zero
+    return uda_consistency(t_logits_uw, t_logits_us, temperature=config.uda_temperature, threshold=config.uda_threshold)
+
+
+def clip_and_step(optimizer, params, scaler, grad_clip: float) -> None:
+    """Clip the global gradient norm of ``params`` (when ``grad_clip`` > 0), then step, through ``scaler`` if any."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def pseudo_metrics(t_logits: Tensor, y_hat: Tensor, y_u: Tensor | None) -> dict[str, Tensor]:
+    """The teacher's mean confidence and, when ``y_u`` is given, the accuracy of the pseudo labels ``y_hat``."""
+    probs = F.softmax(t_logits.float(), dim=-1)
+    out = {"pseudo/confidence": probs.amax(dim=-1).mean()}
+    if y_u is not None:
+        known = (y_u >= 0).float()
+        correct = (y_hat == y_u).float() * known
+        # NaN when no label is known in this batch: "unknown", not "0 % correct".
+        out["pseudo/acc"] = correct.sum() / known.sum()
+    return out
