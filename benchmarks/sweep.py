@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common import last_evaluations, train_once
+from metapl.metrics import read_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -91,22 +92,29 @@ def run_one(root: Path, grid: str, variant: str, seed: int, cache_dir: str | Non
 
 def report(root: Path, grid: str) -> str:
     """Markdown table: per variant and model (teacher, student, EMA, finetuned student), validation accuracy, final
-    and median of the last five evaluations, mean over seeds; test accuracy only for the record."""
+    and median of the last five evaluations, mean over seeds; test accuracy only for the record. Read from each
+    run's metrics.jsonl, so a run that stopped after its MPL phase still reports it."""
     lines = ["| variant | model | seeds | val acc final (%) | val acc median last 5 (%) | test acc final (%) | "
              "s / run |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for variant in GRIDS[grid]["variants"]:
-        summaries = [
-            (p.parent, json.loads(p.read_text())) for p in sorted((root / grid / variant).glob("seed*/summary.json"))
-        ]
         base = {**GRIDS[grid]["base"], **GRIDS[grid]["variants"][variant]}
         student_trained = base.get("method") == "supervised" or base["s_wait_steps"] < base["steps"]
+        runs = sorted(p for p in (root / grid / variant).glob("seed*") if (p / "metrics.jsonl").exists())
         for who in ("teacher", "student", "ema", "finetuned") if student_trained else ("teacher",):
-            rows = [(s[f"val_{who}_acc"], statistics.median(last_evaluations(run, f"val_{who}_acc")), s[f"{who}_acc"],
-                     s["wall_seconds"]) for run, s in summaries if s.get(f"val_{who}_acc") is not None]  # fmt: skip
+            rows, label = [], variant
+            for run in runs:
+                val = last_evaluations(run, f"val_{who}_acc")
+                if val:
+                    summary = run / "summary.json"
+                    wall = json.loads(summary.read_text())["wall_seconds"] if summary.exists() else float("nan")
+                    if not summary.exists():  # killed, or stopped before finetuning: say how far it got
+                        label = f"{variant} (stopped at step {read_metrics(run)[-1]['step']})"
+                    rows.append((val[-1], statistics.median(val), last_evaluations(run, f"{who}_acc", 1)[0], wall))
             if rows:
                 mean = [statistics.mean(col) for col in zip(*rows)]
-                lines.append(f"| {variant} | {who} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | "
-                             f"{mean[3]:.0f} |")  # fmt: skip
+                wall = "–" if mean[3] != mean[3] else f"{mean[3]:.0f}"
+                lines.append(f"| {label} | {who} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | "
+                             f"{wall} |")  # fmt: skip
     return "\n".join(lines)
 
 
