@@ -128,7 +128,7 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
 
 
 def _read(run: Path) -> list[dict]:
-    from metapl.metrics import read_metrics
+    from metapl.engine.metrics import read_metrics
 
     return read_metrics(run)
 

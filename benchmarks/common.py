@@ -73,8 +73,8 @@ def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
     import shutil
     import time
 
-    from metapl.config import TrainConfig
-    from metapl.train import train
+    from metapl.engine.config import TrainConfig
+    from metapl.engine.train import train
 
     summary_path = out / "summary.json"
     if summary_path.exists():
@@ -94,6 +94,6 @@ def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
 
 def last_evaluations(run: Path, key: str, count: int = 5) -> list[float]:
     """The last ``count`` logged values of ``eval/KEY`` in a run's ``metrics.jsonl`` (oldest first)."""
-    from metapl.metrics import read_metrics
+    from metapl.engine.metrics import read_metrics
 
     return [r[f"eval/{key}"] for r in read_metrics(run) if r.get(f"eval/{key}") is not None][-count:]

@@ -43,9 +43,9 @@ import time
 import torch
 
 from common import available_cpus  # first: it puts src/ on sys.path when metapl is not installed
+from metapl.engine.runtime import amp_dtype as resolve_amp
+from metapl.engine.runtime import select_device
 from metapl.errors import UserError
-from metapl.runtime import amp_dtype as resolve_amp
-from metapl.runtime import select_device
 from step_timing import MEMORY_STEPS, measure_group
 from step_variants import DROPOUT, IDEAL, LABEL_SMOOTHING, LR, MOMENTUM, SHAPES, UDA_WEIGHT, VARIANTS, WEIGHT_DECAY
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from common import median  # first: it puts src/ on sys.path when metapl is not installed
-from metapl.runtime import amp_dtype as resolve_amp
-from metapl.runtime import select_device
+from metapl.engine.runtime import amp_dtype as resolve_amp
+from metapl.engine.runtime import select_device
 from step_variants import IDEAL, SHAPES, build
 
 MIB = 2**20

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import common  # noqa: F401 - first: it puts src/ on sys.path when metapl is not installed
 from metapl.core import Batch, MPLConfig, MPLState, feedback_mode, mpl_update
+from metapl.engine.runtime import make_sgd
 from metapl.models import create_model
-from metapl.runtime import make_sgd
 
 SHAPES = {"paper": (64, 7), "cpu": (32, 7), "tiny": (2, 1)}  # name -> (B labeled, μ)
 VARIANTS = ("hard-taylor", "hard-dot", "soft", "naive", "ideal")

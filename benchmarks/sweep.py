@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from common import last_evaluations, train_once
-from metapl.metrics import read_metrics
+from metapl.engine.metrics import read_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

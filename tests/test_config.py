@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from metapl.cli import get_args_parser, main
-from metapl.config import TrainConfig, load_yaml, resolve, save_config, sections
+from metapl.commands.cli import get_args_parser, main
 from metapl.core import MPLConfig
 from metapl.core.options import specs
 from metapl.data import DATASETS
+from metapl.engine.config import TrainConfig, load_yaml, resolve, save_config, sections
 from metapl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

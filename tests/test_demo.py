@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from metapl.demo import ROWS, demo, final_accuracy
+from metapl.commands.demo import ROWS, demo, final_accuracy
 
 
 def test_demo_trains_three_rows_with_equal_step_counts(tmp_path):

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import checkpoint_accuracies
-from metapl.checkpoint import LATEST
-from metapl.cli import main
+from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, MPLState, mpl_update
-from metapl.metrics import read_metrics
+from metapl.engine.checkpoint import LATEST
+from metapl.engine.metrics import read_metrics
 from test_train import TINY, _final_params, _train_records
 
 WORLD = 2

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import count_accuracies
-from metapl.checkpoint import atomic_save
-from metapl.cli import main
-from metapl.config import TrainConfig
+from metapl.commands.cli import main
+from metapl.commands.inference import build_model, find_images, format_table, run_eval, run_predict
 from metapl.data import load_dataset, make_eval_loader
+from metapl.engine.checkpoint import atomic_save
+from metapl.engine.config import TrainConfig
 from metapl.errors import UserError
-from metapl.inference import build_model, find_images, format_table, run_eval, run_predict
 from metapl.models import create_model
 
 CLASSES = [f"c{i}" for i in range(10)]

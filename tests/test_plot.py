@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metapl.cli import main
+from metapl.commands.cli import main
+from metapl.commands.plot import load_run_series, make_figure, plot_runs, run_labels, smooth
+from metapl.engine.metrics import MetricsWriter
 from metapl.errors import UserError
-from metapl.metrics import MetricsWriter
-from metapl.plot import load_run_series, make_figure, plot_runs, run_labels, smooth
 
 
 def write_metrics(run_dir, *, mpl=True, steps=60, finetuned=False):

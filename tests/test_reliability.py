@@ -18,15 +18,23 @@ import numpy as np
 import pytest
 import torch
 
-import metapl.train
+import metapl.engine.train
 from conftest import write_image
-from metapl.checkpoint import BEST, FINETUNED, LATEST, RESUME_KEYS, atomic_save, load_checkpoint, nonfinite_weights
-from metapl.cli import main
+from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, mpl_update
 from metapl.data import load_dataset
+from metapl.engine.checkpoint import (
+    BEST,
+    FINETUNED,
+    LATEST,
+    RESUME_KEYS,
+    atomic_save,
+    load_checkpoint,
+    nonfinite_weights,
+)
+from metapl.engine.metrics import read_metrics
+from metapl.engine.runtime import StopSignals
 from metapl.errors import UserError
-from metapl.metrics import read_metrics
-from metapl.runtime import StopSignals
 
 # The issue's `T`: 5 steps on digits in a few seconds.
 T = ["--steps", "5", "--num-labeled", "50", "--eval-every", "5", "--workers", "0", "--batch-size", "8", "--mu", "2",
@@ -222,7 +230,7 @@ def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage):
 
 
 def test_divergence_after_a_save_names_the_finite_checkpoint(tmp_path, capsys, monkeypatch):
-    real, calls = metapl.train.mpl_update, []
+    real, calls = metapl.engine.train.mpl_update, []
 
     def poisoning_update(teacher, *args, **kwargs):  # the 4th update leaves an infinite teacher weight
         metrics = real(teacher, *args, **kwargs)
@@ -232,7 +240,7 @@ def test_divergence_after_a_save_names_the_finite_checkpoint(tmp_path, capsys, m
                 next(teacher.parameters()).view(-1)[0] = float("inf")
         return metrics
 
-    monkeypatch.setattr(metapl.train, "mpl_update", poisoning_update)
+    monkeypatch.setattr(metapl.engine.train, "mpl_update", poisoning_update)
     out = tmp_path / "run"
     code, err = cli(capsys, "train", *QUICK, "--save-every", "2", "--eval-every", "4", "--out", out)
     assert code == 2 and err.startswith(
@@ -290,7 +298,7 @@ def test_sigint_saves_the_current_step_and_prints_the_resume_command(tmp_path):
 
 
 def test_sigterm_mid_run_saves_and_the_run_resumes_to_the_end(tmp_path, capsys, monkeypatch):
-    real, calls = metapl.train.mpl_update, []
+    real, calls = metapl.engine.train.mpl_update, []
 
     def update_then_signal(*args, **kwargs):
         calls.append(1)
@@ -298,7 +306,7 @@ def test_sigterm_mid_run_saves_and_the_run_resumes_to_the_end(tmp_path, capsys, 
             os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the 3rd step: the loop finishes it, then stops
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metapl.train, "mpl_update", update_then_signal)
+    monkeypatch.setattr(metapl.engine.train, "mpl_update", update_then_signal)
     out = tmp_path / "run"
     handler = signal.getsignal(signal.SIGTERM)
     code, err = cli(capsys, "train", *QUICK, "--out", out)
@@ -427,7 +435,7 @@ def test_any_other_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkey
     def read_only(*_args, **_kwargs):
         raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
 
-    monkeypatch.setattr(metapl.train, "seed_everything", read_only)
+    monkeypatch.setattr(metapl.engine.train, "seed_everything", read_only)
     assert cli(capsys, "train", *QUICK, "--out", tmp_path / "run") == (
         2, f"metapl: error: cannot access {tmp_path / 'x'} (Read-only file system); the file system is read-only; "
            "pick a writable folder")  # fmt: skip

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from conftest import checkpoint_accuracies
-from metapl.checkpoint import LATEST, atomic_save, load_checkpoint
-from metapl.cli import main
-from metapl.metrics import read_metrics
+from metapl.commands.cli import main
+from metapl.engine.checkpoint import LATEST, atomic_save, load_checkpoint
+from metapl.engine.metrics import read_metrics
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -126,9 +126,9 @@ def test_labels_only_baseline_and_finetune(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    import metapl.train
+    import metapl.engine.train
 
-    real, calls = metapl.train.mpl_update, []
+    real, calls = metapl.engine.train.mpl_update, []
 
     def diverging_update(*args, **kwargs):  # the 5th update's teacher loss is NaN
         metrics = real(*args, **kwargs)
@@ -137,7 +137,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, capsys,
             metrics["loss/teacher"] = torch.tensor(float("nan"))
         return metrics
 
-    monkeypatch.setattr(metapl.train, "mpl_update", diverging_update)
+    monkeypatch.setattr(metapl.engine.train, "mpl_update", diverging_update)
     out = tmp_path / "run"
     code = cli(*TINY, "--steps", "40", "--save-every", "2", "--log-every", "3", "--out", str(out))
     err = capsys.readouterr().err

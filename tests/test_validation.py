@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from metapl.checkpoint import load_checkpoint
-from metapl.cli import main
+from metapl.commands.cli import main
 from metapl.data import load_dataset
-from metapl.evaluate import eval_loaders, evaluate
-from metapl.metrics import read_metrics
+from metapl.engine.checkpoint import load_checkpoint
+from metapl.engine.evaluate import eval_loaders, evaluate
+from metapl.engine.metrics import read_metrics
 from metapl.models import create_model
 
 TINY = ["--dataset", "digits", "--num-labeled", "60", "--val-labeled", "20", "--batch-size", "8", "--mu", "2",

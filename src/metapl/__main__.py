@@ -2,6 +2,6 @@
 
 import sys
 
-from metapl.cli import main
+from metapl.commands.cli import main
 
 sys.exit(main())

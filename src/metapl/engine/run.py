@@ -1,7 +1,7 @@
 """A training run as ``metapl train`` and ``metapl finetune`` both rebuild it: its state, its folder, its config.
 
-Run directory layout (names in ``metapl.checkpoint``): ``config.yaml`` (resolved config), ``split.json`` (labeled /
-unlabeled indices and the data's fingerprint), ``checkpoint.pt`` (latest), ``best.pt`` (best evaluation),
+Run directory layout (names in ``metapl.engine.checkpoint``): ``config.yaml`` (resolved config), ``split.json``
+(labeled / unlabeled indices and the data's fingerprint), ``checkpoint.pt`` (latest), ``best.pt`` (best evaluation),
 ``finetuned.pt``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``summary.json`` (final accuracies).
 """
 
@@ -18,13 +18,13 @@ import yaml
 from torch import nn
 
 from metapl import data as mdata
-from metapl.checkpoint import CONFIG, LATEST, RUN_FILES, SPLIT, SUMMARY, restore
-from metapl.config import TrainConfig, config_from_dict
 from metapl.core import ModelEMA, MPLState
 from metapl.data.loader import mix_seed
+from metapl.engine.checkpoint import CONFIG, LATEST, RUN_FILES, SPLIT, SUMMARY, restore
+from metapl.engine.config import TrainConfig, config_from_dict
+from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, seed_everything, wrap_ddp
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models import count_parameters, create_model
-from metapl.runtime import Dist, amp_dtype, make_scheduler, make_sgd, seed_everything, wrap_ddp
 
 
 @dataclass
@@ -183,7 +183,7 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
 
 
 def clear_run_files(run_dir: Path, log) -> None:
-    """Delete the files a run writes (``metapl.checkpoint.RUN_FILES``) from ``run_dir``; other files stay."""
+    """Delete the files a run writes (``metapl.engine.checkpoint.RUN_FILES``) from ``run_dir``; other files stay."""
     removed = []
     for name in RUN_FILES:
         path = run_dir / name

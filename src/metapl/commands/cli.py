@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from metapl.config import add_config_arguments, resolve
+from metapl.engine.config import add_config_arguments, resolve
 from metapl.errors import Interrupted, UserError, describe_os_error
 
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from metapl.run import load_run_config
-        from metapl.train import train
+        from metapl.engine.run import load_run_config
+        from metapl.engine.train import train
 
         if args.resume:
             own = ("command", "resume", "config", "overwrite")
@@ -106,28 +106,28 @@ def _dispatch(args: argparse.Namespace) -> int:
             train(_resolve(args), overwrite=args.overwrite)
         return 0
     if args.command == "finetune":
-        from metapl.finetune import finetune_run
+        from metapl.engine.finetune import finetune_run
 
         finetune_run(args.run_dir, steps=args.steps, lr=args.lr, device=args.device)
         return 0
     if args.command == "eval":
-        from metapl.inference import run_eval
+        from metapl.commands.inference import run_eval
 
         run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device)
         return 0
     if args.command == "predict":
-        from metapl.inference import run_predict
+        from metapl.commands.inference import run_predict
 
         run_predict(args.checkpoint, args.paths, model=args.model, output=args.output, top_k=args.top_k,
                     device=args.device)  # fmt: skip
         return 0
     if args.command == "plot":
-        from metapl.plot import plot_runs
+        from metapl.commands.plot import plot_runs
 
         plot_runs(args.run_dirs, output=args.output)
         return 0
     if args.command == "demo":
-        from metapl.demo import demo
+        from metapl.commands.demo import demo
 
         demo(out=args.out, steps=args.steps, seed=args.seed)
         return 0

@@ -1,6 +1,7 @@
 """``metapl train``: the MPL training loop around ``metapl.core.mpl_update`` (and the labels-only baseline).
 
-The run's state and folder are ``metapl.run``; the files in it and the checkpoint format are ``metapl.checkpoint``.
+The run's state and folder are ``metapl.engine.run``; the files in it and the checkpoint format are
+``metapl.engine.checkpoint``.
 Only finite weights are ever saved: a run that diverges stops with the last good checkpoint on disk. SIGINT (Ctrl-C)
 and SIGTERM stop it after the current step, with a checkpoint of that step.
 """
@@ -19,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from metapl import data as mdata
-from metapl.checkpoint import (
+from metapl.core import Batch, linear_ramp, mpl_update, supervised_step, unwrap
+from metapl.engine.checkpoint import (
     BEST,
     CONFIG,
     LATEST,
@@ -30,14 +32,12 @@ from metapl.checkpoint import (
     nonfinite_weights,
     rng_state,
 )
-from metapl.config import TrainConfig, save_config
-from metapl.core import Batch, linear_ramp, mpl_update, supervised_step, unwrap
-from metapl.errors import Interrupted, UserError, reporting_os_errors
-from metapl.evaluate import eval_loaders, evaluate
-from metapl.finetune import finetune_student
-from metapl.metrics import MetricsWriter
-from metapl.run import Run, build_run, check_out_dir, clear_run_files, write_summary
-from metapl.runtime import (
+from metapl.engine.config import TrainConfig, save_config
+from metapl.engine.evaluate import eval_loaders, evaluate
+from metapl.engine.finetune import finetune_student
+from metapl.engine.metrics import MetricsWriter
+from metapl.engine.run import Run, build_run, check_out_dir, clear_run_files, write_summary
+from metapl.engine.runtime import (
     StopSignals,
     all_reduce_mean,
     barrier,
@@ -46,6 +46,7 @@ from metapl.runtime import (
     seed_everything,
     select_device,
 )  # fmt: skip
+from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 LOSS_KEYS = ("loss/teacher", "loss/student")
 
@@ -61,7 +62,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         cfg: the resolved config; ``cfg.out`` is the run directory.
         resume: continue the run in ``cfg.out`` from its latest checkpoint.
         overwrite: start a new run in ``cfg.out`` even if it is not empty, deleting the old run's files (see
-            ``metapl.run.clear_run_files``); without it, a folder that is not empty is refused.
+            ``metapl.engine.run.clear_run_files``); without it, a folder that is not empty is refused.
         log: where progress lines go (rank 0 only).
 
     Returns:

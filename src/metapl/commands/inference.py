@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from metapl.checkpoint import (
+from metapl.engine.checkpoint import (
     EVAL_JSON,
     FINETUNED,
     LATEST,
@@ -28,11 +28,11 @@ from metapl.checkpoint import (
     require_keys,
     state_dict_mismatch,
 )
-from metapl.config import TrainConfig, config_from_dict
+from metapl.engine.config import TrainConfig, config_from_dict
+from metapl.engine.evaluate import evaluate
+from metapl.engine.runtime import select_device
 from metapl.errors import UserError, few, reporting_os_errors
-from metapl.evaluate import evaluate
 from metapl.models import create_model
-from metapl.runtime import select_device
 
 PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
 
@@ -58,7 +58,7 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
     """Rebuild one network of a checkpoint from its config and load its weights.
 
     Args:
-        ckpt: a checkpoint dict (``metapl.checkpoint.load_checkpoint``).
+        ckpt: a checkpoint dict (``metapl.engine.checkpoint.load_checkpoint``).
         role: ``teacher``, ``student`` or ``ema`` (the EMA student has the student's architecture).
         source: where the checkpoint came from, for error messages.
 

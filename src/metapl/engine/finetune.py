@@ -13,20 +13,27 @@ from pathlib import Path
 import torch
 
 from metapl import data as mdata
-from metapl.checkpoint import FINETUNED, LATEST, atomic_save, checkpoint_state, load_checkpoint, nonfinite_weights
 from metapl.core import supervised_step, unwrap
+from metapl.engine.checkpoint import (
+    FINETUNED,
+    LATEST,
+    atomic_save,
+    checkpoint_state,
+    load_checkpoint,
+    nonfinite_weights,
+)
+from metapl.engine.evaluate import eval_loaders, evaluate
+from metapl.engine.metrics import MetricsWriter
+from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
+from metapl.engine.runtime import init_distributed, make_sgd, seed_everything, select_device
 from metapl.errors import UserError
-from metapl.evaluate import eval_loaders, evaluate
-from metapl.metrics import MetricsWriter
-from metapl.run import build_run, load_run_config, read_summary, write_summary
-from metapl.runtime import init_distributed, make_sgd, seed_everything, select_device
 
 
 def finetune_student(run, run_dir: Path, writer, log) -> dict:
     """Finetune ``run.student`` for ``cfg.planned_finetune_steps()`` steps on shuffled labeled batches (weak views).
 
     Args:
-        run: a built ``metapl.run.Run`` (models restored).
+        run: a built ``metapl.engine.run.Run`` (models restored).
         run_dir: the run directory.
         writer: the run's ``MetricsWriter``; finetune records use steps after the MPL steps.
         log: progress lines.

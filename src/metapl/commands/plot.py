@@ -14,9 +14,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from metapl.checkpoint import CURVES, METRICS
+from metapl.engine.checkpoint import CURVES, METRICS
+from metapl.engine.metrics import read_metrics
 from metapl.errors import UserError, reporting_os_errors
-from metapl.metrics import read_metrics
 
 ACC_KEYS = (("eval/teacher_acc", "teacher"), ("eval/student_acc", "student"), ("eval/ema_acc", "EMA student"))
 FINETUNED_KEY = "eval/finetuned_acc"

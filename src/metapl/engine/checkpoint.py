@@ -25,13 +25,13 @@ from metapl.core import unwrap
 from metapl.errors import UserError, few, reporting_os_errors
 
 # Run-directory files.
-CONFIG = "config.yaml"  # the resolved config (metapl.config)
+CONFIG = "config.yaml"  # the resolved config (metapl.engine.config)
 SPLIT = "split.json"  # labeled / unlabeled / validation indices and the data fingerprint (metapl.data.split)
-METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.metrics)
+METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.engine.metrics)
 SUMMARY = "summary.json"  # final accuracies
 LATEST = "checkpoint.pt"  # the latest checkpoint: what --resume continues from
 BEST = "best.pt"  # the best evaluated checkpoint
-FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.finetune)
+FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.engine.finetune)
 EVAL_JSON = "eval.json"  # metapl eval's result
 CURVES = "curves.png"  # metapl plot's default image
 TENSORBOARD = "tb"  # TensorBoard event files
@@ -50,7 +50,7 @@ RESUME_KEYS = MODEL_KEYS + (
 
 
 def checkpoint_state(run) -> dict:
-    """The flat checkpoint dict of a run (a ``metapl.run.Run``).
+    """The flat checkpoint dict of a run (a ``metapl.engine.run.Run``).
 
     Returns:
         Models, optimizers, schedulers, scalers, RNG, the split's digest, the config and the data's shape.
@@ -85,7 +85,7 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
     """Load a checkpoint into a freshly built run, after checking that it belongs to this run and is finite.
 
     Args:
-        run: a ``metapl.run.Run`` whose models are not wrapped yet.
+        run: a ``metapl.engine.run.Run`` whose models are not wrapped yet.
         ckpt: the checkpoint dict.
         source: where it came from, for messages.
 
@@ -114,7 +114,7 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
         state = {"baseline": state["baseline"].to(run.device)}
     run.state.load_state_dict(state)
     run.step, run.seconds, run.best_acc = ckpt["step"], ckpt["seconds"], ckpt["best_acc"]
-    # Each rank resumes its own generators (see metapl.train._save); a single process takes rank 0's.
+    # Each rank resumes its own generators (see metapl.engine.train._save); a single process takes rank 0's.
     ranks = ckpt.get("rng_ranks")
     if not run.dist.enabled:
         set_rng_state(ckpt["rng"])

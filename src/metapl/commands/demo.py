@@ -12,8 +12,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from metapl.config import TrainConfig
-from metapl.train import train
+from metapl.engine.config import TrainConfig
+from metapl.engine.train import train
 
 DEMO = TrainConfig(
     dataset="digits",
