@@ -9,6 +9,7 @@ Typical use::
     labeled, unlabeled = make_train_loaders(data, split, batch_size=64, mu=7, seed=0, weak=weak, strong=strong)
 """
 
+from metapl.data.arrays import ImageArrays, SourceData
 from metapl.data.cache import default_cache_dir
 from metapl.data.loader import (
     EvalDataset,
@@ -18,7 +19,7 @@ from metapl.data.loader import (
     make_eval_loader,
     make_train_loaders,
 )
-from metapl.data.sources import DATASETS, ImageArrays, SourceData, load_dataset
+from metapl.data.sources import DATASETS, load_dataset
 from metapl.data.split import (
     Split,
     check_fingerprint,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from metapl.data.sources import ImageArrays, SourceData
+from metapl.data.arrays import ImageArrays, SourceData
 from metapl.data.split import Split
 from metapl.data.transforms import eval_transform
 

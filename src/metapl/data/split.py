@@ -90,28 +90,8 @@ def make_split(
         raise UserError(
             f"--num-labeled {num_labeled} is below the {num_classes} classes; use at least one label per class"
         )
-    if num_labeled > len(labels):
-        raise UserError(f"--num-labeled {num_labeled} exceeds the {len(labels)} training images; lower it")
-    available = np.bincount(labels, minlength=num_classes)[:num_classes]
-    quota = np.full(num_classes, num_labeled // num_classes)
-    short = np.flatnonzero(available < quota)
-    if len(short):
-        c = int(short[0])
-        raise UserError(
-            f"class {c} has {int(available[c])} training images but needs {int(quota[c])} labels; lower --num-labeled"
-        )
     rng = np.random.default_rng(seed)
-    remainder = num_labeled % num_classes
-    if remainder:
-        spare = np.flatnonzero(available > quota)
-        if len(spare) < remainder:
-            raise UserError(
-                f"only {len(spare)} classes have images beyond {int(quota[0])} for the {remainder} leftover labels; "
-                f"use a multiple of {num_classes} for --num-labeled"
-            )
-        extra = np.sort(rng.choice(spare, size=remainder, replace=False))
-        quota[extra] += 1
-        log(f"{num_labeled} labels do not divide by {num_classes} classes: one extra for classes {extra.tolist()}")
+    quota = _label_quota(labels, num_labeled, num_classes, rng, log)
     labeled = np.sort(
         np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: quota[c]] for c in range(num_classes)])
     ).astype(np.int64)
@@ -124,6 +104,32 @@ def make_split(
     if len(held_out):
         log(f"validation: {len(held_out)} of the labeled images held out, {len(held_out) // num_classes}+ per class")
     return Split(labeled=labeled, unlabeled=rest, seed=seed, val=held_out)
+
+
+def _label_quota(labels: np.ndarray, num_labeled: int, num_classes: int, rng, log) -> np.ndarray:
+    """Labels per class: ``num_labeled // num_classes`` each, the remainder one each to a seeded choice of classes."""
+    if num_labeled > len(labels):
+        raise UserError(f"--num-labeled {num_labeled} exceeds the {len(labels)} training images; lower it")
+    available = np.bincount(labels, minlength=num_classes)[:num_classes]
+    quota = np.full(num_classes, num_labeled // num_classes)
+    short = np.flatnonzero(available < quota)
+    if len(short):
+        c = int(short[0])
+        raise UserError(
+            f"class {c} has {int(available[c])} training images but needs {int(quota[c])} labels; lower --num-labeled"
+        )
+    remainder = num_labeled % num_classes
+    if remainder:
+        spare = np.flatnonzero(available > quota)
+        if len(spare) < remainder:
+            raise UserError(
+                f"only {len(spare)} classes have images beyond {int(quota[0])} for the {remainder} leftover labels; "
+                f"use a multiple of {num_classes} for --num-labeled"
+            )
+        extra = np.sort(rng.choice(spare, size=remainder, replace=False))
+        quota[extra] += 1
+        log(f"{num_labeled} labels do not divide by {num_classes} classes: one extra for classes {extra.tolist()}")
+    return quota
 
 
 def _carve_validation(labels, labeled: np.ndarray, num_classes: int, val: int, rng) -> np.ndarray:
