@@ -1,7 +1,6 @@
 """``metapl train``: the MPL training loop around ``metapl.core.mpl_update`` (and the labels-only baseline).
 
-The run's state and folder are ``metapl.engine.run``; the files in it and the checkpoint format are
-``metapl.engine.checkpoint``.
+A run's state and folder: ``metapl.engine.run``; its files and checkpoint format: ``metapl.engine.checkpoint``.
 Only finite weights are ever saved: a run that diverges stops with the last good checkpoint on disk. SIGINT (Ctrl-C)
 and SIGTERM stop it after the current step, with a checkpoint of that step.
 """
