@@ -30,43 +30,43 @@ _FASHION = dict(
     workers=1, log_every=50, tensorboard=False, progress=False, device="cpu",
 )  # fmt: skip
 
-# Teacher-only grids hold the student waiting for the whole run (its work is skipped), so they cost a UDA teacher.
-# num_labeled 2000 with 1000 held out: 1000 training labels, and a validation set large enough to separate variants.
+
+def _teacher_only(train_labels: int) -> dict:
+    """A teacher-only grid's base: the student waits for the whole run (its work is skipped), so a run costs a UDA
+    teacher; ``train_labels`` labels are trained on and 1,000 more are drawn and held out for validation (enough to
+    separate variants by a point)."""
+    return {
+        **_FASHION,
+        "num_labeled": train_labels + 1000,
+        "val_labeled": 1000,
+        "steps": 2000,
+        "eval_every": 250,
+        "save_every": 2000,
+        "s_wait_steps": 2000,
+        "mpl_weight": 0.0,
+        "uda_weight": 1.0,
+        "uda_steps": 200,
+    }
+
+
+LABELS_ONLY = dict(method="supervised", s_wait_steps=0)
 GRIDS = {
     "fashion-teacher": dict(
-        base={**_FASHION, "num_labeled": 2000, "val_labeled": 1000, "steps": 2000, "eval_every": 250,
-              "save_every": 2000, "s_wait_steps": 2000, "mpl_weight": 0.0, "uda_weight": 1.0, "uda_steps": 200},
+        base=_teacher_only(1000),
         variants={
-            "labels-only": dict(method="supervised", s_wait_steps=0),
-            "uda": {},
-            "uda-joint": dict(teacher_batch="joint"),
-            "uda-w4": dict(uda_weight=4.0),
-            "uda-mu7": dict(mu=7),
-            "uda-sharp": dict(uda_temperature=0.4, uda_threshold=0.8),
-            "uda-cut8": dict(cutout=8),
+            "labels-only": LABELS_ONLY, "uda": {}, "uda-joint": dict(teacher_batch="joint"),
+            "uda-w4": dict(uda_weight=4.0), "uda-mu7": dict(mu=7),
+            "uda-sharp": dict(uda_temperature=0.4, uda_threshold=0.8), "uda-cut8": dict(cutout=8),
             "uda-cut0": dict(cutout=0),
         },
     ),
-    # 250 training labels (1,250 drawn, 1,000 held out for validation).
     "fashion-teacher-250": dict(
-        base={**_FASHION, "num_labeled": 1250, "val_labeled": 1000, "steps": 2000, "eval_every": 250,
-              "save_every": 2000, "s_wait_steps": 2000, "mpl_weight": 0.0, "uda_weight": 1.0, "uda_steps": 200},
-        variants={
-            "labels-only": dict(method="supervised", s_wait_steps=0),
-            "uda": {},
-            "uda-cut8": dict(cutout=8),
-        },
+        base=_teacher_only(250), variants={"labels-only": LABELS_ONLY, "uda": {}, "uda-cut8": dict(cutout=8)}
     ),
-    # 100 training labels (1,100 drawn, 1,000 held out for validation).
     "fashion-teacher-100": dict(
-        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 2000, "eval_every": 250,
-              "save_every": 2000, "s_wait_steps": 2000, "mpl_weight": 0.0, "uda_weight": 1.0, "uda_steps": 200},
-        variants={
-            "labels-only": dict(method="supervised", s_wait_steps=0),
-            "uda": {},
-            "uda-cut8": dict(cutout=8),
-            "uda-w3-cut8": dict(cutout=8, uda_weight=3.0),
-        },
+        base=_teacher_only(100),
+        variants={"labels-only": LABELS_ONLY, "uda": {}, "uda-cut8": dict(cutout=8),
+                  "uda-w3-cut8": dict(cutout=8, uda_weight=3.0)},
     ),
     # Full MPL runs (teacher, student, finetuning) at 100 training labels: how far the student trails, and when.
     "fashion-mpl-100": dict(
