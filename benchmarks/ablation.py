@@ -21,8 +21,9 @@ table is built in pieces, one run per command if wanted, and resumed at will:
     python benchmarks/ablation.py --protocol fashion --report --png benchmarks/results/ablation_fashion.png
 
 The report gives, per row, the final test accuracy of the model a user keeps (the finetuned student, or the
-labels-only student) and the median of its last five evaluations (never the best-on-test), mean ± std over seeds;
-then each pair's gain paired by seed, and the feedback effect MPL − (h = 0) with a 95 % t-interval.
+labels-only student) and the median of its last (up to) five evaluations (never the best-on-test), mean ± std over
+seeds; then each pair's gain paired by seed, and the feedback effect MPL − (h = 0) with a 95 % t-interval, for the
+final models and again for the students before finetuning.
 """
 
 from __future__ import annotations
@@ -166,13 +167,18 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
         "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
         "|---|---|---|---|",
     ]
-    for row, partner in PAIRS + FEEDBACK:
-        if row in runs and partner in runs:
-            stats = paired_interval({s: v["final"] for s, v in runs[row].items()},
-                                    {s: v["final"] for s, v in runs[partner].items()})  # fmt: skip
+    # The same comparisons for the students before finetuning (the paper's last phase can cost as well as help).
+    for key, suffix in (("final", ""), ("student", " (before finetuning)")):
+        for row, partner in PAIRS + FEEDBACK:
+            if row not in runs or partner not in runs:
+                continue
+            other = "final" if partner.endswith("labels-only") else key
+            stats = paired_interval({s: v[key] for s, v in runs[row].items()},
+                                    {s: v[other] for s, v in runs[partner].items()})  # fmt: skip
             if stats is not None:
                 mean, half, n = stats
-                lines.append(f"| {row} − {partner} | {n} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |")
+                lines.append(f"| {row} − {partner}{suffix} | {n} | {mean:+.2f} | "
+                             f"[{mean - half:+.2f}, {mean + half:+.2f}] |")  # fmt: skip
     if png is not None and runs:
         _plot(runs, protocol, png)
     return "\n".join(lines)
