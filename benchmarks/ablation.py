@@ -199,6 +199,9 @@ def _plot(runs: dict, protocol: str, png: Path) -> None:
         mean = [statistics.mean(c[j][1] for c in curves) for j in range(n)]
         ax.plot([s for s, _ in curves[0][:n]], mean, marker="o", ms=2, label=row, color=f"C{i % 10}",
                 ls="-" if i < 10 else "--")  # fmt: skip
+    ends = [line.get_ydata()[-1] for line in ax.get_lines()]
+    if ends:  # the first evaluations (random-init models) would squash the part that differs
+        ax.set_ylim(bottom=max(0.0, min(ends) - 15))
     ax.set_xlabel("step (MPL phase; finetuning not shown)")
     ax.set_ylabel("EMA student test accuracy (%)")
     ax.set_title(f"{protocol}: EMA student accuracy over steps (mean over seeds)")
