@@ -75,7 +75,7 @@ GROUPS = {
 }  # fmt: skip
 # (row, partner): a pseudo-label row against the labels-only row with the same augmentation.
 PAIRS = [("labels-mpl", "labels-only"), ("randaug-mpl", "randaug-labels-only"), ("uda-distill", "labels-only"),
-         ("uda-mpl", "labels-only")]  # fmt: skip
+         ("uda-mpl", "labels-only"), ("uda-mpl-cosine", "labels-only")]  # fmt: skip
 # (row, its h = 0 control): the feedback effect.
 FEEDBACK = [(row, "uda-distill-soft" if row.endswith("soft") else "uda-distill")
             for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
@@ -179,9 +179,28 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
                 mean, half, n = stats
                 lines.append(f"| {row} − {partner}{suffix} | {n} | {mean:+.2f} | "
                              f"[{mean - half:+.2f}, {mean + half:+.2f}] |")  # fmt: skip
+    lines += ["", *feedback_stats(root, protocol)]
     if png is not None and runs:
         _plot(runs, protocol, png)
     return "\n".join(lines)
+
+
+def feedback_stats(root: Path, protocol: str) -> list[str]:
+    """How much the feedback term weighs: per MPL row, over all seeds' logged 50-step means after step 100, the median
+    |h|, the median |MPL term| against the median labeled loss, and how often h was positive."""
+    lines = ["| row | median abs h | median abs MPL term | median labeled loss | MPL / labeled | h > 0 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in (r for r in ROWS if r.startswith("uda-mpl")):
+        records = [r for run in sorted((root / protocol / row).glob("seed*")) if (run / "metrics.jsonl").exists()
+                   for r in _read(run) if "train/mpl/h" in r and r["step"] > 100]  # fmt: skip
+        if not records:
+            continue
+        h = [r["train/mpl/h"] for r in records]
+        term = statistics.median(abs(r["train/loss/teacher_mpl"]) for r in records)
+        labeled = statistics.median(r["train/loss/teacher_l"] for r in records)
+        lines.append(f"| {row} | {statistics.median(abs(v) for v in h):.2g} | {term:.2g} | {labeled:.3f} | "
+                     f"{100 * term / labeled:.2f} % | {100 * sum(v > 0 for v in h) / len(h):.0f} % |")  # fmt: skip
+    return lines
 
 
 def _plot(runs: dict, protocol: str, png: Path) -> None:
