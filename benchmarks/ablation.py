@@ -84,8 +84,9 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> dict:
     """The flat ``TrainConfig`` values of one run: the protocol's recipe, the row's changes, the seed."""
-    values = {**PROTOCOLS[protocol], **ROWS[row], "seed": seed, "progress": False, "tensorboard": False,
-              "device": "cpu"}  # fmt: skip
+    # The CPU unless the protocol names a device (benchmarks/gpu_ablation.py's does).
+    values = {"device": "cpu", **PROTOCOLS[protocol], **ROWS[row], "seed": seed, "progress": False,
+              "tensorboard": False}  # fmt: skip
     if steps is not None:  # smoke tests: a few steps, a proportional finetune
         finetune = max(1, steps // 2)
         values.update(steps=steps, finetune_steps=finetune, eval_every=steps, log_every=1, save_every=steps + finetune,

@@ -222,3 +222,8 @@ def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, 
     table = (tmp_path / "table.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == list(gpu_ablation.ROWS)
     assert table in capsys.readouterr().out
+    # The real recipe runs on the GPU with the paper's model: the ablation's CPU default must not override it.
+    gpu = gpu_ablation.recipe(gpu_ablation.get_args_parser().parse_args([]))
+    gpu_ablation.ablation.PROTOCOLS["gpu-check"] = gpu
+    values = gpu_ablation.ablation.run_values("gpu-check", "uda-mpl", 0)
+    assert (values["device"], values["teacher"], values["amp"], values["steps"]) == ("cuda", "wrn28_2", "bf16", 2000)
