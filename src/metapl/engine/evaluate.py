@@ -76,3 +76,24 @@ def evaluate(
         out[f"{name}_acc"] = 100.0 * correct1[name].item() / max(total, 1)
         out[f"{name}_top5"] = 100.0 * correct5[name].item() / max(total, 1)
     return out
+
+
+def evaluate_sets(models: dict[str, nn.Module], loaders: dict[str, object], device: torch.device, *,
+                  amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:  # fmt: skip
+    """``evaluate`` on each of ``eval_loaders``' sets; each set's keys carry its prefix (``val_student_acc``).
+
+    Args:
+        models: name -> model.
+        loaders: prefix -> loader, as returned by ``eval_loaders``.
+        device: where the models are.
+        amp_dtype: autocast dtype, or None.
+        channels_last: convert inputs to channels-last memory format.
+
+    Returns:
+        ``{prefix + "<name>_acc": top-1 %, prefix + "<name>_top5": top-5 %, ...}``.
+    """
+    out = {}
+    for prefix, loader in loaders.items():
+        accs = evaluate(models, loader, device, amp_dtype=amp_dtype, channels_last=channels_last)
+        out.update({prefix + k: v for k, v in accs.items()})
+    return out

@@ -22,7 +22,7 @@ from metapl.engine.checkpoint import (
     load_checkpoint,
     nonfinite_weights,
 )
-from metapl.engine.evaluate import eval_loaders, evaluate
+from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
 from metapl.engine.runtime import init_distributed, make_sgd, seed_everything, select_device
@@ -73,7 +73,7 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
         if done % cfg.eval_every == 0 or done == steps:
             _refuse_diverged(student, cfg)  # every rank: they hold the same weights and must stop together
             if run.dist.is_main:
-                accs = _evaluate_finetuned(unwrap(student), loaders, device, run.amp_dtype)
+                accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
                 writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
     result = {"finetune_steps": steps}
     if run.dist.is_main:
@@ -90,14 +90,6 @@ def _refuse_diverged(student, cfg) -> None:
             f"finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate "
             f"{cfg.finetune_lr}; {FINETUNED} was not written; finetune again with a lower --lr"
         )
-
-
-def _evaluate_finetuned(student, loaders: dict, device, amp_dtype) -> dict[str, float]:
-    accs = {}
-    for prefix, loader in loaders.items():
-        scores = evaluate({"finetuned": student}, loader, device, amp_dtype=amp_dtype)
-        accs.update({prefix + k: v for k, v in scores.items()})
-    return accs
 
 
 def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, device: str | None, log=print) -> dict:

@@ -32,7 +32,7 @@ from metapl.engine.checkpoint import (
     rng_state,
 )
 from metapl.engine.config import TrainConfig, save_config
-from metapl.engine.evaluate import eval_loaders, evaluate
+from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_student
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.run import Run, build_run, check_out_dir, clear_run_files, write_summary
@@ -338,9 +338,7 @@ def _evaluate(run: Run, loaders: dict[str, object]) -> dict[str, float]:
             models.pop("teacher")
         if run.ema is not None:
             models["ema"] = run.ema.module
-        for prefix, loader in loaders.items():
-            accs = evaluate(models, loader, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
-            out.update({prefix + k: v for k, v in accs.items()})
+        out = evaluate_sets(models, loaders, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
     barrier(run.dist)
     return out
 
