@@ -36,7 +36,6 @@ DEMO = TrainConfig(
     eval_every=100,
     log_every=20,
     save_every=300,
-    workers=2,  # augmentation in 2 worker processes: on 2 cores it, not the step, bounds the speed
     device="cpu",
     tensorboard=False,
 )

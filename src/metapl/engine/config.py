@@ -78,7 +78,14 @@ class TrainConfig(MPLConfig):
     labeled_aug: Literal["weak", "strong"] = option(
         "weak", "augmentation of the labeled images: weak (flip + crop) or strong (+ RandAugment and Cutout)"
     )
-    workers: int = option(2, "data-loader worker processes; 0 loads in the training process", ge=0, le=256)
+    workers: int | None = option(
+        None, "data-loader worker processes; 0 loads in the training process; none: chosen from the free cores",
+        ge=0, le=256,
+    )  # fmt: skip
+    threads: int | None = option(
+        None, "intra-op threads of the training process; none: $OMP_NUM_THREADS, else chosen from the free cores",
+        ge=1, le=1024,
+    )  # fmt: skip
 
     teacher: str = option(
         "small_cnn", "teacher network: a registered name (small_cnn, wrn28_2, ...), tv:NAME, timm:NAME"

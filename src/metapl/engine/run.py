@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from metapl.core import ModelEMA, MPLState
 from metapl.data.loader import mix_seed
 from metapl.engine.checkpoint import CONFIG, LATEST, RUN_FILES, SPLIT, SUMMARY, restore
 from metapl.engine.config import TrainConfig, config_from_dict
-from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, seed_everything, wrap_ddp
+from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models import count_parameters, create_model
 
@@ -58,7 +58,9 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     """Data, split, models, optimizers, schedulers, EMA and scalers of a run; restored from ``ckpt`` if given.
 
     With ``ckpt``, the saved ``split.json`` is reused after checking that the data still matches its fingerprint.
+    ``cfg.workers`` and ``cfg.threads`` left open are chosen here (``Run.cfg`` holds the values used).
     """
+    cfg = _take_cpu_share(cfg, device, d, log)
     data = mdata.load_dataset(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
@@ -103,6 +105,17 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     if cfg.compile:
         run.teacher, run.student = torch.compile(run.teacher), torch.compile(run.student)
     return run
+
+
+def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
+    """Set this process's intra-op threads and fill in the loader workers, from the free cores where left open."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(d.world_size)))
+    share = plan_cpu_share(cfg.workers, cfg.threads, device, local_world)
+    torch.set_num_threads(share.threads)
+    if cfg.workers is None or cfg.threads is None:
+        log(f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "
+            f"{share.threads} threads (set --workers / --threads to choose)")  # fmt: skip
+    return replace(cfg, workers=share.workers, threads=share.threads)
 
 
 def _split(cfg: TrainConfig, data, saved: Path | None, log):

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,83 @@ def init_distributed(device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+_FREE_CORES: tuple[float, float] | None = None  # (time.monotonic() of the measurement, free cores)
+
+
+def free_cpu_cores(sample_s: float = 0.1, max_age_s: float = 30.0) -> float:
+    """How many of this process's cores other processes leave idle, from ``/proc/stat`` over ``sample_s`` seconds.
+
+    Measured while this process sleeps, so it counts the others' load only. Cached for ``max_age_s`` seconds (the
+    demo's three runs measure once: their own loader workers must not count as another user's load). Where
+    ``/proc/stat`` is unreadable (not Linux), every core counts as free.
+    """
+    global _FREE_CORES
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    now = time.monotonic()
+    if _FREE_CORES is not None and now - _FREE_CORES[0] < max_age_s:
+        return min(usable, _FREE_CORES[1])
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(sample_s)
+        busy1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return float(usable)
+    cores = os.cpu_count() or 1
+    busy_cores = cores * (busy1 - busy0) / max(total1 - total0, 1)
+    _FREE_CORES = (now, max(0.0, usable - busy_cores))
+    return _FREE_CORES[1]
+
+
+def _cpu_times() -> tuple[int, int]:
+    # The aggregate "cpu" line of /proc/stat: user nice system idle iowait irq softirq steal ... (clock ticks).
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """What one training process takes of the machine: loader worker processes and intra-op threads."""
+
+    free_cores: float
+    workers: int
+    threads: int
+
+
+def plan_cpu_share(workers: int | None, threads: int | None, device: torch.device, local_world: int = 1) -> CpuShare:
+    """Choose loader workers and intra-op threads from the cores actually free, where the user left them open.
+
+    Oversubscribed cores are the expensive mistake: an intra-op thread pool waits at every parallel region for its
+    slowest thread, and a descheduled one stalls the whole step (a 64-image forward took 420 ms with 2 threads on
+    2 busy cores against 41 ms with 1; benchmarks/README.md section 1). So the training process and its loader
+    workers together ask for no more cores than are free (each rank its share under torchrun); on a GPU the threads
+    only launch kernels and the workers do the CPU work.
+
+    Args:
+        workers: loader workers the user asked for, or None to choose.
+        threads: intra-op threads the user asked for, or None to choose (``OMP_NUM_THREADS`` counts as asking).
+        device: the training device.
+        local_world: processes of this job on this machine.
+
+    Returns:
+        The chosen share; ``free_cores`` is the measurement behind it.
+    """
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    free = free_cpu_cores() / max(1, local_world) if workers is None or threads is None else 0.0
+    cores = max(1, int(free + 0.5))
+    if device.type != "cpu":
+        return CpuShare(free, min(cores, 16) if workers is None else workers, threads or torch.get_num_threads())
+    if workers is None:
+        # Augmentation is about as costly as a small model's step on the CPU: half the free cores each, at least
+        # one worker so that loading overlaps the step.
+        workers = max(1, cores // 2)
+    if threads is None:
+        threads = max(1, cores - workers) if cores > 1 else 1
+    return CpuShare(free, workers, threads)
 
 
 def select_device(name: str) -> torch.device:
