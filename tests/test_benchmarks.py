@@ -227,3 +227,22 @@ def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, 
     gpu_ablation.ablation.PROTOCOLS["gpu-check"] = gpu
     values = gpu_ablation.ablation.run_values("gpu-check", "uda-mpl", 0)
     assert (values["device"], values["teacher"], values["amp"], values["steps"]) == ("cuda", "wrn28_2", "bf16", 2000)
+
+
+def test_soft_profile_tiny_lists_what_the_soft_step_adds():
+    cmd = [sys.executable, str(BENCH / "soft_profile.py"), "--model", "small_cnn", "--shape", "tiny", "--top", "3"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("small_cnn, shape tiny (B 2, μ 1), cpu") and "soft" in lines[0]
+    assert lines[1].startswith("| operator | hard ms | soft ms |")
+    assert len(lines) == 3 + 3 + 1  # title, header, rule, 3 operators, the total
+
+
+def test_busy_share_times_a_demo_in_a_fresh_process():
+    cmd = [sys.executable, str(BENCH / "busy_share.py"), "--steps", "2", "--conditions", "idle-fixed"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("idle-fixed: ") and res.stdout.rstrip().endswith(" s")
+    bad = subprocess.run([*cmd[:2], "--conditions", "noisy-auto"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown condition(s) ['noisy-auto']" in bad.stderr
