@@ -80,6 +80,16 @@ GRIDS = {
             "labels-only": dict(method="supervised", steps=3300, finetune_steps=0),
         },
     ),
+    # Twice the budget at 100 labels (validation): does the UDA teacher's lead over labels-only grow with steps?
+    "fashion-long-100": dict(
+        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 6000, "eval_every": 500,
+              "save_every": 2000, "s_wait_steps": 50, "s_warmup_steps": 50, "uda_weight": 1.0, "uda_steps": 200,
+              "cutout": 8, "finetune_steps": 600, "finetune_batch_size": 16},
+        variants={
+            "labels-only": dict(method="supervised", steps=6600, finetune_steps=0),
+            "uda-distill": dict(mpl_weight=0.0),
+        },
+    ),
 }  # fmt: skip
 
 
