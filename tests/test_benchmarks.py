@@ -227,3 +227,13 @@ def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, 
     gpu_ablation.ablation.PROTOCOLS["gpu-check"] = gpu
     values = gpu_ablation.ablation.run_values("gpu-check", "uda-mpl", 0)
     assert (values["device"], values["teacher"], values["amp"], values["steps"]) == ("cuda", "wrn28_2", "bf16", 2000)
+
+
+def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
+    config_cost = _load("config_cost")
+    out = tmp_path / "cost.json"
+    result = config_cost.main([str(REPO / "configs" / "svhn_1k.yaml"), "--tiny", "--threads", "1", "--json", str(out)])
+    assert (result["batch"], result["mu"], result["size"], result["classes"]) == (1, 1, 32, 10)
+    assert result["teacher_params"] == result["student_params"] == 1_467_610  # WRN-28-2, 10 classes
+    assert result["ms_per_step"] > 0 and json.loads(out.read_text()) == result
+    assert "== " in capsys.readouterr().out
