@@ -126,7 +126,11 @@ def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str
     per_tree: dict[str, dict[str, list[str]]] = {}
     for split, root in trees.items():
         class_dirs = sorted(d[len(root) :] for d in dirs if d.startswith(root) and "/" not in d[len(root) :])
-        groups = {c: [f for f in images if f.startswith(f"{root}{c}/")] for c in class_dirs}
+        groups: dict[str, list[str]] = {c: [] for c in class_dirs}
+        for f in images:  # one pass, in sorted order (a scan per class is 1000 x 1.28M prefix tests on ImageNet)
+            rest = f[len(root) :] if f.startswith(root) else ""
+            if "/" in rest and rest.split("/", 1)[0] in groups:
+                groups[rest.split("/", 1)[0]].append(f)
         for c, members in groups.items():
             if not members:
                 raise UserError(f"class folder {root}{c} in {source} has no images; add images or remove the folder")
