@@ -246,3 +246,13 @@ def test_busy_share_times_a_demo_in_a_fresh_process():
     assert res.stdout.startswith("idle-fixed: ") and res.stdout.rstrip().endswith(" s")
     bad = subprocess.run([*cmd[:2], "--conditions", "noisy-auto"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown condition(s) ['noisy-auto']" in bad.stderr
+
+
+def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
+    config_cost = _load("config_cost")
+    out = tmp_path / "cost.json"
+    result = config_cost.main([str(REPO / "configs" / "svhn_1k.yaml"), "--tiny", "--threads", "1", "--json", str(out)])
+    assert (result["batch"], result["mu"], result["size"], result["classes"]) == (1, 1, 32, 10)
+    assert result["teacher_params"] == result["student_params"] == 1_467_610  # WRN-28-2, 10 classes
+    assert result["ms_per_step"] > 0 and json.loads(out.read_text()) == result
+    assert "== " in capsys.readouterr().out

@@ -144,3 +144,12 @@ def test_timm_prefix_without_timm_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(UserError, match="pip install timm"):
         create_model("timm:resnet18", num_classes=10)
+
+
+def test_resnet50_comes_from_torchvision_and_trains_on_a_tiny_input():
+    # configs/imagenet_10pct.yaml names "resnet50": no registry entry, create_model builds torchvision's (weights=None).
+    assert "resnet50" not in list_models()
+    model = create_model("resnet50", num_classes=5, image_size=32)
+    assert count_parameters(model) == 23_518_277  # torchvision's ResNet-50 with a 5-class head
+    model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

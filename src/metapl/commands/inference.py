@@ -159,6 +159,7 @@ def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | 
     data = mdata.load_dataset(
         cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, download=cfg.download,
         image_size=cfg.image_size, cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+        data_path=cfg.data_path,
     )  # fmt: skip
     checks = (
         ("classes", data.num_classes, ckpt["num_classes"]),

@@ -29,12 +29,16 @@ from metapl.data.split import (
     per_class_counts,
     save_split,
 )
+from metapl.data.stream import STREAM_ABOVE_BYTES, FileImages, ImageFiles, choose_data_path, train_crop
 from metapl.data.transforms import Cutout, eval_transform, strong_transform, weak_transform
 
 __all__ = [
     "DATASETS",
+    "STREAM_ABOVE_BYTES",
     "Cutout",
     "EvalDataset",
+    "FileImages",
+    "ImageFiles",
     "ImageArrays",
     "LabeledDataset",
     "ResumableSampler",
@@ -42,6 +46,7 @@ __all__ = [
     "Split",
     "UnlabeledDataset",
     "check_fingerprint",
+    "choose_data_path",
     "data_fingerprint",
     "default_cache_dir",
     "eval_transform",
@@ -53,5 +58,6 @@ __all__ = [
     "per_class_counts",
     "save_split",
     "strong_transform",
+    "train_crop",
     "weak_transform",
 ]

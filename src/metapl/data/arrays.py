@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -22,6 +23,15 @@ class ImageArrays:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Row ``i`` as the training views' input: an owned uint8 ``(C, H, W)`` tensor (a memmap row is copied)."""
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)
+
+    def take(self, rows) -> ImageArrays:
+        """The images at ``rows`` (an index array), copied into memory."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return ImageArrays(np.asarray(self.images[rows]), np.asarray(self.labels[rows]))
 
     def __repr__(self) -> str:
         kind = " memmap" if isinstance(self.images, np.memmap) else ""

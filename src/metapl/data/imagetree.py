@@ -126,7 +126,11 @@ def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str
     per_tree: dict[str, dict[str, list[str]]] = {}
     for split, root in trees.items():
         class_dirs = sorted(d[len(root) :] for d in dirs if d.startswith(root) and "/" not in d[len(root) :])
-        groups = {c: [f for f in images if f.startswith(f"{root}{c}/")] for c in class_dirs}
+        groups: dict[str, list[str]] = {c: [] for c in class_dirs}
+        for f in images:  # one pass, in sorted order (a scan per class is 1000 x 1.28M prefix tests on ImageNet)
+            rest = f[len(root) :] if f.startswith(root) else ""
+            if "/" in rest and rest.split("/", 1)[0] in groups:
+                groups[rest.split("/", 1)[0]].append(f)
         for c, members in groups.items():
             if not members:
                 raise UserError(f"class folder {root}{c} in {source} has no images; add images or remove the folder")
@@ -147,6 +151,26 @@ def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str
         split: [(f, label) for label, c in enumerate(classes) for f in groups[c]] for split, groups in per_tree.items()
     }
     return classes, plan
+
+
+def plan_images(path: Path, *, flat: bool = False) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """List and validate an image tree without decoding it: its classes and the ``(file, label)`` pairs of each split.
+
+    Args:
+        path: a folder, or a tar archive (read once, in streaming mode).
+        flat: ignore folder structure and label every image -1 (``--unlabeled-dir``).
+
+    Returns:
+        ``(classes, plan)``: class names (index = label) and, per split (``train``/``test`` for a split tree, ``all``
+        for one tree), the relative POSIX paths of its images with their labels, in label then file order.
+    """
+    files, dirs = _list_tree(path)
+    if not flat:
+        return _plan_tree(path, files, dirs)
+    plan = {"all": [(f, -1) for f in sorted(files) if _is_image(f)]}
+    if not plan["all"]:
+        raise UserError(f"no images found in {path}; point the option at a folder (or tar) that holds images")
+    return [], plan
 
 
 def decode_tree(
@@ -174,13 +198,7 @@ def decode_tree(
         uint8 ``(N, H, W, C)``, ``*_labels`` int64), and ``meta`` with ``classes``, ``skipped`` ([file, reason]
         pairs) and, for a split tree, the train ``mean``/``std``.
     """
-    files, dirs = _list_tree(path)
-    if flat:
-        classes, plan = [], {"all": [(f, -1) for f in sorted(files) if _is_image(f)]}
-        if not plan["all"]:
-            raise UserError(f"no images found in {path}; point the option at a folder (or tar) that holds images")
-    else:
-        classes, plan = _plan_tree(path, files, dirs)
+    classes, plan = plan_images(path, flat=flat)
     entries = [entry for split_entries in plan.values() for entry in split_entries]
     n = len(entries)
     log(f"decoding {n} images from {path} (once: later runs read the cache)")

@@ -135,7 +135,7 @@ class LabeledDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         i, sample_seed = key
         row = int(self.indices[i])
-        x = _seeded(sample_seed, lambda: self.transform(_image_tensor(self.arrays.images, row)))
+        x = _seeded(sample_seed, lambda: self.transform(self.arrays.image(row)))
         return x, torch.tensor(int(self.arrays.labels[row]), dtype=torch.int64)
 
 
@@ -172,7 +172,7 @@ class UnlabeledDataset(Dataset):
             source, row = self.arrays, int(self.indices[i])
         else:
             source, row = self.extra, i - len(self.indices)
-        image = _image_tensor(source.images, row)
+        image = source.image(row)  # decoded here, in the worker, for streamed files
         x_uw, x_us = _seeded(sample_seed, lambda: (self.weak(image), self.strong(image)))
         return x_uw, x_us, torch.tensor(int(source.labels[row]), dtype=torch.int64)
 

@@ -42,6 +42,8 @@ class ReadOptions:
     skip_corrupt: bool
     seed: int
     log: Callable[[str], None]
+    data_path: str = "cache"  # auto, cache or stream (folders only): stream.choose_data_path
+    stream_above: int | None = None  # decoded bytes above which auto streams; None: stream.STREAM_ABOVE_BYTES
 
 
 def from_cached(name: str, arrays: dict, classes: list[str]) -> SourceData:

@@ -18,9 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from metapl.data import cache
+from metapl.data import cache, stream
 from metapl.data.arrays import ImageArrays, SourceData
-from metapl.data.imagetree import archive_or_folder, channel_stats, decode_tree, is_split_tree, resize_arrays
+from metapl.data.imagetree import (
+    archive_or_folder,
+    channel_stats,
+    decode_tree,
+    is_split_tree,
+    plan_images,
+    resize_arrays,
+)
 from metapl.data.readers import DEFAULT_DATA_DIR, KNOWN_STATS, ReadOptions, from_cached, read_digits, read_torchvision
 from metapl.errors import UserError
 
@@ -51,6 +58,8 @@ def load_dataset(
     skip_corrupt: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    data_path: str = "cache",
+    stream_above: int | None = None,
 ) -> SourceData:
     """Read a dataset, decoding its images once into the cache (see ``metapl.data.cache``) and memory-mapping them.
 
@@ -70,16 +79,24 @@ def load_dataset(
         skip_corrupt: skip unreadable images with a warning instead of stopping.
         seed: seeds the train/test split of ``digits`` and of folders without ``test/``.
         log: receives progress lines.
+        data_path: ``cache`` (decode once into the cache), ``stream`` (keep file paths, decode in the loader workers;
+            ``folder`` data sets only) or ``auto`` (stream a folder whose decoded size exceeds ``stream_above``).
+        stream_above: decoded bytes above which ``auto`` streams; None: ``stream.STREAM_ABOVE_BYTES``.
 
     Returns:
-        The ``SourceData``.
+        The ``SourceData``; on the streaming path its ``train`` and ``test`` are ``stream.ImageFiles``.
     """
     name = name.lower().replace("_", "-")
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and image_size < 4:
         raise UserError(f"--image-size {image_size} is too small; use at least 4 pixels")
-    opts = ReadOptions(data_dir, download, image_size, test_fraction, cache_dir, skip_corrupt, seed, log)
+    if data_path == "stream" and name != "folder":
+        raise UserError(
+            f"--data-path stream reads image folders only, not {name}; use --dataset folder or --data-path cache"
+        )
+    opts = ReadOptions(data_dir, download, image_size, test_fraction, cache_dir, skip_corrupt, seed, log, data_path,
+                       stream_above)  # fmt: skip
     data = READERS[name](opts)
     if unlabeled_dir is not None:
         data.extra_unlabeled = _load_unlabeled(unlabeled_dir, data, opts)
@@ -208,7 +225,14 @@ def _read_folder(o: ReadOptions) -> SourceData:
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise UserError(f"data directory {path} does not exist; point --data-dir at an image folder or archive")
-    archive_or_folder(path)  # raises on a file that is not an archive
+    if archive_or_folder(path) == "folder" and o.data_path != "cache":  # raises on a file that is not an archive
+        classes, plan = plan_images(path)
+        n = sum(len(entries) for entries in plan.values())
+        cache_dir = o.cache_dir or cache.default_cache_dir()
+        if stream.choose_data_path(o.data_path, n, image_size, cache_dir, threshold=o.stream_above) == "stream":
+            return _stream_folder(path, classes, plan, o)
+    elif o.data_path == "stream":
+        raise UserError(f"--data-path stream needs an extracted folder, not the archive {path}; extract it first")
 
     def build():
         return decode_tree(path, image_size=image_size, skip_corrupt=skip_corrupt, log=log)
@@ -228,11 +252,29 @@ def _read_folder(o: ReadOptions) -> SourceData:
     return SourceData(train, test, None, list(meta["classes"]), mean, std, hflip=True)
 
 
+def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -> SourceData:
+    """A folder on the streaming path: file lists, the same train/test split as the cache path, sampled statistics."""
+    o.log(f"streaming {sum(map(len, plan.values()))} images from {path}: decoded in the loader workers, not cached")
+    if "test" in plan:
+        train = stream.ImageFiles.from_entries(path, plan["train"], o.image_size)
+        test = stream.ImageFiles.from_entries(path, plan["test"], o.image_size)
+    else:  # one class tree (or train/ alone): the seeded, stratified hold-out of the cache path, on the same order
+        every = stream.ImageFiles.from_entries(path, plan.get("train", plan.get("all")), o.image_size)
+        train_idx, test_idx = _holdout(every.labels, o.test_fraction, o.seed)
+        train, test = every.take(train_idx), every.take(test_idx)
+    mean, std = stream.sample_stats(train.images)
+    return SourceData(train, test, None, list(classes), mean, std, hflip=True)
+
+
 def _load_unlabeled(unlabeled_dir: str, data: SourceData, o: ReadOptions) -> ImageArrays:
     image_size, skip_corrupt, log = o.image_size, o.skip_corrupt, o.log
     path = Path(unlabeled_dir).expanduser()
     if not path.exists():
         raise UserError(f"unlabeled directory {path} does not exist; fix --unlabeled-dir")
+    if isinstance(data.train, stream.ImageFiles):  # the labeled data streams: so do the extra images
+        if archive_or_folder(path) != "folder":
+            raise UserError(f"--data-path stream needs an extracted --unlabeled-dir, not the archive {path}")
+        return stream.ImageFiles.from_entries(path, plan_images(path, flat=True)[1]["all"], data.image_size)
     archive_or_folder(path)
     channels = data.in_channels
 

@@ -152,25 +152,41 @@ def _fill(mean: Sequence[float]) -> list[int]:
     return [round(255 * m) for m in mean]
 
 
-def _weak_geometry(image_size: int, hflip: bool) -> list:
-    # Pad-and-crop translates by up to 12.5% of the side, as in the paper's CIFAR setup (4 px at 32 px).
+# Area range of the "resized" crop. Not the supervised ImageNet recipe's (0.08, 1): the weak view is also what the
+# teacher's pseudo labels and UDA targets are read from, and a crop of under a quarter of the image often misses the
+# object, so its target is noise (or masked out by the UDA threshold, a wasted image). (0.25, 1) keeps the scale and
+# aspect jitter that large-image training needs while most crops still show the object.
+RESIZED_CROP_SCALE = (0.25, 1.0)
+CROPS = ("pad", "resized")
+
+
+def _weak_geometry(image_size: int, hflip: bool, crop: str = "pad") -> list:
     flip = [RandomFlip()] if hflip else []
+    if crop == "resized":  # images of any size (streamed files): a random area and aspect ratio, resized to the side
+        return [v2.RandomResizedCrop(image_size, scale=RESIZED_CROP_SCALE, antialias=True), *flip]
+    if crop != "pad":
+        raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+    # Pad-and-crop translates by up to 12.5% of the side, as in the paper's CIFAR setup (4 px at 32 px).
     return [*flip, ReflectPadCrop(image_size, padding=round(0.125 * image_size))]
 
 
-def weak_transform(image_size: int, *, hflip: bool, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """The weak view: optional horizontal flip, reflect-padded random crop, then float and Normalize.
+def weak_transform(
+    image_size: int, *, hflip: bool, mean: Sequence[float], std: Sequence[float], crop: str = "pad"
+) -> v2.Compose:
+    """The weak view: optional horizontal flip, a random crop, then float and Normalize.
 
     Args:
-        image_size: side of the (square) input and output.
+        image_size: side of the (square) output; with ``crop="pad"`` also of the input.
         hflip: whether to flip horizontally with probability 0.5.
         mean: per-channel mean in [0, 1] units.
         std: per-channel std in [0, 1] units.
+        crop: ``"pad"``: reflect-padded random crop of a square input (the paper's CIFAR views); ``"resized"``:
+            RandomResizedCrop of an input of any size (``RESIZED_CROP_SCALE``; streamed image files).
 
     Returns:
         A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
     """
-    return v2.Compose([*_weak_geometry(image_size, hflip), ToNormalizedFloat(mean, std)])
+    return v2.Compose([*_weak_geometry(image_size, hflip, crop), ToNormalizedFloat(mean, std)])
 
 
 def strong_transform(
@@ -182,17 +198,19 @@ def strong_transform(
     randaug_n: int = 2,
     randaug_m: int = 10,
     cutout: int | None = None,
+    crop: str = "pad",
 ) -> v2.Compose:
     """The strong view: the weak geometry, torchvision's RandAugment, Cutout, then float and Normalize.
 
     Args:
-        image_size: side of the (square) input and output.
+        image_size: side of the (square) output; with ``crop="pad"`` also of the input.
         hflip: whether to flip horizontally with probability 0.5.
         mean: per-channel mean in [0, 1] units (also the fill colour of rotations, shears and Cutout).
         std: per-channel std in [0, 1] units.
         randaug_n: RandAugment's number of ops per image.
         randaug_m: RandAugment's magnitude (0..30 on torchvision's 31-bin scale).
         cutout: side of the Cutout square in pixels; ``None`` means ``image_size // 2``, 0 turns it off.
+        crop: the weak geometry's crop, as in ``weak_transform``.
 
     Returns:
         A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
@@ -200,7 +218,7 @@ def strong_transform(
     fill = _fill(mean)
     return v2.Compose(
         [
-            *_weak_geometry(image_size, hflip),
+            *_weak_geometry(image_size, hflip, crop),
             PILRandAugment(randaug_n, randaug_m, fill),
             Cutout(image_size // 2 if cutout is None else cutout, fill),
             ToNormalizedFloat(mean, std),

@@ -65,6 +65,11 @@ class TrainConfig(MPLConfig):
     image_size: int | None = option(
         None, "resize images to this side, in pixels; none keeps the data set's size", ge=8, le=4096
     )
+    data_path: Literal["auto", "cache", "stream"] = option(
+        "auto",
+        "cache: decode a folder once into the cache; stream: keep file paths and decode in the loader workers "
+        "with random-resized crops (needs --image-size); auto: stream folders over 8 GiB decoded",
+    )
     expand_labels: bool = option(False, "repeat the labeled set so that one labeled epoch spans --eval-every steps")
     cache_dir: str | None = option(None, "decoded-image cache; none: $METAPL_CACHE_DIR or ~/.cache/metapl")
     skip_corrupt: bool = option(False, "skip unreadable images with a warning instead of stopping")

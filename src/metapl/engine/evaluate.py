@@ -22,11 +22,11 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None) -> dict
     Returns:
         prefix -> ``DataLoader``.
     """
-    test = data.test if limit is None else mdata.ImageArrays(data.test.images[:limit], data.test.labels[:limit])
+    # take(): rows of cached arrays, or still-undecoded files on the streaming path
+    test = data.test if limit is None else data.test.take(np.arange(min(limit, len(data.test))))
     loaders = {"": mdata.make_eval_loader(test, mean=data.mean, std=data.std, batch_size=batch_size)}
     if len(split.val):
-        rows = split.val[:limit]
-        val = mdata.ImageArrays(np.asarray(data.train.images[rows]), data.train.labels[rows])
+        val = data.train.take(split.val[:limit])
         loaders["val_"] = mdata.make_eval_loader(val, mean=data.mean, std=data.std, batch_size=batch_size)
     return loaders
 

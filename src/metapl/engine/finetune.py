@@ -49,7 +49,7 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
     opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, device=device)  # fmt: skip
     hflip = data.hflip if cfg.hflip is None else cfg.hflip
-    weak = mdata.weak_transform(data.image_size, hflip=hflip, mean=data.mean, std=data.std)
+    weak = mdata.weak_transform(data.image_size, hflip=hflip, mean=data.mean, std=data.std, crop=mdata.train_crop(data))
     loader, _ = mdata.make_train_loaders(
         data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=0,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,

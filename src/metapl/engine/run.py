@@ -64,6 +64,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     data = mdata.load_dataset(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+        data_path=cfg.data_path,
     )  # fmt: skip
     split = _split(cfg, data, run_dir / SPLIT if ckpt is not None else None, log)
     log(

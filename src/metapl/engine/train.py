@@ -227,10 +227,11 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
 def _train_batches(run: Run):
     """The endless iterators of labeled batches and (MPL only) unlabeled batches, positioned at ``run.step``."""
     cfg, data = run.cfg, run.data
-    weak = mdata.weak_transform(data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std)
+    crop = mdata.train_crop(data)  # random-resized crops of streamed files, padded crops of cached arrays
+    weak = mdata.weak_transform(data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std, crop=crop)
     strong = mdata.strong_transform(
         data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std, randaug_n=cfg.randaug_n,
-        randaug_m=cfg.randaug_m, cutout=cfg.cutout,
+        randaug_m=cfg.randaug_m, cutout=cfg.cutout, crop=crop,
     )  # fmt: skip
     l_loader, u_loader = mdata.make_train_loaders(
         data, run.split, batch_size=cfg.batch_size, mu=cfg.mu, seed=cfg.seed, start_step=run.step,
