@@ -144,13 +144,15 @@ def _diverged(run: Run, what: str) -> TrainingDiverged:
 
 def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
     """Settings that cannot run as asked, refused before any process joins the group or loads data."""
-    if world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
-        raise UserError(
-            "--mode soft (exact meta-gradient) does not run under torchrun/DDP: it differentiates through a "
-            "functional copy of the student that DDP cannot synchronise; use --mode hard, or a single process"
-        )
     if cfg.sync_bn and device.type != "cuda":
         raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm has no {device.type} kernel); drop --sync-bn")
+    if cfg.sync_bn and world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
+        # The soft meta-gradient differentiates the student's backward; SyncBatchNorm's backward is not differentiable.
+        raise UserError(
+            "--sync-bn does not go with --mode soft: the exact meta-gradient needs the student's backward twice "
+            "differentiable, and SyncBatchNorm's is not; drop --sync-bn (each rank normalises its own batch) or use "
+            "--mode hard"
+        )
 
 
 class _NoWriter:
