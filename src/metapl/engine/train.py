@@ -147,11 +147,9 @@ def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int)
     if cfg.sync_bn and device.type != "cuda":
         raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm has no {device.type} kernel); drop --sync-bn")
     if cfg.sync_bn and world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
-        # The soft meta-gradient differentiates the student's backward; SyncBatchNorm's backward is not differentiable.
         raise UserError(
-            "--sync-bn does not go with --mode soft: the exact meta-gradient needs the student's backward twice "
-            "differentiable, and SyncBatchNorm's is not; drop --sync-bn (each rank normalises its own batch) or use "
-            "--mode hard"
+            "--sync-bn does not go with --mode soft: the exact meta-gradient differentiates the student's backward, "
+            "and SyncBatchNorm's is not differentiable; drop --sync-bn (per-rank BatchNorm) or use --mode hard"
         )
 
 
