@@ -1,7 +1,8 @@
 """Multi-process training on PyTorch's own engine (DDP over gloo, 2 CPU processes).
 
 Core level: 2 ranks that each see half of a batch take the same MPL steps as one process that sees all of it.
-CLI level: ``torchrun -m metapl train`` writes one set of outputs, resumes bit-identically, refuses soft mode.
+CLI level: ``torchrun -m metapl train`` writes one set of outputs and resumes bit-identically.
+Soft mode across processes: ``test_distributed_soft.py``; two torchrun agents ("nodes"): ``test_multinode.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from conftest import checkpoint_accuracies
 from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, MPLState, mpl_update
 from metapl.engine.checkpoint import LATEST
+from metapl.engine.config import TrainConfig
 from metapl.engine.metrics import read_metrics
+from metapl.engine.train import _refuse_unsupported
+from metapl.errors import UserError
 from test_train import TINY, _final_params, _train_records
 
 WORLD = 2
@@ -228,24 +232,13 @@ def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):
     assert _train_records(full_ddp_run) == _train_records(killed)
 
 
-def test_torchrun_refuses_soft_mode_at_startup(tmp_path):
-    out = tmp_path / "soft"
-    done = subprocess.run(torchrun(*TINY, "--steps", "2", "--mode", "soft", "--out", str(out)), env=ENV,
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if "--mode soft" in line]
-    assert lines and all(line.startswith("metapl: error: --mode soft") for line in lines), done.stderr[-3000:]
-    assert "UserError" not in done.stderr  # the ranks printed the message, not a traceback
-    assert not out.exists()  # refused before any work
-
-
-def test_soft_mode_under_a_launcher_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
-    # What each torchrun rank does, in this process: WORLD_SIZE alone decides, before joining any group.
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", *TINY, "--steps", "2", "--mode", "soft", "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--mode soft" in err and "--mode hard" in err, err
-    assert not (tmp_path / "run").exists()
+def test_soft_mode_with_sync_bn_under_a_launcher_is_refused():
+    # SyncBatchNorm's backward is not differentiable, and soft mode differentiates the student's backward. Checked
+    # on a CUDA device object: on the CPU, --sync-bn alone is refused first (below).
+    with pytest.raises(UserError, match="--sync-bn does not go with --mode soft"):
+        _refuse_unsupported(TrainConfig(mode="soft", sync_bn=True), torch.device("cuda"), world_size=2)
+    _refuse_unsupported(TrainConfig(mode="soft", sync_bn=True), torch.device("cuda"), world_size=1)  # no DDP: fine
+    _refuse_unsupported(TrainConfig(mode="hard", sync_bn=True), torch.device("cuda"), world_size=2)
 
 
 def test_sync_bn_on_the_cpu_is_refused(tmp_path, capsys):

@@ -11,12 +11,19 @@ Called through ``metapl.core.mpl.mpl_update``, which checks the arguments.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metapl.core.losses import pseudo_labels, upcast
-from metapl.core.parts import autocast_for, clip_and_step, feedback_mode, pseudo_metrics, uda_term, unwrap
+from metapl.core.parts import (
+    autocast_for,
+    clip_and_step,
+    feedback_mode,
+    mean_over_ranks,
+    pseudo_metrics,
+    uda_term,
+    unwrap,
+)  # fmt: skip
 
 
 def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
@@ -144,7 +151,7 @@ def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_s
         s_loss_l_new = s_loss_l_new.detach()
     # A float16 step that the scaler skipped leaves inf/nan here; it carries no information about ŷ.
     h = torch.where(torch.isfinite(h), h, zero)
-    return s_loss, s_loss_l_old, s_loss_l_new, _mean_over_ranks(h)
+    return s_loss, s_loss_l_old, s_loss_l_new, mean_over_ranks([h])[0]  # every rank applies the same h
 
 
 def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast) -> tuple[Tensor, Tensor]:
@@ -164,11 +171,3 @@ def _labeled_loss(s_net: nn.Module, x_l: Tensor, y_l: Tensor) -> Tensor:
 def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
-
-def _mean_over_ranks(x: Tensor) -> Tensor:
-    """h averaged over the ``torch.distributed`` ranks, so every rank applies the same feedback."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x

@@ -145,12 +145,15 @@ def mpl_update(
 
     Both models must be in train mode. The student's step size η_S is read from ``s_optimizer``'s first parameter
     group; when it is 0 (the recipe's "student waits" phase) the student's forward, backward and step are skipped
-    and h = 0. Under ``torch.distributed`` (models wrapped in DDP), h is averaged over ranks, so every rank applies
-    the same feedback.
+    and h = 0. Under ``torch.distributed`` (models wrapped in DDP), the result equals one process's update on the
+    ranks' concatenated batches (BatchNorm aside: its batch statistics are per rank): in hard mode DDP averages the
+    gradients and h is averaged over ranks; in soft mode the DDP teacher averages its gradients and the student's
+    gradient and the meta-gradient's student-side vector are all-reduced over the student's DDP process group
+    (``metapl.core.soft``).
 
     Args:
         teacher: the teacher T (any module mapping (N, C, H, W) to (N, K) logits; may be DDP-wrapped).
-        student: the student S (may differ from the teacher in architecture; DDP-wrapped in hard mode only).
+        student: the student S (may differ from the teacher in architecture; may be DDP-wrapped).
         t_optimizer: the teacher's optimizer; stepped once.
         s_optimizer: the student's optimizer; stepped once (unless its learning rate is 0).
         batch: the labeled and unlabeled images, see ``Batch``.
@@ -176,11 +179,6 @@ def mpl_update(
     _check_batch(batch)
     if config.baseline_decay > 0 and state is None:
         raise ValueError("config.baseline_decay > 0 needs an MPLState to carry the baseline between updates")
-    if config.mode == "soft" and isinstance(student, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "soft (exact meta-gradient) mode does not run under DDP: it differentiates through a functional copy "
-            "of the student that DDP cannot synchronise; use --mode hard for multi-process training"
-        )
     if config.mode == "soft" and (amp_dtype == torch.float16 or s_scaler is not None):
         raise ValueError("soft mode does not support float16 gradient scaling; use bfloat16 autocast or float32")
     step = hard_update if config.mode == "hard" else soft_update

@@ -4,7 +4,10 @@ Notation as in ``metapl.core.mpl`` (the paper's Sec. 2). The student's look-ahea
 θ'_S = θ_S − η_S ∇_{θ_S} CE(q(θ_T), S(x_us; θ_S)) (Eq. 3) is written as a function of θ_T with
 ``torch.func.functional_call``, and L_l(θ'_S(θ_T)) is differentiated through it (second order).
 
-Called through ``metapl.core.mpl.mpl_update``, which checks the arguments (no DDP student, no float16 scaling).
+Under DDP the student is replicated but its DDP forward is never called (the look-ahead is functional), so its
+gradient and the meta-gradient's student-side vector are averaged over the ranks here, by hand (``_look_ahead``).
+
+Called through ``metapl.core.mpl.mpl_update``, which checks the arguments (no float16 scaling).
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from torch import Tensor
 from torch.func import functional_call
 
 from metapl.core.losses import soft_cross_entropy, upcast
-from metapl.core.parts import autocast_for, clip_and_step, feedback_mode, pseudo_metrics, uda_term, unwrap
+from metapl.core.parts import (
+    autocast_for,
+    clip_and_step,
+    feedback_mode,
+    mean_over_ranks,
+    pseudo_metrics,
+    replica_group,
+    uda_term,
+    unwrap,
+)
 
 
 def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
@@ -45,18 +57,9 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
     grads = None
     if eta > 0:
-        # Student's step as a function of θ_T (Eq. 3's look-ahead): θ'_S = θ_S − η_S ∇_{θ_S} CE(q(θ_T), S(x_us; θ_S)).
-        # Buffers are the module's own: this forward is the student's real training forward, so BatchNorm's
-        # running statistics advance once, as in hard mode.
-        with autocast:
-            s_logits_us = functional_call(s_net, s_params, (x_us,), strict=False)
-        s_loss = soft_cross_entropy(upcast(s_logits_us), q)
-        grads = torch.autograd.grad(s_loss, list(s_params.values()), create_graph=True)
-        s_params_new = {n: p - eta * g for (n, p), g in zip(s_params.items(), grads)}
-        # L_l(θ'_S(θ_T)) in float32 feedback mode; its gradient wrt θ_T is the exact meta-gradient (Eq. 3).
-        with feedback_mode(s_net):
-            s_loss_l_new = F.cross_entropy(upcast(functional_call(s_net, s_params_new, (x_l,), strict=False)), y_l)
-        meta = -s_loss_l_new if config.feedback_sign == "reversed" else s_loss_l_new
+        s_loss, s_loss_l_new, meta, grads = _look_ahead(s_net, s_params, batch, q, eta, autocast,
+                                                        replica_group(student))  # fmt: skip
+        meta = -meta if config.feedback_sign == "reversed" else meta
         t_loss = t_loss + config.mpl_weight * meta
 
     t_params = [p for p in t_net.parameters() if p.requires_grad]
@@ -67,10 +70,10 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
 
     if grads is not None:
-        # The student's real step uses the first-order gradient already computed for the look-ahead.
+        # The student's real step uses the (rank-averaged) first-order gradient already computed for the look-ahead.
         s_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(s_params.values(), grads):
-            p.grad = g.detach()
+            p.grad = g
         clip_and_step(s_optimizer, list(s_params.values()), None, config.grad_clip)
 
     metrics = {
@@ -107,3 +110,54 @@ def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
         with torch.no_grad(), autocast:
             t_logits_uw = upcast(t_net(x_uw))
     return t_logits_l, t_logits_src, t_logits_uw, t_logits_us
+
+
+def _look_ahead(s_net, s_params: dict[str, Tensor], batch, q: Tensor, eta: float, autocast, group):
+    """The student's look-ahead θ'_S(θ_T) = θ_S − η_S g (Eq. 3) and L_l(θ'_S), exact across the ranks of ``group``.
+
+    One process on the N ranks' concatenated batch has g = (1/N) Σ_r g_r, g_r = ∇_{θ_S} CE(q_r, S(x_us^r; θ_S)),
+    where q_r (rank r's soft labels) is the only place θ_T enters, and L_l = (1/N) Σ_r L_l^r. Hence
+
+        ∇_{θ_T} L_l(θ'_S) = −η_S (1/N) Σ_r (∂g_r/∂θ_T)ᵀ v,    v = (1/N) Σ_r ∇_{θ'_S} L_l^r(θ'_S).
+
+    Rank r holds the graph of its own g_r only: it all-reduces ḡ (everyone's step) and v (everyone's labeled
+    gradient), then returns a surrogate whose θ_T-gradient is −η_S (∂g_r/∂θ_T)ᵀ v; the teacher's DDP average over
+    ranks turns those into the sum above. In one process (``group`` None) ḡ = g, v = ∇ L_l: the plain chain rule.
+
+    Args:
+        s_net: the unwrapped student; its buffers serve the look-ahead forward (BatchNorm's running statistics
+            advance once, as in hard mode; its batch statistics are this rank's, as in DDP training).
+        s_params: the student's trainable parameters by name.
+        batch: this rank's ``Batch``.
+        q: this rank's soft pseudo labels q(θ_T), (μB, K), with their graph to θ_T.
+        eta: the student's step size η_S.
+        autocast: the autocast context of the student's forward.
+        group: the process group the student is replicated over (``replica_group``), or None.
+
+    Returns:
+        ``(s_loss, s_loss_l_new, meta, grads)``: this rank's CE(q, S(x_us)); its L_l(θ'_S), detached; ``meta``, equal
+        to ``s_loss_l_new`` in value, whose θ_T-gradient is this rank's share of the meta-gradient; ḡ, detached, for
+        the student's real step.
+    """
+    x_l, y_l, _, x_us, _ = batch
+    with autocast:
+        s_logits_us = functional_call(s_net, s_params, (x_us,), strict=False)  # (μB, K)
+    s_loss = soft_cross_entropy(upcast(s_logits_us), q)
+    g_own = torch.autograd.grad(s_loss, list(s_params.values()), create_graph=True)  # g_r, a function of θ_T
+    g_mean = [g.detach() for g in g_own]
+    if group is not None:
+        g_mean = mean_over_ranks(g_mean, group)
+    # Value θ_S − η ḡ on every rank, bit for bit; gradient to θ_T through this rank's g_r (g − g.detach() is 0).
+    s_params_new = {n: p.detach() - eta * (gm + (g - g.detach())) for (n, p), g, gm in zip(s_params.items(), g_own,
+                                                                                           g_mean)}  # fmt: skip
+    # L_l(θ'_S) in float32 feedback mode, and this rank's ∇_{θ'_S} L_l^r, averaged into v.
+    with feedback_mode(s_net):
+        s_loss_l_new = F.cross_entropy(upcast(functional_call(s_net, s_params_new, (x_l,), strict=False)), y_l)
+    new = list(s_params_new.values())
+    v = torch.autograd.grad(s_loss_l_new, new, materialize_grads=True)
+    if group is not None:
+        v = mean_over_ranks(list(v), group)
+    # Surrogate: value L_l(θ'_S); gradient wrt θ_T = (∂θ'_S/∂θ_T)ᵀ v = −η_S (∂g_r/∂θ_T)ᵀ v.
+    link = torch.stack([(vi * (p - p.detach())).sum() for vi, p in zip(v, new)]).sum()
+    meta = s_loss_l_new.detach() + link
+    return s_loss, s_loss_l_new.detach(), meta, g_mean

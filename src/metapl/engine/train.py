@@ -144,13 +144,13 @@ def _diverged(run: Run, what: str) -> TrainingDiverged:
 
 def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
     """Settings that cannot run as asked, refused before any process joins the group or loads data."""
-    if world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
-        raise UserError(
-            "--mode soft (exact meta-gradient) does not run under torchrun/DDP: it differentiates through a "
-            "functional copy of the student that DDP cannot synchronise; use --mode hard, or a single process"
-        )
     if cfg.sync_bn and device.type != "cuda":
         raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm has no {device.type} kernel); drop --sync-bn")
+    if cfg.sync_bn and world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
+        raise UserError(
+            "--sync-bn does not go with --mode soft: the exact meta-gradient differentiates the student's backward, "
+            "and SyncBatchNorm's is not differentiable; drop --sync-bn (per-rank BatchNorm) or use --mode hard"
+        )
 
 
 class _NoWriter:
