@@ -79,6 +79,10 @@ class TrainConfig(MPLConfig):
         "weak", "augmentation of the labeled images: weak (flip + crop) or strong (+ RandAugment and Cutout)"
     )
     workers: int = option(2, "data-loader worker processes; 0 loads in the training process", ge=0, le=256)
+    augment_on: Literal["loader", "device"] = option(
+        "loader", "where the views are augmented: loader (per image with Pillow, in the workers) or device (whole "
+        "batches on --device; the workers only copy uint8 images)",
+    )  # fmt: skip
 
     teacher: str = option(
         "small_cnn", "teacher network: a registered name (small_cnn, wrn28_2, ...), tv:NAME, timm:NAME"

@@ -227,6 +227,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
 def _train_batches(run: Run):
     """The endless iterators of labeled batches and (MPL only) unlabeled batches, positioned at ``run.step``."""
     cfg, data = run.cfg, run.data
+    if cfg.augment_on == "device":
+        return _device_batches(run)
     weak = mdata.weak_transform(data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std)
     strong = mdata.strong_transform(
         data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std, randaug_n=cfg.randaug_n,
@@ -239,6 +241,23 @@ def _train_batches(run: Run):
         labeled_transform=strong if cfg.labeled_aug == "strong" else weak, pin_memory=run.device.type == "cuda",
     )  # fmt: skip
     return iter(l_loader), (iter(u_loader) if cfg.method == "mpl" else None)
+
+
+def _device_batches(run: Run):
+    """``_train_batches`` with ``--augment-on device``: the same streams, the views computed on ``run.device``."""
+    cfg, data = run.cfg, run.data
+    kw = {"hflip": _hflip(cfg, data), "mean": data.mean, "std": data.std}
+    weak = mdata.weak_batch_view(data.image_size, **kw)
+    strong = mdata.strong_batch_view(data.image_size, **kw, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m,
+                                     cutout=cfg.cutout)  # fmt: skip
+    labeled, unlabeled = mdata.make_device_train_batches(
+        data, run.split, batch_size=cfg.batch_size, mu=cfg.mu, seed=cfg.seed, device=run.device, weak=weak,
+        strong=strong, labeled_view=strong if cfg.labeled_aug == "strong" else weak, start_step=run.step,
+        num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size,
+        expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
+        pin_memory=run.device.type == "cuda",
+    )  # fmt: skip
+    return labeled, (unlabeled if cfg.method == "mpl" else None)
 
 
 def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
