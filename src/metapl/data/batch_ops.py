@@ -113,14 +113,16 @@ def sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     Returns:
         uint8 ``(N, C, H, W)``.
     """
-    n, c, h, w = images.shape
-    x = images.to(torch.float32)
-    # SMOOTH: 3x3 weights 1 with 5 at the centre, over 13; Pillow adds 0.5 and truncates.
-    kernel = torch.full((c, 1, 3, 3), 1.0 / 13, device=images.device)
-    kernel[:, :, 1, 1] = 5.0 / 13
-    smooth = torch.nn.functional.conv2d(x, kernel, groups=c).add_(0.5).clamp_(0, 255).floor_()
+    x = images.to(torch.int32)
+    # SMOOTH: 3x3 weights 1 with 5 at the centre, over 13, rounded. Pillow sums float32 weights of 1/13 and adds 0.5
+    # before truncating; an integer sum S gives S / 13 a fraction k / 13, never within float error of 1/2, so the
+    # integer rounding (2S + 13) // 26 is the same value, and it is exact on every device (no TF32 convolution).
+    total = 4 * x[:, :, 1:-1, 1:-1]  # + 1 from the 3x3 sum below: 5 at the centre
+    for dy in range(3):
+        for dx in range(3):
+            total = total + x[:, :, dy : dy + x.shape[2] - 2, dx : dx + x.shape[3] - 2]
     degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth
+    degenerate[:, :, 1:-1, 1:-1] = (2 * total + 13) // 26
     return blend(degenerate, images, factor)
 
 
