@@ -227,3 +227,22 @@ def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, 
     gpu_ablation.ablation.PROTOCOLS["gpu-check"] = gpu
     values = gpu_ablation.ablation.run_values("gpu-check", "uda-mpl", 0)
     assert (values["device"], values["teacher"], values["amp"], values["steps"]) == ("cuda", "wrn28_2", "bf16", 2000)
+
+
+def test_augment_speed_tiny_prints_both_paths_for_both_config_shapes():
+    cmd = [sys.executable, str(BENCH / "augment_speed.py"), "--tiny", "--threads", "1", "--workers", "0"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    augment_speed = _load("augment_speed")
+    tables = res.stdout.split("\n== ")[1:]
+    assert [t.split(" (")[0] for t in tables] == ["32x32x3", "28x28x1"]
+    for table, views in zip(tables, (16 * (1 + 2 * 4), 16 * (1 + 2 * 4))):  # B=16, mu=4 in both CPU configs
+        rows = {}
+        for line in table.splitlines():
+            for name in augment_speed.ROWS:
+                if line.startswith(name):
+                    rows[name] = [float(v) for v in line[len(name) :].split()]
+        assert list(rows) == list(augment_speed.ROWS)
+        for ms, views_per_s in rows.values():
+            assert ms > 0 and views_per_s == pytest.approx(views * 1000 / ms, rel=0.02, abs=1)
+        assert "device path / Pillow path views/s:" in table and "2 timed steps" in table
