@@ -256,3 +256,22 @@ def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
     assert result["teacher_params"] == result["student_params"] == 1_467_610  # WRN-28-2, 10 classes
     assert result["ms_per_step"] > 0 and json.loads(out.read_text()) == result
     assert "== " in capsys.readouterr().out
+
+
+def test_augment_speed_tiny_prints_both_paths_for_both_config_shapes():
+    cmd = [sys.executable, str(BENCH / "augment_speed.py"), "--tiny", "--threads", "1", "--workers", "0"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    augment_speed = _load("augment_speed")
+    tables = res.stdout.split("\n== ")[1:]
+    assert [t.split(" (")[0] for t in tables] == ["32x32x3", "28x28x1"]
+    for table, views in zip(tables, (16 * (1 + 2 * 4), 16 * (1 + 2 * 4))):  # B=16, mu=4 in both CPU configs
+        rows = {}
+        for line in table.splitlines():
+            for name in augment_speed.ROWS:
+                if line.startswith(name):
+                    rows[name] = [float(v) for v in line[len(name) :].split()]
+        assert list(rows) == list(augment_speed.ROWS)
+        for ms, views_per_s in rows.values():
+            assert ms > 0 and views_per_s == pytest.approx(views * 1000 / ms, rel=0.02, abs=1)
+        assert "device path / Pillow path views/s:" in table and "2 timed steps" in table

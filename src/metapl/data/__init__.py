@@ -7,10 +7,15 @@ Typical use::
     weak = weak_transform(data.image_size, hflip=data.hflip, mean=data.mean, std=data.std)
     strong = strong_transform(data.image_size, hflip=data.hflip, mean=data.mean, std=data.std)
     labeled, unlabeled = make_train_loaders(data, split, batch_size=64, mu=7, seed=0, weak=weak, strong=strong)
+
+or, augmenting whole batches on the training device (``weak_batch_view``, ``strong_batch_view``,
+``make_device_train_batches``).
 """
 
 from metapl.data.arrays import ImageArrays, SourceData
+from metapl.data.batch_augment import BatchView, strong_batch_view, weak_batch_view
 from metapl.data.cache import default_cache_dir
+from metapl.data.device_batches import make_device_train_batches
 from metapl.data.loader import (
     EvalDataset,
     LabeledDataset,
@@ -35,6 +40,7 @@ from metapl.data.transforms import Cutout, eval_transform, strong_transform, wea
 __all__ = [
     "DATASETS",
     "STREAM_ABOVE_BYTES",
+    "BatchView",
     "Cutout",
     "EvalDataset",
     "FileImages",
@@ -52,12 +58,15 @@ __all__ = [
     "eval_transform",
     "load_dataset",
     "load_split",
+    "make_device_train_batches",
     "make_eval_loader",
     "make_split",
     "make_train_loaders",
     "per_class_counts",
     "save_split",
+    "strong_batch_view",
     "strong_transform",
     "train_crop",
+    "weak_batch_view",
     "weak_transform",
 ]

@@ -206,13 +206,30 @@ def _worker_init(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _loader(dataset, sampler, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor) -> DataLoader:
+def stream_loader(dataset, sampler, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,
+                  collate_fn=None) -> DataLoader:  # fmt: skip
+    """A ``DataLoader`` of ``batch_size`` items from a ``ResumableSampler`` stream, workers set up for it.
+
+    Args:
+        dataset: fetched by the sampler's ``(index, sample_seed)`` keys.
+        sampler: a ``ResumableSampler``.
+        batch_size: items per batch.
+        num_workers: worker processes (0 = in the main process).
+        pin_memory: pin batches for faster host-to-GPU copies.
+        persistent_workers: keep the workers between epochs.
+        prefetch_factor: batches prefetched per worker.
+        collate_fn: None for torch's default; a dataset whose ``__getitems__`` builds the batch passes its own.
+
+    Returns:
+        The loader.
+    """
     workers = num_workers > 0
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers else None,
         persistent_workers=persistent_workers and workers,
@@ -221,6 +238,34 @@ def _loader(dataset, sampler, batch_size, num_workers, pin_memory, persistent_wo
         # global generator that dropout uses, or a resumed run would diverge from an uninterrupted one.
         generator=torch.Generator(),
     )
+
+
+def train_samplers(
+    num_labeled: int, num_unlabeled: int, *, batch_size: int, mu: int, seed: int, start_step: int = 0, rank: int = 0,
+    world_size: int = 1, expand_labels_to: int | None = None,
+) -> tuple[ResumableSampler, ResumableSampler]:  # fmt: skip
+    """The labeled and unlabeled streams of one training run, positioned at ``start_step``.
+
+    Args:
+        num_labeled: labeled images.
+        num_unlabeled: unlabeled images (extra ones included).
+        batch_size: labeled images per step (per rank).
+        mu: unlabeled images per labeled image.
+        seed: run seed; the two streams use different seeds derived from it.
+        start_step: the step to resume at; both streams skip exactly the items the earlier steps consumed.
+        rank: this process's shard.
+        world_size: number of processes.
+        expand_labels_to: repeat the labeled set within an epoch until it holds at least this many items.
+
+    Returns:
+        ``(labeled_sampler, unlabeled_sampler)``.
+    """
+    repeat = max(1, math.ceil(expand_labels_to / num_labeled)) if expand_labels_to else 1
+    labeled = ResumableSampler(num_labeled, seed=mix_seed(seed, 1), start=start_step * batch_size, rank=rank,
+                               world_size=world_size, repeat=repeat)  # fmt: skip
+    unlabeled = ResumableSampler(num_unlabeled, seed=mix_seed(seed, 2), start=start_step * mu * batch_size, rank=rank,
+                                 world_size=world_size)  # fmt: skip
+    return labeled, unlabeled
 
 
 def make_train_loaders(
@@ -267,25 +312,15 @@ def make_train_loaders(
     Returns:
         ``(labeled_loader, unlabeled_loader)``: batches ``(x_l, y_l)`` and ``(x_uw, x_us, y_u_true)``.
     """
-    repeat = 1
-    if expand_labels_to:
-        repeat = max(1, math.ceil(expand_labels_to / len(split.labeled)))
-    labeled_sampler = ResumableSampler(
-        len(split.labeled),
-        seed=mix_seed(seed, 1),
-        start=start_step * batch_size,
-        rank=rank,
-        world_size=world_size,
-        repeat=repeat,
-    )
     unlabeled_ds = UnlabeledDataset(data.train, split.unlabeled, weak, strong, extra=data.extra_unlabeled)
-    unlabeled_sampler = ResumableSampler(
-        len(unlabeled_ds), seed=mix_seed(seed, 2), start=start_step * mu * batch_size, rank=rank, world_size=world_size
-    )
-    common = (num_workers, pin_memory, persistent_workers, prefetch_factor)
     labeled_ds = LabeledDataset(data.train, split.labeled, labeled_transform or weak)
-    labeled = _loader(labeled_ds, labeled_sampler, batch_size, *common)
-    unlabeled = _loader(unlabeled_ds, unlabeled_sampler, mu * batch_size, *common)
+    labeled_sampler, unlabeled_sampler = train_samplers(
+        len(labeled_ds), len(unlabeled_ds), batch_size=batch_size, mu=mu, seed=seed, start_step=start_step, rank=rank,
+        world_size=world_size, expand_labels_to=expand_labels_to,
+    )  # fmt: skip
+    common = (num_workers, pin_memory, persistent_workers, prefetch_factor)
+    labeled = stream_loader(labeled_ds, labeled_sampler, batch_size, *common)
+    unlabeled = stream_loader(unlabeled_ds, unlabeled_sampler, mu * batch_size, *common)
     return labeled, unlabeled
 
 
@@ -315,5 +350,5 @@ def make_eval_loader(
         shuffle=False,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=torch.Generator(),  # see _loader: leave the global generator alone
+        generator=torch.Generator(),  # see stream_loader: leave the global generator alone
     )

@@ -59,9 +59,18 @@ class RandomFlip:
         return "RandomFlip()"
 
 
-def _reflect_index(length: int, padding: int) -> torch.Tensor:
-    # Source index of each position of a reflect-padded axis ("reflect": the edge pixel is not repeated), with
-    # repeated reflection when the padding exceeds the axis.
+def reflect_index(length: int, padding: int) -> torch.Tensor:
+    """The source index of each position of an axis of ``length`` reflect-padded by ``padding`` on both sides.
+
+    "Reflect" does not repeat the edge pixel; a padding longer than the axis reflects again.
+
+    Args:
+        length: pixels along the axis.
+        padding: pixels added on each side.
+
+    Returns:
+        int64 ``(length + 2 * padding,)``.
+    """
     pos = torch.arange(-padding, length + padding)
     if length == 1:
         return torch.zeros_like(pos)
@@ -87,7 +96,7 @@ class ReflectPadCrop:
         if length not in self._index:
             if length + 2 * self.padding < self.size:
                 raise ValueError(f"a {length}-pixel side padded by {self.padding} is smaller than the crop {self.size}")
-            self._index[length] = _reflect_index(length, self.padding)
+            self._index[length] = reflect_index(length, self.padding)
         return self._index[length]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -147,8 +156,15 @@ class PILRandAugment:
         return f"PILRandAugment({self.randaugment!r})"
 
 
-def _fill(mean: Sequence[float]) -> list[int]:
-    """The dataset's mean colour as uint8 values: what geometric ops and Cutout paint, ~0 after Normalize."""
+def fill_colour(mean: Sequence[float]) -> list[int]:
+    """The dataset's mean colour as uint8 values: what geometric ops and Cutout paint, ~0 after Normalize.
+
+    Args:
+        mean: per-channel mean in [0, 1] units.
+
+    Returns:
+        One uint8 value per channel.
+    """
     return [round(255 * m) for m in mean]
 
 
@@ -215,7 +231,7 @@ def strong_transform(
     Returns:
         A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
     """
-    fill = _fill(mean)
+    fill = fill_colour(mean)
     return v2.Compose(
         [
             *_weak_geometry(image_size, hflip, crop),

@@ -91,6 +91,10 @@ class TrainConfig(MPLConfig):
         None, "intra-op threads of the training process; none: $OMP_NUM_THREADS, else chosen from the free cores",
         ge=1, le=1024,
     )  # fmt: skip
+    augment_on: Literal["loader", "device"] = option(
+        "loader", "where the views are augmented: loader (per image with Pillow, in the workers) or device (whole "
+        "batches on --device; the workers only copy uint8 images)",
+    )  # fmt: skip
 
     teacher: str = option(
         "small_cnn", "teacher network: a registered name (small_cnn, wrn28_2, ...), tv:NAME, timm:NAME"

@@ -14,6 +14,7 @@ import torch
 
 from metapl import data as mdata
 from metapl.core import supervised_step, unwrap
+from metapl.engine.batches import hflip
 from metapl.engine.checkpoint import (
     FINETUNED,
     LATEST,
@@ -48,8 +49,8 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
     student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
     opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, device=device)  # fmt: skip
-    hflip = data.hflip if cfg.hflip is None else cfg.hflip
-    weak = mdata.weak_transform(data.image_size, hflip=hflip, mean=data.mean, std=data.std, crop=mdata.train_crop(data))
+    weak = mdata.weak_transform(data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std,
+                                crop=mdata.train_crop(data))  # fmt: skip
     loader, _ = mdata.make_train_loaders(
         data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=0,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,

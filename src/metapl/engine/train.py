@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from metapl import data as mdata
 from metapl.core import Batch, linear_ramp, mpl_update, supervised_step, unwrap
+from metapl.engine.batches import train_batches
 from metapl.engine.checkpoint import (
     BEST,
     CONFIG,
@@ -169,7 +170,7 @@ class _NoWriter:
 
 def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals) -> None:
     cfg = run.cfg
-    batches = _train_batches(run)
+    batches = train_batches(run)
     eval_sets = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit)
     images_per_step = cfg.batch_size * (1 + 2 * cfg.mu if cfg.method == "mpl" else 1) * run.dist.world_size
 
@@ -222,24 +223,6 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
         if progress is not None:
             progress.close()
     log(f"trained steps {start_step}..{run.step} in {run.seconds:.0f} s (total)")
-
-
-def _train_batches(run: Run):
-    """The endless iterators of labeled batches and (MPL only) unlabeled batches, positioned at ``run.step``."""
-    cfg, data = run.cfg, run.data
-    crop = mdata.train_crop(data)  # random-resized crops of streamed files, padded crops of cached arrays
-    weak = mdata.weak_transform(data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std, crop=crop)
-    strong = mdata.strong_transform(
-        data.image_size, hflip=_hflip(cfg, data), mean=data.mean, std=data.std, randaug_n=cfg.randaug_n,
-        randaug_m=cfg.randaug_m, cutout=cfg.cutout, crop=crop,
-    )  # fmt: skip
-    l_loader, u_loader = mdata.make_train_loaders(
-        data, run.split, batch_size=cfg.batch_size, mu=cfg.mu, seed=cfg.seed, start_step=run.step,
-        num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=strong,
-        expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
-        labeled_transform=strong if cfg.labeled_aug == "strong" else weak, pin_memory=run.device.type == "cuda",
-    )  # fmt: skip
-    return iter(l_loader), (iter(u_loader) if cfg.method == "mpl" else None)
 
 
 def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
@@ -361,10 +344,6 @@ def _progress(cfg: TrainConfig, run: Run, log):
     # disable=None: a bar on a terminal, nothing in a log file (the per-evaluation lines remain).
     return tqdm(total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False,
                 disable=None)  # fmt: skip
-
-
-def _hflip(cfg: TrainConfig, data) -> bool:
-    return data.hflip if cfg.hflip is None else cfg.hflip
 
 
 # ----------------------------------------------------------------------------------------------------------------
