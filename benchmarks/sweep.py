@@ -90,6 +90,19 @@ GRIDS = {
             "uda-distill": dict(mpl_weight=0.0),
         },
     ),
+    # RandAugment on the labeled images helps labels-only (ablation row randaug-labels-only): does it help the UDA
+    # teacher too? The recipe's budget (3,000 + 300 steps), h = 0, validation.
+    "fashion-lstrong-100": dict(
+        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 3000, "eval_every": 250,
+              "save_every": 3000, "s_wait_steps": 50, "s_warmup_steps": 50, "uda_weight": 1.0, "uda_steps": 200,
+              "cutout": 8, "mpl_weight": 0.0, "finetune_steps": 300, "finetune_batch_size": 16},
+        variants={
+            "uda-distill": {},
+            "uda-distill-lstrong": dict(labeled_aug="strong"),
+            "randaug-labels-only": dict(method="supervised", steps=3300, finetune_steps=0, labeled_aug="strong"),
+            "labels-only": dict(method="supervised", steps=3300, finetune_steps=0),
+        },
+    ),
 }  # fmt: skip
 
 
