@@ -34,7 +34,14 @@ from metapl.data.split import (
     per_class_counts,
     save_split,
 )
-from metapl.data.stream import STREAM_ABOVE_BYTES, FileImages, ImageFiles, choose_data_path, train_crop
+from metapl.data.stream import (
+    STREAM_ABOVE_BYTES,
+    FileImages,
+    ImageFiles,
+    choose_data_path,
+    eval_workers,
+    train_crop,
+)
 from metapl.data.transforms import Cutout, eval_transform, strong_transform, weak_transform
 
 __all__ = [
@@ -56,6 +63,7 @@ __all__ = [
     "data_fingerprint",
     "default_cache_dir",
     "eval_transform",
+    "eval_workers",
     "load_dataset",
     "load_split",
     "make_device_train_batches",

@@ -221,6 +221,24 @@ def sample_stats(images: FileImages, samples: int = STATS_SAMPLES) -> tuple[tupl
     return tuple(round(float(m), 4) for m in pixels.mean(0)), tuple(round(float(s), 4) for s in pixels.std(0))
 
 
+def eval_workers(images, workers: int) -> int:
+    """Loader workers for an evaluation loader over ``images``: ``workers`` for streamed files, 0 for cached arrays.
+
+    A streamed image costs 2-5 ms to decode, so a streamed test set decoded in the training process takes minutes per
+    evaluation at ImageNet scale; the run's workers decode it in parallel. A cached batch is one memory-map slice and
+    one batched normalisation (``EvalDataset.__getitems__``), faster in the process than the start of a worker at every
+    evaluation plus the batches' trip through shared memory.
+
+    Args:
+        images: the set to evaluate (``ImageFiles`` or ``ImageArrays``).
+        workers: the run's loader workers (``--workers``, resolved).
+
+    Returns:
+        The worker count for ``make_eval_loader``.
+    """
+    return int(workers) if isinstance(images, ImageFiles) else 0
+
+
 def train_crop(data) -> str:
     """The training views' geometry for a ``SourceData``: ``"resized"`` (RandomResizedCrop) for streamed files, whose
     images differ in size, ``"pad"`` (the reflect-padded crop of the paper's CIFAR recipe) for cached arrays."""
