@@ -18,12 +18,14 @@ from metapl.data.cache import default_cache_dir
 from metapl.data.device_batches import make_device_train_batches
 from metapl.data.loader import (
     EvalDataset,
+    ItemsSampler,
     LabeledDataset,
     ResumableSampler,
     UnlabeledDataset,
     make_eval_loader,
     make_train_loaders,
 )
+from metapl.data.shards import ShardImages, rank_unlabeled_items, write_shards
 from metapl.data.sources import DATASETS, load_dataset
 from metapl.data.split import (
     Split,
@@ -53,8 +55,10 @@ __all__ = [
     "FileImages",
     "ImageFiles",
     "ImageArrays",
+    "ItemsSampler",
     "LabeledDataset",
     "ResumableSampler",
+    "ShardImages",
     "SourceData",
     "Split",
     "UnlabeledDataset",
@@ -71,10 +75,12 @@ __all__ = [
     "make_split",
     "make_train_loaders",
     "per_class_counts",
+    "rank_unlabeled_items",
     "save_split",
     "strong_batch_view",
     "strong_transform",
     "train_crop",
     "weak_batch_view",
     "weak_transform",
+    "write_shards",
 ]

@@ -105,9 +105,17 @@ class StringTable:
         return StringTable([self[int(i)] for i in rows])
 
 
-def _open_rgb(source, min_side: int | None = None, name: str | None = None) -> Image.Image:
-    """Decode one image as RGB; ``min_side`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay at
-    least that large. Unreadable images raise a UserError naming ``name`` (default: ``source``, a path or a file)."""
+def open_rgb(source, min_side: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode one image as RGB.
+
+    Args:
+        source: a path or a binary file object.
+        min_side: lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this large.
+        name: what an error message calls the image (default: ``source``).
+
+    Returns:
+        The RGB Pillow image; an unreadable one raises a UserError naming it.
+    """
     try:
         with Image.open(source) as im:
             if min_side is not None:
@@ -147,7 +155,7 @@ class StreamedImages:
         raise NotImplementedError
 
     def open(self, i: int, min_side: int | None = None) -> Image.Image:
-        """Image ``i`` decoded as RGB (see ``_open_rgb`` for ``min_side``)."""
+        """Image ``i`` decoded as RGB (see ``open_rgb`` for ``min_side``)."""
         raise NotImplementedError
 
     def take(self, rows: np.ndarray) -> StreamedImages:
@@ -188,7 +196,7 @@ class FileImages(StreamedImages):
         return Path(self.root) / self.paths[int(i)]
 
     def open(self, i: int, min_side: int | None = None) -> Image.Image:
-        return _open_rgb(self.file(i), min_side)
+        return open_rgb(self.file(i), min_side)
 
     def take(self, rows: np.ndarray) -> FileImages:
         return FileImages(self.root, self.paths.take(np.asarray(rows, dtype=np.int64)), self.size)
