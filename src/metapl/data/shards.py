@@ -50,10 +50,11 @@ def shard_name(split: str, index: int) -> str:
 
 
 def find_shards(data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
-    """The shards ``--data-dir`` names: a folder of ``train-*.tar`` (+ ``test-*.tar``, or any ``*.tar``), or a glob.
+    """The shards ``--data-dir`` names: a folder of ``train-*.tar`` (+ ``test-*.tar``, or any ``*.tar``), a glob of
+    shards or one shard.
 
     Args:
-        data_dir: a folder or a glob pattern of ``.tar`` files.
+        data_dir: a folder, a glob pattern of ``.tar`` files, or one ``.tar`` file.
 
     Returns:
         ``(folder, splits)``: where ``classes.json`` is looked for, and ``{"train": [...], "test": [...]}`` or
@@ -65,6 +66,8 @@ def find_shards(data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
             raise UserError(f"no files match the shard pattern {data_dir}; check --data-dir")
         return tars[0].parent, {"all": tars}
     folder = Path(data_dir).expanduser()
+    if folder.is_file():  # one shard
+        return folder.parent, {"all": [folder]}
     if not folder.is_dir():
         raise UserError(f"shard folder {folder} does not exist; point --data-dir at a folder of .tar shards")
     tars = sorted(folder.glob(SHARD_GLOB))
