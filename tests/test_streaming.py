@@ -93,7 +93,7 @@ def test_auto_streams_above_the_threshold(jpeg_tree, tmp_path):
     assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded, **kw).train, ImageArrays)
     with pytest.raises(UserError, match="--image-size"):
         choose_data_path("stream", 240, None, tmp_path)
-    with pytest.raises(UserError, match="folders only"):
+    with pytest.raises(UserError, match="image folders and tar shards only"):
         load_dataset("digits", None, data_path="stream", log=quiet)
 
 
