@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 from metapl.commands.cli import main
@@ -141,6 +143,38 @@ def test_each_rank_streams_only_its_own_shards(sharded):
         rank_unlabeled_items(sharded, split.unlabeled, 0, 7)
     global_stream = ResumableSampler(len(split.unlabeled), seed=7, rank=0, world_size=2)
     assert {i for (i, _), _ in zip(global_stream, range(40))} - set(owned[0].tolist())  # the default mixes all shards
+
+
+def _rank_worker(rank: int, shard_dir: str, cache: str, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        data = load_dataset("shards", shard_dir, image_size=SIZE, cache_dir=cache, log=quiet)
+        split = make_split(data.train.labels, 9, 3, seed=0, log=quiet)
+        own = rank_unlabeled_items(data, split.unlabeled, dist.get_rank(), dist.get_world_size())
+        kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
+        _, unlabeled = make_train_loaders(
+            data, split, batch_size=3, mu=2, seed=5, num_workers=0, rank=rank, world_size=2,
+            weak=weak_transform(SIZE, **kw), strong=strong_transform(SIZE, **kw), unlabeled_items=own,
+        )  # fmt: skip
+        sampler = unlabeled.sampler
+        rows = [int(split.unlabeled[i]) for (i, _), _ in zip(sampler, range(sampler.per_rank))]
+        seen = [None] * 2
+        dist.all_gather_object(seen, {"shards": data.train.images.shard_of[rows].tolist(), "rows": rows})
+        if rank == 0:
+            torch.save(seen, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_stream_disjoint_shards(shard_dir, tmp_path):
+    out = tmp_path / "seen.pt"
+    mp.spawn(_rank_worker, args=(str(shard_dir), str(tmp_path / "c"), str(tmp_path / "store"), str(out)), nprocs=2,
+             join=True)  # fmt: skip
+    seen = torch.load(out)
+    assert set(seen[0]["shards"]) == {0, 2, 4} and set(seen[1]["shards"]) == {1, 3, 5}
+    assert not set(seen[0]["rows"]) & set(seen[1]["rows"])
+    assert len(seen[0]["rows"]) + len(seen[1]["rows"]) == 82  # one epoch of each rank: every train image once
 
 
 def test_metapl_train_runs_on_shards(shard_dir, tmp_path):
