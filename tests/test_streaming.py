@@ -27,7 +27,9 @@ from metapl.data import (
     strong_transform,
     weak_transform,
 )
+from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.errors import UserError
+from metapl.models import create_model
 
 CLASSES, PER_CLASS, SIZE = ("ant", "bee", "cat", "dog"), 60, 32
 WORLD = 2
@@ -91,7 +93,7 @@ def test_auto_streams_above_the_threshold(jpeg_tree, tmp_path):
     assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded, **kw).train, ImageArrays)
     with pytest.raises(UserError, match="--image-size"):
         choose_data_path("stream", 240, None, tmp_path)
-    with pytest.raises(UserError, match="folders only"):
+    with pytest.raises(UserError, match="image folders and tar shards only"):
         load_dataset("digits", None, data_path="stream", log=quiet)
 
 
@@ -141,6 +143,21 @@ def test_metapl_train_runs_on_the_streaming_path(jpeg_tree, tmp_path):
     assert summary["steps"] == 3 and summary["num_labeled"] == 4  # 8 labels, 4 of them held out for validation
     assert "val_student_acc" in summary
     assert "data_path: stream" in (out / "config.yaml").read_text()
+
+
+def test_a_streamed_eval_decodes_in_workers_with_the_same_accuracies(streamed, jpeg_tree, tmp_path):
+    torch.manual_seed(0)
+    models = {"student": create_model("small_cnn", num_classes=4, in_channels=3, image_size=SIZE)}
+    split = make_split(streamed.train.labels, 8, 4, seed=0, val=4, log=quiet)
+    by_workers = {}
+    for workers in (0, 2):
+        loaders = eval_loaders(streamed, split, 7, workers=workers)
+        assert [loader.num_workers for loader in loaders.values()] == [workers, workers]
+        by_workers[workers] = evaluate_sets(models, loaders, torch.device("cpu"))
+    assert by_workers[0] == by_workers[2] and set(by_workers[0]) >= {"student_acc", "val_student_acc"}
+    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path),
+                          log=quiet)  # fmt: skip
+    assert eval_loaders(cached, split, 7, workers=2)[""].num_workers == 0  # cached arrays: in the process
 
 
 def _rank_worker(rank: int, tree: str, store: str, out: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``metapl`` command: train, finetune, eval, predict, plot and an offline demo.
+"""The ``metapl`` command: train, finetune, eval, predict, plot, shards (write tar shards) and an offline demo.
 
 Every error a user can fix is printed as one line (``metapl: error: ...``) with exit status 2, never a traceback;
 a file-system error that no deeper code named (``OSError``) is reported the same way, naming its path. A training
@@ -60,6 +60,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="PNG curves of one or several runs (accuracies, losses, h)")
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     p.add_argument("--output", default=None, help="PNG file (default: RUN_DIR/curves.png of the first run)")
+
+    p = sub.add_parser("shards", help="write an image-folder tree as WebDataset-style tar shards (--dataset shards)")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="train/<class>/* (+ test/<class>/*), or <class>/*")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where the .tar shards and classes.json go")
+    p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
 
     p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
     p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
@@ -125,6 +130,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from metapl.commands.plot import plot_runs
 
         plot_runs(args.run_dirs, output=args.output)
+        return 0
+    if args.command == "shards":
+        from metapl.data.shards import write_shards
+
+        write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard)
         return 0
     if args.command == "demo":
         from metapl.commands.demo import demo

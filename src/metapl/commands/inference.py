@@ -30,7 +30,7 @@ from metapl.engine.checkpoint import (
 )
 from metapl.engine.config import TrainConfig, config_from_dict
 from metapl.engine.evaluate import evaluate
-from metapl.engine.runtime import select_device
+from metapl.engine.runtime import plan_cpu_share, select_device
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models import create_model
 
@@ -125,8 +125,8 @@ def run_eval(
     if path.is_dir() and finetuned_path.is_file():
         models["finetuned"] = build_model(load_checkpoint(finetuned_path), "student", source=finetuned_path)
 
-    loader, num_test = _test_loader(cfg, ckpt, ckpt_path, data_dir, log)
     dev = select_device(device)
+    loader, num_test = _test_loader(cfg, ckpt, ckpt_path, data_dir, dev, log)
     accs = evaluate({name: m.to(dev) for name, m in models.items()}, loader, dev)
 
     result = {"checkpoint": str(ckpt_path), "step": ckpt.get("step"), "dataset": cfg.dataset, "num_test": num_test}
@@ -151,8 +151,10 @@ def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
     return roles
 
 
-def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, log) -> tuple[object, int]:
-    """A loader of the run's test split, checked against what the checkpoint's models take, and its size."""
+def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, device: torch.device,
+                 log) -> tuple[object, int]:  # fmt: skip
+    """A loader of the run's test split, checked against what the checkpoint's models take, and its size. A streamed
+    split is decoded in the run's ``--workers`` loader workers (chosen from this machine's free cores if open)."""
     from metapl import data as mdata  # imported here: predict and the model helpers work without the data package
 
     # Same name, image size and seed as in training: digits and class folders without test/ split by seed.
@@ -176,7 +178,9 @@ def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | 
         log(f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
             f"{few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
     # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
-    loader = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size)
+    workers = mdata.eval_workers(data.test, plan_cpu_share(cfg.workers, cfg.threads, device).workers)
+    loader = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size,
+                                    num_workers=workers)  # fmt: skip
     return loader, len(data.test)
 
 

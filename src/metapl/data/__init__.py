@@ -18,12 +18,14 @@ from metapl.data.cache import default_cache_dir
 from metapl.data.device_batches import make_device_train_batches
 from metapl.data.loader import (
     EvalDataset,
+    ItemsSampler,
     LabeledDataset,
     ResumableSampler,
     UnlabeledDataset,
     make_eval_loader,
     make_train_loaders,
 )
+from metapl.data.shards import ShardImages, rank_unlabeled_items, write_shards
 from metapl.data.sources import DATASETS, load_dataset
 from metapl.data.split import (
     Split,
@@ -34,7 +36,14 @@ from metapl.data.split import (
     per_class_counts,
     save_split,
 )
-from metapl.data.stream import STREAM_ABOVE_BYTES, FileImages, ImageFiles, choose_data_path, train_crop
+from metapl.data.stream import (
+    STREAM_ABOVE_BYTES,
+    FileImages,
+    ImageFiles,
+    choose_data_path,
+    eval_workers,
+    train_crop,
+)
 from metapl.data.transforms import Cutout, eval_transform, strong_transform, weak_transform
 
 __all__ = [
@@ -46,8 +55,10 @@ __all__ = [
     "FileImages",
     "ImageFiles",
     "ImageArrays",
+    "ItemsSampler",
     "LabeledDataset",
     "ResumableSampler",
+    "ShardImages",
     "SourceData",
     "Split",
     "UnlabeledDataset",
@@ -56,6 +67,7 @@ __all__ = [
     "data_fingerprint",
     "default_cache_dir",
     "eval_transform",
+    "eval_workers",
     "load_dataset",
     "load_split",
     "make_device_train_batches",
@@ -63,10 +75,12 @@ __all__ = [
     "make_split",
     "make_train_loaders",
     "per_class_counts",
+    "rank_unlabeled_items",
     "save_split",
     "strong_batch_view",
     "strong_transform",
     "train_crop",
     "weak_batch_view",
     "weak_transform",
+    "write_shards",
 ]

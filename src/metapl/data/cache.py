@@ -131,7 +131,7 @@ def load_or_build(
             full_meta[CHECKSUM] = _meta_checksum(full_meta)
             # meta.json is written last: its presence marks a complete entry.
             (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
-            _replace_entry(tmp, final)
+            _replace_entry(tmp, final, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"cached decoded arrays in {final} (delete the folder to clear it)")
@@ -142,9 +142,14 @@ class _Damaged(Exception):
     """A cache entry that cannot be used as it is; the message says why."""
 
 
-def _replace_entry(tmp: Path, final: Path) -> None:
+def _replace_entry(tmp: Path, final: Path, key: dict) -> None:
     """Rename a finished entry into place, moving a damaged one out of the way first."""
     if final.exists():
+        # Another process (a rank indexing the same shards) may have finished the entry while this one built it:
+        # an intact entry is kept, since that process is reading it now.
+        with contextlib.suppress(_Damaged):
+            _check_entry(final, key)
+            return
         # Renamed first, then deleted: a process reading the old entry keeps its open files, and no reader ever sees
         # a half-deleted folder under the entry's name.
         trash = final.with_name(f".trash-{final.name}-{os.getpid()}")

@@ -94,6 +94,31 @@ class ResumableSampler(Sampler):
             epoch, offset = epoch + 1, 0
 
 
+class ItemsSampler(Sampler):
+    """An endless stream of ``(index, sample_seed)`` over one rank's own ``items`` (``--per-rank-shards``).
+
+    A ``ResumableSampler`` of one shard over ``len(items)`` positions, seeded with ``(seed, rank)``: epoch ``e`` is a
+    permutation of ``items`` drawn from ``(seed, rank, e)``, and ``start`` skips items of this rank's stream exactly as
+    there, so resuming at a step is exact. Ranks own different numbers of items, so their epochs differ in length; the
+    streams are endless and each step takes the same count from each, so no rank waits.
+
+    Args:
+        items: the dataset indices this rank reads.
+        seed: stream seed.
+        start: how many items of this rank's stream to skip.
+        rank: this process's rank (mixed into the seed: ranks draw distinct permutations and views).
+    """
+
+    def __init__(self, items: np.ndarray, *, seed: int, start: int = 0, rank: int = 0):
+        self.items = np.asarray(items, dtype=np.int64)
+        self.positions = ResumableSampler(len(self.items), seed=mix_seed(seed, rank), start=start)
+        self.per_rank = self.positions.per_rank  # items of one epoch on this rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for j, sample_seed in self.positions:
+            yield int(self.items[j]), sample_seed
+
+
 def _image_tensor(images: np.ndarray, i: int) -> torch.Tensor:
     # (H, W, C) uint8, possibly a read-only memmap row -> an owned (C, H, W) tensor.
     return torch.from_numpy(np.array(images[i])).permute(2, 0, 1)
@@ -242,8 +267,8 @@ def stream_loader(dataset, sampler, batch_size, num_workers, pin_memory, persist
 
 def train_samplers(
     num_labeled: int, num_unlabeled: int, *, batch_size: int, mu: int, seed: int, start_step: int = 0, rank: int = 0,
-    world_size: int = 1, expand_labels_to: int | None = None,
-) -> tuple[ResumableSampler, ResumableSampler]:  # fmt: skip
+    world_size: int = 1, expand_labels_to: int | None = None, unlabeled_items: np.ndarray | None = None,
+) -> tuple[ResumableSampler, ResumableSampler | ItemsSampler]:  # fmt: skip
     """The labeled and unlabeled streams of one training run, positioned at ``start_step``.
 
     Args:
@@ -256,6 +281,8 @@ def train_samplers(
         rank: this process's shard.
         world_size: number of processes.
         expand_labels_to: repeat the labeled set within an epoch until it holds at least this many items.
+        unlabeled_items: the unlabeled items this rank reads alone (``shards.rank_unlabeled_items``); None: a
+            ``world_size``-th share of all of them.
 
     Returns:
         ``(labeled_sampler, unlabeled_sampler)``.
@@ -263,8 +290,10 @@ def train_samplers(
     repeat = max(1, math.ceil(expand_labels_to / num_labeled)) if expand_labels_to else 1
     labeled = ResumableSampler(num_labeled, seed=mix_seed(seed, 1), start=start_step * batch_size, rank=rank,
                                world_size=world_size, repeat=repeat)  # fmt: skip
-    unlabeled = ResumableSampler(num_unlabeled, seed=mix_seed(seed, 2), start=start_step * mu * batch_size, rank=rank,
-                                 world_size=world_size)  # fmt: skip
+    start = start_step * mu * batch_size
+    if unlabeled_items is not None:
+        return labeled, ItemsSampler(unlabeled_items, seed=mix_seed(seed, 2), start=start, rank=rank)
+    unlabeled = ResumableSampler(num_unlabeled, seed=mix_seed(seed, 2), start=start, rank=rank, world_size=world_size)
     return labeled, unlabeled
 
 
@@ -286,6 +315,7 @@ def make_train_loaders(
     pin_memory: bool = False,
     persistent_workers: bool = True,
     prefetch_factor: int = 4,
+    unlabeled_items: np.ndarray | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """The endless labeled and unlabeled loaders of one training run, positioned at ``start_step``.
 
@@ -308,6 +338,7 @@ def make_train_loaders(
         pin_memory: pin batches for faster host-to-GPU copies.
         persistent_workers: keep workers between epochs (the streams are endless, so this rarely matters).
         prefetch_factor: batches prefetched per worker.
+        unlabeled_items: positions of the unlabeled set this rank reads alone (see ``train_samplers``).
 
     Returns:
         ``(labeled_loader, unlabeled_loader)``: batches ``(x_l, y_l)`` and ``(x_uw, x_us, y_u_true)``.
@@ -316,7 +347,7 @@ def make_train_loaders(
     labeled_ds = LabeledDataset(data.train, split.labeled, labeled_transform or weak)
     labeled_sampler, unlabeled_sampler = train_samplers(
         len(labeled_ds), len(unlabeled_ds), batch_size=batch_size, mu=mu, seed=seed, start_step=start_step, rank=rank,
-        world_size=world_size, expand_labels_to=expand_labels_to,
+        world_size=world_size, expand_labels_to=expand_labels_to, unlabeled_items=unlabeled_items,
     )  # fmt: skip
     common = (num_workers, pin_memory, persistent_workers, prefetch_factor)
     labeled = stream_loader(labeled_ds, labeled_sampler, batch_size, *common)

@@ -3,8 +3,9 @@ plus int64 labels (``arrays.py``), decoded once and cached (``cache.py``).
 
 Sources: ``digits`` (scikit-learn's bundled 8x8 digits, offline) and ``cifar10`` / ``cifar100`` / ``svhn``
 (torchvision's files, downloaded on request) are read in ``readers.py``; ``fashion-mnist`` (IDX files), ``folder``
-(an ImageFolder tree or a tar of one; CIFAR also reads one) and extra unlabeled images are read here, with the
-image-folder decoder (directories and tars, decoded in parallel) in ``imagetree.py``.
+(an ImageFolder tree or a tar of one; CIFAR also reads one), ``shards`` (WebDataset-style tar shards, ``shards.py``)
+and extra unlabeled images are read here, with the image-folder decoder (directories and tars, decoded in parallel)
+in ``imagetree.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metapl.data import cache, stream
+from metapl.data import cache, shards, stream
 from metapl.data.arrays import ImageArrays, SourceData
 from metapl.data.imagetree import (
     archive_or_folder,
@@ -58,7 +59,7 @@ def load_dataset(
     skip_corrupt: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = print,
-    data_path: str = "cache",
+    data_path: str | None = None,
     stream_above: int | None = None,
 ) -> SourceData:
     """Read a dataset, decoding its images once into the cache (see ``metapl.data.cache``) and memory-mapping them.
@@ -68,8 +69,9 @@ def load_dataset(
         data_dir: where the data is. ``cifar10``/``cifar100``/``svhn``: torchvision's root folder (default ``./data``),
             or for CIFAR an ImageFolder tree / ``.tar.gz`` of one. ``fashion-mnist``: a folder with the four IDX files
             (also searched in ``<dir>/FashionMNIST/raw`` and ``/usr/share/datasets/fashion-mnist``). ``folder``: an
-            ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``) or a tar of one. ``digits``
-            reads none: giving one is an error rather than silently ignored.
+            ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``) or a tar of one. ``shards``:
+            a folder (or glob) of WebDataset-style ``.tar`` shards (``shards.py``). ``digits`` reads none: giving
+            one is an error rather than silently ignored.
         download: let torchvision download a missing ``cifar10``/``cifar100``/``svhn``/``fashion-mnist``.
         image_size: resize (shorter side, then centre crop) every image to this square size; needed when a folder's
             images differ in size.
@@ -80,7 +82,8 @@ def load_dataset(
         seed: seeds the train/test split of ``digits`` and of folders without ``test/``.
         log: receives progress lines.
         data_path: ``cache`` (decode once into the cache), ``stream`` (keep file paths, decode in the loader workers;
-            ``folder`` data sets only) or ``auto`` (stream a folder whose decoded size exceeds ``stream_above``).
+            ``folder`` data sets; ``shards`` always stream) or ``auto`` (stream a folder whose decoded size exceeds
+            ``stream_above``); None: ``stream`` for ``shards``, else ``cache``.
         stream_above: decoded bytes above which ``auto`` streams; None: ``stream.STREAM_ABOVE_BYTES``.
 
     Returns:
@@ -91,9 +94,11 @@ def load_dataset(
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and image_size < 4:
         raise UserError(f"--image-size {image_size} is too small; use at least 4 pixels")
-    if data_path == "stream" and name != "folder":
+    data_path = data_path or ("stream" if name == "shards" else "cache")
+    if data_path == "stream" and name not in ("folder", "shards"):
         raise UserError(
-            f"--data-path stream reads image folders only, not {name}; use --dataset folder or --data-path cache"
+            f"--data-path stream reads image folders and tar shards only, not {name}; use --dataset folder or "
+            "--data-path cache"
         )
     opts = ReadOptions(data_dir, download, image_size, test_fraction, cache_dir, skip_corrupt, seed, log, data_path,
                        stream_above)  # fmt: skip
@@ -220,8 +225,7 @@ def _read_folder(o: ReadOptions) -> SourceData:
     image_size, skip_corrupt, log = o.image_size, o.skip_corrupt, o.log
     if not data_dir:
         raise UserError("--dataset folder needs --data-dir pointing at an image folder or a .tar/.tar.gz of one")
-    if not 0.0 < test_fraction < 1.0:
-        raise UserError(f"--test-fraction {test_fraction} must be between 0 and 1 (exclusive)")
+    _check_test_fraction(test_fraction)
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise UserError(f"data directory {path} does not exist; point --data-dir at an image folder or archive")
@@ -266,6 +270,29 @@ def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -
     return SourceData(train, test, None, list(classes), mean, std, hflip=True)
 
 
+def _read_shards(o: ReadOptions) -> SourceData:
+    """WebDataset-style tar shards (``shards.py``), always streamed; without test shards, the test set is held out as
+    for image folders (so shards written from a folder give the folder's split)."""
+    if not o.data_dir:
+        raise UserError("--dataset shards needs --data-dir: a folder of .tar shards (`metapl shards` writes one)")
+    if o.image_size is None:
+        raise UserError("--dataset shards needs --image-size (the side of the streamed crops), e.g. --image-size 224")
+    if o.data_path == "cache":
+        raise UserError("tar shards are always streamed; drop --data-path cache, or extract them into an image folder")
+    folder, found = shards.find_shards(o.data_dir)
+    sets = {split: stream.ImageFiles(*shards.load_shards(paths, o.image_size, o.cache_dir))
+            for split, paths in found.items()}  # fmt: skip
+    classes = shards.read_classes(folder, np.concatenate([s.labels for s in sets.values()]))
+    o.log(f"streaming {sum(map(len, sets.values()))} images from {sum(map(len, found.values()))} tar shards in "
+          f"{folder}: decoded in the loader workers")  # fmt: skip
+    if "all" in sets:
+        _check_test_fraction(o.test_fraction)
+        train_idx, test_idx = _holdout(sets["all"].labels, o.test_fraction, o.seed)
+        sets = {"train": sets["all"].take(train_idx), "test": sets["all"].take(test_idx)}
+    mean, std = stream.sample_stats(sets["train"].images)
+    return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
+
+
 def _load_unlabeled(unlabeled_dir: str, data: SourceData, o: ReadOptions) -> ImageArrays:
     image_size, skip_corrupt, log = o.image_size, o.skip_corrupt, o.log
     path = Path(unlabeled_dir).expanduser()
@@ -307,6 +334,11 @@ def _report_skipped(skipped: list[list[str]], skip_corrupt: bool, log) -> None:
     warnings.warn(f"skipped {len(skipped)} unreadable image(s), first: {skipped[0][0]}", stacklevel=3)
 
 
+def _check_test_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--test-fraction {fraction} must be between 0 and 1 (exclusive)")
+
+
 def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per class, a seeded ``fraction`` (at least one image, never all) goes to the test set."""
     rng = np.random.default_rng(seed)
@@ -331,5 +363,6 @@ READERS: dict[str, Callable[[ReadOptions], SourceData]] = {
     "svhn": partial(read_torchvision, "svhn"),
     "fashion-mnist": _read_fashion_mnist,
     "folder": _read_folder,
+    "shards": _read_shards,
 }
 DATASETS = tuple(READERS)

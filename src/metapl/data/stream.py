@@ -73,9 +73,14 @@ def _free_bytes(path: Path) -> float:
         return float("inf")
 
 
-class _PathTable:
-    """Many relative paths as one bytes buffer plus offsets: two NumPy arrays instead of a million ``str`` objects,
-    which loader workers would otherwise copy page by page as they touch the objects' reference counts."""
+class StringTable:
+    """Many strings (relative paths, sample keys) as one bytes buffer plus offsets: two NumPy arrays instead of a
+    million ``str`` objects, which loader workers would otherwise copy page by page as they touch the objects'
+    reference counts.
+
+    Args:
+        names: the strings.
+    """
 
     def __init__(self, names: list[str]):
         encoded = [n.encode("utf-8") for n in names]
@@ -83,26 +88,41 @@ class _PathTable:
         np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
         self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, dtype=np.uint8)
 
+    @classmethod
+    def from_arrays(cls, offsets: np.ndarray, blob: np.ndarray) -> StringTable:
+        """A table from its two arrays (as stored in a cache entry), without re-encoding."""
+        table = cls([])
+        table.offsets, table.blob = np.asarray(offsets, dtype=np.int64), np.asarray(blob, dtype=np.uint8)
+        return table
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
         return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
 
-    def take(self, rows: np.ndarray) -> _PathTable:
-        return _PathTable([self[int(i)] for i in rows])
+    def take(self, rows: np.ndarray) -> StringTable:
+        return StringTable([self[int(i)] for i in rows])
 
 
-def _open_rgb(path: Path, min_side: int | None = None) -> Image.Image:
-    """Decode one file as RGB; ``min_side`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay at
-    least that large. Unreadable files raise a UserError naming the file."""
+def open_rgb(source, min_side: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode one image as RGB.
+
+    Args:
+        source: a path or a binary file object.
+        min_side: lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this large.
+        name: what an error message calls the image (default: ``source``).
+
+    Returns:
+        The RGB Pillow image; an unreadable one raises a UserError naming it.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if min_side is not None:
                 im.draft("RGB", (min_side, min_side))
             return im.convert("RGB")
     except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); fix or delete it") from None
+        raise UserError(f"cannot read image {name or source} ({type(e).__name__}: {e}); fix or delete it") from None
 
 
 def eval_view(image: Image.Image, size: int) -> np.ndarray:
@@ -121,8 +141,43 @@ def eval_view(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
-class FileImages:
-    """Image files that index like a uint8 ``(N, size, size, 3)`` array of their evaluation views, decoded on access.
+class StreamedImages:
+    """Undecoded images that index like a uint8 ``(N, size, size, 3)`` array of their evaluation views.
+
+    Subclasses say where an image's bytes are: ``open(i, min_side)`` (a decoded RGB Pillow image), ``take(rows)`` and
+    ``__len__``; files in a folder here (``FileImages``), members of tar shards in ``shards.ShardImages``.
+    """
+
+    dtype = np.dtype(np.uint8)
+    size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def open(self, i: int, min_side: int | None = None) -> Image.Image:
+        """Image ``i`` decoded as RGB (see ``open_rgb`` for ``min_side``)."""
+        raise NotImplementedError
+
+    def take(self, rows: np.ndarray) -> StreamedImages:
+        """The images at ``rows``, still undecoded."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), self.size, self.size, 3)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return eval_view(self.open(int(key), min_side=self.size), self.size)
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
+        for j, i in enumerate(rows):
+            out[j] = self[int(i)]
+        return out
+
+
+class FileImages(StreamedImages):
+    """Image files in a folder (see ``StreamedImages``).
 
     Args:
         root: the folder the paths are relative to.
@@ -130,14 +185,8 @@ class FileImages:
         size: side of the evaluation view.
     """
 
-    dtype = np.dtype(np.uint8)
-
-    def __init__(self, root: str | Path, paths: _PathTable, size: int):
+    def __init__(self, root: str | Path, paths: StringTable, size: int):
         self.root, self.paths, self.size = str(root), paths, int(size)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), self.size, self.size, 3)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -146,28 +195,25 @@ class FileImages:
         """The path of image ``i``."""
         return Path(self.root) / self.paths[int(i)]
 
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return eval_view(_open_rgb(self.file(key), min_side=self.size), self.size)
-        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
-        out = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
-        for j, i in enumerate(rows):
-            out[j] = self[int(i)]
-        return out
+    def open(self, i: int, min_side: int | None = None) -> Image.Image:
+        return open_rgb(self.file(i), min_side)
+
+    def take(self, rows: np.ndarray) -> FileImages:
+        return FileImages(self.root, self.paths.take(np.asarray(rows, dtype=np.int64)), self.size)
 
     def __repr__(self) -> str:
         return f"FileImages({len(self)} files under {self.root}, views {self.size}x{self.size}x3)"
 
 
 class ImageFiles:
-    """The streaming counterpart of ``ImageArrays``: image files and their labels (see the module docstring).
+    """The streaming counterpart of ``ImageArrays``: undecoded images and their labels (see the module docstring).
 
     Args:
-        images: the files.
+        images: the images (files in a folder, or members of tar shards).
         labels: ``(N,)`` int64 class indices, -1 for images without a class.
     """
 
-    def __init__(self, images: FileImages, labels: np.ndarray):
+    def __init__(self, images: StreamedImages, labels: np.ndarray):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
 
     @classmethod
@@ -183,34 +229,33 @@ class ImageFiles:
             The ``ImageFiles``.
         """
         labels = np.array([label for _, label in entries], dtype=np.int64)
-        return cls(FileImages(root, _PathTable([name for name, _ in entries]), size), labels)
+        return cls(FileImages(root, StringTable([name for name, _ in entries]), size), labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def image(self, i: int) -> torch.Tensor:
         """Image ``i`` whole, at its own size, as the training views' input: uint8 ``(3, H, W)``."""
-        array = np.asarray(_open_rgb(self.images.file(i)))
+        array = np.asarray(self.images.open(i))
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def take(self, rows) -> ImageFiles:
         """The images at ``rows``, still undecoded."""
         rows = np.asarray(rows, dtype=np.int64)
-        images = FileImages(self.images.root, self.images.paths.take(rows), self.images.size)
-        return ImageFiles(images, self.labels[rows])
+        return ImageFiles(self.images.take(rows), self.labels[rows])
 
     def __repr__(self) -> str:
         return f"ImageFiles({self.images!r}, labels={self.labels.dtype}{self.labels.shape})"
 
 
-def sample_stats(images: FileImages, samples: int = STATS_SAMPLES) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def sample_stats(images: StreamedImages, samples: int = STATS_SAMPLES) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units, estimated from ``samples`` evenly spaced evaluation views.
 
     The cache path counts every pixel; decoding a whole streamed set only for these would cost as much as caching it.
     A few hundred images pin each channel's mean to about 0.01, which is all ``Normalize`` needs.
 
     Args:
-        images: the training files.
+        images: the training images.
         samples: how many images to read.
 
     Returns:
@@ -219,6 +264,24 @@ def sample_stats(images: FileImages, samples: int = STATS_SAMPLES) -> tuple[tupl
     rows = np.unique(np.linspace(0, len(images) - 1, num=min(samples, len(images))).astype(np.int64))
     pixels = images[rows].reshape(-1, 3).astype(np.float64) / 255.0
     return tuple(round(float(m), 4) for m in pixels.mean(0)), tuple(round(float(s), 4) for s in pixels.std(0))
+
+
+def eval_workers(images, workers: int) -> int:
+    """Loader workers for an evaluation loader over ``images``: ``workers`` for streamed files, 0 for cached arrays.
+
+    A streamed image costs 2-5 ms to decode, so a streamed test set decoded in the training process takes minutes per
+    evaluation at ImageNet scale; the run's workers decode it in parallel. A cached batch is one memory-map slice and
+    one batched normalisation (``EvalDataset.__getitems__``), faster in the process than the start of a worker at every
+    evaluation plus the batches' trip through shared memory.
+
+    Args:
+        images: the set to evaluate (``ImageFiles`` or ``ImageArrays``).
+        workers: the run's loader workers (``--workers``, resolved).
+
+    Returns:
+        The worker count for ``make_eval_loader``.
+    """
+    return int(workers) if isinstance(images, ImageFiles) else 0
 
 
 def train_crop(data) -> str:

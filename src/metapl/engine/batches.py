@@ -25,11 +25,16 @@ def train_batches(run: Run):
         data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std, randaug_n=cfg.randaug_n,
         randaug_m=cfg.randaug_m, cutout=cfg.cutout, crop=crop,
     )  # fmt: skip
+    # --per-rank-shards: this rank's unlabeled images are those of its own shards; the labeled set stays global.
+    own = None
+    if cfg.per_rank_shards and cfg.method == "mpl":
+        own = mdata.rank_unlabeled_items(data, run.split.unlabeled, run.dist.rank, run.dist.world_size)
     l_loader, u_loader = mdata.make_train_loaders(
         data, run.split, batch_size=cfg.batch_size, mu=cfg.mu, seed=cfg.seed, start_step=run.step,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=strong,
         expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
         labeled_transform=strong if cfg.labeled_aug == "strong" else weak, pin_memory=run.device.type == "cuda",
+        unlabeled_items=own,
     )  # fmt: skip
     return iter(l_loader), (iter(u_loader) if cfg.method == "mpl" else None)
 

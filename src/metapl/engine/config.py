@@ -49,10 +49,11 @@ _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits i
 class TrainConfig(MPLConfig):
     """Everything ``metapl train`` needs: the fields of ``MPLConfig`` and the trainer's own, declared below."""
 
-    dataset: str = option("digits", "data set: digits, cifar10, cifar100, svhn, fashion-mnist or folder")
+    dataset: str = option("digits", "data set: digits, cifar10, cifar100, svhn, fashion-mnist, folder or shards")
     data_dir: str | None = option(
-        None, "a data root, an ImageFolder tree or a .tar(.gz) of one; none: the default root"
-    )
+        None, "a data root, an ImageFolder tree or a .tar(.gz) of one, or a folder (or glob) of .tar shards for "
+        "--dataset shards (written by metapl shards); none: the default root",
+    )  # fmt: skip
     download: bool = option(False, "let torchvision download cifar10, cifar100 or svhn into --data-dir")
     num_labeled: int = option(100, "size of the class-balanced labeled subset of the train split", ge=1)
     val_labeled: int = option(
@@ -68,8 +69,12 @@ class TrainConfig(MPLConfig):
     data_path: Literal["auto", "cache", "stream"] = option(
         "auto",
         "cache: decode a folder once into the cache; stream: keep file paths and decode in the loader workers "
-        "with random-resized crops (needs --image-size); auto: stream folders over 8 GiB decoded",
+        "with random-resized crops (needs --image-size); auto: stream folders over 8 GiB decoded; shards always stream",
     )
+    per_rank_shards: bool = option(
+        False, "--dataset shards: each rank streams the unlabeled images of its own shards only (dealt round-robin by "
+        "global rank), not a share of all of them; the labeled set stays global",
+    )  # fmt: skip
     expand_labels: bool = option(False, "repeat the labeled set so that one labeled epoch spans --eval-every steps")
     cache_dir: str | None = option(None, "decoded-image cache; none: $METAPL_CACHE_DIR or ~/.cache/metapl")
     skip_corrupt: bool = option(False, "skip unreadable images with a warning instead of stopping")
@@ -150,6 +155,8 @@ class TrainConfig(MPLConfig):
 
     def __post_init__(self) -> None:
         check_options(self, UserError, lambda name: "--" + _flag(name))
+        if self.per_rank_shards and self.dataset != "shards":
+            raise UserError("--per-rank-shards deals tar shards to ranks; use --dataset shards or drop the flag")
         if self.amp == "fp16" and self.mode == "soft":
             raise UserError("--amp fp16 does not work with --mode soft (second-order gradients); use --amp bf16")
         if self.cutout is not None and self.image_size is not None and self.cutout > self.image_size:

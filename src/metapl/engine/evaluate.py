@@ -9,7 +9,7 @@ from torch import nn
 from metapl import data as mdata
 
 
-def eval_loaders(data, split, batch_size: int, limit: int | None = None) -> dict[str, object]:
+def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers: int = 0) -> dict[str, object]:
     """Loaders to evaluate a run on: the test set (key ``""``) and, when the split holds labeled images out, the
     validation set (key ``"val_"``, the prefix its accuracies are reported under).
 
@@ -18,17 +18,22 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None) -> dict
         split: the run's ``Split``.
         batch_size: images per evaluation batch.
         limit: evaluate on the first ``limit`` images of each set only (quick checks); None = all.
+        workers: the run's loader workers; streamed sets are decoded in that many workers, cached ones in the
+            process (``data.stream.eval_workers``).
 
     Returns:
         prefix -> ``DataLoader``.
     """
     # take(): rows of cached arrays, or still-undecoded files on the streaming path
     test = data.test if limit is None else data.test.take(np.arange(min(limit, len(data.test))))
-    loaders = {"": mdata.make_eval_loader(test, mean=data.mean, std=data.std, batch_size=batch_size)}
+    sets = {"": test}
     if len(split.val):
-        val = data.train.take(split.val[:limit])
-        loaders["val_"] = mdata.make_eval_loader(val, mean=data.mean, std=data.std, batch_size=batch_size)
-    return loaders
+        sets["val_"] = data.train.take(split.val[:limit])
+    return {
+        prefix: mdata.make_eval_loader(images, mean=data.mean, std=data.std, batch_size=batch_size,
+                                       num_workers=mdata.eval_workers(images, workers))  # fmt: skip
+        for prefix, images in sets.items()
+    }
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     batches = iter(loader)
-    loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit)
+    loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
     student.train()
     losses, accs = [], {}
     steps = cfg.planned_finetune_steps()

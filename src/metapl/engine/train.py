@@ -171,7 +171,7 @@ class _NoWriter:
 def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals) -> None:
     cfg = run.cfg
     batches = train_batches(run)
-    eval_sets = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit)
+    eval_sets = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
     images_per_step = cfg.batch_size * (1 + 2 * cfg.mu if cfg.method == "mpl" else 1) * run.dist.world_size
 
     pending: list[torch.Tensor] = []  # per-step metric vectors since the last sync (no .item() per step)
@@ -355,7 +355,7 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
-        accs = _evaluate(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit))
+        accs = _evaluate(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
     summary = {
         "teacher_acc": accs.get("teacher_acc"),
         "student_acc": accs.get("student_acc"),
