@@ -19,8 +19,10 @@ What it does:
   (a) prints the GPU's name (``nvidia-smi``);
   (b) ``step_speed.py --device cuda --amp bf16 --channels-last --models wrn28_2 --shapes paper`` (all variants);
   (c) ``python -m metapl train --config configs/cifar10_4k.yaml`` for ``--steps`` steps (default 2000) on CIFAR-10 with
-      bf16, channels_last and 8 loader workers, ``--s-wait-steps 0`` so that every step runs the full MPL update
-      (the recipe's student waits 3k steps, which would make a short run time only the teacher), no finetuning;
+      bf16, channels_last, 8 loader workers and the views made on the GPU (``--augment-on device``; ``--augment-on
+      loader`` for the Pillow path, ``--compile`` to add torch.compile), ``--s-wait-steps 0`` so that every step
+      runs the full MPL update (the recipe's student waits 3k steps, which would make a short run time only the
+      teacher), no finetuning;
       then reads RUN_DIR/metrics.jsonl and prints ms/step, images/s, the EMA student's accuracy, the peak GPU memory
       (``nvidia-smi`` memory.used, sampled every second: the whole process, CUDA context and allocator cache
       included) and the projected wall time of 300k steps: steps alone (median ms/step × 300k), and with evaluation
@@ -74,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 2000)), help="training steps ($STEPS)")
     p.add_argument("--eval-every", type=int, default=1000, help="evaluate (and checkpoint) every this many steps")
     p.add_argument("--workers", type=int, default=8, help="data-loader worker processes")
+    p.add_argument("--augment-on", default="device", choices=("loader", "device"),
+                   help="where the training run makes its views (device: batched on the GPU, issue 13)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile both models in the training run")
     p.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant of step_speed.py")
     p.add_argument("--variants", default="hard-taylor,hard-dot,soft,naive,ideal", help="step_speed.py variants")
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole check")
@@ -201,8 +206,8 @@ def train_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "--channels-last", "--workers", str(args.workers), "--steps", str(args.steps), "--eval-every",
         str(args.eval_every), "--save-every", str(args.eval_every), "--log-every", "100",
         # Every step runs the whole MPL update: in the recipe the student waits its first 3k steps.
-        "--s-wait-steps", "0",
-    ]  # fmt: skip
+        "--s-wait-steps", "0", "--augment-on", args.augment_on,
+    ] + (["--compile"] if args.compile else [])  # fmt: skip
 
 
 def summarize_training(records: list[dict], eval_times: list[tuple[int, float]]) -> dict:

@@ -126,8 +126,12 @@ def test_gpu_check_commands(gpu_check, tmp_path):
     train = " ".join(gpu_check.train_command(args, tmp_path / "run"))
     for flag in ("-m metapl train", "--dataset cifar10", "--data-dir cifar.tar.gz", "--cache-dir .devdata/cache",
                  "--amp bf16", "--channels-last", "--workers 8", "--steps 1500", "--eval-every 1000",
-                 "--s-wait-steps 0", "--finetune-steps 0"):  # fmt: skip
+                 "--s-wait-steps 0", "--finetune-steps 0", "--augment-on device"):  # fmt: skip
         assert flag in train
+    assert "--compile" not in train
+    compiled = gpu_check.get_args_parser().parse_args(["--compile", "--augment-on", "loader"])
+    compiled.tiny = False
+    assert " --augment-on loader --compile" in " ".join(gpu_check.train_command(compiled, tmp_path / "run"))
     assert "--config configs/cifar10_4k.yaml" in train or "--uda-weight 8" in train
 
     tiny = argparse.Namespace(**{**vars(args), "tiny": True})

@@ -73,3 +73,12 @@ def test_free_cores_without_proc_stat_counts_every_core_free(monkeypatch):
     monkeypatch.setattr(runtime, "_cpu_times", unreadable)
     monkeypatch.setattr(runtime, "_FREE_CORES", None)
     assert runtime.free_cpu_cores() == len(os.sched_getaffinity(0))
+
+
+def test_cpu_share_with_device_augmentation_copies_rows_in_the_training_process(free):
+    free(2.0)
+    share = runtime.plan_cpu_share(None, None, CPU, copy_only=True)
+    assert (share.workers, share.threads) == (0, 2)
+    free(12.0)
+    assert runtime.plan_cpu_share(None, None, CUDA, copy_only=True).workers == 2
+    assert runtime.plan_cpu_share(3, None, CPU, copy_only=True).workers == 3  # asked for: kept

@@ -111,7 +111,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
 def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
     """Set this process's intra-op threads and fill in the loader workers, from the free cores where left open."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(d.world_size)))
-    share = plan_cpu_share(cfg.workers, cfg.threads, device, local_world)
+    share = plan_cpu_share(cfg.workers, cfg.threads, device, local_world, copy_only=cfg.augment_on == "device")
     torch.set_num_threads(share.threads)
     if cfg.workers is None or cfg.threads is None:
         log(f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "

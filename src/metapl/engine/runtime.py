@@ -110,7 +110,8 @@ class CpuShare:
     threads: int
 
 
-def plan_cpu_share(workers: int | None, threads: int | None, device: torch.device, local_world: int = 1) -> CpuShare:
+def plan_cpu_share(workers: int | None, threads: int | None, device: torch.device, local_world: int = 1, *,
+                   copy_only: bool = False) -> CpuShare:  # fmt: skip
     """Choose loader workers and intra-op threads from the cores actually free, where the user left them open.
 
     Oversubscribed cores are the expensive mistake: an intra-op thread pool waits at every parallel region for its
@@ -124,6 +125,8 @@ def plan_cpu_share(workers: int | None, threads: int | None, device: torch.devic
         threads: intra-op threads the user asked for, or None to choose (``OMP_NUM_THREADS`` counts as asking).
         device: the training device.
         local_world: processes of this job on this machine.
+        copy_only: the loaders only copy cached uint8 rows (``--augment-on device``): on the CPU that copy is cheaper
+            in the training process than the hand-off from a worker, so no workers; on a GPU two overlap it.
 
     Returns:
         The chosen share; ``free_cores`` is the measurement behind it.
@@ -133,13 +136,14 @@ def plan_cpu_share(workers: int | None, threads: int | None, device: torch.devic
     free = free_cpu_cores() / max(1, local_world) if workers is None or threads is None else 0.0
     cores = max(1, int(free + 0.5))
     if device.type != "cpu":
-        return CpuShare(free, min(cores, 16) if workers is None else workers, threads or torch.get_num_threads())
+        chosen = min(cores, 2 if copy_only else 16)
+        return CpuShare(free, chosen if workers is None else workers, threads or torch.get_num_threads())
     if workers is None:
-        # Augmentation is about as costly as a small model's step on the CPU: half the free cores each, at least
-        # one worker so that loading overlaps the step.
-        workers = max(1, cores // 2)
+        # Pillow augmentation costs about as much as a small model's step on the CPU: half the free cores each, at
+        # least one worker so that loading overlaps the step.
+        workers = 0 if copy_only else max(1, cores // 2)
     if threads is None:
-        threads = max(1, cores - workers) if cores > 1 else 1
+        threads = max(1, cores - workers)
     return CpuShare(free, workers, threads)
 
 
