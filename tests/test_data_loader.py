@@ -271,3 +271,11 @@ def test_digits_grayscale_loaders():
     xs, ys = zip(*loader)
     assert sum(len(y) for y in ys) == 500 and torch.equal(torch.cat(ys), torch.from_numpy(data.test.labels))
     assert xs[0].shape == (128, 1, 8, 8) and abs(float(torch.cat(xs).mean())) < 0.2  # constants fit the data
+
+
+def test_mix_seeds_equals_mix_seed_for_every_position():
+    from metapl.data.loader import mix_seed, mix_seeds
+
+    last = np.array([0, 1, 2, 7, 12_345, 2**40 + 3, 2**62 - 1], dtype=np.int64)
+    for lead in [(0,), (11, 3), (2**32 - 1, 0), (5, 2**31, 9)]:
+        assert mix_seeds(*lead, last=last).tolist() == [mix_seed(*lead, int(v)) for v in last]

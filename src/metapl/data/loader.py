@@ -30,6 +30,31 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    # _splitmix64 on a uint64 array: numpy's uint64 arithmetic wraps modulo 2**64 like the masks above.
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def mix_seeds(*values: int, last: np.ndarray) -> np.ndarray:
+    """``mix_seed(*values, v)`` for every ``v`` of ``last`` at once (the sampler's seeds of a whole epoch).
+
+    Args:
+        *values: the leading integers, shared by every seed.
+        last: non-negative int64 array of the last integer.
+
+    Returns:
+        uint64 array of seeds, equal to ``mix_seed`` element by element.
+    """
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return _splitmix64_array(np.uint64(h) ^ np.asarray(last).astype(np.uint64)) >> np.uint64(1)
+
+
 def mix_seed(*values: int) -> int:
     """A well-mixed 63-bit seed from integers (SplitMix64 chained), fit for ``torch.Generator.manual_seed``.
 
@@ -89,8 +114,11 @@ class ResumableSampler(Sampler):
         while True:
             positions = self.epoch_positions(epoch)
             # The sample seed uses the index in the padded global order, so padded duplicates get fresh views.
-            for j in range(offset, len(positions)):
-                yield int(positions[j]) % self.num_items, mix_seed(self.seed, epoch, self.rank + j * self.world_size)
+            # Computed for the rest of the epoch at once: one Python splitmix chain per item cost ~5 us.
+            order = self.rank + np.arange(offset, len(positions), dtype=np.int64) * self.world_size
+            seeds = mix_seeds(self.seed, epoch, last=order).tolist()
+            items = (positions[offset:] % self.num_items).tolist()
+            yield from zip(items, seeds)
             epoch, offset = epoch + 1, 0
 
 

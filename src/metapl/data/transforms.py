@@ -12,6 +12,7 @@ of the image: its rotate/shear/translate take ~30 us there against ~380 us on a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,6 +60,7 @@ class RandomFlip:
         return "RandomFlip()"
 
 
+@functools.lru_cache(maxsize=64)
 def reflect_index(length: int, padding: int) -> torch.Tensor:
     """The source index of each position of an axis of ``length`` reflect-padded by ``padding`` on both sides.
 
@@ -69,7 +71,7 @@ def reflect_index(length: int, padding: int) -> torch.Tensor:
         padding: pixels added on each side.
 
     Returns:
-        int64 ``(length + 2 * padding,)``.
+        int64 ``(length + 2 * padding,)``, shared between calls (cached): index with it, never write to it.
     """
     pos = torch.arange(-padding, length + padding)
     if length == 1:
