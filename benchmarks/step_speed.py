@@ -127,8 +127,8 @@ def _bound(name: str, num: str, den: str, by_variant: dict) -> str:
             "on the CPU, RSS also counts pages the allocator keeps after freeing them"
         )
     return (
-        "soft differentiates through the student's step: a double backward over the student's μB-image graph "
-        "on top of the teacher's graph over all B + 2μB images"
+        "soft differentiates through the student's step: a forward-mode JVP of the student over its μB images "
+        "(about 3 forwards) on top of the teacher's graph over all B + 2μB images"
     )
 
 

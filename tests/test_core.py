@@ -97,6 +97,51 @@ def test_soft_teacher_gradient_matches_finite_differences():
     assert (grad - torch.cat([g.flatten() for g in t_only])).norm() > 100 * (grad - fd).norm()
 
 
+def reference_soft_double_backward(teacher, student, batch, eta):
+    """The soft update as metapl computed it before the forward-mode JVP, in one process, ``MPLConfig(mode="soft")``:
+    the student's gradient g with ``create_graph=True``, L_l(θ_S − η g) backpropagated into θ_T through g (a double
+    backward), then a plain SGD step of the student on g. Dropout draws in the update's order: teacher, then student.
+
+    Returns:
+        ``(teacher gradient, L_l(θ'_S))``; ``student`` has taken its step, its running statistics advanced once.
+    """
+    n_l = batch.x_l.shape[0]
+    t_logits = teacher(torch.cat([batch.x_l, batch.x_uw]))
+    q = F.softmax(t_logits[n_l:], dim=-1)
+    s_params = dict(student.named_parameters())
+    s_logits = torch.func.functional_call(student, s_params, (batch.x_us,))  # the module's buffers advance here
+    g = torch.autograd.grad(-(q * F.log_softmax(s_logits, -1)).sum(-1).mean(), list(s_params.values()),
+                            create_graph=True)  # fmt: skip
+    new = {n: p.detach() - eta * gi for (n, p), gi in zip(s_params.items(), g)}
+    with feedback_mode(student):
+        s_loss_l_new = F.cross_entropy(torch.func.functional_call(student, new, (batch.x_l,)), batch.y_l)
+    t_grad = torch.autograd.grad(F.cross_entropy(t_logits[:n_l], batch.y_l) + s_loss_l_new, list(teacher.parameters()))
+    with torch.no_grad():
+        for p, gi in zip(student.parameters(), g):
+            p -= eta * gi
+    return t_grad, s_loss_l_new.detach()
+
+
+def test_soft_jvp_gradient_equals_the_double_backward_one_with_batchnorm_and_dropout():
+    teacher, student = make_mlp(0, dropout=0.2), make_mlp(1, hidden=6, act=nn.Tanh, dropout=0.3)
+    batch, eta = make_batch(3), 0.5
+    t_ref, s_ref = copy.deepcopy(teacher), copy.deepcopy(student)
+    torch.manual_seed(5)
+    metrics = run(teacher, student, batch, MPLConfig(mode="soft"), t_lr=0.0, s_lr=eta)
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(5)
+    grad_ref, s_loss_l_new_ref = reference_soft_double_backward(t_ref, s_ref, batch, eta)
+    for (name, p), g_ref in zip(teacher.named_parameters(), grad_ref):  # the JVP forward drew the same masks
+        torch.testing.assert_close(p.grad, g_ref, rtol=0, atol=1e-12, msg=name)
+    # Same draws consumed: the JVP forward replays the student's dropout masks and leaves the generator as it was.
+    assert torch.equal(rng_after, torch.get_rng_state())
+    assert metrics["loss/teacher_mpl"] == s_loss_l_new_ref.float()
+    # The student's step and its BatchNorm running statistics (advanced once, not twice) are the old path's.
+    for (name, a), b in zip(student.state_dict().items(), s_ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14, msg=name)
+    assert student[2].num_batches_tracked == 1
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hard mode: h
 

@@ -85,6 +85,26 @@ def feedback_mode(model: nn.Module):
                 m.track_running_stats = track
 
 
+def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The states of the default generators a forward on ``device`` draws from (dropout): the CPU's and, on an
+    accelerator, that device's own (None on the CPU). No device sync: the states are host tensors."""
+    if device.type == "cpu":
+        return torch.get_rng_state(), None
+    return torch.get_rng_state(), torch.get_device_module(device.type).get_rng_state(device)
+
+
+@contextlib.contextmanager
+def replayed_rng(state: tuple[Tensor, Tensor | None], device: torch.device):
+    """Inside, the default generators restart from ``state`` (``rng_state``), so a second forward draws the same
+    dropout masks as the first; on exit they are back where they were, as if nothing had run inside."""
+    on_device = state[1] is not None
+    with torch.random.fork_rng(devices=[device] if on_device else [], device_type=device.type):
+        torch.set_rng_state(state[0])
+        if on_device:
+            torch.get_device_module(device.type).set_rng_state(state[1], device)
+        yield
+
+
 def autocast_for(x: Tensor, amp_dtype: torch.dtype | None):
     """Autocast on ``x``'s device type to ``amp_dtype``; a disabled one when ``amp_dtype`` is None."""
     return torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -2,7 +2,9 @@
 
 Notation as in ``metapl.core.mpl`` (the paper's Sec. 2). The student's look-ahead step
 θ'_S = θ_S − η_S ∇_{θ_S} CE(q(θ_T), S(x_us; θ_S)) (Eq. 3) is written as a function of θ_T with
-``torch.func.functional_call``, and L_l(θ'_S(θ_T)) is differentiated through it (second order).
+``torch.func.functional_call``, and L_l(θ'_S(θ_T)) is differentiated through it exactly. The second-order term
+needs no double backward: the student's gradient is linear in q, so one forward-mode JVP of the student along
+v = ∇_{θ'_S} L_l gives the meta-gradient's q-side vector (``_look_ahead``).
 
 Under DDP the student is replicated but its DDP forward is never called (the look-ahead is functional), so its
 gradient and the meta-gradient's student-side vector are averaged over the ranks here, by hand (``_look_ahead``).
@@ -13,6 +15,7 @@ Called through ``metapl.core.mpl.mpl_update``, which checks the arguments (no fl
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
@@ -24,7 +27,9 @@ from metapl.core.parts import (
     feedback_mode,
     mean_over_ranks,
     pseudo_metrics,
+    replayed_rng,
     replica_group,
+    rng_state,
     uda_term,
     unwrap,
 )
@@ -120,18 +125,20 @@ def _look_ahead(s_net, s_params: dict[str, Tensor], batch, q: Tensor, eta: float
 
         ∇_{θ_T} L_l(θ'_S) = −η_S (1/N) Σ_r (∂g_r/∂θ_T)ᵀ v,    v = (1/N) Σ_r ∇_{θ'_S} L_l^r(θ'_S).
 
-    Rank r holds the graph of its own g_r only: it all-reduces ḡ (everyone's step) and v (everyone's labeled
-    gradient), then returns a surrogate whose θ_T-gradient is −η_S (∂g_r/∂θ_T)ᵀ v; the teacher's DDP average over
-    ranks turns those into the sum above. In one process (``group`` None) ḡ = g, v = ∇ L_l: the plain chain rule.
+    g_r is linear in q_r: with n = μB images on this rank and J = ∂ log softmax(S(x_us^r; θ_S)) / ∂θ_S · v, (n, K),
+    g_r · v = −(1/n) Σ_ik q_ik J_ik, so rank r's share −η_S (∂g_r/∂θ_T)ᵀ v = (∂q_r/∂θ_T)ᵀ (η_S J / n): one
+    forward-mode JVP of the student along v replaces the double backward through g_r. Rank r all-reduces ḡ (everyone's
+    step) and v (everyone's labeled gradient); the teacher's DDP average over ranks sums the shares. In one process
+    (``group`` None) ḡ = g, v = ∇ L_l: the plain chain rule.
 
     Args:
-        s_net: the unwrapped student; its buffers serve the look-ahead forward (BatchNorm's running statistics
-            advance once, as in hard mode; its batch statistics are this rank's, as in DDP training).
+        s_net: the unwrapped student; its buffers serve the student's forward on x_us (BatchNorm's running
+            statistics advance once, as in hard mode; its batch statistics are this rank's, as in DDP training).
         s_params: the student's trainable parameters by name.
         batch: this rank's ``Batch``.
         q: this rank's soft pseudo labels q(θ_T), (μB, K), with their graph to θ_T.
         eta: the student's step size η_S.
-        autocast: the autocast context of the student's forward.
+        autocast: the autocast context of the student's forward (the JVP forward runs in it too).
         group: the process group the student is replicated over (``replica_group``), or None.
 
     Returns:
@@ -140,24 +147,50 @@ def _look_ahead(s_net, s_params: dict[str, Tensor], batch, q: Tensor, eta: float
         the student's real step.
     """
     x_l, y_l, _, x_us, _ = batch
+    # The state the student's forward starts from, for the JVP forward to replay: dropout draws and buffers.
+    rng = rng_state(x_us.device)
+    buffers = {n: b.clone() for n, b in s_net.named_buffers()}
     with autocast:
-        s_logits_us = functional_call(s_net, s_params, (x_us,), strict=False)  # (μB, K)
-    s_loss = soft_cross_entropy(upcast(s_logits_us), q)
-    g_own = torch.autograd.grad(s_loss, list(s_params.values()), create_graph=True)  # g_r, a function of θ_T
-    g_mean = [g.detach() for g in g_own]
+        s_logits_us = s_net(x_us)  # (μB, K); the student's training forward: running statistics advance here
+    s_loss = soft_cross_entropy(upcast(s_logits_us), q.detach())
+    g_mean = list(torch.autograd.grad(s_loss, list(s_params.values())))  # g_r, first order
     if group is not None:
         g_mean = mean_over_ranks(g_mean, group)
-    # Value θ_S − η ḡ on every rank, bit for bit; gradient to θ_T through this rank's g_r (g − g.detach() is 0).
-    s_params_new = {n: p.detach() - eta * (gm + (g - g.detach())) for (n, p), g, gm in zip(s_params.items(), g_own,
-                                                                                           g_mean)}  # fmt: skip
+    s_params_new = {n: (p.detach() - eta * g).requires_grad_() for (n, p), g in zip(s_params.items(), g_mean)}
     # L_l(θ'_S) in float32 feedback mode, and this rank's ∇_{θ'_S} L_l^r, averaged into v.
     with feedback_mode(s_net):
         s_loss_l_new = F.cross_entropy(upcast(functional_call(s_net, s_params_new, (x_l,), strict=False)), y_l)
-    new = list(s_params_new.values())
-    v = torch.autograd.grad(s_loss_l_new, new, materialize_grads=True)
+    v = torch.autograd.grad(s_loss_l_new, list(s_params_new.values()), materialize_grads=True)
     if group is not None:
         v = mean_over_ranks(list(v), group)
-    # Surrogate: value L_l(θ'_S); gradient wrt θ_T = (∂θ'_S/∂θ_T)ᵀ v = −η_S (∂g_r/∂θ_T)ᵀ v.
-    link = torch.stack([(vi * (p - p.detach())).sum() for vi, p in zip(v, new)]).sum()
-    meta = s_loss_l_new.detach() + link
+    with replayed_rng(rng, x_us.device):
+        jvp = _log_softmax_jvp(s_net, s_params, buffers, dict(zip(s_params, v)), x_us, autocast)  # J, (μB, K)
+    # Surrogate: value L_l(θ'_S); gradient wrt θ_T = (∂q/∂θ_T)ᵀ (η_S J / n) = −η_S (∂g_r/∂θ_T)ᵀ v.
+    link = (q * (eta / x_us.shape[0]) * jvp).sum()
+    meta = s_loss_l_new.detach() + (link - link.detach())
     return s_loss, s_loss_l_new.detach(), meta, g_mean
+
+
+def _log_softmax_jvp(s_net, s_params, buffers, tangents, x_us: Tensor, autocast) -> Tensor:
+    """J = ∂ log softmax(S(x_us; θ_S)) / ∂θ_S · v, the forward-mode derivative of the student's log-probabilities.
+
+    The forward is the student's training forward again (the caller replays its dropout draws; BatchNorm uses the
+    same batch statistics) on clones of the buffers it started from, so the module's own running statistics are
+    not advanced a second time. ``torch.autograd.forward_ad`` rather than ``torch.func.jvp``: it runs under
+    autocast (as the student's forward does) and lets BatchNorm update the cloned buffers in place.
+
+    Args:
+        s_net: the unwrapped student.
+        s_params: its trainable parameters θ_S by name (not modified).
+        buffers: clones of its buffers, as they were before the student's forward (updated in place here).
+        tangents: v, by the names of ``s_params``.
+        x_us: the strong view, (μB, ...).
+        autocast: the autocast context of the student's forward.
+
+    Returns:
+        J, (μB, K), detached, in the precision of the losses (``upcast``).
+    """
+    with torch.no_grad(), fwAD.dual_level(), autocast:
+        duals = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in s_params.items()}
+        logits = functional_call(s_net, {**buffers, **duals}, (x_us,), strict=False)
+        return fwAD.unpack_dual(F.log_softmax(upcast(logits), dim=-1)).tangent
