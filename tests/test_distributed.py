@@ -233,7 +233,8 @@ def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):
 
 
 def test_soft_mode_with_sync_bn_under_a_launcher_is_refused():
-    # SyncBatchNorm's backward is not differentiable, and soft mode differentiates the student's backward. Checked
+    # SyncBatchNorm is a custom autograd Function without a forward-mode (jvp) rule, which soft mode's exact
+    # meta-gradient runs the student in. Checked
     # on a CUDA device object: on the CPU, --sync-bn alone is refused first (below).
     with pytest.raises(UserError, match="--sync-bn does not go with --mode soft"):
         _refuse_unsupported(TrainConfig(mode="soft", sync_bn=True), torch.device("cuda"), world_size=2)

@@ -149,8 +149,8 @@ def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int)
         raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm has no {device.type} kernel); drop --sync-bn")
     if cfg.sync_bn and world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
         raise UserError(
-            "--sync-bn does not go with --mode soft: the exact meta-gradient differentiates the student's backward, "
-            "and SyncBatchNorm's is not differentiable; drop --sync-bn (per-rank BatchNorm) or use --mode hard"
+            "--sync-bn does not go with --mode soft: the exact meta-gradient runs the student in forward-mode "
+            "autodiff, which SyncBatchNorm does not support; drop --sync-bn (per-rank BatchNorm) or use --mode hard"
         )
 
 
