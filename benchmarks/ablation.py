@@ -78,7 +78,9 @@ GROUPS = {
 }  # fmt: skip
 # (row, partner): a pseudo-label row against the labels-only row with the same augmentation.
 PAIRS = [("labels-mpl", "labels-only"), ("randaug-mpl", "randaug-labels-only"), ("uda-distill", "labels-only"),
-         ("uda-mpl", "labels-only"), ("uda-mpl-cosine", "labels-only")]  # fmt: skip
+         ("uda-mpl", "labels-only"), ("uda-mpl-cosine", "labels-only"),
+         # the strongest labels-only baseline: RandAugment on the labels, against plain labels and against UDA
+         ("randaug-labels-only", "labels-only"), ("uda-distill", "randaug-labels-only")]  # fmt: skip
 # (row, its h = 0 control): the feedback effect.
 FEEDBACK = [(row, "uda-distill-soft" if row.endswith("soft") else "uda-distill")
             for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
