@@ -93,23 +93,29 @@ def _train_case(case: str, wrap, rank: int | None) -> dict:
     return {"params": {k.replace("module.", ""): v.detach().clone() for k, v in named.items()}, "h": hs}
 
 
-def _core_worker(rank: int, store_file: str, out_dir: str) -> None:
+def _cases_worker(rank: int, train_case, cases: list[str], store_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 ranks on 2 cores
+    # A file store: no TCP port to pick, so concurrent test sessions cannot collide.
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
     try:
-        for case in CASES:
-            result = _train_case(case, nn.parallel.DistributedDataParallel, rank)
+        for case in cases:
+            result = train_case(case, nn.parallel.DistributedDataParallel, rank)
             torch.save(result, Path(out_dir) / f"{case}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def spawn_cases(train_case, cases, out: Path) -> Path:
+    """``train_case(case, DDP, rank)`` for every case on 2 gloo ranks, in one spawn (starting processes is the slow
+    part); each result is saved as ``out/<case>-<rank>.pt``."""
+    mp.spawn(_cases_worker, args=(train_case, list(cases), str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def core_results(tmp_path_factory) -> Path:
-    """Run every case once on 2 gloo ranks (one spawn for all cases: starting processes is the slow part)."""
-    out = tmp_path_factory.mktemp("ddp-core")
-    mp.spawn(_core_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
-    return out
+    """Run every case once on 2 gloo ranks."""
+    return spawn_cases(_train_case, CASES, tmp_path_factory.mktemp("ddp-core"))
 
 
 @pytest.mark.parametrize("case", list(CASES))

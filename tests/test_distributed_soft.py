@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from metapl.core import MPLConfig, mpl_update
 from metapl.engine.checkpoint import LATEST
-from test_distributed import ENV, WORLD, _batches, _mlp, _shard, torchrun
+from test_distributed import ENV, WORLD, _batches, _mlp, _shard, spawn_cases, torchrun
 from test_train import TINY
 
 # (MPLConfig keywords, uda_weight)
@@ -52,24 +50,10 @@ def _train_case(case: str, wrap, rank: int | None) -> dict[str, torch.Tensor]:
     return {k.replace("module.", ""): v.detach().clone() for k, v in named.items()}
 
 
-def _worker(rank: int, store_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # 2 ranks on 2 cores
-    # A file store: no TCP port to pick, so concurrent test sessions cannot collide.
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
-    try:
-        for case in CASES:
-            params = _train_case(case, nn.parallel.DistributedDataParallel, rank)
-            torch.save(params, Path(out_dir) / f"{case}-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def soft_results(tmp_path_factory) -> Path:
     """Every case once on 2 gloo ranks (one spawn for all cases)."""
-    out = tmp_path_factory.mktemp("ddp-soft")
-    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
-    return out
+    return spawn_cases(_train_case, CASES, tmp_path_factory.mktemp("ddp-soft"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
