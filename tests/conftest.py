@@ -109,6 +109,22 @@ def make_tree(tmp_path):
     return make
 
 
+def write_noise_tree(root: Path, classes, per_class: int, *, noise_hw: tuple[int, int], size: tuple[int, int],
+                     quality: int) -> Path:  # fmt: skip
+    """``root/<class>/<i>.jpg``: seeded colour fields: ``noise_hw`` noise, bilinearly upscaled to ``size`` (W, H).
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        (root / cls).mkdir()
+        for i in range(per_class):
+            noise = Image.fromarray(rng.integers(0, 256, (*noise_hw, 3), dtype=np.uint8))
+            noise.resize(size, Image.Resampling.BILINEAR).save(root / cls / f"{i:03d}.jpg", quality=quality)
+    return root
+
+
 def make_tar(tree: Path, out: Path, *, wrapper: str | None = None) -> Path:
     """Pack ``tree`` into the archive ``out`` (compression from its suffix), optionally inside one wrapper folder."""
     mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"

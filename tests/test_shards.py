@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from conftest import write_noise_tree
 from metapl.commands.cli import main
 from metapl.data import (
     ItemsSampler,
@@ -44,13 +45,9 @@ def quiet(_line: str) -> None:
 @pytest.fixture(scope="session")
 def tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: 48x40 upscaled noise, and one ``bee/zz.bmp``."""
-    root = tmp_path_factory.mktemp("tree")
-    rng = np.random.default_rng(0)
-    for cls in CLASSES:
-        (root / cls).mkdir()
-        for i in range(PER_CLASS):
-            noise = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
-            noise.resize((48, 40), Image.Resampling.BILINEAR).save(root / cls / f"{i:03d}.jpg", quality=90)
+    root = write_noise_tree(tmp_path_factory.mktemp("tree"), CLASSES, PER_CLASS, noise_hw=(5, 6), size=(48, 40),
+                            quality=90)  # fmt: skip
+    rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "bee" / "zz.bmp")
     return root
 

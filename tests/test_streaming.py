@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 
+from conftest import write_noise_tree
 from metapl.commands.cli import main
 from metapl.data import (
     ImageArrays,
@@ -42,14 +42,8 @@ def quiet(_line: str) -> None:
 @pytest.fixture(scope="session")
 def jpeg_tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: smooth random colour fields (a 20x15 noise image upscaled), 500x375, one tree."""
-    root = tmp_path_factory.mktemp("jpegs")
-    rng = np.random.default_rng(0)
-    for cls in CLASSES:
-        (root / cls).mkdir()
-        for i in range(PER_CLASS):
-            small = Image.fromarray(rng.integers(0, 256, (15, 20, 3), dtype=np.uint8))
-            small.resize((500, 375), Image.Resampling.BILINEAR).save(root / cls / f"{i:03d}.jpg", quality=85)
-    return root
+    return write_noise_tree(tmp_path_factory.mktemp("jpegs"), CLASSES, PER_CLASS, noise_hw=(15, 20), size=(500, 375),
+                            quality=85)  # fmt: skip
 
 
 def _stream(tree: Path, **kw):
