@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         # Outside the training loop (loading data, evaluating, finetuning): only the last checkpoint is on disk.
         print("metapl: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that trained has joined a group
+            from metapl.engine.runtime import leave_distributed
+
+            leave_distributed()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -147,6 +147,16 @@ def plan_cpu_share(workers: int | None, threads: int | None, device: torch.devic
     return CpuShare(free, workers, threads)
 
 
+def leave_distributed() -> None:
+    """Destroy the process group ``init_distributed`` joined, if any (the end of a ``torchrun`` command).
+
+    A gloo or NCCL group still alive at interpreter shutdown can abort the rank (SIGABRT, "terminate called without an
+    active exception") when its worker threads are torn down with the process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def select_device(name: str) -> torch.device:
     """``auto`` picks the local rank's GPU when CUDA is available, else the CPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
