@@ -19,7 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import last_evaluations, train_once
+import yaml
+
+from common import REPO, last_evaluations, train_once
 from metapl.engine.metrics import read_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,6 +51,10 @@ def _teacher_only(train_labels: int) -> dict:
     }
 
 
+# The shipped CIFAR-10 CPU recipe (one home: configs/cifar10_cpu.yaml), without its progress output.
+_CIFAR10 = {**yaml.safe_load((REPO / "configs" / "cifar10_cpu.yaml").read_text()),
+            "data_dir": str(SHARED / "cifar10-jpeg.tar.gz"), "tensorboard": False, "progress": False, "device": "cpu",
+            "augment_on": "device", "threads": 1, "workers": 0}  # fmt: skip
 LABELS_ONLY = dict(method="supervised", s_wait_steps=0)
 GRIDS = {
     "fashion-teacher": dict(
@@ -101,6 +107,19 @@ GRIDS = {
             "uda-distill-lstrong": dict(labeled_aug="strong"),
             "randaug-labels-only": dict(method="supervised", steps=3300, finetune_steps=0, labeled_aug="strong"),
             "labels-only": dict(method="supervised", steps=3300, finetune_steps=0),
+        },
+    ),
+    # CIFAR-10 at 4,000 training labels (+1,000 held out for validation), twice the cifar10 protocol's steps, no
+    # finetuning (every row 6,000 optimizer steps): does the Fashion-MNIST recipe (RandAugment'd labels for the UDA
+    # teacher, h = 0) beat labels-only here too? Augmentation on the device path (one process per run).
+    "cifar10-lstrong-4k": dict(
+        base={**_CIFAR10, "num_labeled": 5000, "val_labeled": 1000, "steps": 6000, "eval_every": 500,
+              "save_every": 6000, "finetune_steps": 0, "mpl_weight": 0.0},
+        variants={
+            "labels-only": dict(method="supervised", s_wait_steps=0),
+            "randaug-labels-only": dict(method="supervised", s_wait_steps=0, labeled_aug="strong"),
+            "uda-distill-lstrong": dict(labeled_aug="strong"),
+            "uda-distill": {},
         },
     ),
 }  # fmt: skip
