@@ -52,6 +52,10 @@ PROTOCOLS = {
 # Twice the budget, chosen on validation (benchmarks/sweep.py --grid fashion-long-100: the UDA student's lead over
 # labels-only grew from ~2 to ~4 points on the validation images at 6,000 + 600 steps).
 PROTOCOLS["fashion-long"] = {**PROTOCOLS["fashion"], "steps": 6000, "finetune_steps": 600, "eval_every": 500}
+# CIFAR-10 at twice the cifar10 protocol's steps on the device augmentation path (one process per run, ~10x faster
+# on 2 cores than the loader path for labels-only): the budget of sweep.py --grid cifar10-lstrong-4k.
+PROTOCOLS["cifar10-long"] = {**PROTOCOLS["cifar10"], "steps": 5400, "finetune_steps": 600, "eval_every": 500,
+                             "augment_on": "device", "threads": 1, "workers": 0}  # fmt: skip
 
 NO_UDA = dict(uda_weight=0.0)
 NO_RANDAUG = dict(randaug_n=0, cutout=0)  # the "strong" view is then the weak view's flip + crop
@@ -70,8 +74,10 @@ ROWS = {
     "uda-distill-soft": dict(mode="soft", mpl_weight=0.0),
     # Chosen on validation (sweep.py --grid fashion-lstrong-100): the UDA teacher also sees RandAugment'd labels; no
     # finetuning on weak views (it cost 0.9 points there), the MPL phase gets its steps instead.
-    "uda-distill-lstrong": dict(mpl_weight=0.0, labeled_aug="strong", steps=3300, finetune_steps=0),
+    "uda-distill-lstrong": dict(mpl_weight=0.0, labeled_aug="strong", fold_finetune=True),
     "uda-mpl-soft": dict(mode="soft"),
+    # The same recipe with the feedback on: what MPL adds to the recipe that wins.
+    "uda-mpl-lstrong": dict(labeled_aug="strong", fold_finetune=True),
 }
 GROUPS = {
     "core": ["labels-only", "uda-distill", "uda-mpl"],
@@ -80,13 +86,14 @@ GROUPS = {
                  "uda-mpl-cosine-reversed", "uda-distill-soft", "uda-mpl-soft"],
 }  # fmt: skip
 # (row, partner): a pseudo-label row against the labels-only row with the same augmentation.
-PAIRS = [("uda-distill-lstrong", "labels-only"), ("uda-distill-lstrong", "randaug-labels-only"),
+PAIRS = [("uda-distill-lstrong", "labels-only"), ("uda-mpl-lstrong", "labels-only"),
+         ("uda-distill-lstrong", "randaug-labels-only"),
          ("labels-mpl", "labels-only"), ("randaug-mpl", "randaug-labels-only"), ("uda-distill", "labels-only"),
          ("uda-mpl", "labels-only"), ("uda-mpl-cosine", "labels-only"),
          # the strongest labels-only baseline: RandAugment on the labels, against plain labels and against UDA
          ("randaug-labels-only", "labels-only"), ("uda-distill", "randaug-labels-only")]  # fmt: skip
 # (row, its h = 0 control): the feedback effect.
-FEEDBACK = [(row, "uda-distill-soft" if row.endswith("soft") else "uda-distill")
+FEEDBACK = [(row, row.replace("uda-mpl", "uda-distill") if row.endswith(("soft", "lstrong")) else "uda-distill")
             for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -101,7 +108,9 @@ def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> 
         values.update(steps=steps, finetune_steps=finetune, eval_every=steps, log_every=1, save_every=steps + finetune,
                       s_wait_steps=0, s_warmup_steps=0, t_warmup_steps=0, uda_steps=0, workers=0,
                       eval_limit=200)  # fmt: skip
-    if values.get("method") == "supervised":  # the same optimizer-step count as pseudo labels + finetuning
+    # The same optimizer-step count as pseudo labels + finetuning: labels-only rows, and rows that skip finetuning
+    # (fold_finetune), train steps + finetune_steps steps.
+    if values.pop("fold_finetune", False) or values.get("method") == "supervised":
         values["steps"] += values.pop("finetune_steps")
         values["finetune_steps"] = 0
         values["s_wait_steps"] = 0
