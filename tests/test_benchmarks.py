@@ -279,3 +279,37 @@ def test_augment_speed_tiny_prints_both_paths_for_both_config_shapes():
         for ms, views_per_s in rows.values():
             assert ms > 0 and views_per_s == pytest.approx(views * 1000 / ms, rel=0.02, abs=1)
         assert "device path / Pillow path views/s:" in table and "2 timed steps" in table
+
+
+def test_rows_without_finetuning_get_its_steps_and_their_own_h0_control():
+    ablation = _load("ablation")
+    recipe = ablation.PROTOCOLS["fashion"]
+    for row in ("uda-distill-lstrong", "uda-mpl-lstrong", "labels-only"):
+        values = ablation.run_values("fashion", row, 0)
+        assert (values["steps"], values["finetune_steps"]) == (recipe["steps"] + recipe["finetune_steps"], 0), row
+        assert "fold_finetune" not in values  # not a TrainConfig field
+    assert ablation.run_values("fashion", "uda-mpl", 0)["finetune_steps"] == recipe["finetune_steps"]
+    controls = dict(ablation.FEEDBACK)
+    assert controls["uda-mpl-lstrong"] == "uda-distill-lstrong" and controls["uda-mpl-soft"] == "uda-distill-soft"
+    assert controls["uda-mpl-dot-reversed"] == "uda-distill"
+
+
+def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
+    bn = _load("bn_recalibrate")
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    batches = [(3.0 + 2.0 * torch.randn(8, 2, 4, 4, generator=gen), torch.zeros(8, dtype=torch.long))
+               for _ in range(5)]  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 3))
+    weights = [p.detach().clone() for p in model.parameters()]
+    bn.reestimate_batchnorm(model, batches, batches=4)  # the fifth batch is not used
+    images = torch.cat([x for x, _ in batches[:4]])
+    norm = model[0]
+    assert torch.allclose(norm.running_mean, images.mean((0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([x.var((0, 2, 3), unbiased=True) for x, _ in batches[:4]]).mean(0)
+    assert torch.allclose(norm.running_var, per_batch_var, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    # accuracy: the share of argmax hits, in eval mode
+    labels = model.eval()(batches[0][0]).argmax(1)
+    assert bn.accuracy(model, [(batches[0][0], labels)]) == 100.0
+    assert bn.accuracy(model, [(batches[0][0], (labels + 1) % 3)]) == 0.0
