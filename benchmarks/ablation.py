@@ -76,6 +76,7 @@ ROWS = {
     # finetuning on weak views (it cost 0.9 points there), the MPL phase gets its steps instead.
     "uda-distill-lstrong": dict(mpl_weight=0.0, labeled_aug="strong", fold_finetune=True),
     "uda-mpl-soft": dict(mode="soft"),
+    "uda-mpl-soft-reversed": dict(mode="soft", feedback_sign="reversed"),
     # The same recipe with the feedback on: what MPL adds to the recipe that wins.
     "uda-mpl-lstrong": dict(labeled_aug="strong", fold_finetune=True),
 }
@@ -83,7 +84,7 @@ GROUPS = {
     "core": ["labels-only", "uda-distill", "uda-mpl"],
     "paper": ["labels-only", "labels-mpl", "randaug-labels-only", "randaug-mpl", "uda-distill", "uda-mpl"],
     "feedback": ["uda-mpl-dot", "uda-mpl-cosine", "uda-mpl-reversed", "uda-mpl-dot-reversed",
-                 "uda-mpl-cosine-reversed", "uda-distill-soft", "uda-mpl-soft"],
+                 "uda-mpl-cosine-reversed", "uda-distill-soft", "uda-mpl-soft", "uda-mpl-soft-reversed"],
 }  # fmt: skip
 # (row, partner): a pseudo-label row against the labels-only row with the same augmentation.
 PAIRS = [("uda-distill-lstrong", "labels-only"), ("uda-mpl-lstrong", "labels-only"),
@@ -93,7 +94,7 @@ PAIRS = [("uda-distill-lstrong", "labels-only"), ("uda-mpl-lstrong", "labels-onl
          # the strongest labels-only baseline: RandAugment on the labels, against plain labels and against UDA
          ("randaug-labels-only", "labels-only"), ("uda-distill", "randaug-labels-only")]  # fmt: skip
 # (row, its h = 0 control): the feedback effect.
-FEEDBACK = [(row, row.replace("uda-mpl", "uda-distill") if row.endswith(("soft", "lstrong")) else "uda-distill")
+FEEDBACK = [(row, next((f"uda-distill-{kind}" for kind in ("soft", "lstrong") if kind in row), "uda-distill"))
             for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 

@@ -291,7 +291,7 @@ def test_rows_without_finetuning_get_its_steps_and_their_own_h0_control():
     assert ablation.run_values("fashion", "uda-mpl", 0)["finetune_steps"] == recipe["finetune_steps"]
     controls = dict(ablation.FEEDBACK)
     assert controls["uda-mpl-lstrong"] == "uda-distill-lstrong" and controls["uda-mpl-soft"] == "uda-distill-soft"
-    assert controls["uda-mpl-dot-reversed"] == "uda-distill"
+    assert controls["uda-mpl-dot-reversed"] == "uda-distill" and controls["uda-mpl-soft-reversed"] == "uda-distill-soft"
 
 
 def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
