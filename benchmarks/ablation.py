@@ -111,9 +111,11 @@ def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> 
                       eval_limit=200)  # fmt: skip
     # The same optimizer-step count as pseudo labels + finetuning: labels-only rows, and rows that skip finetuning
     # (fold_finetune), train steps + finetune_steps steps.
-    if values.pop("fold_finetune", False) or values.get("method") == "supervised":
+    supervised = values.get("method") == "supervised"
+    if values.pop("fold_finetune", False) or supervised:
         values["steps"] += values.pop("finetune_steps")
         values["finetune_steps"] = 0
+    if supervised:  # no teacher to wait for
         values["s_wait_steps"] = 0
     return values
 

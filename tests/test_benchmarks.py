@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -313,3 +314,14 @@ def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
     labels = model.eval()(batches[0][0]).argmax(1)
     assert bn.accuracy(model, [(batches[0][0], labels)]) == 100.0
     assert bn.accuracy(model, [(batches[0][0], (labels + 1) % 3)]) == 0.0
+
+
+def test_shipped_strong_recipe_is_the_ablation_row_it_reports():
+    """configs/fashion_100_strong_cpu.yaml is what the README's +3 row trained: a drift would make the figure lie."""
+    ablation = _load("ablation")
+    shipped = yaml.safe_load((REPO / "configs" / "fashion_100_strong_cpu.yaml").read_text())
+    measured = ablation.run_values("fashion", "uda-distill-lstrong", 0)
+    bookkeeping = {"save_every", "workers"}  # where and how often files are written, not the recipe
+    assert {k: v for k, v in shipped.items() if k not in bookkeeping} == {
+        k: measured[k] for k in shipped if k not in bookkeeping
+    }
