@@ -26,8 +26,10 @@ CASES = {
         {"mode": "soft", "uda_threshold": 0.3, "grad_clip": 0.05, "label_smoothing": 0.1, "soft_temperature": 2.0},
         1.0,
     ),
-    "soft-strong-reversed-weight": ({"mode": "soft", "label_view": "strong", "feedback_sign": "reversed",
-                                     "mpl_weight": 3.0}, 0.5),  # fmt: skip
+    "soft-strong-reversed-weight": (
+        {"mode": "soft", "label_view": "strong", "feedback_sign": "reversed", "mpl_weight": 3.0},
+        0.5,
+    ),  # fmt: skip
 }
 
 

@@ -170,4 +170,3 @@ def _labeled_loss(s_net: nn.Module, x_l: Tensor, y_l: Tensor) -> Tensor:
 
 def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
-

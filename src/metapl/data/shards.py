@@ -95,7 +95,7 @@ def read_classes(folder: Path, labels: np.ndarray) -> list[str]:
         try:
             classes = json.loads(path.read_text())["classes"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is not a class list ({e}); rewrite it as {{\"classes\": [names]}}") from None
+            raise UserError(f'{path} is not a class list ({e}); rewrite it as {{"classes": [names]}}') from None
     else:
         classes = [str(i) for i in range(int(labels.max()) + 1)]
     if len(labels) and labels.max() >= len(classes):

@@ -30,8 +30,9 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers
     if len(split.val):
         sets["val_"] = data.train.take(split.val[:limit])
     return {
-        prefix: mdata.make_eval_loader(images, mean=data.mean, std=data.std, batch_size=batch_size,
-                                       num_workers=mdata.eval_workers(images, workers))  # fmt: skip
+        prefix: mdata.make_eval_loader(
+            images, mean=data.mean, std=data.std, batch_size=batch_size, num_workers=mdata.eval_workers(images, workers)
+        )  # fmt: skip
         for prefix, images in sets.items()
     }
 
