@@ -88,6 +88,7 @@ def test_shipped_configs_load(path):
         "cifar10_4k": ("cifar10", 4000),
         "cifar10_cpu": ("cifar10", 4000),
         "fashion_100_cpu": ("fashion-mnist", 100),
+        "fashion_100_strong_cpu": ("fashion-mnist", 100),
         "svhn_1k": ("svhn", 1000),
         "cifar100_10k": ("cifar100", 10000),
         "imagenet_10pct": ("folder", 128000),
