@@ -120,6 +120,8 @@ GRIDS = {
             "randaug-labels-only": dict(method="supervised", s_wait_steps=0, labeled_aug="strong"),
             "uda-distill-lstrong": dict(labeled_aug="strong"),
             "uda-distill": {},
+            # after the four above: the student, not the teacher, trails; is it the strong view it learns on?
+            "uda-distill-student-weak": dict(student_view="weak"),
         },
     ),
     # Does the UDA teacher's gap to labels-only on CIFAR-10 (4.0 points at 3,000 steps, 2.6 at 6,000) close with

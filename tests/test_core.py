@@ -340,3 +340,19 @@ def test_bfloat16_autocast_runs_on_cpu(mode):
         teacher, student, sgd(teacher, 0.1), sgd(student, 0.1), batch, MPLConfig(mode=mode), amp_dtype=torch.bfloat16
     )
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_student_view_weak_trains_the_student_on_the_weak_view(mode):
+    """student_view="weak": the student's step is the one it would take if the strong view were the weak one."""
+    base = make_batch(0)
+    weak_twice = Batch(base.x_l, base.y_l, base.x_uw, base.x_uw.clone(), base.y_u)
+
+    def student_after(batch, view):
+        teacher, student = make_mlp(0), make_mlp(1)
+        run(teacher, student, batch, MPLConfig(mode=mode, student_view=view))  # no UDA: the teacher never sees x_us
+        return [p.detach().clone() for p in student.parameters()]
+
+    on_weak = student_after(base, "weak")
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(on_weak, student_after(weak_twice, "strong")))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(on_weak, student_after(base, "strong")))

@@ -115,13 +115,14 @@ def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_s
     Returns:
         ``(s_loss, s_loss_l_old, s_loss_l_new, h)``; L_l(θ_S) is measured by the taylor estimator only (zero else).
     """
-    x_l, y_l, _, x_us, _ = batch
+    x_l, y_l, x_uw, x_us, _ = batch
+    x_u = x_us if config.student_view == "strong" else x_uw  # the view the student learns ŷ on
     s_loss_l_old = zero
     if config.feedback == "taylor":
         s_loss_l_old = _labeled_loss(s_net, x_l, y_l)  # L_l(θ_S)
     with autocast:
-        s_logits_us = student(x_us)  # (μB, K)
-    s_loss = F.cross_entropy(upcast(s_logits_us), y_hat)
+        s_logits_u = student(x_u)  # (μB, K)
+    s_loss = F.cross_entropy(upcast(s_logits_u), y_hat)
     s_params = [p for p in s_net.parameters() if p.requires_grad]
     s_optimizer.zero_grad(set_to_none=True)
     _backward(s_loss, s_scaler)

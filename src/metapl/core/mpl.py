@@ -81,6 +81,11 @@ class MPLConfig:
         "the unlabeled view the teacher labels: weak (clean labels, as UDA) or strong (the paper's derivation, the "
         "same view for both models)",
     )
+    student_view: Literal["strong", "weak"] = option(
+        "strong",
+        "the unlabeled view the student learns from: strong (the paper: the student is noised) or weak (the view the "
+        "teacher labels; for a small student that underfits strongly augmented images)",
+    )
     teacher_batch: Literal["split", "joint"] = option(
         "split",
         "split: the weak view goes through the teacher in its own no-grad forward (less memory); joint: one teacher "

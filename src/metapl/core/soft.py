@@ -62,7 +62,8 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
     grads = None
     if eta > 0:
-        s_loss, s_loss_l_new, meta, grads = _look_ahead(s_net, s_params, batch, q, eta, autocast,
+        x_u = batch.x_us if config.student_view == "strong" else batch.x_uw  # the view the student learns q on
+        s_loss, s_loss_l_new, meta, grads = _look_ahead(s_net, s_params, (batch.x_l, batch.y_l, x_u), q, eta, autocast,
                                                         replica_group(student))  # fmt: skip
         meta = -meta if config.feedback_sign == "reversed" else meta
         t_loss = t_loss + config.mpl_weight * meta
@@ -117,7 +118,8 @@ def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
     return t_logits_l, t_logits_src, t_logits_uw, t_logits_us
 
 
-def _look_ahead(s_net, s_params: dict[str, Tensor], batch, q: Tensor, eta: float, autocast, group):
+def _look_ahead(s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], q: Tensor, eta: float,
+                autocast, group):  # fmt: skip
     """The student's look-ahead θ'_S(θ_T) = θ_S − η_S g (Eq. 3) and L_l(θ'_S), exact across the ranks of ``group``.
 
     One process on the N ranks' concatenated batch has g = (1/N) Σ_r g_r, g_r = ∇_{θ_S} CE(q_r, S(x_us^r; θ_S)),
@@ -135,7 +137,8 @@ def _look_ahead(s_net, s_params: dict[str, Tensor], batch, q: Tensor, eta: float
         s_net: the unwrapped student; its buffers serve the student's forward on x_us (BatchNorm's running
             statistics advance once, as in hard mode; its batch statistics are this rank's, as in DDP training).
         s_params: the student's trainable parameters by name.
-        batch: this rank's ``Batch``.
+        batch: this rank's ``(x_l, y_l, x_us)``: labeled images, their labels, and the unlabeled view the student
+            learns on (the strong view, or the weak one with ``student_view="weak"``), (μB, ...).
         q: this rank's soft pseudo labels q(θ_T), (μB, K), with their graph to θ_T.
         eta: the student's step size η_S.
         autocast: the autocast context of the student's forward (the JVP forward runs in it too).
@@ -146,7 +149,7 @@ def _look_ahead(s_net, s_params: dict[str, Tensor], batch, q: Tensor, eta: float
         to ``s_loss_l_new`` in value, whose θ_T-gradient is this rank's share of the meta-gradient; ḡ, detached, for
         the student's real step.
     """
-    x_l, y_l, _, x_us, _ = batch
+    x_l, y_l, x_us = batch
     # The state the student's forward starts from, for the JVP forward to replay: dropout draws and buffers.
     rng = rng_state(x_us.device)
     buffers = {n: b.clone() for n, b in s_net.named_buffers()}
