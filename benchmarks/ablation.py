@@ -225,31 +225,43 @@ def feedback_stats(root: Path, protocol: str) -> list[str]:
     return lines
 
 
+PAPER_PANEL = ["labels-only", "labels-mpl", "randaug-labels-only", "randaug-mpl", "uda-distill", "uda-mpl",
+               "uda-distill-lstrong", "uda-mpl-lstrong"]  # fmt: skip
+
+
 def _plot(runs: dict, protocol: str, png: Path) -> None:
+    """Mean EMA-student curves: the paper's rows and the recipe that wins on the left, every feedback variant with
+    its h = 0 controls on the right (ten colours per panel, so each line keeps its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (row, seeds) in enumerate(runs.items()):
-        curves = [v["curve"] for v in seeds.values() if v["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        mean = [statistics.mean(c[j][1] for c in curves) for j in range(n)]
-        ax.plot([s for s, _ in curves[0][:n]], mean, marker="o", ms=2, label=row, color=f"C{i % 10}",
-                ls="-" if i < 10 else "--")  # fmt: skip
-    ends = [line.get_ydata()[-1] for line in ax.get_lines()]
+    panels = {
+        "the paper's rows, the recipe that wins": [r for r in PAPER_PANEL if r in runs],
+        "feedback estimators and signs vs h = 0": [r for r in runs if r not in PAPER_PANEL or r == "uda-distill"],
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, (title, rows) in zip(axes, panels.items()):
+        for i, row in enumerate(rows):
+            curves = [v["curve"] for v in runs[row].values() if v["curve"]]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            mean = [statistics.mean(c[j][1] for c in curves) for j in range(n)]
+            ax.plot([s for s, _ in curves[0][:n]], mean, marker="o", ms=2, label=row, color=f"C{i % 10}",
+                    ls="-" if i < 10 else "--")  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step (MPL phase; finetuning not shown)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ends = [line.get_ydata()[-1] for ax in axes for line in ax.get_lines()]
     if ends:  # the first evaluations (random-init models) would squash the part that differs
-        ax.set_ylim(bottom=max(0.0, min(ends) - 15))
-    ax.set_xlabel("step (MPL phase; finetuning not shown)")
-    ax.set_ylabel("EMA student test accuracy (%)")
-    ax.set_title(f"{protocol}: EMA student accuracy over steps (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        axes[0].set_ylim(bottom=max(0.0, min(ends) - 15))
+    axes[0].set_ylabel("EMA student test accuracy (%)")
+    fig.suptitle(f"{protocol}: EMA student accuracy over steps (mean over seeds)")
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
