@@ -52,10 +52,6 @@ PROTOCOLS = {
 # Twice the budget, chosen on validation (benchmarks/sweep.py --grid fashion-long-100: the UDA student's lead over
 # labels-only grew from ~2 to ~4 points on the validation images at 6,000 + 600 steps).
 PROTOCOLS["fashion-long"] = {**PROTOCOLS["fashion"], "steps": 6000, "finetune_steps": 600, "eval_every": 500}
-# CIFAR-10 at twice the cifar10 protocol's steps on the device augmentation path (one process per run, ~10x faster
-# on 2 cores than the loader path for labels-only): the budget of sweep.py --grid cifar10-lstrong-4k.
-PROTOCOLS["cifar10-long"] = {**PROTOCOLS["cifar10"], "steps": 5400, "finetune_steps": 600, "eval_every": 500,
-                             "augment_on": "device", "threads": 1, "workers": 0}  # fmt: skip
 
 NO_UDA = dict(uda_weight=0.0)
 NO_RANDAUG = dict(randaug_n=0, cutout=0)  # the "strong" view is then the weak view's flip + crop

@@ -84,7 +84,7 @@ class MPLConfig:
     student_view: Literal["strong", "weak"] = option(
         "strong",
         "the unlabeled view the student learns from: strong (the paper: the student is noised) or weak (the view the "
-        "teacher labels; for a small student that underfits strongly augmented images)",
+        "teacher labels: the student without its noise, an ablation)",
     )
     teacher_batch: Literal["split", "joint"] = option(
         "split",
