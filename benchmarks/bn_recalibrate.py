@@ -20,17 +20,12 @@ import common  # noqa: F401  (puts src/ on the path in a bare checkout)
 from metapl import data as mdata
 from metapl.commands.inference import build_model
 from metapl.engine.checkpoint import load_checkpoint
+from metapl.engine.evaluate import evaluate
 
 
-@torch.no_grad()
 def accuracy(model: torch.nn.Module, loader) -> float:
-    """Top-1 accuracy (%) of ``model`` in eval mode over ``loader``'s (images, labels) batches."""
-    model.eval()
-    correct = total = 0
-    for images, labels, *_ in loader:
-        correct += int((model(images).argmax(1) == labels).sum())
-        total += len(labels)
-    return 100.0 * correct / total
+    """Top-1 accuracy (%) of ``model`` in eval mode over ``loader``'s (images, labels) batches, on the CPU."""
+    return evaluate({"model": model}, loader, torch.device("cpu"))["model_acc"]
 
 
 @torch.no_grad()
@@ -60,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                               cache_dir=cfg.get("cache_dir"), seed=cfg["seed"], log=lambda *_: None)  # fmt: skip
     test = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=500, num_workers=0)
     # Shuffled: training images may be stored class by class (the CIFAR-10 JPEG tar is).
-    train_set = mdata.make_eval_loader(data.train, mean=ckpt["mean"], std=ckpt["std"]).dataset
-    train = torch.utils.data.DataLoader(train_set, batch_size=128, shuffle=True,
-                                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    clean = mdata.EvalDataset(data.train, mdata.eval_transform(ckpt["mean"], ckpt["std"]))
+    train = torch.utils.data.DataLoader(clean, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
     for role in args.roles.split(","):
         model = build_model(ckpt, role)
         before = accuracy(model, test)

@@ -19,9 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
-
-from common import REPO, last_evaluations, train_once
+from ablation import PROTOCOLS as ABLATION_PROTOCOLS
+from common import last_evaluations, train_once
 from metapl.engine.metrics import read_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -51,9 +50,9 @@ def _teacher_only(train_labels: int) -> dict:
     }
 
 
-# The shipped CIFAR-10 CPU recipe (one home: configs/cifar10_cpu.yaml), without its progress output.
-_CIFAR10 = {**yaml.safe_load((REPO / "configs" / "cifar10_cpu.yaml").read_text()),
-            "data_dir": str(SHARED / "cifar10-jpeg.tar.gz"), "tensorboard": False, "progress": False, "device": "cpu",
+# The shipped CIFAR-10 CPU recipe as the ablation reads it (configs/cifar10_cpu.yaml and the data), on the device
+# augmentation path, without progress output.
+_CIFAR10 = {**ABLATION_PROTOCOLS["cifar10"], "tensorboard": False, "progress": False, "device": "cpu",
             "augment_on": "device", "threads": 1, "workers": 0}  # fmt: skip
 LABELS_ONLY = dict(method="supervised", s_wait_steps=0)
 GRIDS = {
