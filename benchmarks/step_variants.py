@@ -83,7 +83,7 @@ def _sgd(model, device: torch.device) -> torch.optim.SGD:
 
 def ideal_passes(teacher, student, batch: Batch, amp, device: torch.device) -> dict:
     """name -> callable running one pass that a hard update cannot avoid (see ``IDEAL``), to be timed alone."""
-    x_l, y_l, x_uw, x_us, _ = batch
+    x_l, y_l, x_uw, x_us = batch.x_l, batch.y_l, batch.x_uw, batch.x_us
     y_u = torch.randint(NUM_CLASSES, (x_us.shape[0],), device=x_us.device)
     autocast = torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None)
     t_opt, s_opt = _sgd(teacher, device), _sgd(student, device)
@@ -148,7 +148,7 @@ def naive_step(teacher, student, t_opt, s_opt, batch: Batch, *, amp_dtype=None, 
     Returns:
         The logged losses as Python floats (the port reads each with ``.item()`` every step).
     """
-    x_l, y_l, x_uw, x_us, _ = batch
+    x_l, y_l, x_uw, x_us = batch.x_l, batch.y_l, batch.x_uw, batch.x_us
     n_l = x_l.shape[0]
     autocast = torch.autocast(device_type=x_l.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     with autocast:

@@ -192,6 +192,7 @@ def test_random_flag_values_end_in_a_run_or_one_error_line(tmp_path, capsys):
 def test_default_recipe_uses_uda_and_finetunes_a_tenth_of_the_steps():
     # A user who gives only data gets the recipe that won the ablation: UDA on, then student finetuning.
     cfg = TrainConfig(steps=3000)
-    assert cfg.uda_weight == 1.0 and cfg.finetune_steps is None and cfg.planned_finetune_steps() == 300
+    assert cfg.planned_uda_weight() == 1.0 and cfg.finetune_steps is None and cfg.planned_finetune_steps() == 300
+    assert TrainConfig(steps=3000, method="distill", teacher_weights="t.pt").planned_uda_weight() == 0.0
     assert TrainConfig(steps=3000, method="supervised").planned_finetune_steps() == 0
     assert TrainConfig(steps=3000, finetune_steps=7).planned_finetune_steps() == 7

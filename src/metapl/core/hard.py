@@ -33,22 +33,49 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     Returns:
         ``mpl_update``'s metrics: named, detached float32 scalars.
     """
-    x_l, y_l, x_uw, x_us, y_u = batch
     t_net, s_net = unwrap(teacher), unwrap(student)
-    autocast = autocast_for(x_l, amp_dtype)
+    autocast = autocast_for(batch.x_l, amp_dtype)
     eta = s_optimizer.param_groups[0]["lr"]  # a Python float: reading it does not synchronise
-    zero = x_l.new_zeros((), dtype=torch.float32)
+    zero = batch.x_l.new_zeros((), dtype=torch.float32)
+    frozen = t_optimizer is None  # a fixed teacher: it labels, nothing more (distillation)
 
-    t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(teacher, t_net, batch, config, uda_weight,
-                                                                       autocast)  # fmt: skip
+    if frozen:
+        t_logits_l = t_logits_uw = t_logits_us = None
+        label_source = _frozen_label_source(t_net, batch, config, autocast)
+    else:
+        t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(teacher, t_net, batch, config, uda_weight,
+                                                                           autocast)  # fmt: skip
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
 
     # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
     s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
     if eta > 0:
         s_loss, s_loss_l_old, s_loss_l_new, h = _student_step(student, s_net, s_optimizer, batch, y_hat, config,
-                                                              s_scaler, autocast, eta, zero)  # fmt: skip
+                                                              s_scaler, autocast, eta, zero,
+                                                              measure=not frozen)  # fmt: skip
+    metrics = {"loss/student": s_loss, "mpl/s_loss_l_old": s_loss_l_old, "mpl/s_loss_l_new": s_loss_l_new}
+    if frozen:
+        metrics.update({k: zero for k in ("loss/teacher", "loss/teacher_l", "loss/teacher_uda", "loss/teacher_mpl",
+                                          "mpl/h", "mpl/baseline", "mask_ratio")})  # fmt: skip
+    else:
+        metrics.update(_teacher_step(teacher, t_net, t_optimizer, batch, (t_logits_l, t_logits_uw, t_logits_us), y_hat,
+                                     h, config, state, uda_weight, t_scaler, autocast, zero))  # fmt: skip
+    metrics.update(pseudo_metrics(label_source, y_hat, batch.y_u))
+    return {k: v.detach().float() for k, v in metrics.items()}
 
+
+def _teacher_step(teacher, t_net, t_optimizer, batch, t_logits, y_hat: Tensor, h: Tensor, config, state,
+                  uda_weight: float, t_scaler, autocast, zero: Tensor) -> dict[str, Tensor]:  # fmt: skip
+    """The teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
+
+    Args:
+        t_logits: ``(t_logits_l, t_logits_uw, t_logits_us)`` from ``_label_source`` (None where it made none).
+        h: the feedback coefficient, before its sign and the baseline.
+
+    Returns:
+        The teacher's metrics (losses, h, baseline, UDA mask ratio).
+    """
+    t_logits_l, t_logits_uw, t_logits_us = t_logits
     h = -h if config.feedback_sign == "reversed" else h
     h_used = h
     if config.baseline_decay > 0:
@@ -57,10 +84,10 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         state.baseline = base + config.baseline_decay * (h - base)
         h_used = h - state.baseline
 
-    # Teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
+    t_x_l, _, t_x_us = batch.teacher_inputs()
     if t_logits_l is None:
-        t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
-    t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
+        t_logits_l, t_logits_us = _teacher_forward(teacher, t_x_l, t_x_us, autocast)
+    t_loss_l = F.cross_entropy(t_logits_l, batch.y_l, label_smoothing=config.label_smoothing)
     t_loss_uda, mask_ratio = uda_term(t_logits_uw, t_logits_us, config, uda_weight, zero)
     t_loss_mpl = h_used.detach() * F.cross_entropy(t_logits_us, y_hat)
     t_loss = t_loss_l + uda_weight * t_loss_uda + config.mpl_weight * t_loss_mpl
@@ -70,15 +97,20 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     if t_scaler is not None:
         t_scaler.unscale_(t_optimizer)
     clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
-
-    metrics = {
+    return {
         "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": t_loss_mpl, "loss/student": s_loss, "mpl/h": h,
+        "loss/teacher_mpl": t_loss_mpl, "mpl/h": h,
         "mpl/baseline": state.baseline if state is not None and state.baseline is not None else zero,
-        "mpl/s_loss_l_old": s_loss_l_old, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
+        "mask_ratio": mask_ratio,
     }  # fmt: skip
-    metrics.update(pseudo_metrics(label_source, y_hat, y_u))
-    return {k: v.detach().float() for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def _frozen_label_source(t_net, batch, config, autocast) -> Tensor:
+    """A fixed teacher's logits on the view it labels, (μB, K): one forward without a graph."""
+    _, t_x_uw, t_x_us = batch.teacher_inputs()
+    with autocast:
+        return upcast(t_net(t_x_uw if config.label_view == "weak" else t_x_us))
 
 
 def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
@@ -89,7 +121,7 @@ def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
         this forward already made them (None otherwise: the teacher's update makes them), the weak logits (a
         target only, or None when nothing needs them) and the logits whose distribution gives ŷ.
     """
-    x_l, _, x_uw, x_us, _ = batch
+    x_l, x_uw, x_us = batch.teacher_inputs()
     t_logits_uw = t_logits_l = t_logits_us = None
     needs_weak = config.label_view == "weak" or uda_weight > 0
     if needs_weak and config.teacher_batch == "joint":
@@ -109,16 +141,19 @@ def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
 
 
 def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_scaler, autocast, eta: float,
-                  zero: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+                  zero: Tensor, *, measure: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The student's step on ŷ and the feedback h it gives the teacher (Appendix A), before sign and baseline.
+
+    Args:
+        measure: measure the feedback h; False (a fixed teacher) skips every labeled forward and returns h = 0.
 
     Returns:
         ``(s_loss, s_loss_l_old, s_loss_l_new, h)``; L_l(θ_S) is measured by the taylor estimator only (zero else).
     """
-    x_l, y_l, x_uw, x_us, _ = batch
-    x_u = x_us if config.student_view == "strong" else x_uw  # the view the student learns ŷ on
+    x_l, y_l = batch.x_l, batch.y_l
+    x_u = batch.x_us if config.student_view == "strong" else batch.x_uw  # the view the student learns ŷ on
     s_loss_l_old = zero
-    if config.feedback == "taylor":
+    if measure and config.feedback == "taylor":
         s_loss_l_old = _labeled_loss(s_net, x_l, y_l)  # L_l(θ_S)
     with autocast:
         s_logits_u = student(x_u)  # (μB, K)
@@ -129,11 +164,13 @@ def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_s
     if s_scaler is not None:
         s_scaler.unscale_(s_optimizer)
     g_us = None
-    if config.feedback != "taylor":
+    if measure and config.feedback != "taylor":
         # ∇_{θ_S} CE(ŷ, S(x_us; θ_S)), kept before the optimizer step overwrites θ_S.
         g_us = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in s_params]
     clip_and_step(s_optimizer, s_params, s_scaler, config.grad_clip)
 
+    if not measure:
+        return s_loss, zero, zero, zero
     if config.feedback == "taylor":
         s_loss_l_new = _labeled_loss(s_net, x_l, y_l)  # L_l(θ'_S)
         h = s_loss_l_old - s_loss_l_new

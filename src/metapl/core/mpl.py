@@ -39,6 +39,11 @@ class Batch(NamedTuple):
 
     ``y_u`` holds the true labels of the unlabeled images where known (-1 elsewhere); it is used only to report the
     pseudo labels' accuracy, never to train.
+
+    ``t_x_l``, ``t_x_uw`` and ``t_x_us`` are what the teacher reads in place of ``x_l``, ``x_uw`` and ``x_us`` (same
+    leading dimension); None: the images themselves. Reduced Meta Pseudo Labels (the paper's Appendix E) passes the
+    large teacher's stored log-probabilities of each image here, (B, K) and (μB, K), and a small reduced teacher
+    reads them; the update itself is unchanged. The student always reads the images.
     """
 
     x_l: Tensor
@@ -46,6 +51,17 @@ class Batch(NamedTuple):
     x_uw: Tensor
     x_us: Tensor
     y_u: Tensor | None = None
+    t_x_l: Tensor | None = None
+    t_x_uw: Tensor | None = None
+    t_x_us: Tensor | None = None
+
+    def teacher_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What the teacher reads for the labeled, weak and strong images: ``t_x_*`` where given, else ``x_*``."""
+        return (
+            self.x_l if self.t_x_l is None else self.t_x_l,
+            self.x_uw if self.t_x_uw is None else self.t_x_uw,
+            self.x_us if self.t_x_us is None else self.t_x_us,
+        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +150,7 @@ class MPLState:
 def mpl_update(
     teacher: nn.Module,
     student: nn.Module,
-    t_optimizer: torch.optim.Optimizer,
+    t_optimizer: torch.optim.Optimizer | None,
     s_optimizer: torch.optim.Optimizer,
     batch: Batch,
     config: MPLConfig,
@@ -159,7 +175,9 @@ def mpl_update(
     Args:
         teacher: the teacher T (any module mapping (N, C, H, W) to (N, K) logits; may be DDP-wrapped).
         student: the student S (may differ from the teacher in architecture; may be DDP-wrapped).
-        t_optimizer: the teacher's optimizer; stepped once.
+        t_optimizer: the teacher's optimizer; stepped once. None: the teacher is fixed (distillation, the control
+            that isolates the feedback): it only labels, under ``torch.no_grad``, in the mode it is in; no teacher
+            loss, no feedback h is computed (the ``loss/teacher*``, ``mpl/*`` metrics are 0).
         s_optimizer: the student's optimizer; stepped once (unless its learning rate is 0).
         batch: the labeled and unlabeled images, see ``Batch``.
         config: see ``MPLConfig``.
@@ -199,6 +217,12 @@ def _check_batch(batch: Batch) -> None:
         if getattr(batch, name).shape[0] == 0:
             # The losses would average over no images: NaN, which would then poison both models silently.
             raise ValueError(f"batch.{name} is empty (0 images); every MPL update needs labeled and unlabeled images")
+        given = getattr(batch, "t_" + name)
+        if given is not None and given.shape[0] != getattr(batch, name).shape[0]:
+            raise ValueError(
+                f"batch.t_{name} has {given.shape[0]} rows but batch.{name} has {getattr(batch, name).shape[0]} "
+                "images; the teacher's inputs must be one per image"
+            )
     if batch.x_uw.shape[0] != batch.x_us.shape[0]:
         raise ValueError(
             f"batch.x_uw has {batch.x_uw.shape[0]} images but batch.x_us has {batch.x_us.shape[0]}; they must be two "

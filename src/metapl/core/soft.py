@@ -45,17 +45,18 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         ``mpl_update``'s metrics: named, detached float32 scalars (``mpl/h`` and ``mpl/baseline`` are 0).
     """
     del s_scaler, generator, state  # float16 is refused above; soft labels draw nothing; no baseline in soft mode
-    x_l, y_l, x_uw, x_us, y_u = batch
     t_net, s_net = unwrap(teacher), unwrap(student)
-    autocast = autocast_for(x_l, amp_dtype)
+    autocast = autocast_for(batch.x_l, amp_dtype)
     eta = s_optimizer.param_groups[0]["lr"]
-    zero = x_l.new_zeros((), dtype=torch.float32)
+    zero = batch.x_l.new_zeros((), dtype=torch.float32)
+    if t_optimizer is None:
+        return _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta, autocast, zero)
 
     t_logits_l, t_logits_src, t_logits_uw, t_logits_us = _teacher_logits(teacher, t_net, batch, config, uda_weight,
                                                                          autocast)  # fmt: skip
     q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)  # soft pseudo labels q(θ_T), (μB, K)
 
-    t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=config.label_smoothing)
+    t_loss_l = F.cross_entropy(t_logits_l, batch.y_l, label_smoothing=config.label_smoothing)
     t_loss_uda, mask_ratio = uda_term(t_logits_uw, t_logits_us, config, uda_weight, zero)
     t_loss = t_loss_l + uda_weight * t_loss_uda
     s_loss, s_loss_l_new, meta = zero, zero, zero
@@ -77,18 +78,62 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
 
     if grads is not None:
         # The student's real step uses the (rank-averaged) first-order gradient already computed for the look-ahead.
-        s_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(s_params.values(), grads):
-            p.grad = g
-        clip_and_step(s_optimizer, list(s_params.values()), None, config.grad_clip)
+        _student_step(s_optimizer, s_params, grads, config.grad_clip)
 
     metrics = {
         "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
         "loss/teacher_mpl": meta, "loss/student": s_loss, "mpl/h": zero, "mpl/baseline": zero,
         "mpl/s_loss_l_old": zero, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
     }  # fmt: skip
-    metrics.update(pseudo_metrics(t_logits_src.detach(), t_logits_src.detach().argmax(-1), y_u))
+    metrics.update(pseudo_metrics(t_logits_src.detach(), t_logits_src.detach().argmax(-1), batch.y_u))
     return {k: v.detach().float() for k, v in metrics.items()}
+
+
+def _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta: float, autocast,
+                          zero: Tensor) -> dict[str, Tensor]:  # fmt: skip
+    """``soft_update`` with a fixed teacher (``t_optimizer`` None): the student's step on q, detached; no look-ahead.
+
+    Returns:
+        ``mpl_update``'s metrics; the teacher's losses and the meta term are 0.
+    """
+    _, t_x_uw, t_x_us = batch.teacher_inputs()
+    with torch.no_grad(), autocast:
+        t_logits_src = upcast(t_net(t_x_uw if config.label_view == "weak" else t_x_us))  # (μB, K)
+    q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)
+    s_loss = zero
+    if eta > 0:
+        s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
+        x_u = batch.x_us if config.student_view == "strong" else batch.x_uw
+        s_loss, grads = _student_gradient(s_net, s_params, x_u, q, autocast, replica_group(student))
+        _student_step(s_optimizer, s_params, grads, config.grad_clip)
+    metrics = {k: zero for k in ("loss/teacher", "loss/teacher_l", "loss/teacher_uda", "loss/teacher_mpl", "mpl/h",
+                                 "mpl/baseline", "mpl/s_loss_l_old", "mpl/s_loss_l_new", "mask_ratio")}  # fmt: skip
+    metrics["loss/student"] = s_loss
+    metrics.update(pseudo_metrics(t_logits_src, t_logits_src.argmax(-1), batch.y_u))
+    return {k: v.detach().float() for k, v in metrics.items()}
+
+
+def _student_step(s_optimizer, s_params: dict[str, Tensor], grads: list[Tensor], grad_clip: float) -> None:
+    """The student's real step on its (rank-averaged) first-order gradient ``grads``."""
+    s_optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(s_params.values(), grads):
+        p.grad = g
+    clip_and_step(s_optimizer, list(s_params.values()), None, grad_clip)
+
+
+def _student_gradient(s_net, s_params: dict[str, Tensor], x_u: Tensor, q: Tensor, autocast, group):
+    """The student's training forward on ``x_u`` and its gradient of CE(q, S(x_u)), averaged over ``group``'s ranks.
+
+    Returns:
+        ``(s_loss, grads)``: this rank's loss; ḡ, detached, one tensor per parameter of ``s_params``.
+    """
+    with autocast:
+        s_logits_u = s_net(x_u)  # (μB, K); the student's training forward: running statistics advance here
+    s_loss = soft_cross_entropy(upcast(s_logits_u), q.detach())
+    grads = list(torch.autograd.grad(s_loss, list(s_params.values())))  # g_r, first order
+    if group is not None:
+        grads = mean_over_ranks(grads, group)
+    return s_loss, grads
 
 
 def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
@@ -99,7 +144,7 @@ def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
         (a target only, None when UDA is off and the strong view is labeled); the last μB logits, strong wherever
         UDA or ``label_view="strong"`` reads them.
     """
-    x_l, _, x_uw, x_us, _ = batch
+    x_l, x_uw, x_us = batch.teacher_inputs()
     n_l, n_u = x_l.shape[0], x_us.shape[0]
     # The teacher's distribution must stay differentiable, so the labeled view, the labeled images and (for UDA)
     # the strong view go through the teacher in one forward with a graph.
@@ -153,12 +198,7 @@ def _look_ahead(s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor,
     # The state the student's forward starts from, for the JVP forward to replay: dropout draws and buffers.
     rng = rng_state(x_us.device)
     buffers = {n: b.clone() for n, b in s_net.named_buffers()}
-    with autocast:
-        s_logits_us = s_net(x_us)  # (μB, K); the student's training forward: running statistics advance here
-    s_loss = soft_cross_entropy(upcast(s_logits_us), q.detach())
-    g_mean = list(torch.autograd.grad(s_loss, list(s_params.values())))  # g_r, first order
-    if group is not None:
-        g_mean = mean_over_ranks(g_mean, group)
+    s_loss, g_mean = _student_gradient(s_net, s_params, x_us, q, autocast, group)
     s_params_new = {n: (p.detach() - eta * g).requires_grad_() for (n, p), g in zip(s_params.items(), g_mean)}
     # L_l(θ'_S) in float32 feedback mode, and this rank's ∇_{θ'_S} L_l^r, averaged into v.
     with feedback_mode(s_net):

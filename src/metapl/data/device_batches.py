@@ -29,33 +29,41 @@ class RawImages(Dataset):
 
     Args:
         sources: ``(arrays, rows)`` pairs; item ``i`` is the ``i``-th row of their concatenation.
+        sides: one per-image array per source, aligned with its ``arrays`` (Reduced MPL: the large teacher's stored
+            log-probabilities), whose rows end each batch; None: none.
     """
 
-    def __init__(self, sources: Sequence[tuple[ImageArrays, np.ndarray]]):
+    def __init__(self, sources: Sequence[tuple[ImageArrays, np.ndarray]], sides: Sequence[np.ndarray] | None = None):
         self.sources = [(arrays, np.asarray(rows, dtype=np.int64)) for arrays, rows in sources]
         self.starts = np.cumsum([0] + [len(rows) for _, rows in self.sources])
+        self.sides = sides
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The batch of the sampler's ``(index, sample_seed)`` keys.
 
         Returns:
-            uint8 ``(B, C, H, W)`` images, int64 ``(B,)`` labels, int64 ``(B,)`` sample seeds.
+            uint8 ``(B, C, H, W)`` images, int64 ``(B,)`` labels, int64 ``(B,)`` sample seeds (and the ``sides``
+            rows, when given).
         """
         index = np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))
         seeds = torch.tensor([k[1] for k in keys], dtype=torch.int64)
         first = self.sources[0][0]
         images = np.empty((len(keys), *first.images.shape[1:]), dtype=np.uint8)  # (B, H, W, C)
         labels = np.empty(len(keys), dtype=np.int64)
-        for (arrays, rows), start, end in zip(self.sources, self.starts[:-1], self.starts[1:]):
+        side = None if self.sides is None else np.empty((len(keys), *self.sides[0].shape[1:]), self.sides[0].dtype)
+        for s, ((arrays, rows), start, end) in enumerate(zip(self.sources, self.starts[:-1], self.starts[1:])):
             mine = (index >= start) & (index < end)
             if mine.any():
                 picked = rows[index[mine] - start]
                 images[mine] = arrays.images[picked]  # one fancy index per source: a copy out of the memmap
                 labels[mine] = arrays.labels[picked]
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), seeds
+                if side is not None:
+                    side[mine] = self.sides[s][picked]
+        batch = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), seeds)
+        return batch if side is None else (*batch, torch.from_numpy(side))
 
 
 def _whole_batch(batch):
@@ -82,11 +90,12 @@ class DeviceViews:
     def __next__(self) -> tuple[torch.Tensor, ...]:
         if self._batches is None:
             self._batches = iter(self.loader)
-        images, labels, seeds = next(self._batches)
+        images, labels, seeds, *side = next(self._batches)
         # Seeded by the batch's sample seeds, which the sampler derives from (seed, step) alone.
         generator = torch.Generator().manual_seed(mix_seed(*seeds.tolist()))
         images = images.to(self.device, non_blocking=True)
-        return (*(view(images, generator) for view in self.views), labels.to(self.device, non_blocking=True))
+        views = (view(images, generator) for view in self.views)
+        return (*views, *(t.to(self.device, non_blocking=True) for t in (labels, *side)))
 
 
 def make_device_train_batches(
@@ -106,6 +115,7 @@ def make_device_train_batches(
     world_size: int = 1,
     expand_labels_to: int | None = None,
     pin_memory: bool = False,
+    side: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> tuple[DeviceViews, DeviceViews]:
     """The endless labeled and unlabeled batches of one run, augmented on ``device``, positioned at ``start_step``.
 
@@ -128,13 +138,15 @@ def make_device_train_batches(
         world_size: number of processes.
         expand_labels_to: repeat the labeled set within an epoch until it holds at least this many items.
         pin_memory: pin the uint8 batches for faster host-to-GPU copies.
+        side: per-image arrays of the train and the extra images, as ``loader.make_train_loaders`` takes them.
 
     Returns:
-        ``(labeled, unlabeled)`` iterators of ``(x_l, y_l)`` and ``(x_uw, x_us, y_u_true)``.
+        ``(labeled, unlabeled)`` iterators of ``(x_l, y_l)`` and ``(x_uw, x_us, y_u_true)`` (each with the ``side``
+        rows last, when given).
     """
-    labeled_ds = RawImages([(data.train, split.labeled)])
+    labeled_ds = RawImages([(data.train, split.labeled)], None if side is None else side[:1])
     extra = [(data.extra_unlabeled, np.arange(len(data.extra_unlabeled)))] if data.extra_unlabeled is not None else []
-    unlabeled_ds = RawImages([(data.train, split.unlabeled), *extra])
+    unlabeled_ds = RawImages([(data.train, split.unlabeled), *extra], None if side is None else side[: 1 + len(extra)])
     labeled_sampler, unlabeled_sampler = train_samplers(
         len(labeled_ds), len(unlabeled_ds), batch_size=batch_size, mu=mu, seed=seed, start_step=start_step, rank=rank,
         world_size=world_size, expand_labels_to=expand_labels_to,

@@ -177,19 +177,23 @@ class LabeledDataset(Dataset):
         arrays: the train arrays.
         indices: which rows of ``arrays`` form this dataset (``split.labeled``); ``i`` indexes this list.
         transform: uint8 ``(C, H, W)`` -> float tensor.
+        side: an array with one row per row of ``arrays`` (Reduced MPL: the large teacher's stored log-probabilities),
+            whose row is appended to each item; None: items are ``(x, y)``.
     """
 
-    def __init__(self, arrays: ImageArrays, indices: np.ndarray, transform: Callable):
+    def __init__(self, arrays: ImageArrays, indices: np.ndarray, transform: Callable, side: np.ndarray | None = None):
         self.arrays, self.indices, self.transform = arrays, np.asarray(indices, dtype=np.int64), transform
+        self.side = side
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         i, sample_seed = key
         row = int(self.indices[i])
         x = _seeded(sample_seed, lambda: self.transform(self.arrays.image(row)))
-        return x, torch.tensor(int(self.arrays.labels[row]), dtype=torch.int64)
+        item = (x, torch.tensor(int(self.arrays.labels[row]), dtype=torch.int64))
+        return item if self.side is None else (*item, torch.from_numpy(np.array(self.side[row])))
 
 
 class UnlabeledDataset(Dataset):
@@ -201,6 +205,8 @@ class UnlabeledDataset(Dataset):
         weak: the weak transform.
         strong: the strong transform.
         extra: extra images without classes, appended after ``indices``.
+        side: ``(rows of arrays, rows of extra)``, per-image arrays whose row is appended to each item (see
+            ``LabeledDataset``); None: none.
 
     Items are ``(x_uw, x_us, y_true)``; ``y_true`` is -1 for extra images (only used to monitor pseudo-labels).
     """
@@ -212,22 +218,24 @@ class UnlabeledDataset(Dataset):
         weak: Callable,
         strong: Callable,
         extra: ImageArrays | None = None,
+        side: tuple[np.ndarray, np.ndarray | None] | None = None,
     ):
         self.arrays, self.indices, self.weak, self.strong = arrays, np.asarray(indices, dtype=np.int64), weak, strong
-        self.extra = extra
+        self.extra, self.side = extra, side
 
     def __len__(self) -> int:
         return len(self.indices) + (len(self.extra) if self.extra is not None else 0)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         i, sample_seed = key
-        if i < len(self.indices):
-            source, row = self.arrays, int(self.indices[i])
-        else:
-            source, row = self.extra, i - len(self.indices)
+        from_extra = i >= len(self.indices)
+        source, row = (self.extra, i - len(self.indices)) if from_extra else (self.arrays, int(self.indices[i]))
         image = source.image(row)  # decoded here, in the worker, for streamed files
         x_uw, x_us = _seeded(sample_seed, lambda: (self.weak(image), self.strong(image)))
-        return x_uw, x_us, torch.tensor(int(source.labels[row]), dtype=torch.int64)
+        item = (x_uw, x_us, torch.tensor(int(source.labels[row]), dtype=torch.int64))
+        if self.side is None:
+            return item
+        return (*item, torch.from_numpy(np.array(self.side[from_extra][row])))
 
 
 class EvalDataset(Dataset):
@@ -344,6 +352,7 @@ def make_train_loaders(
     persistent_workers: bool = True,
     prefetch_factor: int = 4,
     unlabeled_items: np.ndarray | None = None,
+    side: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """The endless labeled and unlabeled loaders of one training run, positioned at ``start_step``.
 
@@ -367,12 +376,15 @@ def make_train_loaders(
         persistent_workers: keep workers between epochs (the streams are endless, so this rarely matters).
         prefetch_factor: batches prefetched per worker.
         unlabeled_items: positions of the unlabeled set this rank reads alone (see ``train_samplers``).
+        side: per-image arrays for the train and the extra images (Reduced MPL: the large teacher's stored
+            log-probabilities); each batch then ends with the rows of its images.
 
     Returns:
-        ``(labeled_loader, unlabeled_loader)``: batches ``(x_l, y_l)`` and ``(x_uw, x_us, y_u_true)``.
+        ``(labeled_loader, unlabeled_loader)``: batches ``(x_l, y_l)`` and ``(x_uw, x_us, y_u_true)`` (each with the
+        ``side`` rows last, when given).
     """
-    unlabeled_ds = UnlabeledDataset(data.train, split.unlabeled, weak, strong, extra=data.extra_unlabeled)
-    labeled_ds = LabeledDataset(data.train, split.labeled, labeled_transform or weak)
+    unlabeled_ds = UnlabeledDataset(data.train, split.unlabeled, weak, strong, extra=data.extra_unlabeled, side=side)
+    labeled_ds = LabeledDataset(data.train, split.labeled, labeled_transform or weak, None if side is None else side[0])
     labeled_sampler, unlabeled_sampler = train_samplers(
         len(labeled_ds), len(unlabeled_ds), batch_size=batch_size, mu=mu, seed=seed, start_step=start_step, rank=rank,
         world_size=world_size, expand_labels_to=expand_labels_to, unlabeled_items=unlabeled_items,

@@ -27,16 +27,22 @@ def train_batches(run: Run):
     )  # fmt: skip
     # --per-rank-shards: this rank's unlabeled images are those of its own shards; the labeled set stays global.
     own = None
-    if cfg.per_rank_shards and cfg.method == "mpl":
+    if cfg.per_rank_shards and cfg.method != "supervised":
         own = mdata.rank_unlabeled_items(data, run.split.unlabeled, run.dist.rank, run.dist.world_size)
     l_loader, u_loader = mdata.make_train_loaders(
         data, run.split, batch_size=cfg.batch_size, mu=cfg.mu, seed=cfg.seed, start_step=run.step,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=strong,
         expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
         labeled_transform=strong if cfg.labeled_aug == "strong" else weak, pin_memory=run.device.type == "cuda",
-        unlabeled_items=own,
+        unlabeled_items=own, side=_side(run),
     )  # fmt: skip
-    return iter(l_loader), (iter(u_loader) if cfg.method == "mpl" else None)
+    return iter(l_loader), (iter(u_loader) if cfg.method != "supervised" else None)
+
+
+def _side(run: Run):
+    """Reduced MPL: the large teacher's stored predictions of the train and extra images, one row per image."""
+    preds = run.predictions
+    return None if preds is None else (preds.train, preds.extra)
 
 
 def _device_batches(run: Run):
@@ -56,6 +62,6 @@ def _device_batches(run: Run):
         strong=strong, labeled_view=strong if cfg.labeled_aug == "strong" else weak, start_step=run.step,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size,
         expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
-        pin_memory=run.device.type == "cuda",
+        pin_memory=run.device.type == "cuda", side=_side(run),
     )  # fmt: skip
-    return labeled, (unlabeled if cfg.method == "mpl" else None)
+    return labeled, (unlabeled if cfg.method != "supervised" else None)

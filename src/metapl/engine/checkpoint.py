@@ -23,6 +23,7 @@ import torch
 
 from metapl.core import unwrap
 from metapl.errors import UserError, few, reporting_os_errors
+from metapl.models.weights import state_dict_mismatch  # noqa: F401  (re-exported: commands.inference)
 
 # Run-directory files.
 CONFIG = "config.yaml"  # the resolved config (metapl.engine.config)
@@ -188,28 +189,6 @@ def refuse_nonfinite(ckpt: dict, source: str | Path, roles: tuple[str, ...] = RO
             f"{source} holds non-finite (NaN/inf) {' and '.join(bad)} weights: the run diverged before it was saved; "
             f"use an earlier checkpoint such as {BEST}, or train again with lower learning rates"
         )
-
-
-def state_dict_mismatch(expected: dict, given: dict) -> str | None:
-    """Describe the first way ``given`` fails to fit ``expected`` (both state dicts), or None when it fits.
-
-    Checked here rather than by catching ``load_state_dict``'s RuntimeError: its message spans many lines and the CLI
-    prints one, naming both shapes.
-    """
-    if not isinstance(given, dict):
-        return f"expected a state dict, found {type(given).__name__}"
-    for key, tensor in expected.items():
-        if key in given and hasattr(given[key], "shape") and tuple(given[key].shape) != tuple(tensor.shape):
-            have, want = tuple(given[key].shape), tuple(tensor.shape)
-            return f"{key} has shape {have} in the checkpoint but the model expects {want}"
-    absent = [k for k in expected if k not in given]
-    extra = [k for k in given if k not in expected]
-    parts = []
-    if absent:
-        parts.append(f"{len(absent)} tensors missing ({few(absent)})")
-    if extra:
-        parts.append(f"{len(extra)} unexpected tensors ({few(extra)})")
-    return ", ".join(parts) or None
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:

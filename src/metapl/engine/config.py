@@ -42,6 +42,7 @@ _SECTIONS = {
     "finetune_steps": "student finetuning on the labeled data after MPL (the paper's last phase)",
     "out": "run",
 }
+REDUCED_METHODS = ("reduced-mpl", "distill")  # the methods whose teacher is a reduced teacher over stored predictions
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
 
@@ -107,10 +108,27 @@ class TrainConfig(MPLConfig):
     student: str = option("small_cnn", "student network, named as --teacher")
     teacher_dropout: float = option(0.0, "dropout before the teacher's classifier", ge=0, lt=1)
     student_dropout: float = option(0.0, "dropout before the student's classifier", ge=0, lt=1)
+    pretrained: Literal["none", "teacher", "student", "both"] = option(
+        "none", "start these models from their library's pretrained weights (torchvision: the torch hub cache; timm: "
+        "the Hugging Face cache); a head of another class count is replaced",
+    )  # fmt: skip
+    teacher_weights: str | None = option(
+        None, "start the teacher from these weights: a metapl run folder (its finetuned or EMA student), a checkpoint "
+        "(.pt; add :student, :ema or :teacher to pick the network), a state_dict file or a .safetensors file",
+    )  # fmt: skip
+    student_weights: str | None = option(None, "start the student from these weights, given as --teacher-weights")
+    reduced_hidden: int = option(
+        64, "--method reduced-mpl: hidden units of the reduced teacher, a small network over the large teacher's "
+        "predicted distribution",
+        ge=1, le=65536,
+    )  # fmt: skip
 
-    method: Literal["mpl", "supervised"] = option(
-        "mpl", "mpl, or supervised: the student trained on the labeled data alone (a baseline)"
-    )
+    method: Literal["mpl", "supervised", "reduced-mpl", "distill"] = option(
+        "mpl", "mpl; supervised: the student on the labeled data alone (a baseline); reduced-mpl: Reduced Meta Pseudo "
+        "Labels (the paper's appendix E): --teacher with --teacher-weights (or --pretrained) is the large teacher, "
+        "run once over the images, and a small reduced teacher over its predictions learns with the student; "
+        "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)",
+    )  # fmt: skip
     steps: int = option(1000, "training steps (one teacher and one student update each)", ge=1)
     batch_size: int = option(32, "labeled images per step, per process", ge=1, le=_BATCH)
     mu: int = option(7, "unlabeled images per labeled image in a step", ge=1, le=1024)
@@ -124,7 +142,11 @@ class TrainConfig(MPLConfig):
     s_warmup_steps: int = option(0, "student's linear learning-rate warmup after the wait, in steps", ge=0)
     ema: float = option(0.995, "EMA decay of the student's weights, per step; 0 = no EMA", ge=0, lt=1)
 
-    uda_weight: float = option(1.0, "weight of the teacher's UDA consistency loss; 0 = no UDA", ge=0)
+    uda_weight: float | None = option(
+        None, "weight of the teacher's UDA consistency loss; 0 = no UDA; none: 1 for --method mpl, 0 otherwise (a "
+        "reduced teacher reads one stored prediction per image, the same for both views: UDA cannot apply)",
+        ge=0,
+    )  # fmt: skip
     uda_steps: int = option(0, "linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once", ge=0)
 
     finetune_steps: int | None = option(
@@ -163,17 +185,40 @@ class TrainConfig(MPLConfig):
             raise UserError(
                 f"--cutout {self.cutout} exceeds --image-size {self.image_size}; use at most the image size"
             )
+        self._check_starting_weights()
         try:
             self.mpl_config()  # any check MPLConfig makes beyond its fields' ranges
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    def _check_starting_weights(self) -> None:
+        """Refuse the weight and Reduced-MPL options where they cannot take effect."""
+        reduced = self.method in REDUCED_METHODS
+        if reduced and not (self.teacher_weights or self.pretrained in ("teacher", "both")):
+            raise UserError(
+                f"--method {self.method} distils a large trained teacher, but --teacher {self.teacher} has no weights; "
+                "pass --teacher-weights PATH (a metapl run or a weights file) or --pretrained teacher"
+            )
+        if reduced and self.uda_weight:
+            raise UserError(
+                f"--uda-weight {self.uda_weight} does not apply to --method {self.method}: the reduced teacher reads "
+                "one stored prediction per image, the same for both views; drop --uda-weight (or set it to 0)"
+            )
+        if self.method == "supervised" and (self.teacher_weights or self.pretrained in ("teacher", "both")):
+            raise UserError("--method supervised trains no teacher; drop --teacher-weights / --pretrained teacher")
+
+    def planned_uda_weight(self) -> float:
+        """``uda_weight``, with its default resolved: 1 for ``--method mpl``, 0 otherwise."""
+        if self.uda_weight is not None:
+            return self.uda_weight
+        return 1.0 if self.method == "mpl" else 0.0
 
     def planned_finetune_steps(self) -> int:
         """``finetune_steps``, with its default resolved: a tenth of ``steps`` after MPL, none after a labels-only run
         (the recipe's last phase: benchmarks/README.md, "The ablation")."""
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return self.steps // 10 if self.method == "mpl" else 0
+        return self.steps // 10 if self.method != "supervised" else 0
 
     def mpl_config(self) -> MPLConfig:
         """The core's view of these settings: the values of ``MPLConfig``'s fields."""

@@ -21,10 +21,13 @@ from metapl import data as mdata
 from metapl.core import ModelEMA, MPLState
 from metapl.data.loader import mix_seed
 from metapl.engine.checkpoint import CONFIG, LATEST, RUN_FILES, SPLIT, SUMMARY, restore
-from metapl.engine.config import TrainConfig, config_from_dict
+from metapl.engine.config import REDUCED_METHODS, TrainConfig, config_from_dict
+from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions
 from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
+from metapl.engine.weights import start_model
 from metapl.errors import UserError, few, reporting_os_errors
-from metapl.models import count_parameters, create_model
+from metapl.models import count_parameters
+from metapl.models.reduced import ReducedTeacher
 
 
 @dataclass
@@ -52,6 +55,12 @@ class Run:
     best_acc: float = -1.0
     last_eval: tuple[int, dict] | None = None  # (step, accuracies) of the latest evaluation
     saved_step: int | None = None  # step of the checkpoint.pt on disk, None before the first save
+    predictions: TeacherPredictions | None = None  # --method reduced-mpl / distill: the large teacher's, stored
+
+    @property
+    def fixed_teacher(self) -> bool:
+        """Whether the teacher only labels (``--method distill``): ``mpl_update`` then gets no teacher optimizer."""
+        return self.cfg.method == "distill"
 
 
 def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, log) -> Run:
@@ -71,13 +80,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
         f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
         f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled, {len(data.test.labels)} test"
     )
-    teacher, student = (
-        create_model(name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size,
-                     dropout=drop)
-        for name, drop in ((cfg.teacher, cfg.teacher_dropout), (cfg.student, cfg.student_dropout))
-    )  # fmt: skip
-    log(f"teacher {cfg.teacher}: {count_parameters(teacher):,} parameters; "
-        f"student {cfg.student}: {count_parameters(student):,} parameters")  # fmt: skip
+    predictions, teacher, student = _models(cfg, data, device, d, resuming=ckpt is not None, log=log)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     teacher = teacher.to(device, memory_format=memory_format)
     student = student.to(device, memory_format=memory_format)
@@ -85,7 +88,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
     t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.t_warmup_steps)
     # The baseline has no teacher to wait for: its student starts at once.
-    wait = cfg.s_wait_steps if cfg.method == "mpl" else 0
+    wait = cfg.s_wait_steps if cfg.method != "supervised" else 0
     s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=wait)
     ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
     dtype = amp_dtype(cfg.amp, device)
@@ -93,7 +96,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     if dtype == torch.float16:
         scalers = (torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda"))
     run = Run(cfg, device, d, data, split, teacher, student, t_opt, s_opt, t_sched, s_sched, ema, MPLState(),
-              *scalers, dtype)  # fmt: skip
+              *scalers, dtype, predictions=predictions)  # fmt: skip
     if ckpt is not None:
         if not restore(run, ckpt, run_dir / LATEST):
             seed_rank(cfg, d, run.step)  # another number of processes: no exact resume, but distinct streams
@@ -106,6 +109,29 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     if cfg.compile:
         run.teacher, run.student = torch.compile(run.teacher), torch.compile(run.student)
     return run
+
+
+def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
+    """The run's teacher and student, started from their weights (not when resuming: the checkpoint has them).
+
+    With ``--method reduced-mpl`` or ``distill`` the image teacher is the large teacher: it predicts once (or its
+    stored predictions are read) and is dropped; the run's teacher is then a ``ReducedTeacher`` over those predictions.
+
+    Returns:
+        ``(predictions, teacher, student)``; ``predictions`` is None for full MPL and the labels-only baseline.
+    """
+    start = cfg if not resuming else replace(cfg, pretrained="none", teacher_weights=None, student_weights=None)
+    predictions = None
+    if cfg.method in REDUCED_METHODS:
+        predictions = large_teacher_predictions(cfg, data, device, d, log)
+        teacher = ReducedTeacher(data.num_classes, hidden=cfg.reduced_hidden)
+        t_name = f"reduced teacher over {cfg.teacher}'s predictions"
+    else:
+        teacher, t_name = start_model(start, "teacher", data, log), cfg.teacher
+    student = start_model(start, "student", data, log)
+    log(f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
+        f"student {cfg.student}: {count_parameters(student):,} parameters")  # fmt: skip
+    return predictions, teacher, student
 
 
 def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
@@ -130,7 +156,7 @@ def _split(cfg: TrainConfig, data, saved: Path | None, log):
         data.train.labels, cfg.num_labeled, data.num_classes, seed=cfg.seed, unlabeled=cfg.unlabeled,
         val=cfg.val_labeled, log=log,
     )  # fmt: skip
-    if cfg.method == "mpl" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
+    if cfg.method != "supervised" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
         raise UserError(
             f"--unlabeled rest leaves no unlabeled images: all {len(data.train)} training images are labeled or held "
             "out; lower --num-labeled, use --unlabeled all, or add images with --unlabeled-dir"

@@ -36,6 +36,7 @@ from metapl.engine.config import TrainConfig, save_config
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_student
 from metapl.engine.metrics import MetricsWriter
+from metapl.engine.reduced import reduced_teacher_accuracy
 from metapl.engine.run import Run, build_run, check_out_dir, clear_run_files, write_summary
 from metapl.engine.runtime import (
     StopSignals,
@@ -147,7 +148,7 @@ def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int)
     """Settings that cannot run as asked, refused before any process joins the group or loads data."""
     if cfg.sync_bn and device.type != "cuda":
         raise UserError(f"--sync-bn needs CUDA (SyncBatchNorm has no {device.type} kernel); drop --sync-bn")
-    if cfg.sync_bn and world_size > 1 and cfg.method == "mpl" and cfg.mode == "soft":
+    if cfg.sync_bn and world_size > 1 and cfg.method != "supervised" and cfg.mode == "soft":
         raise UserError(
             "--sync-bn does not go with --mode soft: the exact meta-gradient runs the student in forward-mode "
             "autodiff, which SyncBatchNorm does not support; drop --sync-bn (per-rank BatchNorm) or use --mode hard"
@@ -172,7 +173,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
     cfg = run.cfg
     batches = train_batches(run)
     eval_sets = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
-    images_per_step = cfg.batch_size * (1 + 2 * cfg.mu if cfg.method == "mpl" else 1) * run.dist.world_size
+    images_per_step = cfg.batch_size * (1 + 2 * cfg.mu if cfg.method != "supervised" else 1) * run.dist.world_size
 
     pending: list[torch.Tensor] = []  # per-step metric vectors since the last sync (no .item() per step)
     keys: list[str] = []
@@ -230,16 +231,18 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
     cfg, device = run.cfg, run.device
     l_iter, u_iter = batches
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    x_l, y_l = (t.to(device, non_blocking=True) for t in next(l_iter))
+    x_l, y_l, *t_x_l = (t.to(device, non_blocking=True) for t in next(l_iter))
     x_l = x_l.contiguous(memory_format=memory_format)
-    if cfg.method == "mpl":
-        x_uw, x_us, y_u = (t.to(device, non_blocking=True) for t in next(u_iter))
+    if cfg.method != "supervised":
+        x_uw, x_us, y_u, *t_x_u = (t.to(device, non_blocking=True) for t in next(u_iter))
+        # Reduced MPL: the teacher reads the large teacher's stored prediction of each image, the same for both views.
+        t_x = (t_x_l[0], t_x_u[0], t_x_u[0]) if t_x_l else (None, None, None)
         batch = Batch(x_l, y_l, x_uw.contiguous(memory_format=memory_format),
-                      x_us.contiguous(memory_format=memory_format), y_u)  # fmt: skip
-        uda_weight = linear_ramp(run.step, value=cfg.uda_weight, ramp_steps=cfg.uda_steps)
+                      x_us.contiguous(memory_format=memory_format), y_u, *t_x)  # fmt: skip
+        uda_weight = linear_ramp(run.step, value=cfg.planned_uda_weight(), ramp_steps=cfg.uda_steps)
         metrics = mpl_update(
-            run.teacher, run.student, run.t_opt, run.s_opt, batch, cfg.mpl_config(), run.state,
-            uda_weight=uda_weight, amp_dtype=run.amp_dtype, t_scaler=run.t_scaler, s_scaler=run.s_scaler,
+            run.teacher, run.student, None if run.fixed_teacher else run.t_opt, run.s_opt, batch, cfg.mpl_config(),
+            run.state, uda_weight=uda_weight, amp_dtype=run.amp_dtype, t_scaler=run.t_scaler, s_scaler=run.s_scaler,
         )  # fmt: skip
         run.t_sched.step()
     else:
@@ -318,11 +321,14 @@ def _evaluate(run: Run, loaders: dict[str, object]) -> dict[str, float]:
     out = {}
     if run.dist.is_main:
         models = {"teacher": unwrap(run.teacher), "student": unwrap(run.student)}
-        if run.cfg.method == "supervised":
+        if run.cfg.method != "mpl":  # no teacher, or one that reads stored predictions rather than images
             models.pop("teacher")
         if run.ema is not None:
             models["ema"] = run.ema.module
         out = evaluate_sets(models, loaders, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
+        if run.predictions is not None:
+            out.update(reduced_teacher_accuracy(unwrap(run.teacher), run.predictions, run.data, run.split, run.device,
+                                                run.cfg.eval_limit))  # fmt: skip
     barrier(run.dist)
     return out
 
@@ -375,6 +381,8 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
         "num_labeled": len(run.split.labeled),
         "seed": cfg.seed,
     }
+    if run.predictions is not None:
+        summary["large_teacher_acc"] = run.predictions.test_accuracy(run.data.test.labels)
     if cfg.planned_finetune_steps() > 0:
         summary.update(finetune_student(run, run_dir, writer, log))
     if run.dist.is_main:

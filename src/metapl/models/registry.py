@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from metapl.errors import UserError
+from metapl.models.weights import load_into, torchvision_pretrained
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -90,12 +91,15 @@ def create_model(
     in_channels: int = 3,
     image_size: int = 32,
     dropout: float = 0.0,
+    pretrained: bool = False,
+    log=print,
     **kwargs: object,
 ) -> nn.Module:
-    """Build a freshly initialised classifier by name and check that it takes ``image_size`` inputs.
+    """Build a classifier by name, freshly initialised or from its library's pretrained weights, and check that it
+    takes ``image_size`` inputs.
 
     Resolution order: a registered name (:func:`list_models`); ``tv:NAME`` or a plain torchvision classification model
-    name (built with ``weights=None``); ``timm:NAME`` when the optional package timm is installed.
+    name; ``timm:NAME`` when the optional package timm is installed.
 
     Args:
         name: Model name, e.g. ``"wrn28_2"``, ``"resnet18"``, ``"tv:vgg11"`` or ``"timm:resnet10t"``.
@@ -104,6 +108,10 @@ def create_model(
         image_size: Side of the square images the model will see; used only for the dry forward check.
         dropout: Dropout probability before the final linear layer (for torchvision models an extra ``nn.Dropout``
             inserted in front of the final ``nn.Linear``; timm's ``drop_rate``).
+        pretrained: start from the library's default pretrained weights (torchvision's through the torch hub cache,
+            timm's through its own); a head of another class count is replaced and a 1-channel input stem gets the
+            RGB kernels summed (each said in a line to ``log``). metapl's own models have none.
+        log: receives those lines.
         **kwargs: Passed on to the factory or builder unchanged.
 
     Returns:
@@ -111,17 +119,21 @@ def create_model(
         ``(B, num_classes)`` logits.
 
     Raises:
-        UserError: for an unknown name, a missing timm, or an image size the model cannot take.
+        UserError: for an unknown name, a missing timm, an image size the model cannot take, or pretrained weights
+            that do not exist or cannot be had offline.
     """
     if name in _REGISTRY:
+        if pretrained:
+            raise UserError(f"metapl's own {name!r} has no pretrained weights; pass a file with --teacher-weights / "
+                            "--student-weights, or pick a torchvision or timm: model")  # fmt: skip
         model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout, **kwargs)
     elif name.startswith(_TIMM_PREFIX):
-        model = _create_timm(name[len(_TIMM_PREFIX) :], num_classes, in_channels, dropout, **kwargs)
+        model = _create_timm(name[len(_TIMM_PREFIX) :], num_classes, in_channels, dropout, pretrained, **kwargs)
     else:
         tv_name = name[len(_TV_PREFIX) :] if name.startswith(_TV_PREFIX) else name
         if tv_name not in _torchvision_names():
             raise UserError(_unknown_name_message(name, tv_name))
-        model = _create_torchvision(tv_name, num_classes, in_channels, dropout, **kwargs)
+        model = _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
     _check_dry_forward(model, name, in_channels, image_size)
     return model
 
@@ -142,17 +154,21 @@ def _unknown_name_message(name: str, bare_name: str) -> str:
     )
 
 
-def _create_torchvision(name: str, num_classes: int, in_channels: int, dropout: float, **kwargs: object) -> nn.Module:
+def _create_torchvision(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log,
+                        **kwargs: object) -> nn.Module:  # fmt: skip
     builder_kwargs = {**_TV_DEFAULT_KWARGS.get(name, {}), **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **builder_kwargs)
+    if pretrained:  # loaded while the stem is RGB, before any layer is replaced or inserted
+        load_into(model, torchvision_pretrained(name), f"torchvision's pretrained {name}", log)
     if in_channels != 3:
-        _replace_first_conv(model, name, in_channels)
+        _replace_first_conv(model, name, in_channels, keep_weights=pretrained)
     if dropout > 0:
         _insert_dropout_before_classifier(model, name, num_classes, dropout)
     return model
 
 
-def _replace_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
+def _replace_first_conv(model: nn.Module, name: str, in_channels: int, keep_weights: bool = False) -> None:
+    """Give the model a stem for ``in_channels``; ``keep_weights``: a 1-channel stem sums the RGB kernels."""
     # named_modules() follows registration order, which for torchvision classifiers puts the stem first.
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
@@ -167,6 +183,11 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
                 bias=module.bias is not None,
                 padding_mode=module.padding_mode,
             )
+            if keep_weights and in_channels == 1:
+                with torch.no_grad():
+                    new_conv.weight.copy_(module.weight.sum(dim=1, keepdim=True))
+                    if module.bias is not None:
+                        new_conv.bias.copy_(module.bias)
             _set_submodule(model, module_name, new_conv)
             return
     raise UserError(f"model {name!r} has no 3-channel first convolution to adapt to in_channels={in_channels}")
@@ -187,18 +208,25 @@ def _set_submodule(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-def _create_timm(name: str, num_classes: int, in_channels: int, dropout: float, **kwargs: object) -> nn.Module:
+def _create_timm(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool,
+                 **kwargs: object) -> nn.Module:  # fmt: skip
     try:
         timm = importlib.import_module("timm")
     except ImportError:
         raise UserError(f"model 'timm:{name}' needs the optional package timm: pip install timm") from None
     try:
+        # timm adapts the head (num_classes) and the stem (in_chans) of its pretrained weights itself.
         return timm.create_model(
-            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, drop_rate=dropout, **kwargs
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, drop_rate=dropout, **kwargs
         )
     except RuntimeError as err:
         # timm raises RuntimeError("Unknown model (...)") for a name it does not know.
         raise UserError(f"timm cannot build 'timm:{name}' ({_first_line(err)}); see timm.list_models()") from None
+    except OSError as err:  # pretrained weights neither in the Hugging Face cache nor downloadable
+        raise UserError(
+            f"cannot get timm's pretrained {name} weights ({_first_line(err)}); download them where there is internet "
+            "into the Hugging Face cache ($HF_HOME) and copy it here, or pass --teacher-weights / --student-weights"
+        ) from None
 
 
 def _check_dry_forward(model: nn.Module, name: str, in_channels: int, image_size: int) -> None:
