@@ -131,7 +131,7 @@ def reduced_teacher_accuracy(teacher: nn.Module, preds: TeacherPredictions, data
     teacher.eval()
     out = {}
     for prefix, (x, y) in sets.items():
-        x, y = torch.from_numpy(np.ascontiguousarray(x[:limit])), torch.as_tensor(np.asarray(y[:limit]))
+        x, y = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.as_tensor(np.asarray(y[:limit]))
         hits = int((teacher(x.to(device)).argmax(dim=1).cpu() == y).sum())
         out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y), 1)  # as engine.evaluate counts
     teacher.train(was_training)
