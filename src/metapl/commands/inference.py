@@ -145,7 +145,8 @@ def run_eval(
 
 def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
     # A labels-only run never trains its teacher; the trainer does not report it either.
-    roles = ["student"] if cfg.method == "supervised" else ["teacher", "student"]
+    # A labels-only run has no teacher; a reduced run's teacher reads stored predictions, not images.
+    roles = ["teacher", "student"] if cfg.method == "mpl" else ["student"]
     if ckpt.get("ema") is not None:
         roles.append("ema")
     return roles
@@ -281,8 +282,12 @@ def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Mod
     if which == "ema" and ckpt.get("ema") is None:
         log(f"warning: {ckpt_path} has no EMA student (trained with --ema 0); predicting with the student")
         which = "student"
-    if which == "teacher" and config_from_dict(ckpt["config"]).method == "supervised":
+    method = config_from_dict(ckpt["config"]).method
+    if which == "teacher" and method == "supervised":
         raise UserError(f"{ckpt_path} is a labels-only run (--method supervised): its teacher was never trained")
+    if which == "teacher" and method != "mpl":
+        raise UserError(f"{ckpt_path} is a --method {method} run: its teacher reads the large teacher's stored "
+                        "predictions, not images; predict with --model ema, student or finetuned")  # fmt: skip
     if which not in ("ema", "student", "teacher"):
         raise UserError(f"unknown --model {which!r}; choose ema, student, teacher or finetuned")
     return build_model(ckpt, which, source=ckpt_path), ckpt

@@ -120,15 +120,14 @@ def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
     Returns:
         ``(predictions, teacher, student)``; ``predictions`` is None for full MPL and the labels-only baseline.
     """
-    start = cfg if not resuming else replace(cfg, pretrained="none", teacher_weights=None, student_weights=None)
     predictions = None
     if cfg.method in REDUCED_METHODS:
         predictions = large_teacher_predictions(cfg, data, device, d, log)
         teacher = ReducedTeacher(data.num_classes, hidden=cfg.reduced_hidden)
         t_name = f"reduced teacher over {cfg.teacher}'s predictions"
     else:
-        teacher, t_name = start_model(start, "teacher", data, log), cfg.teacher
-    student = start_model(start, "student", data, log)
+        teacher, t_name = start_model(cfg, "teacher", data, log, load=not resuming), cfg.teacher
+    student = start_model(cfg, "student", data, log, load=not resuming)
     log(f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
         f"student {cfg.student}: {count_parameters(student):,} parameters")  # fmt: skip
     return predictions, teacher, student

@@ -55,7 +55,8 @@ def _path_and_role(source: str) -> tuple[Path, str | None]:
     return Path(source), None
 
 
-def start_model(cfg: TrainConfig, role: str, data, log=print, *, replace_head: bool = True) -> nn.Module:
+def start_model(cfg: TrainConfig, role: str, data, log=print, *, replace_head: bool = True,
+                load: bool = True) -> nn.Module:  # fmt: skip
     """The run's ``role`` network (``teacher`` or ``student``), built and started from its weights, if any.
 
     Args:
@@ -65,6 +66,7 @@ def start_model(cfg: TrainConfig, role: str, data, log=print, *, replace_head: b
         log: receives what was loaded and what was replaced.
         replace_head: accept weights whose classifier has another class count (replacing it); False refuses them
             (a large teacher that only predicts must already know the data's classes).
+        load: start from the configured weights; False builds the bare network (a resumed run's checkpoint has them).
 
     Returns:
         The model on the CPU, in train mode.
@@ -72,10 +74,10 @@ def start_model(cfg: TrainConfig, role: str, data, log=print, *, replace_head: b
     name, dropout = (cfg.teacher, cfg.teacher_dropout) if role == "teacher" else (cfg.student, cfg.student_dropout)
     model = create_model(
         name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, dropout=dropout,
-        pretrained=cfg.pretrained in (role, "both"), log=log,
+        pretrained=load and cfg.pretrained in (role, "both"), log=log,
     )  # fmt: skip
     source = cfg.teacher_weights if role == "teacher" else cfg.student_weights
-    if source:
+    if source and load:
         state, where = read_weights(source)
         if not replace_head:
             _refuse_other_classes(model, state, where, data.num_classes)
