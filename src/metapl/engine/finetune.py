@@ -24,6 +24,7 @@ from metapl.engine.checkpoint import (
     nonfinite_weights,
 )
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
+from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
 from metapl.engine.runtime import init_distributed, make_sgd, seed_everything, select_device
@@ -107,6 +108,12 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
     """
     run_dir = Path(run_dir)
+    load_run_config(run_dir)  # a missing or damaged run is named before the folder is locked
+    with run_lock(run_dir, command="metapl finetune", log=log, enabled=is_writer_rank()):
+        return _finetune_run(run_dir, steps=steps, lr=lr, device=device, log=log)
+
+
+def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
     cfg = load_run_config(run_dir)
     cfg = replace(
         cfg, out=str(run_dir), finetune_steps=steps or cfg.planned_finetune_steps() or 1000,

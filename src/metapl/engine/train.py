@@ -35,8 +35,9 @@ from metapl.engine.checkpoint import (
 from metapl.engine.config import TrainConfig, save_config
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_student
+from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
-from metapl.engine.run import Run, build_run, check_out_dir, clear_run_files, write_summary
+from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files, write_summary
 from metapl.engine.runtime import (
     StopSignals,
     all_reduce_mean,
@@ -74,8 +75,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     """
     device = select_device(cfg.device)
     _refuse_unsupported(cfg, device, launched_world_size())
-    # Checked before joining the process group, so no rank can have written anything yet.
-    run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
+    # Checked and locked before joining the process group, so no rank can have written anything yet.
+    run_dir = check_out_path(cfg.out)
+    with run_lock(run_dir, command="metapl train", log=log, enabled=is_writer_rank()):
+        run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
+        return _train(cfg, run_dir, device, resume=resume, overwrite=overwrite, log=log)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: bool, overwrite: bool, log) -> dict:
     d = init_distributed(device)
     log = log if d.is_main else (lambda *a, **k: None)
     ckpt = load_checkpoint(run_dir / LATEST) if resume else None
