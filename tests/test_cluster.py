@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import metapl.engine.checkpoint
+import metapl.engine.train
 from metapl.commands.cli import main
 from metapl.engine.checkpoint import BEST, LATEST, LOCK, atomic_save, load_checkpoint
 from metapl.engine.lock import run_lock
@@ -231,3 +233,71 @@ def test_plot_output_onto_a_run_file_other_than_its_png(copy_of, capsys):
            "another output file")  # fmt: skip
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert cli(capsys, "plot", run, "--output", run / "curves.png")[0] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume checks the config; --steps extends a run
+
+
+def test_resume_refuses_an_edited_config_yaml_naming_the_keys(copy_of, capsys):
+    run = copy_of()
+    text = (run / "config.yaml").read_text()
+    edited = text.replace("mode: hard", "mode: soft").replace("t_lr: 0.05", "t_lr: 0.5")
+    edited = edited.replace("num_labeled: 50", "num_labeled: 60")
+    (run / "config.yaml").write_text(edited)
+    assert cli(capsys, "train", "--resume", run) == (
+        2, f"metapl: error: {run / 'config.yaml'} differs from the config the checkpoint was trained with in "
+           "num_labeled 60 (trained with 50), t_lr 0.5 (trained with 0.05), mode 'soft' (trained with 'hard'); these "
+           "change the training: put the saved values back, or start a new run with another --out (on resume only "
+           "--steps and the runtime options may change)")  # fmt: skip
+    assert cli(capsys, "finetune", run, "--steps", "1")[1].startswith(f"metapl: error: {run / 'config.yaml'} differs")
+
+
+def test_resume_takes_runtime_options_as_flags_and_edits(copy_of, capsys):
+    run = copy_of()
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("eval_batch_size: 512", "eval_batch_size: 100"))
+    assert cli(capsys, "train", "--resume", run, "--workers", "1", "--threads", "1", "--device", "cpu",
+               "--log-every", "3", "--tensorboard") == (0, "")  # fmt: skip
+    saved = (run / "config.yaml").read_text()
+    assert "workers: 1\n" in saved and "log_every: 3\n" in saved and "eval_batch_size: 100\n" in saved
+    assert cli(capsys, "train", "--resume", run, "--steps", "3") == (
+        2,
+        f"metapl: error: --steps 3 does not extend the run in {run}: it has trained 4 steps; give more",
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=False)
+    return {f"{m}.{k}": v for m in ("teacher", "student", "ema") for k, v in ckpt[m].items()}
+
+
+def test_extending_a_finished_run_follows_the_longer_schedule_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    from metapl.core import warmup_cosine
+
+    full = tmp_path / "full"
+    assert cli(capsys, "train", *QUICK, "--deterministic", "--t-warmup-steps", "2", "--out", full)[0] == 0
+    stopped = Path(shutil.copytree(full, tmp_path / "stopped"))
+    assert cli(capsys, "train", "--resume", full, "--steps", "12", "--log-every", "1") == (0, "")
+
+    real, calls = metapl.engine.train.mpl_update, []
+
+    def update_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # inside step 7: the loop finishes it, saves and stops
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metapl.engine.train, "mpl_update", update_then_signal)
+    code, err = cli(capsys, "train", "--resume", stopped, "--steps", "12", "--log-every", "1")
+    assert code == 143 and err.startswith("metapl: interrupted by SIGTERM at step 7;")
+    assert cli(capsys, "train", "--resume", stopped) == (0, "")  # no --steps: the checkpoint says 12
+
+    a, b = _weights(full / LATEST), _weights(stopped / LATEST)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.load(full / "finetuned.pt", weights_only=False)["student"]["fc.weight"],
+                       torch.load(stopped / "finetuned.pt", weights_only=False)["student"]["fc.weight"])  # fmt: skip
+    plan = warmup_cosine(total_steps=12, warmup_steps=2)
+    lrs = {r["step"]: r["train/lr/teacher"] for r in read_metrics(full) if "train/lr/teacher" in r}
+    assert lrs == {4: 0.0, **{s: 0.05 * plan(s) for s in range(5, 13)}}
+    assert json.loads((full / "summary.json").read_text())["finetune_steps"] == 1  # a tenth of 12

@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from metapl.engine.config import add_config_arguments, resolve
+from metapl.engine.config import RUNTIME_KEYS, add_config_arguments, given_options, resolve
 from metapl.errors import Interrupted, UserError, describe_os_error
 
 
@@ -29,7 +29,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a teacher and a student with Meta Pseudo Labels")
     add_config_arguments(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint with its saved config.yaml; options that alter "
+        "the math cannot change. Only --steps N (extend the run to N steps: from the current step on, the learning "
+        "rates follow the schedule of an N-step run; a finetuned run is finetuned again) and the runtime options ("
+        + ", ".join("--" + k.replace("_", "-") for k in sorted(RUNTIME_KEYS)) + ") may be given with it",
+    )  # fmt: skip
     p.add_argument(
         "--overwrite", action="store_true",
         help="start the run in --out even if that folder is not empty: the files of an earlier run there "
@@ -100,18 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from metapl.engine.run import load_run_config
         from metapl.engine.train import train
 
         if args.resume:
-            own = ("command", "resume", "config", "overwrite")
-            given = sorted("--" + k.replace("_", "-") for k in vars(args) if k not in own)
-            given += ["--overwrite"] if args.overwrite else []
-            if given or args.config:
-                # A resumed run must be the same run: its saved config wins over anything on the command line.
-                raise UserError(f"--resume uses the run's saved config.yaml; drop {', '.join(given) or '--config'}")
-            cfg = replace(load_run_config(args.resume), out=args.resume)
-            train(cfg, resume=True)
+            train(_resume_config(args), resume=True)
         else:
             train(_resolve(args), overwrite=args.overwrite)
         return 0
@@ -147,6 +145,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         demo(out=args.out, steps=args.steps, seed=args.seed)
         return 0
     raise AssertionError(args.command)
+
+
+def _resume_config(args: argparse.Namespace):
+    """The saved config of the ``--resume`` run with the runtime options and ``--steps`` of the command line."""
+    from metapl.engine.run import load_run_config
+
+    given = given_options(args)
+    # A resumed run must be the same run: its saved config wins over anything else on the command line.
+    refused = sorted("--" + k.replace("_", "-") for k in given if k not in RUNTIME_KEYS | {"steps"})
+    refused += ["--overwrite"] if args.overwrite else []
+    if refused or args.config:
+        raise UserError(
+            f"--resume uses the run's saved config.yaml; drop {', '.join(refused) or '--config'} (only --steps and "
+            "the runtime options may be given with it: see metapl train --help)"
+        )
+    return replace(load_run_config(args.resume), **given, out=args.resume)
 
 
 def _resolve(args: argparse.Namespace):

@@ -26,6 +26,7 @@ from metapl.engine.checkpoint import (
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
+from metapl.engine.resume import check_resume
 from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
 from metapl.engine.runtime import init_distributed, make_sgd, seed_everything, select_device
 from metapl.errors import UserError
@@ -114,12 +115,13 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
 
 
 def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
-    cfg = load_run_config(run_dir)
+    saved = load_run_config(run_dir)
     cfg = replace(
-        cfg, out=str(run_dir), finetune_steps=steps or cfg.planned_finetune_steps() or 1000,
-        finetune_lr=lr if lr is not None else cfg.finetune_lr, device=device or cfg.device,
+        saved, out=str(run_dir), finetune_steps=steps or saved.planned_finetune_steps() or 1000,
+        finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,
     )  # fmt: skip
     ckpt = load_checkpoint(run_dir / LATEST)
+    check_resume(saved, ckpt, run_dir)  # an edited config.yaml would rebuild another run around these weights
     summary = read_summary(run_dir)  # read first: a damaged file is reported before minutes of work
     dev = select_device(cfg.device)
     seed_everything(cfg.seed + 1)

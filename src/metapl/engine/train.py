@@ -37,6 +37,7 @@ from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
+from metapl.engine.resume import check_resume, replan_schedules
 from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files, write_summary
 from metapl.engine.runtime import (
     StopSignals,
@@ -86,8 +87,12 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: boo
     d = init_distributed(device)
     log = log if d.is_main else (lambda *a, **k: None)
     ckpt = load_checkpoint(run_dir / LATEST) if resume else None
+    if ckpt is not None:
+        check_resume(cfg, ckpt, run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     run = build_run(cfg, device, d, run_dir, ckpt, log)
+    if ckpt is not None:
+        replan_schedules(run, ckpt["config"]["steps"])
     if d.is_main:
         with reporting_os_errors(run_dir, "create"):
             run_dir.mkdir(parents=True, exist_ok=True)
