@@ -34,7 +34,7 @@ from metapl.engine.checkpoint import (
 )
 from metapl.engine.config import TrainConfig, save_config
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
-from metapl.engine.finetune import finetune_student
+from metapl.engine.finetune import finetune_progress, finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.resume import check_resume, replan_schedules
@@ -47,6 +47,7 @@ from metapl.engine.runtime import (
     launched_world_size,
     seed_everything,
     select_device,
+    stop_agreed,
 )  # fmt: skip
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
@@ -103,12 +104,15 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: boo
         mdata.save_split(run.split, run_dir / SPLIT)
     writer = _NoWriter()  # rank 0 alone writes the run's files; under torchrun the other ranks only train
     if d.is_main:
-        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=run.step if ckpt else None)
+        resume_step = None
+        if ckpt is not None:  # a stopped finetuning keeps the records it wrote
+            resume_step = run.step + (finetune_progress(run, run_dir) or {}).get("done", 0)
+        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step)
     try:
-        if run.step < cfg.steps:
-            with StopSignals() as stop:
+        with StopSignals() as stop:
+            if run.step < cfg.steps:
                 _loop(run, run_dir, writer, log, stop)
-        summary = _finish(run, run_dir, writer, log)
+            summary = _finish(run, run_dir, writer, log, stop)
     finally:
         writer.close()
     return summary
@@ -283,14 +287,8 @@ def _evaluate_and_keep_best(run: Run, run_dir: Path, loaders: dict, writer: Metr
 
 
 def _stop_agreed(run: Run, stop: StopSignals, synced: bool) -> bool:
-    """Whether to stop after this step on a signal. Under torchrun all ranks must agree, so they compare their flags
-    at the steps they synchronise anyway; a single process stops at the next step boundary."""
-    if not run.dist.enabled:
-        return stop.signum is not None
-    if not synced:
-        return False
-    flag = torch.tensor(0.0 if stop.signum is None else 1.0, device=run.device)
-    return bool(all_reduce_mean(flag, run.dist) > 0)
+    """Whether to stop after this step on a signal (``metapl.engine.runtime.stop_agreed``)."""
+    return stop_agreed(stop, run.dist, run.device, synced)
 
 
 def _interrupted(run: Run, stop: StopSignals) -> Interrupted:
@@ -362,12 +360,14 @@ def _progress(cfg: TrainConfig, run: Run, log):
 # After training
 
 
-def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
+def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals) -> dict:
     cfg = run.cfg
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
         accs = _evaluate(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
+    if _stop_agreed(run, stop, synced=True):  # signalled during the last evaluation: checkpoint.pt is of this step
+        raise _interrupted(run, stop)
     summary = {
         "teacher_acc": accs.get("teacher_acc"),
         "student_acc": accs.get("student_acc"),
@@ -388,7 +388,8 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
         "seed": cfg.seed,
     }
     if cfg.planned_finetune_steps() > 0:
-        summary.update(finetune_student(run, run_dir, writer, log))
+        resume = f"metapl train --resume {shlex.quote(cfg.out)}"
+        summary.update(finetune_student(run, run_dir, writer, log, stop=stop, resume_command=resume))
     if run.dist.is_main:
         write_summary(run_dir, summary)
         log(f"summary: {json.dumps({k: v for k, v in summary.items() if k.endswith('_acc')})}")
