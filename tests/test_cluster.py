@@ -392,3 +392,18 @@ def test_a_stopped_finetuning_continues_where_it_stopped_bit_identical(tmp_path,
     monkeypatch.undo()
     assert main(["finetune", str(full), "--steps", "4", "--lr", "0.01"]) == 0
     assert "finetuning continues at step 2 of 4" in capsys.readouterr().out
+
+
+def test_sigterm_during_eval_is_one_line_and_status_143(copy_of, capsys, monkeypatch):
+    import metapl.commands.inference
+
+    def evaluate_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    run = copy_of()
+    monkeypatch.setattr(metapl.commands.inference, "evaluate", evaluate_then_signal)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli(capsys, "eval", run) == (143, "metapl: interrupted; nothing was saved since the last checkpoint")
+    assert signal.getsignal(signal.SIGTERM) == handler and not (run / "eval.json").exists()

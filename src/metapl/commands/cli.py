@@ -8,7 +8,9 @@ run stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the s
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 from metapl.engine.config import RUNTIME_KEYS, add_config_arguments, given_options, resolve
@@ -82,6 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metapl`` console script and ``python -m metapl``."""
     args = get_args_parser().parse_args(argv)
+    previous = _terminate_as_exception()
     try:
         return _dispatch(args)
     except UserError as e:
@@ -93,15 +96,33 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"metapl: {e}", file=sys.stderr)
         return e.status
-    except KeyboardInterrupt:
-        # Outside the training loop (loading data, evaluating, finetuning): only the last checkpoint is on disk.
+    except (KeyboardInterrupt, _Terminated) as e:
+        # Outside the training and finetuning loops (loading data, eval, predict): only the last checkpoint is on disk.
         print("metapl: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if "torch.distributed" in sys.modules:  # only a command that trained has joined a group
             from metapl.engine.runtime import leave_distributed
 
             leave_distributed()
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the loops that stop on it (``metapl.engine.runtime.StopSignals``): ends the command as Ctrl-C
+    does, with one line and exit status 143, instead of dying without a word."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise _Terminated
+
+
+def _terminate_as_exception():
+    """Make SIGTERM raise ``_Terminated`` for the command's life; returns the previous handler (None: none was set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
