@@ -194,7 +194,9 @@ def test_torchrun_trains_and_only_rank_zero_writes(full_ddp_run):
         "metrics.jsonl",
         "summary.json",
         "tb",
+        ".lock",  # rank 0's one-writer lock, released (emptied) at the end
     }
+    assert (out / ".lock").read_text() == ""
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer, not one per rank
     records = read_metrics(out)
     train_steps = [r["step"] for r in records if "train/loss/teacher" in r]

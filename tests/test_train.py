@@ -105,8 +105,8 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 def test_resume_refuses_other_options(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(*TINY, "--steps", "2", "--out", str(out)) == 0
-    assert main(["train", "--resume", str(out), "--steps", "5"]) == 2
-    assert "--resume uses the run's saved config.yaml; drop --steps" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--t-lr", "0.1", "--mode", "soft", "--workers", "0"]) == 2
+    assert "--resume uses the run's saved config.yaml; drop --mode, --t-lr (only --steps" in capsys.readouterr().err
 
 
 def test_labels_only_baseline_and_finetune(tmp_path):

@@ -8,10 +8,12 @@ run stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the s
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from dataclasses import replace
 
-from metapl.engine.config import add_config_arguments, resolve
+from metapl.engine.config import RUNTIME_KEYS, add_config_arguments, given_options, resolve
 from metapl.errors import Interrupted, UserError, describe_os_error
 
 
@@ -29,7 +31,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a teacher and a student with Meta Pseudo Labels")
     add_config_arguments(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint with its saved config.yaml; options that alter "
+        "the math cannot change. Only --steps N (extend the run to N steps: from the current step on, the learning "
+        "rates follow the schedule of an N-step run; a finetuned run is finetuned again) and the runtime options ("
+        + ", ".join("--" + k.replace("_", "-") for k in sorted(RUNTIME_KEYS)) + ") may be given with it",
+    )  # fmt: skip
     p.add_argument(
         "--overwrite", action="store_true",
         help="start the run in --out even if that folder is not empty: the files of an earlier run there "
@@ -76,6 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metapl`` console script and ``python -m metapl``."""
     args = get_args_parser().parse_args(argv)
+    previous = _terminate_as_exception()
     try:
         return _dispatch(args)
     except UserError as e:
@@ -87,31 +96,41 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"metapl: {e}", file=sys.stderr)
         return e.status
-    except KeyboardInterrupt:
-        # Outside the training loop (loading data, evaluating, finetuning): only the last checkpoint is on disk.
+    except (KeyboardInterrupt, _Terminated) as e:
+        # Outside the training and finetuning loops (loading data, eval, predict): only the last checkpoint is on disk.
         print("metapl: interrupted; nothing was saved since the last checkpoint", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if "torch.distributed" in sys.modules:  # only a command that trained has joined a group
             from metapl.engine.runtime import leave_distributed
 
             leave_distributed()
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the loops that stop on it (``metapl.engine.runtime.StopSignals``): ends the command as Ctrl-C
+    does, with one line and exit status 143, instead of dying without a word."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise _Terminated
+
+
+def _terminate_as_exception():
+    """Make SIGTERM raise ``_Terminated`` for the command's life; returns the previous handler (None: none was set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from metapl.engine.run import load_run_config
         from metapl.engine.train import train
 
         if args.resume:
-            own = ("command", "resume", "config", "overwrite")
-            given = sorted("--" + k.replace("_", "-") for k in vars(args) if k not in own)
-            given += ["--overwrite"] if args.overwrite else []
-            if given or args.config:
-                # A resumed run must be the same run: its saved config wins over anything on the command line.
-                raise UserError(f"--resume uses the run's saved config.yaml; drop {', '.join(given) or '--config'}")
-            cfg = replace(load_run_config(args.resume), out=args.resume)
-            train(cfg, resume=True)
+            train(_resume_config(args), resume=True)
         else:
             train(_resolve(args), overwrite=args.overwrite)
         return 0
@@ -147,6 +166,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         demo(out=args.out, steps=args.steps, seed=args.seed)
         return 0
     raise AssertionError(args.command)
+
+
+def _resume_config(args: argparse.Namespace):
+    """The saved config of the ``--resume`` run with the runtime options and ``--steps`` of the command line."""
+    from metapl.engine.run import load_run_config
+
+    given = given_options(args)
+    # A resumed run must be the same run: its saved config wins over anything else on the command line.
+    refused = sorted("--" + k.replace("_", "-") for k in given if k not in RUNTIME_KEYS | {"steps"})
+    refused += ["--overwrite"] if args.overwrite else []
+    if refused or args.config:
+        raise UserError(
+            f"--resume uses the run's saved config.yaml; drop {', '.join(refused) or '--config'} (only --steps and "
+            "the runtime options may be given with it: see metapl train --help)"
+        )
+    return replace(load_run_config(args.resume), **given, out=args.resume)
 
 
 def _resolve(args: argparse.Namespace):

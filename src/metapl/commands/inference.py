@@ -23,8 +23,10 @@ from metapl.engine.checkpoint import (
     FINETUNED,
     LATEST,
     MODEL_KEYS,
+    RUN_FILES,
     load_checkpoint,
     refuse_nonfinite,
+    refuse_overwrite,
     require_keys,
     state_dict_mismatch,
 )
@@ -118,6 +120,9 @@ def run_eval(
     """
     path = Path(path)
     ckpt_path = checkpoint_file(path)
+    if output is not None:
+        read = ((ckpt_path, "the checkpoint"), (path / FINETUNED, "the checkpoint"))
+        refuse_overwrite(output, inputs=read, own=tuple(n for n in RUN_FILES if n.endswith(EVAL_JSON)))
     ckpt = load_checkpoint(ckpt_path)
     cfg = config_from_dict(ckpt["config"])
     models = {role: build_model(ckpt, role, source=ckpt_path) for role in _eval_roles(ckpt, cfg)}
@@ -236,6 +241,8 @@ def run_predict(
     ckpt = load_checkpoint(ckpt_path)
     net, ckpt = _predict_model(ckpt, ckpt_path, model, log)
     files = find_images(paths)
+    refuse_overwrite(output, inputs=((ckpt_path, "the checkpoint"), *((f, "the input image") for f in files),
+                                     *((p, "the input") for p in paths)))  # fmt: skip
     classes = [str(c) for c in ckpt["classes"]]
     k = min(top_k, len(classes))
     dev = select_device(device)

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from metapl.engine.checkpoint import CURVES, METRICS
+from metapl.engine.checkpoint import CURVES, METRICS, refuse_overwrite
 from metapl.engine.metrics import read_metrics
 from metapl.errors import UserError, reporting_os_errors
 
@@ -47,6 +47,7 @@ def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, l
     # Keyed by label: a directory passed twice gets one label and is drawn once.
     runs = {name: load_run_series(d) for name, d in zip(run_labels(dirs), dirs)}
     output = Path(output) if output is not None else dirs[0] / CURVES
+    refuse_overwrite(output, own=(CURVES,))
     fmt = output.suffix.lower().lstrip(".") or "png"
     fig = make_figure(runs)
     if fmt not in fig.canvas.get_supported_filetypes():

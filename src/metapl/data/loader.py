@@ -262,9 +262,11 @@ class EvalDataset(Dataset):
 def _worker_init(_worker_id: int) -> None:
     # Each worker handles one image at a time; intra-op threads would only oversubscribe the cores.
     torch.set_num_threads(1)
-    # Ctrl-C reaches the whole process group: the main process saves a checkpoint and stops its workers itself, so a
-    # worker killed by the same signal would only break the batches it still has to deliver.
+    # Ctrl-C and a scheduler's SIGTERM (SLURM's scancel, a time limit) reach the whole process group: the main process
+    # saves a checkpoint and stops its workers itself, so a worker killed by the same signal would only break the
+    # batches it still has to deliver (and the main process would die of "DataLoader worker ... killed by signal").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def stream_loader(dataset, sampler, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,

@@ -33,13 +33,17 @@ SUMMARY = "summary.json"  # final accuracies
 LATEST = "checkpoint.pt"  # the latest checkpoint: what --resume continues from
 BEST = "best.pt"  # the best evaluated checkpoint
 FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.engine.finetune)
+FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, to continue (metapl.engine.finetune)
 EVAL_JSON = "eval.json"  # metapl eval's result
 CURVES = "curves.png"  # metapl plot's default image
 TENSORBOARD = "tb"  # TensorBoard event files
 # What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
-RUN_FILES = (CONFIG, SPLIT, METRICS, SUMMARY, LATEST, BEST, FINETUNED, EVAL_JSON, CURVES, TENSORBOARD) + tuple(
-    f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED)
-)
+RUN_FILES = (CONFIG, SPLIT, METRICS, SUMMARY, LATEST, BEST, FINETUNED, FINETUNE_PROGRESS, EVAL_JSON, CURVES,
+             TENSORBOARD, *(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED)))  # fmt: skip
+
+# The one-writer lock (metapl.engine.lock). Not among RUN_FILES: --overwrite runs while its own process holds it, and a
+# lock file is never deleted under a holder; a folder holding only a lock file counts as empty.
+LOCK = ".lock"
 
 ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.
@@ -202,13 +206,50 @@ def atomic_save(obj: dict, path: str | Path) -> None:
     try:
         with reporting_os_errors(path):
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                try:
+                    torch.save(obj, f)
+                except RuntimeError as e:
+                    # A full disk inside torch's zip writer is a RuntimeError, not an OSError: "[enforce fail at
+                    # inline_container.cc:672] . unexpected pos ..."; the previous file is kept all the same.
+                    first = (str(e).splitlines() or [type(e).__name__])[0][:100]
+                    raise UserError(f"cannot write {path} (torch.save failed: {first}); the disk is probably full: "
+                                    "free disk space or pick another folder") from e  # fmt: skip
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def refuse_overwrite(output: str | Path, *, inputs: tuple[tuple[str | Path, str], ...] = (),
+                     own: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Refuse an ``--output`` that would overwrite an input of the command, a checkpoint, or another command's run file.
+
+    Args:
+        output: the file the command is about to write.
+        inputs: ``(path, what it is)`` of everything the command reads (its checkpoint, its images).
+        own: the run-folder file names this command writes itself (``eval``: ``eval.json``), which it may replace.
+
+    Raises:
+        UserError: naming what would be overwritten; nothing has been written.
+    """
+    out = Path(output)
+    for path, what in inputs:
+        if _same_path(out, Path(path)):
+            raise UserError(f"--output {out} would overwrite {what} {path}, which this command reads; name another "
+                            "output file")  # fmt: skip
+    in_run = (out.parent / CONFIG).is_file() or (out.parent / LATEST).is_file()
+    if in_run and out.name in (*RUN_FILES, LOCK) and out.name not in own:
+        raise UserError(f"--output {out} would overwrite the run's {out.name} in {out.parent}; name another output "
+                        "file")  # fmt: skip
+    if out.is_file() and out.suffix in (".pt", ".pth"):
+        raise UserError(f"--output {out} would overwrite a checkpoint; name another output file")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` names the existing file ``b`` (through links and ``..`` too)."""
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -230,6 +230,15 @@ class TrainConfig(MPLConfig):
         return {name: values[name] for _, names in sections() for name in names}
 
 
+# Options that change where and how fast a run executes, never what it computes: they may differ when a run is
+# resumed (on another machine, with fewer workers) and are the flags --resume accepts, with --steps. Every other option
+# alters the math and is fixed for the run's life (metapl.engine.resume).
+RUNTIME_KEYS = frozenset({
+    "workers", "threads", "device", "progress", "cache_dir", "data_dir", "download", "tensorboard",
+    "eval_batch_size", "log_every", "save_every",
+})  # fmt: skip
+
+
 def sections() -> list[tuple[str, list[str]]]:
     """``TrainConfig``'s field names grouped as ``--help`` shows them: (title, names) per section."""
     mpl = [f.name for f in fields(MPLConfig)]
@@ -339,6 +348,11 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
         if hasattr(args, name):
             values[name] = _parse(spec, getattr(args, name))
     return TrainConfig(**values)
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The ``TrainConfig`` options given as flags on the command line (not the defaults nor ``--config``), parsed."""
+    return {name: _parse(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)}
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -2,57 +2,84 @@
 
 The finetuned student is saved as ``finetuned.pt`` (same layout as ``checkpoint.pt``, with the finetuned student
 weights), so the MPL checkpoint stays untouched and finetuning can be repeated with other settings. A finetune
-killed midway is simply run again: it is short and restarts from the MPL checkpoint.
+stopped by SIGINT/SIGTERM saves ``finetune-progress.pt`` and continues from it when resumed (``metapl train --resume
+RUN`` for the finetuning that follows training, or the same ``metapl finetune`` command); one killed outright
+(SIGKILL) restarts from the MPL checkpoint: it is short.
 """
 
 from __future__ import annotations
 
+import shlex
+import signal
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from metapl import data as mdata
 from metapl.core import supervised_step, unwrap
 from metapl.engine.batches import hflip
 from metapl.engine.checkpoint import (
+    FINETUNE_PROGRESS,
     FINETUNED,
     LATEST,
     atomic_save,
     checkpoint_state,
     load_checkpoint,
     nonfinite_weights,
+    rng_state,
+    set_rng_state,
 )
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
+from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
+from metapl.engine.resume import check_resume
 from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
-from metapl.engine.runtime import init_distributed, make_sgd, seed_everything, select_device
-from metapl.errors import UserError
+from metapl.engine.runtime import (
+    StopSignals,
+    barrier,
+    init_distributed,
+    make_sgd,
+    seed_everything,
+    select_device,
+    stop_agreed,
+)  # fmt: skip
+from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 
-def finetune_student(run, run_dir: Path, writer, log) -> dict:
+def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | None = None,
+                     resume_command: str = "") -> dict:  # fmt: skip
     """Finetune ``run.student`` for ``cfg.planned_finetune_steps()`` steps on shuffled labeled batches (weak views).
+
+    A finetuning stopped by SIGINT/SIGTERM saves its progress (``finetune-progress.pt``: the student, the optimizer,
+    the random generators and the step) and is continued from there by the next call on the same MPL checkpoint with
+    the same finetuning settings, bit for bit; the file goes once the finetuning is done.
 
     Args:
         run: a built ``metapl.engine.run.Run`` (models restored).
         run_dir: the run directory.
         writer: the run's ``MetricsWriter``; finetune records use steps after the MPL steps.
         log: progress lines.
+        stop: the signal flag to poll after each step (None: signals keep their usual effect).
+        resume_command: what the interrupted message tells the user to run.
 
     Returns:
         ``{"finetuned_acc", "finetuned_top5", "finetune_steps"}``.
 
     Raises:
         UserError: the finetuned weights became non-finite (nothing is evaluated or written then).
+        Interrupted: SIGINT or SIGTERM, after saving the progress.
     """
     cfg, device, data = run.cfg, run.device, run.data
     student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
     opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, device=device)  # fmt: skip
+    start = _restore_progress(run, run_dir, opt, log)
     weak = mdata.weak_transform(data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std,
                                 crop=mdata.train_crop(data))  # fmt: skip
     loader, _ = mdata.make_train_loaders(
-        data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=0,
+        data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=start,
         num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
@@ -61,13 +88,14 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
     student.train()
     losses, accs = [], {}
     steps = cfg.planned_finetune_steps()
-    for i in range(steps):
+    for i in range(start, steps):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
         out = supervised_step(student, opt, x, y, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
                               amp_dtype=run.amp_dtype, scaler=None)  # fmt: skip
         losses.append(out["loss/student"])
         done = i + 1
-        if done % cfg.log_every == 0 and run.dist.is_main:
+        synced = done % cfg.log_every == 0
+        if synced and run.dist.is_main:
             writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
             losses = []
         # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
@@ -76,12 +104,66 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
             if run.dist.is_main:
                 accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
                 writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
+        if stop is not None and done < steps and stop_agreed(stop, run.dist, device, synced):
+            raise _save_progress(run, run_dir, opt, done, stop, resume_command)
     result = {"finetune_steps": steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
         atomic_save(checkpoint_state(run), run_dir / FINETUNED)
+        with reporting_os_errors(run_dir / FINETUNE_PROGRESS, "delete"):
+            (run_dir / FINETUNE_PROGRESS).unlink(missing_ok=True)
     return result
+
+
+def finetune_progress(run, run_dir: Path) -> dict | None:
+    """The saved progress of a stopped finetuning that ``run`` continues (same MPL step, same settings), else None."""
+    path = run_dir / FINETUNE_PROGRESS
+    if not path.is_file():
+        return None
+    progress = load_checkpoint(path)
+    cfg = run.cfg
+    plan = {"mpl_step": run.step, "steps": cfg.planned_finetune_steps(), "lr": cfg.finetune_lr,
+            "batch_size": cfg.finetune_batch_size, "world_size": run.dist.world_size}  # fmt: skip
+    if any(progress.get(k) != v for k, v in plan.items()):
+        return None  # another MPL step (an extended run) or other settings: finetune from the MPL checkpoint
+    return progress
+
+
+def _restore_progress(run, run_dir: Path, opt, log) -> int:
+    """Load a stopped finetuning's student, optimizer and generators into ``run``; return its step (0 if none)."""
+    progress = finetune_progress(run, run_dir)
+    if progress is None:
+        return 0
+    unwrap(run.student).load_state_dict(progress["student"])
+    opt.load_state_dict(progress["opt"])
+    set_rng_state(progress["rng_ranks"][run.dist.rank])
+    log(f"finetuning continues at step {progress['done']} of {progress['steps']} ({run_dir / FINETUNE_PROGRESS})")
+    return int(progress["done"])
+
+
+def _save_progress(run, run_dir: Path, opt, done: int, stop: StopSignals, resume_command: str) -> Interrupted:
+    """Write a stopped finetuning's progress (rank 0; every rank's generators) and the message to stop with."""
+    _refuse_diverged(run.student, run.cfg)
+    ranks = [rng_state()]
+    if run.dist.enabled:
+        ranks = [None] * run.dist.world_size
+        dist.all_gather_object(ranks, rng_state())
+    path = run_dir / FINETUNE_PROGRESS
+    if run.dist.is_main:
+        cfg = run.cfg
+        atomic_save({
+            "config": cfg.to_dict(), "mpl_step": run.step, "steps": cfg.planned_finetune_steps(),
+            "lr": cfg.finetune_lr, "batch_size": cfg.finetune_batch_size, "world_size": run.dist.world_size,
+            "done": done, "student": unwrap(run.student).state_dict(), "opt": opt.state_dict(), "rng_ranks": ranks,
+        }, path)  # fmt: skip
+    barrier(run.dist)
+    signum = stop.signum or signal.SIGTERM  # under torchrun another rank may have been the one signalled
+    return Interrupted(
+        f"interrupted by {signal.Signals(signum).name} in finetuning at step {done} of "
+        f"{run.cfg.planned_finetune_steps()}; saved {path}; resume with: {resume_command}",
+        status=128 + signum,
+    )
 
 
 def _refuse_diverged(student, cfg) -> None:
@@ -107,19 +189,30 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    load_run_config(run_dir)  # a missing or damaged run is named before the folder is locked
+    with run_lock(run_dir, command="metapl finetune", log=log, enabled=is_writer_rank()):
+        return _finetune_run(run_dir, steps=steps, lr=lr, device=device, log=log)
+
+
+def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
+    saved = load_run_config(run_dir)
     cfg = replace(
-        cfg, out=str(run_dir), finetune_steps=steps or cfg.planned_finetune_steps() or 1000,
-        finetune_lr=lr if lr is not None else cfg.finetune_lr, device=device or cfg.device,
+        saved, out=str(run_dir), finetune_steps=steps or saved.planned_finetune_steps() or 1000,
+        finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,
     )  # fmt: skip
     ckpt = load_checkpoint(run_dir / LATEST)
+    check_resume(saved, ckpt, run_dir)  # an edited config.yaml would rebuild another run around these weights
     summary = read_summary(run_dir)  # read first: a damaged file is reported before minutes of work
     dev = select_device(cfg.device)
     seed_everything(cfg.seed + 1)
     run = build_run(cfg, dev, init_distributed(dev), run_dir, ckpt, log)
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    progress = finetune_progress(run, run_dir)  # a stopped finetuning keeps the records it wrote
+    resume_step = run.step + progress["done"] if progress is not None else None
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step)
+    again = f"metapl finetune {shlex.quote(str(run_dir))} --steps {cfg.finetune_steps} --lr {cfg.finetune_lr}"
     try:
-        result = finetune_student(run, run_dir, writer, log)
+        with StopSignals() as stop:
+            result = finetune_student(run, run_dir, writer, log, stop=stop, resume_command=again)
     finally:
         writer.close()
     summary.update(result)

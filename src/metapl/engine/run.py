@@ -20,7 +20,7 @@ from torch import nn
 from metapl import data as mdata
 from metapl.core import ModelEMA, MPLState
 from metapl.data.loader import mix_seed
-from metapl.engine.checkpoint import CONFIG, LATEST, RUN_FILES, SPLIT, SUMMARY, restore
+from metapl.engine.checkpoint import CONFIG, LATEST, LOCK, RUN_FILES, SPLIT, SUMMARY, restore
 from metapl.engine.config import REDUCED_METHODS, TrainConfig, config_from_dict
 from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions
 from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
@@ -189,17 +189,7 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
     Returns:
         The run directory.
     """
-    if not str(out).strip():
-        raise UserError("--out is empty; name a folder for the run, e.g. --out runs/mpl")
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
-    # Found now rather than after loading the data: the nearest existing folder must be one we can write into.
-    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    if not nearest.is_dir():
-        raise UserError(f"--out {out} lies under {nearest}, which is a file; pick another --out")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {nearest} (permission denied or read-only); pick another --out")
+    run_dir = check_out_path(out)
     if resume:
         if not (run_dir / LATEST).is_file():
             raise UserError(
@@ -207,7 +197,7 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
                 f"metapl train --out {run_dir} --overwrite and the same options"
             )
         return run_dir
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
     if not entries or overwrite:
         return run_dir
     if LATEST in entries:
@@ -219,6 +209,26 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
         f"--out {run_dir} is not empty (it holds {few(entries)}); pick another --out, or pass --overwrite to "
         "replace the metapl run files in it"
     )
+
+
+def check_out_path(out: str) -> Path:
+    """The checks of ``check_out_dir`` that need no look inside the folder: a name, a folder, writable.
+
+    Returns:
+        The run directory (which may not exist yet).
+    """
+    if not str(out).strip():
+        raise UserError("--out is empty; name a folder for the run, e.g. --out runs/mpl")
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    # Found now rather than after loading the data: the nearest existing folder must be one we can write into.
+    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"--out {out} lies under {nearest}, which is a file; pick another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {nearest} (permission denied or read-only); pick another --out")
+    return run_dir
 
 
 def clear_run_files(run_dir: Path, log) -> None:

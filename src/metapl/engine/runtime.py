@@ -275,3 +275,14 @@ class StopSignals:
     def __exit__(self, *_exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def stop_agreed(stop: StopSignals, d: Dist, device: torch.device, synced: bool) -> bool:
+    """Whether to stop after this step on a signal. Under torchrun all ranks must agree, so they compare their flags
+    at the steps they synchronise anyway (``synced``); a single process stops at the next step boundary."""
+    if not d.enabled:
+        return stop.signum is not None
+    if not synced:
+        return False
+    flag = torch.tensor(0.0 if stop.signum is None else 1.0, device=device)
+    return bool(all_reduce_mean(flag, d) > 0)

@@ -34,10 +34,12 @@ from metapl.engine.checkpoint import (
 )
 from metapl.engine.config import TrainConfig, save_config
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
-from metapl.engine.finetune import finetune_student
+from metapl.engine.finetune import finetune_progress, finetune_student
+from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.reduced import reduced_teacher_accuracy
-from metapl.engine.run import Run, build_run, check_out_dir, clear_run_files, write_summary
+from metapl.engine.resume import check_resume, replan_schedules
+from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files, write_summary
 from metapl.engine.runtime import (
     StopSignals,
     all_reduce_mean,
@@ -46,6 +48,7 @@ from metapl.engine.runtime import (
     launched_world_size,
     seed_everything,
     select_device,
+    stop_agreed,
 )  # fmt: skip
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
@@ -75,13 +78,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     """
     device = select_device(cfg.device)
     _refuse_unsupported(cfg, device, launched_world_size())
-    # Checked before joining the process group, so no rank can have written anything yet.
-    run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
+    # Checked and locked before joining the process group, so no rank can have written anything yet.
+    run_dir = check_out_path(cfg.out)
+    with run_lock(run_dir, command="metapl train", log=log, enabled=is_writer_rank()):
+        run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
+        return _train(cfg, run_dir, device, resume=resume, overwrite=overwrite, log=log)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: bool, overwrite: bool, log) -> dict:
     d = init_distributed(device)
     log = log if d.is_main else (lambda *a, **k: None)
     ckpt = load_checkpoint(run_dir / LATEST) if resume else None
+    if ckpt is not None:
+        check_resume(cfg, ckpt, run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     run = build_run(cfg, device, d, run_dir, ckpt, log)
+    if ckpt is not None:
+        replan_schedules(run, ckpt["config"]["steps"])
     if d.is_main:
         with reporting_os_errors(run_dir, "create"):
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,12 +105,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         mdata.save_split(run.split, run_dir / SPLIT)
     writer = _NoWriter()  # rank 0 alone writes the run's files; under torchrun the other ranks only train
     if d.is_main:
-        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=run.step if ckpt else None)
+        resume_step = None
+        if ckpt is not None:  # a stopped finetuning keeps the records it wrote
+            resume_step = run.step + (finetune_progress(run, run_dir) or {}).get("done", 0)
+        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step)
     try:
-        if run.step < cfg.steps:
-            with StopSignals() as stop:
+        with StopSignals() as stop:
+            if run.step < cfg.steps:
                 _loop(run, run_dir, writer, log, stop)
-        summary = _finish(run, run_dir, writer, log)
+            summary = _finish(run, run_dir, writer, log, stop)
     finally:
         writer.close()
     return summary
@@ -274,14 +290,8 @@ def _evaluate_and_keep_best(run: Run, run_dir: Path, loaders: dict, writer: Metr
 
 
 def _stop_agreed(run: Run, stop: StopSignals, synced: bool) -> bool:
-    """Whether to stop after this step on a signal. Under torchrun all ranks must agree, so they compare their flags
-    at the steps they synchronise anyway; a single process stops at the next step boundary."""
-    if not run.dist.enabled:
-        return stop.signum is not None
-    if not synced:
-        return False
-    flag = torch.tensor(0.0 if stop.signum is None else 1.0, device=run.device)
-    return bool(all_reduce_mean(flag, run.dist) > 0)
+    """Whether to stop after this step on a signal (``metapl.engine.runtime.stop_agreed``)."""
+    return stop_agreed(stop, run.dist, run.device, synced)
 
 
 def _interrupted(run: Run, stop: StopSignals) -> Interrupted:
@@ -356,12 +366,14 @@ def _progress(cfg: TrainConfig, run: Run, log):
 # After training
 
 
-def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
+def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals) -> dict:
     cfg = run.cfg
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
         accs = _evaluate(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
+    if _stop_agreed(run, stop, synced=True):  # signalled during the last evaluation: checkpoint.pt is of this step
+        raise _interrupted(run, stop)
     summary = {
         "teacher_acc": accs.get("teacher_acc"),
         "student_acc": accs.get("student_acc"),
@@ -384,7 +396,8 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
     if run.predictions is not None:
         summary["large_teacher_acc"] = run.predictions.test_accuracy(run.data.test.labels)
     if cfg.planned_finetune_steps() > 0:
-        summary.update(finetune_student(run, run_dir, writer, log))
+        resume = f"metapl train --resume {shlex.quote(cfg.out)}"
+        summary.update(finetune_student(run, run_dir, writer, log, stop=stop, resume_command=resume))
     if run.dist.is_main:
         write_summary(run_dir, summary)
         log(f"summary: {json.dumps({k: v for k, v in summary.items() if k.endswith('_acc')})}")
