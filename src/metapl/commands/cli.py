@@ -39,7 +39,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="finetune a trained run's student on its labeled data")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--steps", type=int, default=None, help="finetune steps (default: the run's finetune_steps or 1000)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="finetune steps; 0 scores and saves the student as it is (default: the run's finetune_steps, or 1000 "
+        "when that is 0)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's finetune_lr)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
 
@@ -68,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
     p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each run, at least 1 (default: 500)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 

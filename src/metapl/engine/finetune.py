@@ -76,6 +76,8 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
             if run.dist.is_main:
                 accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
                 writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
+    if steps == 0 and run.dist.is_main:  # `metapl finetune --steps 0`: the student as it is, scored and saved
+        accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
     result = {"finetune_steps": steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
@@ -98,7 +100,8 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
 
     Args:
         run_dir: a run directory of ``metapl train``.
-        steps: finetune steps (default: the run's ``finetune_steps``, or 1000 when that is 0).
+        steps: finetune steps, 0 included (the student as it is, evaluated and saved as ``finetuned.pt``); None: the
+            run's ``finetune_steps``, or 1000 when that is 0.
         lr: learning rate (default: the run's ``finetune_lr``).
         device: ``auto``/``cpu``/``cuda`` (default: the run's).
         log: progress lines.
@@ -107,9 +110,12 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
     """
     run_dir = Path(run_dir)
+    if steps is not None and steps < 0:
+        raise UserError(f"--steps {steps} is out of range; use an integer >= 0 (0 scores the student as it is)")
     cfg = load_run_config(run_dir)
+    default = cfg.planned_finetune_steps() or 1000
     cfg = replace(
-        cfg, out=str(run_dir), finetune_steps=steps or cfg.planned_finetune_steps() or 1000,
+        cfg, out=str(run_dir), finetune_steps=steps if steps is not None else default,
         finetune_lr=lr if lr is not None else cfg.finetune_lr, device=device or cfg.device,
     )  # fmt: skip
     ckpt = load_checkpoint(run_dir / LATEST)
