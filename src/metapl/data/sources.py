@@ -176,6 +176,16 @@ def _find_fashion(dirs: list[Path]) -> dict[str, Path] | None:
     return None
 
 
+def _check_fashion_shapes(arrays: dict[str, np.ndarray], files: dict[str, Path]) -> None:
+    """Refuse a labels file in place of an images file (or the reverse) before anything is cached, naming it."""
+    for key, array in arrays.items():
+        want, other = (1, "labels") if key.endswith("labels") else (3, "images")
+        if array.ndim != want:
+            held = "labels" if array.ndim == 1 else f"{array.ndim}-D data" if array.ndim != 3 else "images"
+            raise UserError(f"{files[key]} holds {held} {tuple(array.shape)}, not the {key.split('_')[0]} {other}; "
+                            f"put the Fashion-MNIST {_FASHION_FILES[key]} file there")  # fmt: skip
+
+
 def _read_fashion_mnist(o: ReadOptions) -> SourceData:
     image_size, log = o.image_size, o.log
     root = Path(o.data_dir or DEFAULT_DATA_DIR).expanduser()
@@ -198,6 +208,7 @@ def _read_fashion_mnist(o: ReadOptions) -> SourceData:
 
     def build():
         arrays = {key: read_idx(path) for key, path in files.items()}
+        _check_fashion_shapes(arrays, files)
         for split in ("train", "test"):
             n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
             if n_images != n_labels:
