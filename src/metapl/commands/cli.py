@@ -71,6 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("src_dir", metavar="SRC_DIR", help="train/<class>/* (+ test/<class>/*), or <class>/*")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where the .tar shards and classes.json go")
     p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (each named) instead of "
+                   "stopping at the first")  # fmt: skip
 
     p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
     p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
@@ -145,7 +147,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "shards":
         from metapl.data.shards import write_shards
 
-        write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard)
+        write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard, skip_corrupt=args.skip_corrupt)
         return 0
     if args.command == "demo":
         from metapl.commands.demo import demo

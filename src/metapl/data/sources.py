@@ -277,6 +277,8 @@ def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -
         every = stream.ImageFiles.from_entries(path, plan.get("train", plan.get("all")), o.image_size)
         train_idx, test_idx = _holdout(every.labels, o.test_fraction, o.seed)
         train, test = every.take(train_idx), every.take(test_idx)
+    if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable file
+        train, test = stream.drop_unreadable(train, o.log), stream.drop_unreadable(test, o.log)
     mean, std = stream.sample_stats(train.images)
     return SourceData(train, test, None, list(classes), mean, std, hflip=True)
 
@@ -300,6 +302,8 @@ def _read_shards(o: ReadOptions) -> SourceData:
         _check_test_fraction(o.test_fraction)
         train_idx, test_idx = _holdout(sets["all"].labels, o.test_fraction, o.seed)
         sets = {"train": sets["all"].take(train_idx), "test": sets["all"].take(test_idx)}
+    if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable image
+        sets = {split: stream.drop_unreadable(images, o.log) for split, images in sets.items()}
     mean, std = stream.sample_stats(sets["train"].images)
     return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
 

@@ -115,7 +115,10 @@ class TrainConfig(MPLConfig):
     )  # fmt: skip
     expand_labels: bool = option(False, "repeat the labeled set so that one labeled epoch spans --eval-every steps")
     cache_dir: str | None = option(None, "decoded-image cache; none: $METAPL_CACHE_DIR or ~/.cache/metapl")
-    skip_corrupt: bool = option(False, "skip unreadable images with a warning instead of stopping")
+    skip_corrupt: bool = option(
+        False, "skip unreadable images with a warning instead of stopping (streamed folders and tar shards: every "
+        "image is decoded once before training)",
+    )  # fmt: skip
     hflip: bool | None = option(None, "horizontal flips in both views; none: the data set's default")
     randaug_n: int = option(2, "RandAugment: operations per image", ge=0, le=14)
     randaug_m: int = option(10, "RandAugment: magnitude, on torchvision's 0-30 scale", ge=0, le=30)
