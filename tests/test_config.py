@@ -63,8 +63,8 @@ def test_mpl_options_are_train_options_with_one_declaration():
     mpl = {f.name: f for f in fields(MPLConfig)}
     train = {f.name: f for f in fields(TrainConfig)}
     assert all(train[n].default == f.default and train[n].metadata == f.metadata for n, f in mpl.items())
-    cfg = TrainConfig(mode="soft", uda_weight=1.0, steps=10, label_smoothing=0.1, teacher_batch="joint")
-    assert cfg.mpl_config() == MPLConfig(mode="soft", label_smoothing=0.1, teacher_batch="joint")
+    cfg = TrainConfig(mode="soft", uda_weight=1.0, steps=10, label_smoothing=0.1, label_view="strong")
+    assert cfg.mpl_config() == MPLConfig(mode="soft", label_smoothing=0.1, label_view="strong")
     assert (cfg.uda_weight, cfg.steps) == (1.0, 10)
 
 

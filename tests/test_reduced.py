@@ -88,12 +88,6 @@ def test_fixed_teacher_is_plain_distillation(mode):
     torch.testing.assert_close(metrics["loss/student"], loss.detach().float())
 
 
-def test_teacher_inputs_of_another_length_are_refused():
-    batch = _batch()._replace(t_x_uw=torch.zeros(3, K))
-    with pytest.raises(ValueError, match="batch.t_x_uw has 3 rows but batch.x_uw has 8 images"):
-        mpl_update(_net(1), _net(2), None, _sgd(_net(2)), batch, MPLConfig())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 

@@ -5,7 +5,7 @@ in ``metapl.models``; the trainer (config, loop, checkpoints, metrics) in ``meta
 line in ``metapl.commands`` (docs/architecture.md).
 """
 
-from metapl.core import Batch, ModelEMA, MPLConfig, MPLState, linear_ramp, mpl_update, warmup_cosine
+from metapl.core import Batch, ModelEMA, MPLConfig, MPLInputError, MPLState, linear_ramp, mpl_update, warmup_cosine
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "MPLConfig", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]
+__all__ = ["Batch", "MPLConfig", "MPLInputError", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user: the message names the problem and the fix, in one line.
 
     Library code raises it for anything a user can correct (a missing folder, an unknown model name, more labels than
     images); ``metapl.commands.cli.main`` prints ``error: <message>`` to stderr and exits with status 2, without a
-    traceback.
+    traceback. A ``ValueError``, so that library users catch a bad ``TrainConfig`` value as they catch a bad
+    ``MPLConfig`` one (code that catches ``ValueError`` around a call that may raise it re-raises it first).
     """
 
 

@@ -47,7 +47,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="finetune a trained run's student on its labeled data")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--steps", type=int, default=None, help="finetune steps (default: the run's finetune_steps or 1000)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="finetune steps; 0 scores and saves the student as it is (default: the run's finetune_steps, or 1000 "
+        "when that is 0)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's finetune_lr)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
 
@@ -73,10 +79,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("src_dir", metavar="SRC_DIR", help="train/<class>/* (+ test/<class>/*), or <class>/*")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where the .tar shards and classes.json go")
     p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (each named) instead of "
+                   "stopping at the first")  # fmt: skip
 
     p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
     p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each run, at least 1 (default: 500)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -158,7 +166,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "shards":
         from metapl.data.shards import write_shards
 
-        write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard)
+        write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard, skip_corrupt=args.skip_corrupt)
         return 0
     if args.command == "demo":
         from metapl.commands.demo import demo

@@ -66,7 +66,7 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log
     Returns:
         row name -> summary.
     """
-    base = replace(DEMO, seed=seed, steps=steps or DEMO.steps)
+    base = replace(DEMO, seed=seed, steps=DEMO.steps if steps is None else steps)  # 0 is refused: --steps >= 1
     finetune = base.planned_finetune_steps()
     summaries = {}
     for name, changes in ROWS:

@@ -5,10 +5,12 @@ from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistenc
 from metapl.core.mpl import Batch, MPLConfig, MPLState, feedback_mode, mpl_update, unwrap
 from metapl.core.schedules import linear_ramp, warmup_cosine
 from metapl.core.supervised import supervised_step
+from metapl.core.validate import MPLInputError
 
 __all__ = [
     "Batch",
     "MPLConfig",
+    "MPLInputError",
     "MPLState",
     "ModelEMA",
     "feedback_mode",

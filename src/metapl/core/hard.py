@@ -24,6 +24,7 @@ from metapl.core.parts import (
     uda_term,
     unwrap,
 )  # fmt: skip
+from metapl.core.validate import LABELS_OK, labels_in_range
 
 
 def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
@@ -46,6 +47,8 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(teacher, t_net, batch, config, uda_weight,
                                                                            autocast)  # fmt: skip
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
+    y_l, labels_ok = labels_in_range(batch.y_l, label_source.shape[-1])  # K is known now; the guard refuses a bad y_l
+    batch = batch._replace(y_l=y_l)
 
     # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
     s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
@@ -61,6 +64,7 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         metrics.update(_teacher_step(teacher, t_net, t_optimizer, batch, (t_logits_l, t_logits_uw, t_logits_us), y_hat,
                                      h, config, state, uda_weight, t_scaler, autocast, zero))  # fmt: skip
     metrics.update(pseudo_metrics(label_source, y_hat, batch.y_u))
+    metrics[LABELS_OK] = labels_ok
     return {k: v.detach().float() for k, v in metrics.items()}
 
 

@@ -20,6 +20,7 @@ comes from the tensors, and the caller decides when to synchronise.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -30,8 +31,10 @@ from metapl.core.hard import hard_update
 from metapl.core.options import check_options, option
 from metapl.core.parts import feedback_mode, unwrap
 from metapl.core.soft import soft_update
+from metapl.core.validate import MPLInputError, check_batch, check_scalars, guarded_update
 
 __all__ = ["Batch", "MPLConfig", "MPLState", "feedback_mode", "mpl_update", "unwrap"]  # the last two: core.parts
+__all__ += ["MPLInputError"]  # from core.validate
 
 
 class Batch(NamedTuple):
@@ -143,8 +146,14 @@ class MPLState:
         return {"baseline": self.baseline}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict()``."""
-        self.baseline = state["baseline"]
+        """Restore from ``state_dict()``; a ValueError names what is missing or wrong."""
+        if not isinstance(state, dict) or "baseline" not in state:
+            raise ValueError(f"MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
+                             f"{state!r:.60}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'")  # fmt: skip
+        baseline = state["baseline"]
+        if baseline is not None and not (isinstance(baseline, torch.Tensor) and baseline.dim() == 0):
+            raise ValueError(f"MPLState.load_state_dict: 'baseline' must be None or a 0-d tensor, got {baseline!r:.60}")
+        self.baseline = baseline
 
 
 def mpl_update(
@@ -161,6 +170,7 @@ def mpl_update(
     t_scaler: torch.amp.GradScaler | None = None,
     s_scaler: torch.amp.GradScaler | None = None,
     generator: torch.Generator | None = None,
+    check_finite: bool = True,
 ) -> dict[str, Tensor]:
     """Perform one Meta Pseudo Labels update: the student's step, then the teacher's.
 
@@ -188,10 +198,15 @@ def mpl_update(
         t_scaler: gradient scaler for the teacher (float16 only).
         s_scaler: gradient scaler for the student (float16 only).
         generator: random generator for ``pseudo_label="sample"``.
+        check_finite: guard the update (``metapl.core.validate.guarded_update``): labels outside [0, K), a
+            non-finite loss or weight, or an error from torch on this batch leave both models and optimizers exactly
+            as they were and raise ``MPLInputError``. Costs one copy of both models and optimizer states and one host
+            sync per call; False skips both (out-of-range labels are then trained as class 0: check them yourself).
 
     Raises:
-        ValueError: an empty image field of ``batch`` (named), two unlabeled views of different sizes, or options
-            that do not go together.
+        MPLInputError: a ValueError naming the bad field or argument: checked before the update (shapes, lengths,
+            dtypes, devices, ``uda_weight``, learning rates; no sync) or by the guard after it (see ``check_finite``).
+        ValueError: options that do not go together.
 
     Returns:
         Named, detached scalar tensors: ``loss/teacher``, ``loss/teacher_l``, ``loss/teacher_uda``,
@@ -199,35 +214,19 @@ def mpl_update(
         ``mpl/s_loss_l_old``, ``mpl/s_loss_l_new``, ``mask_ratio``, ``pseudo/confidence`` and, when ``batch.y_u`` is
         given, ``pseudo/acc`` (fraction of correct pseudo labels among images whose label is known).
     """
-    _check_batch(batch)
+    check_batch(batch)  # metadata only: metapl.core.validate
+    check_scalars(uda_weight, {"s_optimizer": s_optimizer, "t_optimizer": t_optimizer})
     if config.baseline_decay > 0 and state is None:
         raise ValueError("config.baseline_decay > 0 needs an MPLState to carry the baseline between updates")
     if config.mode == "soft" and (amp_dtype == torch.float16 or s_scaler is not None):
         raise ValueError("soft mode does not support float16 gradient scaling; use bfloat16 autocast or float32")
     step = hard_update if config.mode == "hard" else soft_update
+    if check_finite:  # the same call, through the guard that undoes a failed update
+        step = functools.partial(guarded_update, step)
     return step(
         teacher, student, t_optimizer, s_optimizer, batch, config, state,
         uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator,
     )  # fmt: skip
-
-
-def _check_batch(batch: Batch) -> None:
-    """Refuse a batch the update cannot learn from, naming the field (shapes only: no device sync)."""
-    for name in ("x_l", "x_uw", "x_us"):
-        if getattr(batch, name).shape[0] == 0:
-            # The losses would average over no images: NaN, which would then poison both models silently.
-            raise ValueError(f"batch.{name} is empty (0 images); every MPL update needs labeled and unlabeled images")
-        given = getattr(batch, "t_" + name)
-        if given is not None and given.shape[0] != getattr(batch, name).shape[0]:
-            raise ValueError(
-                f"batch.t_{name} has {given.shape[0]} rows but batch.{name} has {getattr(batch, name).shape[0]} "
-                "images; the teacher's inputs must be one per image"
-            )
-    if batch.x_uw.shape[0] != batch.x_us.shape[0]:
-        raise ValueError(
-            f"batch.x_uw has {batch.x_uw.shape[0]} images but batch.x_us has {batch.x_us.shape[0]}; they must be two "
-            "views of the same unlabeled images"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

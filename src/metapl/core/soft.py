@@ -33,6 +33,7 @@ from metapl.core.parts import (
     uda_term,
     unwrap,
 )
+from metapl.core.validate import LABELS_OK, labels_in_range
 
 
 def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
@@ -55,6 +56,8 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     t_logits_l, t_logits_src, t_logits_uw, t_logits_us = _teacher_logits(teacher, t_net, batch, config, uda_weight,
                                                                          autocast)  # fmt: skip
     q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)  # soft pseudo labels q(θ_T), (μB, K)
+    y_l, labels_ok = labels_in_range(batch.y_l, t_logits_l.shape[-1])  # K is known now; the guard refuses a bad y_l
+    batch = batch._replace(y_l=y_l)
 
     t_loss_l = F.cross_entropy(t_logits_l, batch.y_l, label_smoothing=config.label_smoothing)
     t_loss_uda, mask_ratio = uda_term(t_logits_uw, t_logits_us, config, uda_weight, zero)
@@ -86,6 +89,7 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         "mpl/s_loss_l_old": zero, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
     }  # fmt: skip
     metrics.update(pseudo_metrics(t_logits_src.detach(), t_logits_src.detach().argmax(-1), batch.y_u))
+    metrics[LABELS_OK] = labels_ok
     return {k: v.detach().float() for k, v in metrics.items()}
 
 

@@ -67,6 +67,9 @@ def find_shards(data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
         return tars[0].parent, {"all": tars}
     folder = Path(data_dir).expanduser()
     if folder.is_file():  # one shard
+        if folder.name.startswith("test"):
+            raise UserError(f"{folder} is a test shard; point --data-dir at the shard folder (train-*.tar and "
+                            "test-*.tar) or at a train-*.tar")  # fmt: skip
         return folder.parent, {"all": [folder]}
     if not folder.is_dir():
         raise UserError(f"shard folder {folder} does not exist; point --data-dir at a folder of .tar shards")
@@ -273,14 +276,19 @@ def rank_unlabeled_items(data, unlabeled: np.ndarray, rank: int, world_size: int
 # -- writing -----------------------------------------------------------------------------------------------------------
 
 
-def write_shards(src: str | Path, out: str | Path, *, per_shard: int, log: Callable[[str], None] = print) -> dict:
+def write_shards(src: str | Path, out: str | Path, *, per_shard: int, skip_corrupt: bool = False,
+                 log: Callable[[str], None] = print) -> dict:  # fmt: skip
     """Write an image-folder tree as tar shards with a class list (``metapl shards``).
+
+    Every image is decoded first: an unreadable one stops the command in one line naming it, before any shard is
+    written, or with ``skip_corrupt`` is left out with a warning line naming it.
 
     Args:
         src: an ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``).
         out: the shard folder to write; it must not hold shards yet.
         per_shard: samples per shard.
-        log: receives one line per split.
+        skip_corrupt: leave unreadable images out (named) instead of stopping.
+        log: receives one line per split and per skipped image.
 
     Returns:
         ``{"classes": [...], "train": images, "test": images}`` (``test`` only for a tree with ``test/``), as written
@@ -294,6 +302,7 @@ def write_shards(src: str | Path, out: str | Path, *, per_shard: int, log: Calla
     if out.is_dir() and (any(out.glob(SHARD_GLOB)) or (out / CLASSES_FILE).exists()):
         raise UserError(f"{out} already holds shards; choose an empty OUT_DIR or delete its .tar files")
     classes, plan = plan_images(src)
+    plan = {split: _readable(src, entries, skip_corrupt, log) for split, entries in plan.items()}
     with reporting_os_errors(out, "create"):
         out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"classes": classes}
@@ -307,6 +316,21 @@ def write_shards(src: str | Path, out: str | Path, *, per_shard: int, log: Calla
     with reporting_os_errors(out / CLASSES_FILE):  # written last: its presence marks a complete shard folder
         (out / CLASSES_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _readable(src: Path, entries: list[tuple[str, int]], skip_corrupt: bool, log) -> list[tuple[str, int]]:
+    """The entries whose image decodes; an unreadable one is a one-line error, or a warning with ``skip_corrupt``."""
+    kept = []
+    for name, label in entries:
+        try:
+            open_rgb(src / name, name=str(src / name))
+        except UserError as e:
+            if not skip_corrupt:
+                raise UserError(f"{e}, or pass --skip-corrupt to leave it out") from None
+            log("warning: skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
+            continue
+        kept.append((name, label))
+    return kept
 
 
 def _write_shard(path: Path, src: Path, entries: list[tuple[str, int]], split: str, first: int) -> None:

@@ -176,6 +176,16 @@ def _find_fashion(dirs: list[Path]) -> dict[str, Path] | None:
     return None
 
 
+def _check_fashion_shapes(arrays: dict[str, np.ndarray], files: dict[str, Path]) -> None:
+    """Refuse a labels file in place of an images file (or the reverse) before anything is cached, naming it."""
+    for key, array in arrays.items():
+        want, other = (1, "labels") if key.endswith("labels") else (3, "images")
+        if array.ndim != want:
+            held = "labels" if array.ndim == 1 else f"{array.ndim}-D data" if array.ndim != 3 else "images"
+            raise UserError(f"{files[key]} holds {held} {tuple(array.shape)}, not the {key.split('_')[0]} {other}; "
+                            f"put the Fashion-MNIST {_FASHION_FILES[key]} file there")  # fmt: skip
+
+
 def _read_fashion_mnist(o: ReadOptions) -> SourceData:
     image_size, log = o.image_size, o.log
     root = Path(o.data_dir or DEFAULT_DATA_DIR).expanduser()
@@ -198,6 +208,7 @@ def _read_fashion_mnist(o: ReadOptions) -> SourceData:
 
     def build():
         arrays = {key: read_idx(path) for key, path in files.items()}
+        _check_fashion_shapes(arrays, files)
         for split in ("train", "test"):
             n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
             if n_images != n_labels:
@@ -266,6 +277,8 @@ def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -
         every = stream.ImageFiles.from_entries(path, plan.get("train", plan.get("all")), o.image_size)
         train_idx, test_idx = _holdout(every.labels, o.test_fraction, o.seed)
         train, test = every.take(train_idx), every.take(test_idx)
+    if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable file
+        train, test = stream.drop_unreadable(train, o.log), stream.drop_unreadable(test, o.log)
     mean, std = stream.sample_stats(train.images)
     return SourceData(train, test, None, list(classes), mean, std, hflip=True)
 
@@ -289,6 +302,8 @@ def _read_shards(o: ReadOptions) -> SourceData:
         _check_test_fraction(o.test_fraction)
         train_idx, test_idx = _holdout(sets["all"].labels, o.test_fraction, o.seed)
         sets = {"train": sets["all"].take(train_idx), "test": sets["all"].take(test_idx)}
+    if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable image
+        sets = {split: stream.drop_unreadable(images, o.log) for split, images in sets.items()}
     mean, std = stream.sample_stats(sets["train"].images)
     return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
 

@@ -288,3 +288,27 @@ def train_crop(data) -> str:
     """The training views' geometry for a ``SourceData``: ``"resized"`` (RandomResizedCrop) for streamed files, whose
     images differ in size, ``"pad"`` (the reflect-padded crop of the paper's CIFAR recipe) for cached arrays."""
     return "resized" if isinstance(data.train, ImageFiles) else "pad"
+
+
+def drop_unreadable(files: ImageFiles, log) -> ImageFiles:
+    """``--skip-corrupt`` on a streamed set: decode every image once, up front, and drop the unreadable ones, each
+    named in a warning line. A full decoding pass (what the cache path does anyway), so that training never meets an
+    unreadable file later; without ``--skip-corrupt`` training stops at the first one, in one line naming it.
+
+    Args:
+        files: the streamed images (files in a folder or members of tar shards).
+        log: receives one ``warning: skipped unreadable image ...`` line per dropped image.
+
+    Returns:
+        ``files`` without the unreadable images (the same object when all are readable).
+    """
+    bad = []
+    for i in range(len(files)):
+        try:
+            files.images.open(i)
+        except UserError as e:
+            bad.append(i)
+            log("warning: skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
+    if not bad:
+        return files
+    return files.take(np.setdiff1d(np.arange(len(files)), bad))

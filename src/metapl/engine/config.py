@@ -45,6 +45,55 @@ _SECTIONS = {
 REDUCED_METHODS = ("reduced-mpl", "distill")  # the methods whose teacher is a reduced teacher over stored predictions
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
+# Options that do nothing unless another option has a value: (option, the option it needs, the values that make it
+# count, in words, why). An option is refused only when its value differs from its default (so the user evidently
+# asked for it). The first group is checked on every TrainConfig; the second ("flags") only for options given as
+# command-line flags, because a recipe file (configs/*.yaml) or a library ``replace(recipe, method="supervised")`` is
+# the normal way to run the labels-only baseline or the no-UDA ablation of the same recipe.
+_IGNORED = (
+    ("feedback", "mode", lambda m: m == "hard", "hard", "soft mode has the exact meta-gradient, no estimator of h"),
+    ("baseline_decay", "mode", lambda m: m == "hard", "hard", "soft mode has no h to subtract a baseline from"),
+    ("pseudo_label", "mode", lambda m: m == "hard", "hard", "soft mode's pseudo labels are the whole distribution"),
+    ("teacher_batch", "mode", lambda m: m == "hard", "hard", "soft mode always runs one joint teacher forward"),
+    ("soft_temperature", "mode", lambda m: m == "soft", "soft", "hard pseudo labels are the argmax or a sample"),
+    (
+        "reduced_hidden",
+        "method",
+        lambda m: m == "reduced-mpl",
+        "reduced-mpl",
+        "only Reduced MPL trains a reduced teacher",
+    ),
+    *(
+        (name, "method", lambda m: m != "distill", "reduced-mpl", "distill's teacher is fixed: it takes no feedback")
+        for name in ("feedback", "feedback_sign", "mpl_weight", "baseline_decay")
+    ),
+)
+_FLAG_IGNORED = tuple(
+    (name, "method", lambda m: m != "supervised", "mpl", "the labels-only baseline trains the student alone")
+    for name in ("mode", "feedback", "feedback_sign", "pseudo_label", "label_view", "student_view", "teacher_batch",
+                 "soft_temperature", "mpl_weight", "baseline_decay", "uda_weight", "uda_steps", "uda_temperature",
+                 "uda_threshold", "teacher", "teacher_dropout", "t_lr", "t_warmup_steps")
+) + tuple(
+    (name, "uda_weight", lambda w: w is None or w > 0, "a weight > 0", "UDA is off")
+    for name in ("uda_steps", "uda_temperature", "uda_threshold")
+)  # fmt: skip
+
+
+def refuse_ignored(cfg, given: set[str] | None = None) -> None:
+    """Refuse an option that does nothing with the other options' values (``_IGNORED``; with ``given``, the names set
+    by command-line flags, also ``_FLAG_IGNORED`` for those names), in one line naming both flags."""
+    known = specs(type(cfg))
+    rules = _IGNORED if given is None else [r for r in _FLAG_IGNORED if r[0] in given]
+    for name, needs, counts, words, why in rules:
+        value, other = getattr(cfg, name, None), getattr(cfg, needs, None)
+        if name in known and value != known[name].default and not counts(other):
+            raise UserError(f"--{_flag(name)} {_shown(value)} does nothing with --{_flag(needs)} {_shown(other)} "
+                            f"({why}); drop --{_flag(name)} or use --{_flag(needs)} {words}")  # fmt: skip
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(MPLConfig):
@@ -78,7 +127,10 @@ class TrainConfig(MPLConfig):
     )  # fmt: skip
     expand_labels: bool = option(False, "repeat the labeled set so that one labeled epoch spans --eval-every steps")
     cache_dir: str | None = option(None, "decoded-image cache; none: $METAPL_CACHE_DIR or ~/.cache/metapl")
-    skip_corrupt: bool = option(False, "skip unreadable images with a warning instead of stopping")
+    skip_corrupt: bool = option(
+        False, "skip unreadable images with a warning instead of stopping (streamed folders and tar shards: every "
+        "image is decoded once before training)",
+    )  # fmt: skip
     hflip: bool | None = option(None, "horizontal flips in both views; none: the data set's default")
     randaug_n: int = option(2, "RandAugment: operations per image", ge=0, le=14)
     randaug_m: int = option(10, "RandAugment: magnitude, on torchvision's 0-30 scale", ge=0, le=30)
@@ -186,6 +238,7 @@ class TrainConfig(MPLConfig):
                 f"--cutout {self.cutout} exceeds --image-size {self.image_size}; use at most the image size"
             )
         self._check_starting_weights()
+        refuse_ignored(self)
         try:
             self.mpl_config()  # any check MPLConfig makes beyond its fields' ranges
         except ValueError as e:
@@ -347,7 +400,9 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     for name, spec in specs(TrainConfig).items():
         if hasattr(args, name):
             values[name] = _parse(spec, getattr(args, name))
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    refuse_ignored(cfg, {name for name in specs(TrainConfig) if hasattr(args, name)})
+    return cfg
 
 
 def given_options(args: argparse.Namespace) -> dict:

@@ -106,6 +106,8 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
                 writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
         if stop is not None and done < steps and stop_agreed(stop, run.dist, device, synced):
             raise _save_progress(run, run_dir, opt, done, stop, resume_command)
+    if steps == 0 and run.dist.is_main:  # `metapl finetune --steps 0`: the student as it is, scored and saved
+        accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
     result = {"finetune_steps": steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
@@ -180,7 +182,8 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
 
     Args:
         run_dir: a run directory of ``metapl train``.
-        steps: finetune steps (default: the run's ``finetune_steps``, or 1000 when that is 0).
+        steps: finetune steps, 0 included (the student as it is, evaluated and saved as ``finetuned.pt``); None: the
+            run's ``finetune_steps``, or 1000 when that is 0.
         lr: learning rate (default: the run's ``finetune_lr``).
         device: ``auto``/``cpu``/``cuda`` (default: the run's).
         log: progress lines.
@@ -189,6 +192,8 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
     """
     run_dir = Path(run_dir)
+    if steps is not None and steps < 0:
+        raise UserError(f"--steps {steps} is out of range; use an integer >= 0 (0 scores the student as it is)")
     load_run_config(run_dir)  # a missing or damaged run is named before the folder is locked
     with run_lock(run_dir, command="metapl finetune", log=log, enabled=is_writer_rank()):
         return _finetune_run(run_dir, steps=steps, lr=lr, device=device, log=log)
@@ -196,8 +201,9 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
 
 def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
     saved = load_run_config(run_dir)
+    default = saved.planned_finetune_steps() or 1000
     cfg = replace(
-        saved, out=str(run_dir), finetune_steps=steps or saved.planned_finetune_steps() or 1000,
+        saved, out=str(run_dir), finetune_steps=steps if steps is not None else default,
         finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,
     )  # fmt: skip
     ckpt = load_checkpoint(run_dir / LATEST)

@@ -280,6 +280,8 @@ def read_summary(run_dir: Path) -> dict:
             summary = json.loads(path.read_bytes().decode("utf-8"))
         if not isinstance(summary, dict):
             raise ValueError("not a JSON object")
+    except UserError:  # a ValueError too: the read failed, named by reporting_os_errors
+        raise
     except ValueError as e:
         raise UserError(f"{path} is damaged ({str(e)[:80]}); delete it (it is rewritten) and try again") from None
     return summary

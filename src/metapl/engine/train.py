@@ -259,6 +259,7 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
         metrics = mpl_update(
             run.teacher, run.student, None if run.fixed_teacher else run.t_opt, run.s_opt, batch, cfg.mpl_config(),
             run.state, uda_weight=uda_weight, amp_dtype=run.amp_dtype, t_scaler=run.t_scaler, s_scaler=run.s_scaler,
+            check_finite=False,  # no sync per step: the loop checks the weights when it syncs (TrainingDiverged)
         )  # fmt: skip
         run.t_sched.step()
     else:
