@@ -1,8 +1,8 @@
 """The paper's last phase: finetune the student on the labeled data alone (``--finetune-steps``, ``metapl finetune``).
 
-The finetuned student is saved as ``finetuned.pt`` (same layout as ``checkpoint.pt``, with the finetuned student
-weights), so the MPL checkpoint stays untouched and finetuning can be repeated with other settings. A finetune
-killed midway is simply run again: it is short and restarts from the MPL checkpoint.
+The finetuned student is saved as ``finetuned.pt`` (``checkpoint.inference_state``: the models, the student
+finetuned, and no optimizer state), so the MPL checkpoint stays untouched and finetuning can be repeated with other
+settings. A finetune killed midway is simply run again: it is short and restarts from the MPL checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from metapl.engine.checkpoint import (
     FINETUNED,
     LATEST,
     atomic_save,
-    checkpoint_state,
+    inference_state,
     load_checkpoint,
     nonfinite_weights,
 )
@@ -80,7 +80,7 @@ def finetune_student(run, run_dir: Path, writer, log) -> dict:
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
-        atomic_save(checkpoint_state(run), run_dir / FINETUNED)
+        atomic_save(inference_state(run), run_dir / FINETUNED)
     return result
 
 

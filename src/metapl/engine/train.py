@@ -28,6 +28,7 @@ from metapl.engine.checkpoint import (
     SPLIT,
     atomic_save,
     checkpoint_state,
+    inference_state,
     load_checkpoint,
     nonfinite_weights,
     rng_state,
@@ -49,6 +50,7 @@ from metapl.engine.runtime import (
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 LOSS_KEYS = ("loss/teacher", "loss/student")
+NO_BEST = "none (no --val-labeled: no model is chosen on the test set; the final model is kept)"  # summary["best"]
 
 
 class TrainingDiverged(UserError):
@@ -254,19 +256,24 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
 
 
 def _evaluate_and_keep_best(run: Run, run_dir: Path, loaders: dict, writer: MetricsWriter, log) -> dict[str, float]:
-    """Evaluate the finite models, log the accuracies and save ``best.pt`` when the score improved."""
+    """Evaluate the finite models, log the accuracies and save ``best.pt`` when the validation score improved.
+
+    ``best.pt`` is chosen on the validation split (``--val-labeled``) only: picking the best evaluation on the test
+    set would report a test accuracy selected on the test set. Without validation images no ``best.pt`` is written
+    and the final models (``checkpoint.pt``, ``finetuned.pt``) are the run's result.
+    """
     _check_finite(run)
     accs = _evaluate(run, loaders)
     run.last_eval = (run.step, accs)
     if run.dist.is_main:
         writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
         log(_eval_line(run.step, accs))
-        # With a validation split the best checkpoint is chosen on it, never on the test set.
-        prefix = "val_" if "val_student_acc" in accs else ""
-        score = accs.get(f"{prefix}ema_acc", accs[f"{prefix}student_acc"])
+        if "val_student_acc" not in accs:
+            return accs
+        score = accs.get("val_ema_acc", accs["val_student_acc"])
         if score > run.best_acc:
             run.best_acc = score
-            atomic_save(checkpoint_state(run), run_dir / BEST)
+            atomic_save(inference_state(run), run_dir / BEST)
     return accs
 
 
@@ -364,7 +371,8 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log) -> dict:
         "student_top5": accs.get("student_top5"),
         "ema_top5": accs.get("ema_top5"),
         **{k: v for k, v in accs.items() if k.startswith("val_") and k.endswith("_acc")},
-        "best_acc": run.best_acc,
+        "best_acc": run.best_acc if run.best_acc >= 0 else None,
+        "best": BEST if run.best_acc >= 0 else NO_BEST,
         "steps": run.step,
         "seconds": round(run.seconds, 2),
         "method": cfg.method,
