@@ -25,6 +25,7 @@ from metapl.engine.config import TrainConfig, config_from_dict
 from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models import count_parameters, create_model
+from metapl.models.plugins import import_model_modules
 
 
 @dataclass
@@ -61,6 +62,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     ``cfg.workers`` and ``cfg.threads`` left open are chosen here (``Run.cfg`` holds the values used).
     """
     cfg = _take_cpu_share(cfg, device, d, log)
+    import_model_modules(cfg.imports)  # the user's own models, before any is built (metapl.models.plugins)
     data = mdata.load_dataset(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,

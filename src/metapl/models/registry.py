@@ -113,6 +113,10 @@ def create_model(
     Raises:
         UserError: for an unknown name, a missing timm, or an image size the model cannot take.
     """
+    if name not in _REGISTRY and ":" not in name:
+        from metapl.models.plugins import load_entry_points  # installed packages' models (metapl.models group)
+
+        load_entry_points()
     if name in _REGISTRY:
         model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout, **kwargs)
     elif name.startswith(_TIMM_PREFIX):
