@@ -80,9 +80,9 @@ def test_eval_on_a_flat_folder_scores_all_of_it(folder_run, make_tree, capsys):
         capsys.readouterr().out
     )
     tree = folder_run.parent / "tree"  # the training tree: its test split, 4 per class
-    assert run_eval(folder_run, data_dir=str(tree), output=folder_run / "t.json", device="cpu", **QUIET)[
-        "num_test"
-    ] == 12
+    assert (
+        run_eval(folder_run, data_dir=str(tree), output=folder_run / "t.json", device="cpu", **QUIET)["num_test"] == 12
+    )
 
 
 def test_eval_image_size_other_than_the_runs_is_refused(folder_run, make_tree, capsys):
