@@ -139,3 +139,15 @@ def test_teacher_of_a_reduced_mpl_or_distill_run_is_refused(tmp_path):
     ckpt["config"]["method"] = "reduced-mpl"  # as another engineer's method will write it
     with pytest.raises(UserError, match="is a --method reduced-mpl run: its teacher entry is not a small_cnn"):
         build_model(ckpt, "teacher", source=path)
+
+
+def test_train_log_holds_what_the_terminal_showed(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--finetune-steps", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert (out / "train.log").read_text() == shown and "summary: " in shown and shown.startswith("cpu: ")
+    assert main(["train", "--resume", str(out)]) == 0  # a resumed run appends its lines
+    assert (out / "train.log").read_text() == shown + capsys.readouterr().out
+    assert main([*argv, "--overwrite"]) == 0  # --overwrite removes the old log with the other run files
+    assert (out / "train.log").read_text().startswith("cpu: ") and "--overwrite: removed " in capsys.readouterr().out

@@ -39,6 +39,7 @@ EVAL_JSON = "eval.json"  # metapl eval's result
 CURVES = "curves.png"  # metapl plot's default image
 TENSORBOARD = "tb"  # TensorBoard event files
 EXPORT_DIR = "export"  # metapl export's default folder (metapl.engine.exported)
+TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.engine.metrics.LogFile)
 # What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
 RUN_FILES = (
     CONFIG,
@@ -52,10 +53,10 @@ RUN_FILES = (
     CURVES,
     TENSORBOARD,
     EXPORT_DIR,
+    TRAIN_LOG,
+    f"{Path(EVAL_JSON).stem}.confusion.png",  # metapl eval --plot
 ) + tuple(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED))
 
-# Run files that hold only what inference needs (``inference_state``): neither resumes a run.
-SLIM_FILES = (BEST, FINETUNED)
 ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.
 MODEL_KEYS = ("config", "num_classes", "classes", "in_channels", "image_size", "mean", "std", "student")

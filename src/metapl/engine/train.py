@@ -26,6 +26,7 @@ from metapl.engine.checkpoint import (
     CONFIG,
     LATEST,
     SPLIT,
+    TRAIN_LOG,
     atomic_save,
     checkpoint_state,
     inference_state,
@@ -36,7 +37,7 @@ from metapl.engine.checkpoint import (
 from metapl.engine.config import TrainConfig, save_config
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_student
-from metapl.engine.metrics import MetricsWriter
+from metapl.engine.metrics import LogFile, MetricsWriter
 from metapl.engine.run import Run, build_run, check_out_dir, clear_run_files, write_summary
 from metapl.engine.runtime import (
     StopSignals,
@@ -79,7 +80,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # Checked before joining the process group, so no rank can have written anything yet.
     run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
     d = init_distributed(device)
-    log = log if d.is_main else (lambda *a, **k: None)
+    log = LogFile(log if d.is_main else (lambda *a, **k: None))  # also RUN_DIR/train.log, once the folder exists
+    try:
+        return _train(cfg, run_dir, d, device, log, resume=resume, overwrite=overwrite)
+    finally:
+        log.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, resume: bool, overwrite: bool) -> dict:
+    """``train`` after the run folder was checked and the process group joined; ``log`` is the run's ``LogFile``."""
     ckpt = load_checkpoint(run_dir / LATEST) if resume else None
     seed_everything(cfg.seed, cfg.deterministic)
     run = build_run(cfg, device, d, run_dir, ckpt, log)
@@ -88,6 +97,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
             run_dir.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
             clear_run_files(run_dir, log)
+        log.open(run_dir / TRAIN_LOG)
         with reporting_os_errors(run_dir / CONFIG):
             save_config(cfg, run_dir / CONFIG)
         mdata.save_split(run.split, run_dir / SPLIT)
