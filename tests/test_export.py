@@ -4,6 +4,7 @@ load with ``weights_only=True``; slim ``best.pt`` / ``finetuned.pt``; honest mod
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +152,12 @@ def test_train_log_holds_what_the_terminal_showed(tmp_path, capsys):
     assert (out / "train.log").read_text() == shown + capsys.readouterr().out
     assert main([*argv, "--overwrite"]) == 0  # --overwrite removes the old log with the other run files
     assert (out / "train.log").read_text().startswith("cpu: ") and "--overwrite: removed " in capsys.readouterr().out
+
+
+def test_onnx_without_the_onnx_package_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    assert main(["export", str(run_dir), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == (
+        'metapl: error: --format onnx needs the onnx package; pip install "metapl[onnx]", or use --format safetensors\n'
+    )
+    assert list(tmp_path.iterdir()) == []

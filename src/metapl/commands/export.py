@@ -8,6 +8,7 @@ described in ``metapl.engine.exported``.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import warnings
@@ -93,6 +94,8 @@ def _serialise(net: nn.Module, meta: dict, fmt: str) -> bytes:
     """The exported file's bytes, built in memory so that a failed export leaves nothing on disk."""
     if fmt == "safetensors":
         return safetensors_bytes(net, meta)
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise UserError('--format onnx needs the onnx package; pip install "metapl[onnx]", or use --format safetensors')
     x = example_input(meta)
     buf = io.BytesIO()
     try:
