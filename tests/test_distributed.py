@@ -194,6 +194,7 @@ def test_torchrun_trains_and_only_rank_zero_writes(full_ddp_run):
         "metrics.jsonl",
         "summary.json",
         "tb",
+        "train.log",
     }
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer, not one per rank
     records = read_metrics(out)
