@@ -45,7 +45,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # ablation"); the test set played no part.
 CONFIGS = {"fashion": ("fashion_100_cpu.yaml", "fashion-mnist"), "cifar10": ("cifar10_cpu.yaml", "cifar10-jpeg.tar.gz")}
 PROTOCOLS = {
-    name: {**yaml.safe_load((REPO / "configs" / config).read_text()), "data_dir": str(SHARED / data),
+    name: {**yaml.safe_load((REPO / "src" / "metapl" / "configs" / config).read_text()), "data_dir": str(SHARED / data),
            "save_every": 100_000}
     for name, (config, data) in CONFIGS.items()
 }  # fmt: skip

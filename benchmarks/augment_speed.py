@@ -1,7 +1,7 @@
 """Augmentation on the device vs in the loader workers: views/s of each path, and the MPL step fed by each.
 
-For each shape (32x32x3 with configs/cifar10_cpu.yaml's batch and RandAugment settings, 28x28x1 with
-configs/fashion_100_cpu.yaml's), on synthetic uint8 images of that shape:
+For each shape (32x32x3 with src/metapl/configs/cifar10_cpu.yaml's batch and RandAugment settings, 28x28x1 with
+src/metapl/configs/fashion_100_cpu.yaml's), on synthetic uint8 images of that shape:
 
 1. views alone: one step's views (``B`` labeled weak, ``mu*B`` unlabeled weak + strong) by the Pillow path
    (``transforms.weak_transform`` / ``strong_transform``, one image at a time, in this process) and by the device path
@@ -40,7 +40,7 @@ from metapl.data import (
     weak_transform,
 )
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "src", "metapl", "configs")
 SHAPES = {"cifar10": ((32, 3), "cifar10_cpu.yaml"), "fashion": ((28, 1), "fashion_100_cpu.yaml")}
 ROWS = ("views, Pillow path (per image)", "views, device path (batched)", "MPL step alone",
         "step fed by the loader path", "step fed by the device path")  # fmt: skip
@@ -193,7 +193,7 @@ def main(args: argparse.Namespace) -> None:
         b, mu = cfg["batch_size"], cfg["mu"]
         views = b * (1 + 2 * mu)
         seconds = measure_shape(name, args)
-        print(f"\n== {size}x{size}x{channels} (configs/{config}: B={b}, mu={mu}, m={cfg['randaug_m']}, "
+        print(f"\n== {size}x{size}x{channels} (src/metapl/configs/{config}: B={b}, mu={mu}, m={cfg['randaug_m']}, "
               f"cutout={cfg['cutout']}), device {args.device}, {args.workers} workers/loader, torch threads "
               f"{torch.get_num_threads()}, {available_cpus()} CPUs, {args.steps} timed steps")  # fmt: skip
         print(f"{'measurement':<34}{'ms/step':>10}{'views/s':>10}")

@@ -8,9 +8,9 @@ this is the step alone, the number that fills a config's "expected GPU memory an
 (``step_timing.PeakMemory``: CUDA allocator peak, or the CPU's resident-set high-water mark, above the baseline
 taken once models and inputs exist; so it counts activations, gradients and optimizer state, not the weights).
 
-    .venv/bin/python benchmarks/config_cost.py configs/svhn_1k.yaml --batch-scale 0.125          # CPU
-    python3 benchmarks/config_cost.py configs/imagenet_10pct.yaml --device cuda --steps 10      # GPU, the config's B
-    .venv/bin/python benchmarks/config_cost.py configs/svhn_1k.yaml --tiny                        # smoke test
+    .venv/bin/python benchmarks/config_cost.py src/metapl/configs/svhn_1k.yaml --batch-scale 0.125     # CPU
+    python3 benchmarks/config_cost.py src/metapl/configs/imagenet_10pct.yaml --device cuda --steps 10  # GPU, its B
+    .venv/bin/python benchmarks/config_cost.py src/metapl/configs/svhn_1k.yaml --tiny                   # smoke test
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         The parser.
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", help="a YAML config, e.g. configs/svhn_1k.yaml")
+    p.add_argument("config", help="a YAML config, e.g. src/metapl/configs/svhn_1k.yaml")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the config's amp applies on CUDA only)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply the config's labeled batch by this")
     p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")

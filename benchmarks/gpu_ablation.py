@@ -2,7 +2,7 @@
 
 labels-only, UDA with h = 0 (the teacher distilled) and UDA + MPL (hard, taylor) train side by side on one GPU,
 each in its own ``metapl train`` process (bf16, channels_last, its share of the CPU cores as loader workers), with
-the recipe of ``configs/cifar10_4k.yaml`` at a short budget (default 2,000 MPL steps + 500 finetuning steps, the
+the recipe of the shipped ``cifar10_4k`` config at a short budget (default 2,000 MPL steps + 500 finetuning steps, the
 labels-only run 2,500 steps). The decoded-image cache is filled once before the three start. The whole check stops
 itself within ``--budget-s`` (default 540 s: 9 minutes): runs still going then are interrupted (they save a
 checkpoint) and the table shows what finished. Downloads nothing.
@@ -31,7 +31,7 @@ from common import REPO, available_cpus, child_env
 
 ROWS = ("labels-only", "uda-distill", "uda-mpl")
 PROTOCOL = "cifar10-gpu"
-# configs/cifar10_4k.yaml's recipe, at a budget that fits three concurrent runs into 9 minutes on an H200; the
+# The cifar10_4k config's recipe, at a budget that fits three concurrent runs into 9 minutes on an H200; the
 # warm-up, wait and ramp lengths are scaled down with the step count.
 GPU_RECIPE = dict(
     dataset="cifar10", num_labeled=4000, teacher="wrn28_2", student="wrn28_2", teacher_dropout=0.2,

@@ -18,7 +18,7 @@ Smoke test on the CPU (digits data set, small_cnn, 2 steps): ``.venv/bin/python 
 What it does:
   (a) prints the GPU's name (``nvidia-smi``);
   (b) ``step_speed.py --device cuda --amp bf16 --channels-last --models wrn28_2 --shapes paper`` (all variants);
-  (c) ``python -m metapl train --config configs/cifar10_4k.yaml`` for ``--steps`` steps (default 2000) on CIFAR-10 with
+  (c) ``python -m metapl train --config cifar10_4k`` for ``--steps`` steps (default 2000) on CIFAR-10 with
       bf16, channels_last, 8 loader workers and the views made on the GPU (``--augment-on device``; ``--augment-on
       loader`` for the Pillow path, ``--compile`` to add torch.compile), ``--s-wait-steps 0`` so that every step
       runs the full MPL update (the recipe's student waits 3k steps, which would make a short run time only the
@@ -51,9 +51,9 @@ from pathlib import Path
 from common import REPO, child_env, median
 
 PROTOCOL_STEPS = 300_000
-CONFIG = "configs/cifar10_4k.yaml"
+CONFIG = "cifar10_4k"  # the shipped src/metapl/configs/cifar10_4k.yaml, by name
 DEFAULT_DATA = ".devdata/cifar10-jpeg.tar.gz"
-# The recipe of configs/cifar10_4k.yaml, passed explicitly when that file is missing.
+# The recipe of src/metapl/configs/cifar10_4k.yaml, passed explicitly when that file is missing.
 RECIPE_FLAGS = [
     "--num-labeled", "4000", "--unlabeled", "all", "--teacher-dropout", "0.2", "--student-dropout", "0.2",
     "--t-lr", "0.05", "--s-lr", "0.05", "--momentum", "0.9", "--nesterov", "--weight-decay", "0.0005",
@@ -199,7 +199,8 @@ def train_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
             "--save-every", "2", "--workers", "0", "--device", "cpu", "--amp", "none", "--uda-weight", "8",
             "--no-tensorboard",
         ]  # fmt: skip
-    recipe = ["--config", CONFIG] if (REPO / CONFIG).is_file() else RECIPE_FLAGS
+    shipped = REPO / "src" / "metapl" / "configs" / f"{CONFIG}.yaml"
+    recipe = ["--config", CONFIG] if shipped.is_file() else RECIPE_FLAGS
     return cmd + recipe + [
         "--dataset", "cifar10", "--data-dir", args.data, "--cache-dir", args.cache_dir, "--teacher", "wrn28_2",
         "--student", "wrn28_2", "--batch-size", "64", "--mu", "7", "--device", "cuda", "--amp", "bf16",

@@ -15,7 +15,7 @@ Two references are measured in the same run:
   step; default-implementation SGD and one ``.item()`` per logged loss, as the port has them.
 
 A step holds B labeled and μB unlabeled images, the unlabeled ones in a weak and a strong view: B(1 + 2μ) images,
-the count that images/s uses. Shapes: ``paper`` B=64 μ=7, ``cpu`` B=32 μ=7 (configs/cifar10_cpu.yaml), ``tiny`` B=2
+the count that images/s uses. Shapes: ``paper`` B=64 μ=7, ``cpu`` B=32 μ=7 (the cifar10_cpu config), ``tiny`` B=2
 μ=1 (smoke test). All variants use the CIFAR recipe's losses: UDA weight 8, label smoothing 0.15, SGD Nesterov.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps minus the memory allocated

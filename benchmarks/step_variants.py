@@ -21,7 +21,7 @@ SHAPES = {"paper": (64, 7), "cpu": (32, 7), "tiny": (2, 1)}  # name -> (B labele
 VARIANTS = ("hard-taylor", "hard-dot", "soft", "naive", "ideal")
 MPL_VARIANTS = {"hard-taylor": ("hard", "taylor"), "hard-dot": ("hard", "dot"), "soft": ("soft", "taylor")}
 NUM_CLASSES, IMAGE_SIZE, DROPOUT = 10, 32, 0.2
-# The CIFAR recipe's settings (configs/cifar10_4k.yaml); the naive step uses the same ones.
+# The CIFAR recipe's settings (src/metapl/configs/cifar10_4k.yaml); the naive step uses the same ones.
 LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.05, 0.9, 5e-4, 0.15
 UDA_WEIGHT, UDA_TEMPERATURE, UDA_THRESHOLD = 8.0, 0.7, 0.6
 

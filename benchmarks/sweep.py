@@ -50,7 +50,7 @@ def _teacher_only(train_labels: int) -> dict:
     }
 
 
-# The shipped CIFAR-10 CPU recipe as the ablation reads it (configs/cifar10_cpu.yaml and the data), on the device
+# The shipped CIFAR-10 CPU recipe as the ablation reads it (the cifar10_cpu config and the data), on the device
 # augmentation path, without progress output.
 _CIFAR10 = {**ABLATION_PROTOCOLS["cifar10"], "tensorboard": False, "progress": False, "device": "cpu",
             "augment_on": "device", "threads": 1, "workers": 0}  # fmt: skip

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metapl.engine.config import shipped_configs
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 VARIANT_ROWS = {"hard-taylor", "hard-dot", "soft", "naive", "ideal-taylor", "ideal-dot"}
@@ -133,7 +135,7 @@ def test_gpu_check_commands(gpu_check, tmp_path):
     compiled = gpu_check.get_args_parser().parse_args(["--compile", "--augment-on", "loader"])
     compiled.tiny = False
     assert " --augment-on loader --compile" in " ".join(gpu_check.train_command(compiled, tmp_path / "run"))
-    assert "--config configs/cifar10_4k.yaml" in train or "--uda-weight 8" in train
+    assert "--config cifar10_4k" in train or "--uda-weight 8" in train
 
     tiny = argparse.Namespace(**{**vars(args), "tiny": True})
     assert "--tiny" in gpu_check.bench_command(tiny, tmp_path)
@@ -256,7 +258,9 @@ def test_busy_share_times_a_demo_in_a_fresh_process():
 def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
     config_cost = _load("config_cost")
     out = tmp_path / "cost.json"
-    result = config_cost.main([str(REPO / "configs" / "svhn_1k.yaml"), "--tiny", "--threads", "1", "--json", str(out)])
+    result = config_cost.main(
+        [str(REPO / "src" / "metapl" / "configs" / "svhn_1k.yaml"), "--tiny", "--threads", "1", "--json", str(out)]
+    )
     assert (result["batch"], result["mu"], result["size"], result["classes"]) == (1, 1, 32, 10)
     assert result["teacher_params"] == result["student_params"] == 1_467_610  # WRN-28-2, 10 classes
     assert result["ms_per_step"] > 0 and json.loads(out.read_text()) == result
@@ -317,9 +321,9 @@ def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
 
 
 def test_shipped_strong_recipe_is_the_ablation_row_it_reports():
-    """configs/fashion_100_strong_cpu.yaml is what the README's +3 row trained: a drift would make the figure lie."""
+    """The shipped fashion_100_strong_cpu config is what the README's +3 row trained: a drift would falsify it."""
     ablation = _load("ablation")
-    shipped = yaml.safe_load((REPO / "configs" / "fashion_100_strong_cpu.yaml").read_text())
+    shipped = yaml.safe_load(shipped_configs()["fashion_100_strong_cpu"].read_text())
     measured = ablation.run_values("fashion", "uda-distill-lstrong", 0)
     bookkeeping = {"save_every", "workers"}  # where and how often files are written, not the recipe
     assert {k: v for k, v in shipped.items() if k not in bookkeeping} == {

@@ -168,7 +168,7 @@ def test_a_full_disk_at_a_later_save_of_a_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     code, err = cli(capsys, "train", *QUICK, "--save-every", "2", "--out", out)
     assert code == 2 and err == (
-        f"metapl: error: cannot write {out / BEST} (torch.save failed: [enforce fail at inline_container.cc:672] . "
+        f"metapl: error: cannot write {out / LATEST} (torch.save failed: [enforce fail at inline_container.cc:672] . "
         "unexpected pos 64 vs 0); the disk is probably full: free disk space or pick another folder"
     )
     monkeypatch.undo()
@@ -194,8 +194,8 @@ def test_eval_output_onto_a_run_file_is_refused(copy_of, capsys, name):
 
 def test_eval_may_write_its_own_files_and_refuses_any_checkpoint(copy_of, tmp_path, capsys):
     run = copy_of()
-    assert cli(capsys, "eval", run / BEST, "--output", run / "best.eval.json")[0] == 0
-    assert json.loads((run / "best.eval.json").read_text())["checkpoint"] == str(run / BEST)
+    assert cli(capsys, "eval", run / LATEST, "--output", run / "checkpoint.eval.json")[0] == 0
+    assert json.loads((run / "checkpoint.eval.json").read_text())["checkpoint"] == str(run / LATEST)
     other = tmp_path / "elsewhere.pt"
     other.write_bytes(b"any checkpoint")
     assert cli(capsys, "eval", run, "--output", other) == (
@@ -214,15 +214,15 @@ def test_predict_output_onto_an_input_image_a_checkpoint_or_a_run_file(copy_of, 
     kept = image.read_bytes()
     refusals = {
         image: f"the input image {image}, which this command reads",
-        run / BEST: f"the checkpoint {run / BEST}, which this command reads",
-        run / LATEST: f"the run's {LATEST} in {run}",
+        run / LATEST: f"the checkpoint {run / LATEST}, which this command reads",
+        run / "config.yaml": f"the run's config.yaml in {run}",
         run / "summary.json": f"the run's summary.json in {run}",
     }
     for output, what in refusals.items():
-        argv = ["predict", run / BEST, image if output != run / LATEST else images, "--output", output]
+        argv = ["predict", run / LATEST, image if output != run / "config.yaml" else images, "--output", output]
         assert cli(capsys, *argv) == (2, f"metapl: error: --output {output} would overwrite {what}; name another "
                                          "output file")  # fmt: skip
-    assert cli(capsys, "predict", run / BEST, images, "--output", images / "img0.png")[1].endswith(
+    assert cli(capsys, "predict", run / LATEST, images, "--output", images / "img0.png")[1].endswith(
         f"would overwrite the input image {images / 'img0.png'}, which this command reads; name another output file"
     )
     assert image.read_bytes() == kept and load_checkpoint(run)["step"] == 4
@@ -407,7 +407,7 @@ def test_sigterm_during_eval_is_one_line_and_status_143(copy_of, capsys, monkeyp
         raise AssertionError("SIGTERM was not handled")
 
     run = copy_of()
-    monkeypatch.setattr(metapl.commands.inference, "evaluate", evaluate_then_signal)
+    monkeypatch.setattr(metapl.commands.inference, "evaluate_report", evaluate_then_signal)
     handler = signal.getsignal(signal.SIGTERM)
     assert cli(capsys, "eval", run) == (143, "metapl: interrupted; nothing was saved since the last checkpoint")
     assert signal.getsignal(signal.SIGTERM) == handler and not (run / "eval.json").exists()

@@ -81,7 +81,7 @@ def test_saved_config_is_grouped_and_round_trips(tmp_path):
     assert TrainConfig(**load_yaml(tmp_path / "c.yaml")) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "src" / "metapl" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = TrainConfig(**load_yaml(path))
     expected = {

@@ -184,17 +184,18 @@ def full_ddp_run(tmp_path_factory) -> Path:
 def test_torchrun_trains_and_only_rank_zero_writes(full_ddp_run):
     out = full_ddp_run
     names = {p.name for p in out.iterdir()}
-    # finetuned.pt: the default recipe finetunes the student (a tenth of the steps), under torchrun too.
+    # finetuned.pt: the default recipe finetunes the student (a tenth of the steps), under torchrun too; no best.pt
+    # without --val-labeled.
     assert names == {
         "config.yaml",
         "split.json",
         LATEST,
-        "best.pt",
         "finetuned.pt",
         "metrics.jsonl",
         "summary.json",
         "tb",
         ".lock",  # rank 0's one-writer lock, released (emptied) at the end
+        "train.log",
     }
     assert (out / ".lock").read_text() == ""
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer, not one per rank

@@ -147,7 +147,7 @@ def test_timm_prefix_without_timm_says_pip_install(monkeypatch):
 
 
 def test_resnet50_comes_from_torchvision_and_trains_on_a_tiny_input():
-    # configs/imagenet_10pct.yaml names "resnet50": no registry entry, create_model builds torchvision's (weights=None).
+    # The imagenet_10pct config names "resnet50": no registry entry, create_model builds torchvision's (weights=None).
     assert "resnet50" not in list_models()
     model = create_model("resnet50", num_classes=5, image_size=32)
     assert count_parameters(model) == 23_518_277  # torchvision's ResNet-50 with a 5-class head

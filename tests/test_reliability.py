@@ -134,10 +134,10 @@ def test_repro3_run_killed_before_its_first_checkpoint(copy_of, capsys):
     killed = copy_of("killed")  # what a run stopped before its first save leaves: no checkpoint.pt
     (killed / LATEST).unlink()
     (killed / "notes.txt").write_text("keep me\n")
-    old_best = (killed / BEST).read_bytes()
+    old_metrics = (killed / "metrics.jsonl").read_bytes()
     code, err = cli(capsys, "train", *QUICK, "--out", killed)
     assert code == 2 and err.startswith(f"metapl: error: --out {killed} is not empty") and "--overwrite" in err
-    assert (killed / BEST).read_bytes() == old_best
+    assert (killed / "metrics.jsonl").read_bytes() == old_metrics
     code, err = cli(capsys, "train", "--resume", killed)
     assert code == 2 and err == (
         f"metapl: error: {killed} has no {LATEST} to resume from (stopped before its first save?); start it again "

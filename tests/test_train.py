@@ -48,7 +48,10 @@ def test_train_writes_every_output(tmp_path, capsys):
     assert steps == [2, 4, 6]
     assert any("eval/ema_acc" in r for r in records)
     assert "train/pseudo/acc" in records[0] and "train/mpl/h" in records[0]
-    assert (out / LATEST).exists() and (out / "best.pt").exists()
+    # No --val-labeled: nothing is chosen on the test set, so there is no best.pt; the summary says so.
+    assert (out / LATEST).exists() and not (out / "best.pt").exists()
+    assert summary["best"] == "none (no --val-labeled: no model is chosen on the test set; the final model is kept)"
+    assert summary["best_acc"] is None
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "test accuracy" in capsys.readouterr().out
 

@@ -76,14 +76,14 @@ def test_mpl_only_flags_are_refused_with_the_labels_only_baseline_but_a_recipe_f
         resolve(parser.parse_args(["train", "--uda-weight", "0", "--uda-threshold", "0.9"]))
     assert str(info.value) == ("--uda-threshold 0.9 does nothing with --uda-weight 0.0 (UDA is off); drop "
                                "--uda-threshold or use --uda-weight a weight > 0")  # fmt: skip
-    recipe = REPO / "configs" / "cifar10_4k.yaml"
+    recipe = REPO / "src" / "metapl" / "configs" / "cifar10_4k.yaml"
     cfg = resolve(parser.parse_args(["train", "--config", str(recipe), "--method", "supervised"]))
     assert cfg.method == "supervised" and cfg.uda_weight == load_yaml(recipe)["uda_weight"] == 8.0
     assert main(["train", "--mode", "soft", "--feedback", "cosine", "--out", "unused"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "src" / "metapl" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(TrainConfig(**load_yaml(path)), TrainConfig)
 

@@ -1,4 +1,4 @@
-"""The ``metapl`` command: train, finetune, eval, predict, plot, shards (write tar shards) and an offline demo.
+"""The ``metapl`` command: train, finetune, eval, predict, export, plot, shards (write tar shards) and an offline demo.
 
 Every error a user can fix is printed as one line (``metapl: error: ...``) with exit status 2, never a traceback;
 a file-system error that no deeper code named (``OSError``) is reported the same way, naming its path. A training
@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def get_args_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand."""
     parser = _Parser(prog="metapl", description="Meta Pseudo Labels for PyTorch")
+    parser.add_argument("--version", action="version", version=f"metapl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a teacher and a student with Meta Pseudo Labels")
@@ -57,14 +58,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's finetune_lr)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
 
-    p = sub.add_parser("eval", help="top-1/top-5 of a run's teacher, student and EMA student on a test split")
+    p = sub.add_parser("eval", help="accuracy, per-class figures, confusion matrix and calibration of a run's models")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
-    p.add_argument("--data-dir", default=None, help="where the test data lives (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="where the test data lives (default: the run's); a folder run "
+                   "scores a train/+test/ tree's test split, and every image of a flat <class>/* folder")  # fmt: skip
     p.add_argument("--output", default=None, help="JSON file for the results (default: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize --data-dir's images to this size (default: the run's; must be what it trained on)",
+    )
+    p.add_argument("--plot", action="store_true", help="also write each model's confusion matrix as a PNG beside "
+                   "the JSON (<output stem>.confusion.png)")  # fmt: skip
+
+    p = sub.add_parser("export", help="write one trained model as .safetensors (+ JSON), ONNX or TorchScript")
+    p.add_argument("path", metavar="RUN_DIR|CKPT")
+    p.add_argument(
+        "--model",
+        choices=("finetuned", "ema", "student", "teacher"),
+        default=None,
+        help="default: finetuned if finetuned.pt exists, else ema, else student",
+    )
+    p.add_argument("--format", dest="fmt", choices=("safetensors", "onnx", "torchscript"), default="safetensors")
+    p.add_argument("--output", default=None, help="the model file (default: RUN_DIR/export/MODEL.<format suffix>); "
+                   "its JSON record goes beside it")  # fmt: skip
 
     p = sub.add_parser("predict", help="classify images or folders of images with a trained model")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help="a run directory, a .pt checkpoint or an exported .safetensors")
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--model", choices=("ema", "student", "teacher", "finetuned"), default="ema")
     p.add_argument("--output", default="predictions.csv", help="CSV file (default: predictions.csv)")
@@ -150,7 +172,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from metapl.commands.inference import run_eval
 
-        run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device)
+        run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device,
+                 image_size=args.image_size, plot=args.plot)  # fmt: skip
+        return 0
+    if args.command == "export":
+        from metapl.commands.export import run_export
+
+        run_export(args.path, model=args.model, fmt=args.fmt, output=args.output)
         return 0
     if args.command == "predict":
         from metapl.commands.inference import run_predict
@@ -190,6 +218,16 @@ def _resume_config(args: argparse.Namespace):
             "the runtime options may be given with it: see metapl train --help)"
         )
     return replace(load_run_config(args.resume), **given, out=args.resume)
+
+
+def _version() -> str:
+    """The installed distribution's version (``metapl --version``); a source tree on PYTHONPATH says so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("metapl")
+    except PackageNotFoundError:
+        return "(not installed: a source checkout)"
 
 
 def _resolve(args: argparse.Namespace):

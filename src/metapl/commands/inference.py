@@ -1,4 +1,4 @@
-"""``metapl eval`` and ``metapl predict``: a trained run's models rebuilt from a checkpoint alone.
+"""``metapl eval`` and ``metapl predict``: a trained run's models rebuilt from a checkpoint (or an export) alone.
 
 Everything needed to rebuild the networks (model names, dropout, class count, channels, image size, normalisation,
 class names) is read from the checkpoint, so neither command takes training options. ``eval`` reloads the run's own
@@ -14,10 +14,12 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from metapl.commands.eval_report import format_per_class, format_table, plot_confusion
 from metapl.engine.checkpoint import (
     EVAL_JSON,
     FINETUNED,
@@ -30,8 +32,9 @@ from metapl.engine.checkpoint import (
     require_keys,
     state_dict_mismatch,
 )
-from metapl.engine.config import TrainConfig, config_from_dict
-from metapl.engine.evaluate import evaluate
+from metapl.engine.config import REDUCED_METHODS, TrainConfig, config_from_dict
+from metapl.engine.evaluate import evaluate_report
+from metapl.engine.exported import import_modules, read_exported
 from metapl.engine.runtime import plan_cpu_share, select_device
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models import create_model
@@ -75,7 +78,13 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
     state = ckpt.get(role)
     if state is None:
         raise UserError(f"{source} holds no {role} weights")
+    method = ckpt["config"].get("method")
+    if role == "teacher" and method in REDUCED_METHODS:  # its teacher reads stored predictions, not images
+        raise UserError(f"{source} is a --method {method} run: its teacher entry is not a "
+                        f"{ckpt['config'].get('teacher')} classifier of images; use the student, ema or finetuned "
+                        "model")  # fmt: skip
     cfg = config_from_dict(ckpt["config"])
+    import_modules(getattr(cfg, "imports", None))
     name, dropout = (cfg.teacher, cfg.teacher_dropout) if role == "teacher" else (cfg.student, cfg.student_dropout)
     num_classes, in_channels = int(ckpt["num_classes"]), int(ckpt["in_channels"])
     model = create_model(
@@ -98,21 +107,29 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
 
 
 def run_eval(
-    path: str | Path, *, data_dir: str | None = None, output: str | Path | None = None, device: str = "auto", log=print
-) -> dict:
-    """Top-1/top-5 test accuracy of a run's teacher, student, EMA student (and finetuned student, when present).
+    path: str | Path, *, data_dir: str | None = None, output: str | Path | None = None, device: str = "auto",
+    image_size: int | None = None, plot: bool = False, log=print,
+) -> dict:  # fmt: skip
+    """Accuracy, calibration and per-class figures of a run's teacher, student, EMA student (and finetuned student).
 
     Args:
         path: a run directory (its ``checkpoint.pt``, plus ``finetuned.pt`` if there) or a ``.pt`` checkpoint.
-        data_dir: where the test data lives, overriding the ``data_dir`` saved in the run's config.
+        data_dir: where the test data lives, overriding the ``data_dir`` saved in the run's config. For a
+            ``--dataset folder`` run, a tree with ``train/`` and ``test/`` gives its test split and a flat
+            ``<class>/*`` folder is scored whole (every image is a test image).
         output: JSON file for the results; default ``RUN_DIR/eval.json``, or ``<name>.eval.json`` beside a ``.pt``
             (so that evaluating ``best.pt`` does not overwrite the result of ``checkpoint.pt``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        log: receives the table and progress lines.
+        image_size: resize the images to this size; default the run's (``--data-dir`` of a folder run: the size
+            the checkpoint was trained at).
+        plot: also write the confusion matrices as ``<output stem>.confusion.png``.
+        log: receives the tables and progress lines.
 
     Returns:
-        ``{"<model>_acc": top-1 %, "<model>_top5": top-5 %, ...}`` plus ``checkpoint``, ``step``, ``dataset`` and
-        ``num_test``; the same dict is written to ``output``.
+        ``{"<model>_acc": top-1 %, "<model>_top5": top-5 % (more than 5 classes only), "<model>_ece": expected
+        calibration error % (15 bins), ...}`` plus ``checkpoint``, ``step``, ``dataset``, ``data_dir``, ``num_test``,
+        ``classes`` and ``models`` (per model: per-class accuracy/precision/recall/support and the confusion matrix,
+        ``metapl.engine.evaluate.class_report``); the same dict is written to ``output``.
 
     Raises:
         UserError: unreadable checkpoint, weights that do not fit their config, or a test set whose class count,
@@ -131,13 +148,20 @@ def run_eval(
         models["finetuned"] = build_model(load_checkpoint(finetuned_path), "student", source=finetuned_path)
 
     dev = select_device(device)
-    loader, num_test = _test_loader(cfg, ckpt, ckpt_path, data_dir, dev, log)
-    accs = evaluate({name: m.to(dev) for name, m in models.items()}, loader, dev)
+    loader, num_test, where = _test_loader(cfg, ckpt, ckpt_path, data_dir, image_size, dev, log)
+    reports = evaluate_report({name: m.to(dev) for name, m in models.items()}, loader, dev, int(ckpt["num_classes"]))
 
-    result = {"checkpoint": str(ckpt_path), "step": ckpt.get("step"), "dataset": cfg.dataset, "num_test": num_test}
-    result.update(accs)
-    log(f"{ckpt_path} (step {ckpt.get('step')}) on the {cfg.dataset} test split, {num_test} images:")
-    log(format_table(accs))
+    classes = [str(c) for c in ckpt["classes"]]
+    result = {"checkpoint": str(ckpt_path), "step": ckpt.get("step"), "dataset": cfg.dataset,
+              "data_dir": data_dir if data_dir is not None else cfg.data_dir, "num_test": num_test}  # fmt: skip
+    for name, report in reports.items():
+        result.update({f"{name}_{key}": report[key] for key in ("acc", "top5", "ece") if key in report})
+    result.update({"classes": classes, "models": reports})
+    log(f"{ckpt_path} (step {ckpt.get('step')}) on {where}, {num_test} images:")
+    log(format_table(result))
+    main = next(name for name in ("finetuned", "ema", "student") if name in reports)
+    log(f"per class ({main}; ECE: 15 equal-width confidence bins):")
+    log(format_per_class(reports[main], classes))
     if output is None:
         output = path / EVAL_JSON if path.is_dir() else path.with_name(f"{path.stem}.{EVAL_JSON}")
     output = Path(output)
@@ -145,11 +169,13 @@ def run_eval(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {output}")
+    if plot:
+        png = plot_confusion(reports, classes, output.with_name(f"{output.stem}.confusion.png"))
+        log(f"wrote {png}")
     return result
 
 
 def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
-    # A labels-only run never trains its teacher; the trainer does not report it either.
     # A labels-only run has no teacher; a reduced run's teacher reads stored predictions, not images.
     roles = ["teacher", "student"] if cfg.method == "mpl" else ["student"]
     if ckpt.get("ema") is not None:
@@ -157,54 +183,54 @@ def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
     return roles
 
 
-def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, device: torch.device,
-                 log) -> tuple[object, int]:  # fmt: skip
-    """A loader of the run's test split, checked against what the checkpoint's models take, and its size. A streamed
-    split is decoded in the run's ``--workers`` loader workers (chosen from this machine's free cores if open)."""
+def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, image_size: int | None,
+                 device: torch.device, log) -> tuple[object, int, str]:  # fmt: skip
+    """A loader of the images to score, checked against what the checkpoint's models take, their count, and a
+    phrase naming them. A streamed split is decoded in the run's ``--workers`` loader workers."""
     from metapl import data as mdata  # imported here: predict and the model helpers work without the data package
+    from metapl.data.imagetree import is_split_tree
 
-    # Same name, image size and seed as in training: digits and class folders without test/ split by seed.
+    # A flat folder of a folder run is all test images; the run's own data keeps the run's split (same seed).
+    whole = data_dir is not None and cfg.dataset == "folder" and Path(data_dir).is_dir()
+    whole = whole and not is_split_tree(Path(data_dir))
+    if image_size is None:
+        image_size = int(ckpt["image_size"]) if data_dir is not None and cfg.dataset == "folder" else cfg.image_size
     data = mdata.load_dataset(
         cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, download=cfg.download,
-        image_size=cfg.image_size, cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
-        data_path=cfg.data_path,
+        image_size=image_size, cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+        data_path="cache" if whole else cfg.data_path,
     )  # fmt: skip
+    _check_test_data(data, cfg, ckpt, ckpt_path, log)
+    test, where = data.test, f"the {cfg.dataset} test split"
+    if whole:
+        test = mdata.ImageArrays(np.concatenate([data.train.images, data.test.images]),
+                                 np.concatenate([data.train.labels, data.test.labels]))  # fmt: skip
+        where = f"all of {data_dir}"
+        log(f"{data_dir} has no train/ and test/ folders: all {len(test)} of its images are scored as the test set")
+    # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
+    workers = mdata.eval_workers(test, plan_cpu_share(cfg.workers, cfg.threads, device).workers)
+    loader = mdata.make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size,
+                                    num_workers=workers)  # fmt: skip
+    return loader, len(test), where
+
+
+def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -> None:
+    """Refuse test data the checkpoint's models cannot take; warn when only the class names differ."""
+    same_data = "pass the --data-dir of the data set the run was trained on"
     checks = (
-        ("classes", data.num_classes, ckpt["num_classes"]),
-        ("channels", data.in_channels, ckpt["in_channels"]),
-        ("pixels per side", data.image_size, ckpt["image_size"]),
+        ("classes", data.num_classes, ckpt["num_classes"], same_data),
+        ("channels", data.in_channels, ckpt["in_channels"], same_data),
+        ("pixels per side", data.image_size, ckpt["image_size"], f"pass --image-size {ckpt['image_size']}"),
     )
-    for what, have, want in checks:
+    for what, have, want, fix in checks:
         if int(have) != int(want):
             raise UserError(
                 f"the {cfg.dataset} test data has {have} {what} but checkpoint {ckpt_path} was trained with "
-                f"{want} {what}; pass the --data-dir of the data set the run was trained on"
+                f"{want} {what}; {fix}"
             )
     if list(data.classes) != list(ckpt["classes"]):
         log(f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
             f"{few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
-    # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
-    workers = mdata.eval_workers(data.test, plan_cpu_share(cfg.workers, cfg.threads, device).workers)
-    loader = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size,
-                                    num_workers=workers)  # fmt: skip
-    return loader, len(data.test)
-
-
-def format_table(accs: dict[str, float]) -> str:
-    """An aligned text table of ``evaluate``'s result: one row per model, top-1 % and top-5 %.
-
-    Args:
-        accs: ``{"<model>_acc": ..., "<model>_top5": ...}``.
-
-    Returns:
-        The table, lines joined by newlines.
-    """
-    names = [k.removesuffix("_acc") for k in accs if k.endswith("_acc")]
-    width = max([len("model"), *map(len, names)])
-    lines = [f"{'model':<{width}}  {'top-1 %':>8}  {'top-5 %':>8}"]
-    for name in names:
-        lines.append(f"{name:<{width}}  {accs[f'{name}_acc']:>8.2f}  {accs.get(f'{name}_top5', float('nan')):>8.2f}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +244,8 @@ def run_predict(
     """Classify image files and folders of images (searched recursively) and write one CSV row per image.
 
     Args:
-        checkpoint: a ``.pt`` checkpoint or a run directory (its ``checkpoint.pt``).
+        checkpoint: a ``.pt`` checkpoint, a run directory (its ``checkpoint.pt``), or a ``.safetensors`` file of
+            ``metapl export`` with its JSON beside it (``model`` is then the exported one).
         paths: image files (any format Pillow reads) and folders.
         model: ``ema`` (the EMA student; the student when the run kept no EMA), ``student``, ``teacher`` or
             ``finetuned`` (the student in ``finetuned.pt`` beside the checkpoint).
@@ -238,8 +265,11 @@ def run_predict(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     ckpt_path = checkpoint_file(checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    net, ckpt = _predict_model(ckpt, ckpt_path, model, log)
+    if ckpt_path.suffix == ".safetensors":  # metapl export's file: the JSON beside it says what to rebuild
+        net, ckpt = read_exported(ckpt_path)
+        model = f"exported {ckpt['role']}"
+    else:
+        net, ckpt = _predict_model(load_checkpoint(ckpt_path), ckpt_path, model, log)
     files = find_images(paths)
     refuse_overwrite(output, inputs=((ckpt_path, "the checkpoint"), *((f, "the input image") for f in files),
                                      *((p, "the input") for p in paths)))  # fmt: skip
@@ -292,9 +322,6 @@ def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Mod
     method = config_from_dict(ckpt["config"]).method
     if which == "teacher" and method == "supervised":
         raise UserError(f"{ckpt_path} is a labels-only run (--method supervised): its teacher was never trained")
-    if which == "teacher" and method != "mpl":
-        raise UserError(f"{ckpt_path} is a --method {method} run: its teacher reads the large teacher's stored "
-                        "predictions, not images; predict with --model ema, student or finetuned")  # fmt: skip
     if which not in ("ema", "student", "teacher"):
         raise UserError(f"unknown --model {which!r}; choose ema, student, teacher or finetuned")
     return build_model(ckpt, which, source=ckpt_path), ckpt

@@ -8,13 +8,16 @@ from another run is caught instead of silently training on other images (the ind
 of integers, were pickled into every checkpoint and never read back).
 
 Checkpoints are written atomically and only with finite weights (``nonfinite_weights``), so the newest file on disk is
-always one a run can resume from.
+always one a run can resume from. Every entry is a tensor or a plain Python value (the random generators' states
+included), so checkpoints load with ``torch.load(weights_only=True)``: reading one runs no pickled code. ``best.pt`` and
+``finetuned.pt`` are slim (``inference_state``): the models and what rebuilds them, no optimizer or generator state.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -37,9 +40,25 @@ FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, 
 EVAL_JSON = "eval.json"  # metapl eval's result
 CURVES = "curves.png"  # metapl plot's default image
 TENSORBOARD = "tb"  # TensorBoard event files
+EXPORT_DIR = "export"  # metapl export's default folder (metapl.engine.exported)
+TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.engine.metrics.LogFile)
 # What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
-RUN_FILES = (CONFIG, SPLIT, METRICS, SUMMARY, LATEST, BEST, FINETUNED, FINETUNE_PROGRESS, EVAL_JSON, CURVES,
-             TENSORBOARD, *(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED)))  # fmt: skip
+RUN_FILES = (
+    CONFIG,
+    SPLIT,
+    METRICS,
+    SUMMARY,
+    LATEST,
+    BEST,
+    FINETUNED,
+    FINETUNE_PROGRESS,
+    EVAL_JSON,
+    CURVES,
+    TENSORBOARD,
+    EXPORT_DIR,
+    TRAIN_LOG,
+    f"{Path(EVAL_JSON).stem}.confusion.png",  # metapl eval --plot
+) + tuple(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED))
 
 # The one-writer lock (metapl.engine.lock). Not among RUN_FILES: --overwrite runs while its own process holds it, and a
 # lock file is never deleted under a holder; a folder holding only a lock file counts as empty.
@@ -54,13 +73,17 @@ RESUME_KEYS = MODEL_KEYS + (
 )
 
 
-def checkpoint_state(run) -> dict:
+def checkpoint_state(run, *, with_training_state: bool = True) -> dict:
     """The flat checkpoint dict of a run (a ``metapl.engine.run.Run``).
+
+    Args:
+        run: the run.
+        with_training_state: include what only resuming needs (optimizers, schedulers, scalers, MPL state, RNG).
 
     Returns:
         Models, optimizers, schedulers, scalers, RNG, the split's digest, the config and the data's shape.
     """
-    return {
+    state = {
         "config": run.cfg.to_dict(),
         "step": run.step,
         "seconds": run.seconds,
@@ -74,6 +97,11 @@ def checkpoint_state(run) -> dict:
         "teacher": unwrap(run.teacher).state_dict(),
         "student": unwrap(run.student).state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "split_sha256": split_digest(run.split),
+    }
+    if not with_training_state:
+        return state
+    return state | {
         "t_opt": run.t_opt.state_dict(),
         "s_opt": run.s_opt.state_dict(),
         "t_sched": run.t_sched.state_dict(),
@@ -81,9 +109,26 @@ def checkpoint_state(run) -> dict:
         "t_scaler": run.t_scaler.state_dict() if run.t_scaler is not None else None,
         "s_scaler": run.s_scaler.state_dict() if run.s_scaler is not None else None,
         "mpl_state": run.state.state_dict(),
-        "split_sha256": split_digest(run.split),
         "rng": rng_state(),
     }
+
+
+def inference_state(run, *, student=None) -> dict:
+    """What ``best.pt`` and ``finetuned.pt`` keep of a run: the models and what rebuilds them (config, data shape,
+    normalisation, classes), the step and the split's digest; no optimizer, scheduler, scaler or generator state.
+
+    Args:
+        run: a ``metapl.engine.run.Run``.
+        student: the student network to store in place of ``run.student`` (the finetuned one), or None.
+
+    Returns:
+        A checkpoint dict with ``MODEL_KEYS``, ``step``, ``seconds``, ``best_acc``, ``teacher``, ``ema`` and
+        ``split_sha256``.
+    """
+    full = checkpoint_state(run, with_training_state=False)
+    if student is not None:
+        full["student"] = unwrap(student).state_dict()
+    return full
 
 
 def restore(run, ckpt: dict, source: str | Path) -> bool:
@@ -267,7 +312,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; pass a run directory of metapl train or a .pt file it wrote")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = _load_weights_only(path)
     except Exception as e:  # a torn or foreign file: say which, not where inside torch it broke
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); is it a metapl checkpoint?") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "student" not in ckpt:
@@ -275,9 +320,31 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _load_weights_only(path: Path) -> dict:
+    """``torch.load(weights_only=True)``; a checkpoint of metapl 0.1 also held NumPy's generator state as an array,
+    so exactly those NumPy types (array reconstruction, nothing callable beyond it) are allowed on a second try."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _np_reconstruct()]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _np_reconstruct():
+    try:  # NumPy 2 moved the module; pickles name whichever wrote them, and both resolve to the same function
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
 def rng_state() -> dict:
-    """Every global random generator the training loop draws from."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global random generator the training loop draws from, as tensors and plain Python values (NumPy's
+    key array as an int64 tensor) so that a checkpoint loads with ``weights_only=True``."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -286,7 +353,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state`` captured."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.int64).astype(np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -43,6 +43,7 @@ _SECTIONS = {
     "out": "run",
 }
 REDUCED_METHODS = ("reduced-mpl", "distill")  # the methods whose teacher is a reduced teacher over stored predictions
+_ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
 # Options that do nothing unless another option has a value: (option, the option it needs, the values that make it
@@ -158,6 +159,11 @@ class TrainConfig(MPLConfig):
         "small_cnn", "teacher network: a registered name (small_cnn, wrn28_2, ...), tv:NAME, timm:NAME"
     )
     student: str = option("small_cnn", "student network, named as --teacher")
+    imports: str | None = option(
+        None, "Python modules to import before the models are built (comma-separated, e.g. mypkg.models): they "
+        "register your own models with metapl.models.register_model; recorded in the run, so eval, predict, "
+        "finetune and export import them again (also --import)",
+    )  # fmt: skip
     teacher_dropout: float = option(0.0, "dropout before the teacher's classifier", ge=0, lt=1)
     student_dropout: float = option(0.0, "dropout before the student's classifier", ge=0, lt=1)
     pretrained: Literal["none", "teacher", "student", "both"] = option(
@@ -342,6 +348,33 @@ def _help(spec: Spec) -> str:
     return f"{text} (default: {shown})".replace("%", "%%")
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped inside the package (``metapl/configs/*.yaml``): name -> file."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_config(name: str | Path) -> Path:
+    """The file ``--config`` names: a path as given, or a bare name (no folder, no extension) of a shipped config.
+
+    Args:
+        name: ``configs/my.yaml``, ``my.yaml`` or ``cifar10_4k``.
+
+    Returns:
+        The path to read (``load_yaml`` reports a path that does not exist).
+
+    Raises:
+        UserError: a bare name that is neither a file here nor a shipped config, listing the shipped names.
+    """
+    path = Path(name)
+    if path.exists() or path.suffix or len(path.parts) != 1:
+        return path
+    shipped = shipped_configs()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    raise UserError(f"unknown config {str(name)!r}; the shipped configs are {', '.join(shipped)}, or pass a YAML file")
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a config file and check its keys against ``TrainConfig``.
 
@@ -386,17 +419,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         for name in names:
             spec, flag = known[name], "--" + _flag(name)
             kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": _help(spec)}
+            flags = (flag, *_ALIASES.get(name, ()))
             if spec.kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             elif spec.choices:
-                group.add_argument(flag, choices=spec.choices, **kwargs)
+                group.add_argument(*flags, choices=spec.choices, **kwargs)
             else:
-                group.add_argument(flag, metavar=spec.kind.__name__.upper(), **kwargs)
+                group.add_argument(*flags, metavar=spec.kind.__name__.upper(), **kwargs)
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """Defaults < ``--config`` file < flags."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values = load_yaml(find_config(args.config)) if getattr(args, "config", None) else {}
     for name, spec in specs(TrainConfig).items():
         if hasattr(args, name):
             values[name] = _parse(spec, getattr(args, name))

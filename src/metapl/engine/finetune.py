@@ -1,10 +1,10 @@
 """The paper's last phase: finetune the student on the labeled data alone (``--finetune-steps``, ``metapl finetune``).
 
-The finetuned student is saved as ``finetuned.pt`` (same layout as ``checkpoint.pt``, with the finetuned student
-weights), so the MPL checkpoint stays untouched and finetuning can be repeated with other settings. A finetune
-stopped by SIGINT/SIGTERM saves ``finetune-progress.pt`` and continues from it when resumed (``metapl train --resume
-RUN`` for the finetuning that follows training, or the same ``metapl finetune`` command); one killed outright
-(SIGKILL) restarts from the MPL checkpoint: it is short.
+The finetuned student is saved as ``finetuned.pt`` (``checkpoint.inference_state``: the models, the student
+finetuned, and no optimizer state), so the MPL checkpoint stays untouched and finetuning can be repeated with other
+settings. A finetune stopped by SIGINT/SIGTERM saves ``finetune-progress.pt`` and continues from it when resumed
+(``metapl train --resume RUN`` for the finetuning that follows training, or the same ``metapl finetune`` command); one
+killed outright (SIGKILL) restarts from the MPL checkpoint: it is short.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from metapl.engine.checkpoint import (
     FINETUNED,
     LATEST,
     atomic_save,
-    checkpoint_state,
+    inference_state,
     load_checkpoint,
     nonfinite_weights,
     rng_state,
@@ -112,7 +112,7 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
         result.update(accs)
-        atomic_save(checkpoint_state(run), run_dir / FINETUNED)
+        atomic_save(inference_state(run), run_dir / FINETUNED)
         with reporting_os_errors(run_dir / FINETUNE_PROGRESS, "delete"):
             (run_dir / FINETUNE_PROGRESS).unlink(missing_ok=True)
     return result

@@ -27,6 +27,7 @@ from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, pla
 from metapl.engine.weights import start_model
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models import count_parameters
+from metapl.models.plugins import import_model_modules
 from metapl.models.reduced import ReducedTeacher
 
 
@@ -70,6 +71,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     ``cfg.workers`` and ``cfg.threads`` left open are chosen here (``Run.cfg`` holds the values used).
     """
     cfg = _take_cpu_share(cfg, device, d, log)
+    import_model_modules(cfg.imports)  # the user's own models, before any is built (metapl.models.plugins)
     data = mdata.load_dataset(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,

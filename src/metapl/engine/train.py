@@ -26,8 +26,10 @@ from metapl.engine.checkpoint import (
     CONFIG,
     LATEST,
     SPLIT,
+    TRAIN_LOG,
     atomic_save,
     checkpoint_state,
+    inference_state,
     load_checkpoint,
     nonfinite_weights,
     rng_state,
@@ -36,7 +38,7 @@ from metapl.engine.config import TrainConfig, save_config
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_progress, finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
-from metapl.engine.metrics import MetricsWriter
+from metapl.engine.metrics import LogFile, MetricsWriter
 from metapl.engine.reduced import reduced_teacher_accuracy
 from metapl.engine.resume import check_resume, replan_schedules
 from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files, write_summary
@@ -53,6 +55,7 @@ from metapl.engine.runtime import (
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 LOSS_KEYS = ("loss/teacher", "loss/student")
+NO_BEST = "none (no --val-labeled: no model is chosen on the test set; the final model is kept)"  # summary["best"]
 
 
 class TrainingDiverged(UserError):
@@ -82,12 +85,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     run_dir = check_out_path(cfg.out)
     with run_lock(run_dir, command="metapl train", log=log, enabled=is_writer_rank()):
         run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
-        return _train(cfg, run_dir, device, resume=resume, overwrite=overwrite, log=log)
+        d = init_distributed(device)
+        log = LogFile(log if d.is_main else (lambda *a, **k: None))  # also RUN_DIR/train.log, once the folder exists
+        try:
+            return _train(cfg, run_dir, d, device, log, resume=resume, overwrite=overwrite)
+        finally:
+            log.close()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: bool, overwrite: bool, log) -> dict:
-    d = init_distributed(device)
-    log = log if d.is_main else (lambda *a, **k: None)
+def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, resume: bool, overwrite: bool) -> dict:
+    """``train`` after the run folder was checked and the process group joined; ``log`` is the run's ``LogFile``."""
     ckpt = load_checkpoint(run_dir / LATEST) if resume else None
     if ckpt is not None:
         check_resume(cfg, ckpt, run_dir)
@@ -100,6 +107,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: boo
             run_dir.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
             clear_run_files(run_dir, log)
+        log.open(run_dir / TRAIN_LOG)
         with reporting_os_errors(run_dir / CONFIG):
             save_config(cfg, run_dir / CONFIG)
         mdata.save_split(run.split, run_dir / SPLIT)
@@ -274,19 +282,24 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
 
 
 def _evaluate_and_keep_best(run: Run, run_dir: Path, loaders: dict, writer: MetricsWriter, log) -> dict[str, float]:
-    """Evaluate the finite models, log the accuracies and save ``best.pt`` when the score improved."""
+    """Evaluate the finite models, log the accuracies and save ``best.pt`` when the validation score improved.
+
+    ``best.pt`` is chosen on the validation split (``--val-labeled``) only: picking the best evaluation on the test
+    set would report a test accuracy selected on the test set. Without validation images no ``best.pt`` is written
+    and the final models (``checkpoint.pt``, ``finetuned.pt``) are the run's result.
+    """
     _check_finite(run)
     accs = _evaluate(run, loaders)
     run.last_eval = (run.step, accs)
     if run.dist.is_main:
         writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
         log(_eval_line(run.step, accs))
-        # With a validation split the best checkpoint is chosen on it, never on the test set.
-        prefix = "val_" if "val_student_acc" in accs else ""
-        score = accs.get(f"{prefix}ema_acc", accs[f"{prefix}student_acc"])
+        if "val_student_acc" not in accs:
+            return accs
+        score = accs.get("val_ema_acc", accs["val_student_acc"])
         if score > run.best_acc:
             run.best_acc = score
-            atomic_save(checkpoint_state(run), run_dir / BEST)
+            atomic_save(inference_state(run), run_dir / BEST)
     return accs
 
 
@@ -383,7 +396,8 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSigna
         "student_top5": accs.get("student_top5"),
         "ema_top5": accs.get("ema_top5"),
         **{k: v for k, v in accs.items() if k.startswith("val_") and k.endswith("_acc")},
-        "best_acc": run.best_acc,
+        "best_acc": run.best_acc if run.best_acc >= 0 else None,
+        "best": BEST if run.best_acc >= 0 else NO_BEST,
         "steps": run.step,
         "seconds": round(run.seconds, 2),
         "method": cfg.method,

@@ -122,6 +122,10 @@ def create_model(
         UserError: for an unknown name, a missing timm, an image size the model cannot take, or pretrained weights
             that do not exist or cannot be had offline.
     """
+    if name not in _REGISTRY and ":" not in name:
+        from metapl.models.plugins import load_entry_points  # installed packages' models (metapl.models group)
+
+        load_entry_points()
     if name in _REGISTRY:
         if pretrained:
             raise UserError(f"metapl's own {name!r} has no pretrained weights; pass a file with --teacher-weights / "

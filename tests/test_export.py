@@ -1,0 +1,163 @@
+"""``metapl export``: safetensors / ONNX / TorchScript files computing what the run's model computes; checkpoints that
+load with ``weights_only=True``; slim ``best.pt`` / ``finetuned.pt``; honest model selection (no best-on-test file)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from metapl.commands.cli import main
+from metapl.commands.export import run_export
+from metapl.commands.inference import build_model, run_predict
+from metapl.engine.checkpoint import RESUME_KEYS, load_checkpoint
+from metapl.engine.exported import read_exported
+from metapl.errors import UserError
+from test_inference import write_fake_run, write_images
+
+TRAIN = ["train", "--dataset", "digits", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--mu", "1",
+         "--num-labeled", "30", "--workers", "0", "--no-tensorboard", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 2-step digits run with a validation split (so best.pt exists) and 2 finetuning steps."""
+    tmp = tmp_path_factory.mktemp("export")
+    out = tmp / "run"
+    argv = [*TRAIN, "--val-labeled", "10", "--finetune-steps", "2", "--out", str(out), "--cache-dir", str(tmp / "c")]
+    assert main(argv) == 0
+    return out
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(6, 1, 8, 8)).astype(np.float32))
+
+
+def test_checkpoints_load_weights_only_and_best_finetuned_are_slim(run_dir):
+    for name in ("checkpoint.pt", "best.pt", "finetuned.pt"):
+        ckpt = torch.load(run_dir / name, map_location="cpu", weights_only=True)  # no pickled Python objects
+        # best.pt: step 1's EMA scored 10.00% on validation and step 2's did not beat it
+        assert ckpt["step"] == (1 if name == "best.pt" else 2) and ckpt["student"]
+    full = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert set(RESUME_KEYS) <= set(full)
+    for name in ("best.pt", "finetuned.pt"):
+        slim = torch.load(run_dir / name, weights_only=True)
+        assert not {"t_opt", "s_opt", "t_sched", "s_sched", "t_scaler", "s_scaler", "mpl_state", "rng"} & set(slim)
+        assert {"config", "classes", "mean", "std", "image_size", "teacher", "student", "ema"} <= set(slim)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"] == "best.pt" and summary["best_acc"] == summary["val_ema_acc"]
+
+
+def test_old_checkpoint_with_a_numpy_rng_state_still_loads(tmp_path):
+    # metapl 0.1 pickled np.random.get_state() (an ndarray): loaded with exactly NumPy's array types allowed.
+    torch.save({"config": {}, "student": {}, "rng": {"numpy": np.random.get_state()}}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["rng"]["numpy"][1].dtype == np.uint32
+
+
+@pytest.mark.parametrize("model", ["finetuned", "ema", "student", "teacher"])
+def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_path, model):
+    out = run_export(run_dir, model=model, output=tmp_path / f"{model}.safetensors", log=lambda *_: None)
+    meta = json.loads((tmp_path / f"{model}.json").read_text())
+    source = run_dir / ("finetuned.pt" if model == "finetuned" else "checkpoint.pt")
+    ckpt = load_checkpoint(source)
+    assert meta["architecture"] == "small_cnn" and meta["arguments"] == {
+        "num_classes": 10, "in_channels": 1, "image_size": 8, "dropout": 0.0}  # fmt: skip
+    assert (meta["classes"], meta["mean"], meta["std"], meta["step"]) == (
+        [str(c) for c in ckpt["classes"]], ckpt["mean"], ckpt["std"], 2)  # fmt: skip
+    assert meta["source"] == str(source) and meta["role"] == model and meta["weights"] == out.name
+    reference = build_model(ckpt, "student" if model == "finetuned" else model, source=source)
+    rebuilt, _ = read_exported(out)
+    x = _batch()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), reference(x), atol=1e-5, rtol=0)
+    images = tmp_path / "imgs"
+    write_images(images, 3)
+    from_export = run_predict(out, [images], output=tmp_path / "a.csv", log=lambda *_: None)
+    from_run = run_predict(source, [images], model="student" if model == "finetuned" else model,
+                           output=tmp_path / "b.csv", log=lambda *_: None)  # fmt: skip
+    assert [r["top_k"] for r in from_export] == [r["top_k"] for r in from_run]
+
+
+def test_default_export_is_the_finetuned_student_into_the_run_folder(run_dir, capsys):
+    assert main(["export", str(run_dir)]) == 0
+    assert (run_dir / "export" / "finetuned.safetensors").is_file()
+    assert json.loads((run_dir / "export" / "finetuned.json").read_text())["role"] == "finetuned"
+    assert "wrote " in capsys.readouterr().out
+
+
+def test_onnx_export_matches_pytorch(run_dir, tmp_path):
+    ort = pytest.importorskip(
+        "onnxruntime", reason="ONNX Runtime is an optional test dependency (pip install onnxruntime)"
+    )
+    pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package (pip install onnx)")
+    out = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "m.onnx", log=lambda *_: None)
+    assert (tmp_path / "m.json").is_file()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reference = build_model(load_checkpoint(run_dir / "checkpoint.pt"), "ema")
+    x = _batch(1)  # a batch of 6 through a model traced with a batch of 1: the batch axis is dynamic
+    (got,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(got - reference(x).numpy()).max() < 1e-5
+
+
+def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
+    out = run_export(run_dir, model="student", fmt="torchscript", output=tmp_path / "m.torchscript.pt",
+                     log=lambda *_: None)  # fmt: skip
+    assert (tmp_path / "m.json").is_file()
+    with pytest.warns(FutureWarning):  # torch.jit.load is deprecated in torch 2.14, and still loads the file
+        scripted = torch.jit.load(str(out))
+    reference = build_model(load_checkpoint(run_dir / "checkpoint.pt"), "student")
+    x = _batch(2)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_export_refusals_write_nothing(tmp_path, capsys):
+    write_fake_run(tmp_path / "run", ema=False)
+    cases = [
+        (["--model", "ema"], "has no EMA student (trained with --ema 0); pick --model student"),
+        (["--model", "finetuned"], "no finetuned.pt beside"),
+    ]
+    for flags, message in cases:
+        assert main(["export", str(tmp_path / "run"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("metapl: error: ") and message in err and err.count("\n") == 1
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["student"]["fc.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    assert main(["export", str(tmp_path / "run"), "--model", "student"]) == 2
+    assert "non-finite (NaN/inf) student weights" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_teacher_of_a_reduced_mpl_or_distill_run_is_refused(tmp_path):
+    write_fake_run(tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["method"] = "reduced-mpl"  # as another engineer's method will write it
+    with pytest.raises(UserError, match="is a --method reduced-mpl run: its teacher entry is not a small_cnn"):
+        build_model(ckpt, "teacher", source=path)
+
+
+def test_train_log_holds_what_the_terminal_showed(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--finetune-steps", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert (out / "train.log").read_text() == shown and "summary: " in shown and shown.startswith("cpu: ")
+    assert main(["train", "--resume", str(out)]) == 0  # a resumed run appends its lines
+    assert (out / "train.log").read_text() == shown + capsys.readouterr().out
+    assert main([*argv, "--overwrite"]) == 0  # --overwrite removes the old log with the other run files
+    assert (out / "train.log").read_text().startswith("cpu: ") and "--overwrite: removed " in capsys.readouterr().out
+
+
+def test_onnx_without_the_onnx_package_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    assert main(["export", str(run_dir), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == (
+        'metapl: error: --format onnx needs the onnx package; pip install "metapl[onnx]", or use --format safetensors\n'
+    )
+    assert list(tmp_path.iterdir()) == []
