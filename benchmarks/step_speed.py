@@ -58,6 +58,10 @@ TARGETS = (
     ("hard-taylor peak memory / naive", "hard-taylor", "naive", "peak_mb", "<=", 0.75),
     ("hard-dot peak memory / naive", "hard-dot", "naive", "peak_mb", "<=", 0.75),
     ("soft time / hard-taylor", "soft", "hard-taylor", "ms_per_step", "<=", 2.5),
+    *(
+        (f"{v} time / distill", v, "distill", "ms_per_step", "<=", 1.15)
+        for v in ("reduced-taylor", "reduced-dot", "reduced-cosine")
+    ),
 )
 
 
@@ -125,6 +129,11 @@ def _bound(name: str, num: str, den: str, by_variant: dict) -> str:
         return (
             "the step must hold the teacher's graph over cat(x_l, x_us) (and the student's over x_us first); "
             "on the CPU, RSS also counts pages the allocator keeps after freeing them"
+        )
+    if den == "distill":
+        return (
+            "the feedback's own passes over the B labeled images: two no-grad student forwards (taylor), or a forward "
+            "and a backward (dot, cosine), beside the student's forward and backward over its μB images"
         )
     return (
         "soft differentiates through the student's step: a forward-mode JVP of the student over its μB images "

@@ -3,6 +3,9 @@
 * ``hard-taylor``, ``hard-dot``, ``soft``: ``metapl.core.mpl_update`` with the CIFAR recipe's losses.
 * ``ideal``: the passes a hard update cannot avoid (``IDEAL``), each a callable timed alone.
 * ``naive``: the step of the most-used public PyTorch port (kekmodel/MPL-pytorch), re-implemented in ``naive_step``.
+* ``distill``, ``reduced-taylor``, ``reduced-dot``, ``reduced-cosine``: Reduced MPL (``mpl_update`` with a
+  ``ReducedTeacher`` reading stored log-probabilities, ``Batch.t_x_*``) and its control, a fixed teacher; no image
+  teacher exists in these variants (the large teacher predicted beforehand), and no UDA (it does not apply there).
 
 Every builder makes fresh models, optimizers and a synthetic batch; ``build`` returns name -> zero-argument callable.
 """
@@ -16,9 +19,11 @@ import common  # noqa: F401 - first: it puts src/ on sys.path when metapl is not
 from metapl.core import Batch, MPLConfig, MPLState, feedback_mode, mpl_update
 from metapl.engine.runtime import make_sgd
 from metapl.models import create_model
+from metapl.models.reduced import ReducedTeacher
 
-SHAPES = {"paper": (64, 7), "cpu": (32, 7), "tiny": (2, 1)}  # name -> (B labeled, μ)
-VARIANTS = ("hard-taylor", "hard-dot", "soft", "naive", "ideal")
+SHAPES = {"paper": (64, 7), "cpu": (32, 7), "recipe": (16, 4), "tiny": (2, 1)}  # (B labeled, μ); recipe: CPU configs
+REDUCED_VARIANTS = {"distill": None, "reduced-taylor": "taylor", "reduced-dot": "dot", "reduced-cosine": "cosine"}
+VARIANTS = ("hard-taylor", "hard-dot", "soft", "naive", "ideal", *REDUCED_VARIANTS)
 MPL_VARIANTS = {"hard-taylor": ("hard", "taylor"), "hard-dot": ("hard", "dot"), "soft": ("soft", "taylor")}
 NUM_CLASSES, IMAGE_SIZE, DROPOUT = 10, 32, 0.2
 # The CIFAR recipe's settings (src/metapl/configs/cifar10_4k.yaml); the naive step uses the same ones.
@@ -52,7 +57,12 @@ def _random_batch(b: int, mu: int, device: torch.device, fmt: torch.memory_forma
 
 
 def build(variant: str, model: str, b: int, mu: int, amp, device: torch.device, fmt) -> dict:
-    """Fresh teacher, student, optimizers and batch for ``variant``; name -> step callable (the ideal: one per pass)."""
+    """Fresh teacher, student, optimizers and batch for ``variant``; name -> step callable (the ideal: one per pass).
+
+    Every callable runs ``mpl_update`` as the trainer does, with ``check_finite=False`` (no copy, no sync per step).
+    """
+    if variant in REDUCED_VARIANTS:
+        return _reduced(variant, _model(model, device, fmt), _random_batch(b, mu, device, fmt), device)
     teacher, student = (_model(model, device, fmt) for _ in range(2))
     batch = _random_batch(b, mu, device, fmt)
     if variant == "ideal":
@@ -70,7 +80,22 @@ def build(variant: str, model: str, b: int, mu: int, amp, device: torch.device, 
     t_opt, s_opt = (_sgd(m, device) for m in (teacher, student))
     state = MPLState()
     return {variant: lambda: mpl_update(teacher, student, t_opt, s_opt, batch, config, state, uda_weight=UDA_WEIGHT,
-                                        amp_dtype=amp, t_scaler=scalers[0], s_scaler=scalers[1])}  # fmt: skip
+                                        amp_dtype=amp, t_scaler=scalers[0], s_scaler=scalers[1],
+                                        check_finite=False)}  # fmt: skip
+
+
+def _reduced(variant: str, student, batch: Batch, device: torch.device) -> dict:
+    """A Reduced MPL step (or, for ``distill``, its fixed-teacher control) over stored log-probabilities."""
+    g = torch.Generator().manual_seed(0)
+    stored = [torch.log_softmax(3 * torch.randn(n, NUM_CLASSES, generator=g), 1).to(device)
+              for n in (batch.x_l.shape[0], batch.x_uw.shape[0])]  # fmt: skip
+    batch = batch._replace(t_x_l=stored[0], t_x_uw=stored[1], t_x_us=stored[1])
+    teacher = ReducedTeacher(NUM_CLASSES).to(device)
+    feedback = REDUCED_VARIANTS[variant]
+    config = MPLConfig(feedback=feedback or "taylor", label_smoothing=LABEL_SMOOTHING)
+    t_opt = None if feedback is None else _sgd(teacher, device)
+    s_opt, state = _sgd(student, device), MPLState()
+    return {variant: lambda: mpl_update(teacher, student, t_opt, s_opt, batch, config, state, check_finite=False)}
 
 
 def _sgd(model, device: torch.device) -> torch.optim.SGD:
