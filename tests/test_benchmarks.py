@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metapl.engine.config import shipped_configs
+from metapl.engine.config import TrainConfig, shipped_configs
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-VARIANT_ROWS = {"hard-taylor", "hard-dot", "soft", "naive", "ideal-taylor", "ideal-dot"}
+VARIANT_ROWS = {"hard-taylor", "hard-dot", "soft", "naive", "ideal-taylor", "ideal-dot", "distill", "reduced-taylor",
+                "reduced-dot", "reduced-cosine"}  # fmt: skip
 
 
 def _load(name: str):
@@ -60,9 +61,10 @@ def test_step_speed_tiny_prints_a_table_per_model_and_shape(tiny_run):
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
     assert lines[header].split() == ["variant", "ms/step", "fastest", "images/s", "peak", "MB"]
-    printed = {line.split()[0] for line in lines[header + 1 : header + 7]}
+    printed = {line.split()[0] for line in lines[header + 1 : header + 1 + len(VARIANT_ROWS)]}
     assert printed == VARIANT_ROWS
-    for name in ("speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "soft time / hard-taylor"):
+    for name in ("speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "soft time / hard-taylor",
+                 "reduced-taylor time / distill"):  # fmt: skip
         target = next(line for line in lines if line.startswith(name))
         assert target.split()[-1] in ("PASS", "MISS")
     assert "runtime" in lines[-1]
@@ -88,7 +90,7 @@ def test_step_speed_tiny_json_holds_every_figure(tiny_run):
     assert ideal["ms_per_step"] == pytest.approx(
         sum(ms * (2 if k == "student_fwd_nograd_l_fp32" else 1) for k, ms in ideal["components_ms"].items())
     )
-    assert len(report["targets"]) == 7
+    assert len(report["targets"]) == 10
     for t in report["targets"]:
         assert {"model", "shape", "name", "value", "op", "limit", "passed"} <= set(t)
         assert ("bound" in t) == (not t["passed"])
@@ -329,3 +331,28 @@ def test_shipped_strong_recipe_is_the_ablation_row_it_reports():
     assert {k: v for k, v in shipped.items() if k not in bookkeeping} == {
         k: measured[k] for k in shipped if k not in bookkeeping
     }
+
+
+def test_reduced_protocol_trains_the_teacher_once_and_reports_with_its_time(fashion_dir, tmp_path):
+    reduced = _load("reduced")
+    root, cache = tmp_path / "runs", tmp_path / "cache"
+    common = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(cache)]
+    assert reduced.main([*common, "--rows", "labels-only,distill,reduced-taylor", "--seeds", "0,1"]) == 0
+    teacher = root / "fashion" / "teacher" / "seed0"
+    stamp = (teacher / "summary.json").stat().st_mtime_ns
+    assert reduced.main([*common, "--rows", "reduced-dot", "--seeds", "0"]) == 0  # the same teacher, not retrained
+    assert (teacher / "summary.json").stat().st_mtime_ns == stamp
+    config = yaml.safe_load((root / "fashion" / "reduced-dot" / "seed0" / "config.yaml").read_text())
+    assert config["method"] == "reduced-mpl" and config["teacher_weights"] == str(teacher)
+    summary = json.loads((root / "fashion" / "distill" / "seed0" / "summary.json").read_text())
+    big = json.loads((teacher / "summary.json").read_text())
+    # The fixed reduced teacher is the identity: the large teacher (its EMA) on the same 200 test images.
+    assert summary["teacher_acc"] == big["ema_acc"]
+    runs = reduced.collect(root, "fashion")
+    assert runs["distill"][0]["seconds"] == summary["wall_seconds"] + big["wall_seconds"]
+    diffs = [runs["reduced-taylor"][s]["final"] - runs["distill"][s]["final"] for s in (0, 1)]
+    assert f"| reduced-taylor − distill | 2 | {sum(diffs) / 2:+.2f} |" in reduced.report(root, "fashion")
+    for protocol in reduced.PROTOCOLS:  # every row of every protocol is a valid config, at full budget too
+        for row in reduced.ROWS:
+            for steps in (None, 4):
+                TrainConfig(**reduced.run_values(protocol, row, 0, root, steps))
