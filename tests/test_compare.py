@@ -144,6 +144,11 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
         (["--method", "supervised"], "compare trains every method with every seed of --seeds itself; drop --method"),
         (["--seed", "3"], "compare trains every method with every seed of --seeds itself; drop --seed"),
         (
+            ["--val-labeled", "45"],  # found when the first run draws its split: its empty folders are removed
+            "--val-labeled 45 leaves fewer than one training label per class of the 50 labeled images; lower "
+            "--val-labeled or raise --num-labeled",
+        ),
+        (
             ["--val-labeled", "0"],
             "compare chooses on validation images; give --val-labeled >= 1 (default: a fifth of the labels)",
         ),  # fmt: skip

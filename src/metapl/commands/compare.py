@@ -10,6 +10,7 @@ set; test accuracy is reported beside it. Each run goes to ``OUT/<row>/seed<k>/`
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -92,19 +93,32 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
             for seed in seeds for row in rows}  # fmt: skip
     for cfg in plan.values():
         run_state(cfg)
-    summaries: dict[str, dict[int, dict]] = {row: {} for row in rows}
-    for (row, seed), cfg in plan.items():  # seed-major: every row of seed 0 first
-        log(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
-        summary, state = train_row(cfg, log=log)
-        if state == "finished":
-            log(f"compare: {row} seed {seed} finished earlier; skipped")
-        summaries[row][seed] = summary
+    created = [p for p in (Path(out), *(Path(out) / row for row in rows)) if not p.exists()]
+    try:
+        summaries = _train_all(plan, log)
+    except UserError:  # bad data or a split that cannot be drawn: leave no empty folders behind
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty folder goes
+        raise
     result = _result(base, plan, summaries)
     text = report(result)
     _write(Path(out), result, text)
     log("")
     log(text)
     return result
+
+
+def _train_all(plan: dict, log) -> dict[str, dict[int, dict]]:
+    """Train (or read back) every planned run, seed-major (every row of seed 0 first): row -> seed -> summary."""
+    summaries: dict[str, dict[int, dict]] = {}
+    for (row, seed), cfg in plan.items():
+        log(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
+        summary, state = train_row(cfg, log=log)
+        if state == "finished":
+            log(f"compare: {row} seed {seed} finished earlier; skipped")
+        summaries.setdefault(row, {})[seed] = summary
+    return summaries
 
 
 def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]) -> dict:
