@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from common import REPO, last_evaluations, train_once
+from metapl.engine.compare import kept_model, mean_sd, paired_interval
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -92,7 +93,6 @@ PAIRS = [("uda-distill-lstrong", "labels-only"), ("uda-mpl-lstrong", "labels-onl
 # (row, its h = 0 control): the feedback effect.
 FEEDBACK = [(row, next((f"uda-distill-{kind}" for kind in ("soft", "lstrong") if kind in row), "uda-distill"))
             for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> dict:
@@ -122,9 +122,8 @@ def run_one(root: Path, protocol: str, row: str, seed: int, *, steps: int | None
     return train_once(root / protocol / row / f"seed{seed}", values, f"{protocol} {row} seed {seed}")
 
 
-def final_model(summary: dict) -> str:
-    """Which model a user keeps from a run: the finetuned student, or the student of a labels-only run."""
-    return "finetuned" if summary.get("finetuned_acc") is not None else "student"
+# The protocol's statistics and "the model a user keeps" live in the library (metapl compare uses them too).
+final_model = kept_model
 
 
 def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
@@ -152,23 +151,6 @@ def _read(run: Path) -> list[dict]:
     return read_metrics(run)
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
-
-
-def paired_interval(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
-    """Mean of a − b over the seeds both have, and the half-width of its 95 % t-interval (None below 2 seeds)."""
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        return None
-    diffs = [a[s] - b[s] for s in seeds]
-    half = T_975[len(seeds) - 1] * statistics.stdev(diffs) / len(seeds) ** 0.5
-    return statistics.mean(diffs), half, len(seeds)
-
-
 def report(root: Path, protocol: str, png: Path | None = None) -> str:
     """Three Markdown tables (rows; paired gains; feedback effect) and optionally a PNG of EMA accuracy."""
     runs = collect(root, protocol)
@@ -178,8 +160,8 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
         col = {k: [v[k] for v in seeds.values() if v[k] is not None] for k in ("final", "median5", "teacher")}
         before = [] if row.endswith("labels-only") else [v["student"] for v in seeds.values()]
         wall = statistics.mean(v["seconds"] for v in seeds.values())
-        lines.append(f"| {row} | {len(seeds)} | {_mean_sd(col['final'])} | {_mean_sd(col['median5'])} | "
-                     f"{_mean_sd(col['teacher'])} | {_mean_sd(before)} | {wall:.0f} |")  # fmt: skip
+        lines.append(f"| {row} | {len(seeds)} | {mean_sd(col['final'])} | {mean_sd(col['median5'])} | "
+                     f"{mean_sd(col['teacher'])} | {mean_sd(before)} | {wall:.0f} |")  # fmt: skip
     lines += [
         "",
         "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",

@@ -31,8 +31,9 @@ import sys
 from pathlib import Path
 
 from ablation import PROTOCOLS as ABLATION
-from ablation import final_model, paired_interval
+from ablation import final_model
 from common import train_once
+from metapl.engine.compare import mean_sd, paired_interval
 
 # The ablation's recipes (chosen on validation there), with the views made on the training device (the same pixels as
 # the Pillow path, faster on two cores). The reduced teacher's own settings (64 hidden units, the protocol's teacher
@@ -110,13 +111,6 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
-
-
 def report(root: Path, protocol: str) -> str:
     """Markdown: the rows, the gains over labels-only, the feedback effects."""
     runs = collect(root, protocol)
@@ -125,8 +119,8 @@ def report(root: Path, protocol: str) -> str:
     for row, seeds in runs.items():
         col = {k: [v[k] for v in seeds.values() if v[k] is not None] for k in ("final", "teacher", "student")}
         minutes = statistics.mean(v["seconds"] for v in seeds.values()) / 60
-        lines.append(f"| {row} | {len(seeds)} | {_mean_sd(col['final'])} | {_mean_sd(col['teacher'])} | "
-                     f"{_mean_sd(col['student'])} | {minutes:.1f} |")  # fmt: skip
+        lines.append(f"| {row} | {len(seeds)} | {mean_sd(col['final'])} | {mean_sd(col['teacher'])} | "
+                     f"{mean_sd(col['student'])} | {minutes:.1f} |")  # fmt: skip
     lines += ["", "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
               "|---|---|---|---|"]  # fmt: skip
     pairs = [(row, "labels-only") for row in ROWS if row not in ("labels-only", "teacher")] + FEEDBACK

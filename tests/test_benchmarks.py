@@ -213,12 +213,12 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
         ablation.main([*common, "--rows", "mpl-nope"])
 
 
-def test_paired_interval_is_a_t_interval():
-    ablation = _load("ablation")
-    mean, half, n = ablation.paired_interval({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
-    # differences 2, 3, 1: mean 2, sd 1, t(0.975, 2) = 4.303
-    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / 3**0.5)
-    assert ablation.paired_interval({0: 1.0}, {0: 0.0}) is None
+def test_ablation_and_reduced_take_their_statistics_from_the_library():
+    from metapl.engine import compare
+
+    ablation, reduced = _load("ablation"), _load("reduced")
+    assert ablation.paired_interval is reduced.paired_interval is compare.paired_interval
+    assert ablation.mean_sd is reduced.mean_sd is compare.mean_sd and ablation.final_model is compare.kept_model
 
 
 def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, capsys):

@@ -104,6 +104,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (each named) instead of "
                    "stopping at the first")  # fmt: skip
 
+    p = sub.add_parser(
+        "compare", help="does MPL pay on my data? labels only, strong augmentation, h = 0 and MPL (+ distill and "
+        "Reduced MPL with --teacher-weights), seeds paired, chosen on validation",
+        description="Train the rows on your recipe (the train options below), seeds paired, the same optimizer-step "
+        "count for every final model; compare them on --val-labeled images carved from --num-labeled (default: a "
+        "fifth); runs go to --out/<row>/seed<k>/ (default: runs/compare), finished ones are skipped, stopped ones "
+        "resumed; the table and one recommendation go to compare.md and compare.json there",
+    )  # fmt: skip
+    add_config_arguments(p)
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds, paired across rows (default: 0,1,2)")
+
     p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
     p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each run, at least 1 (default: 500)")
@@ -195,6 +206,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from metapl.data.shards import write_shards
 
         write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard, skip_corrupt=args.skip_corrupt)
+        return 0
+    if args.command == "compare":
+        from metapl.commands.compare import compare_command
+
+        compare_command(_resolve(args), given_options(args), seeds=args.seeds)
         return 0
     if args.command == "demo":
         from metapl.commands.demo import demo

@@ -1,0 +1,190 @@
+"""``metapl compare``: does Meta Pseudo Labels pay on my data? One command trains the rows and answers.
+
+On the user's recipe (any ``metapl train`` options), seeds paired across rows, every final model at the same number
+of optimizer steps (``metapl.engine.compare``): labels only, labels only with strong augmentation, the UDA teacher
+distilled with the feedback off (h = 0), full MPL, and with a big teacher (``--teacher-weights``) also its plain
+distillation and Reduced MPL. Rows are compared on validation images carved from the labeled ones, never on the test
+set; test accuracy is reported beside it. Each run goes to ``OUT/<row>/seed<k>/``; ``OUT/compare.json`` and
+``OUT/compare.md`` hold the table and the recommendation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from metapl.engine.compare import (
+    LABELS_ONLY,
+    ROWS,
+    default_rows,
+    kept_accuracy,
+    mean_sd,
+    paired_interval,
+    paired_text,
+    recommendation,
+    row_config,
+    run_state,
+    train_row,
+)
+from metapl.engine.config import TrainConfig
+from metapl.errors import UserError, reporting_os_errors
+
+DEFAULT_OUT = "runs/compare"
+DEFAULT_SEEDS = "0,1,2"
+VAL_SHARE = 0.2  # of --num-labeled, held out for validation unless --val-labeled is given
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; anything else (a word, a negative or repeated seed) is one line."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r} is not a list of distinct seeds >= 0; write e.g. --seeds 0,1,2")
+    return seeds
+
+
+def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEEDS, log=print) -> dict:
+    """``metapl compare``: check what only the command line can get wrong, then ``compare``.
+
+    Args:
+        base: the resolved recipe (``--config`` and the train flags).
+        given: the options given as flags (``metapl.engine.config.given_options``).
+        seeds: ``--seeds``.
+        log: where lines go.
+
+    Returns:
+        ``compare``'s result.
+    """
+    refused = [f"--{name}" for name in ("method", "seed") if name in given]
+    if refused:
+        raise UserError(f"compare trains every method with every seed of --seeds itself; drop {', '.join(refused)}")
+    if given.get("val_labeled") == 0:
+        raise UserError(
+            "compare chooses on validation images; give --val-labeled >= 1 (default: a fifth of the labels)"
+        )
+    return compare(base, out=given.get("out", DEFAULT_OUT), seeds=parse_seeds(seeds), log=log)
+
+
+def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, log=print) -> dict:
+    """Train every (row, seed) that is not finished, then write and print the table and the recommendation.
+
+    Args:
+        base: the recipe; ``val_labeled`` 0 becomes a fifth of ``num_labeled`` (at least 1).
+        out: the folder of the runs, ``compare.json`` and ``compare.md``.
+        seeds: the seeds, paired across rows.
+        rows: names from ``metapl.engine.compare.ROWS`` (default: ``default_rows``; labels-only is always added).
+        log: where lines go.
+
+    Returns:
+        What ``compare.json`` holds.
+    """
+    if base.val_labeled == 0:
+        base = replace(base, val_labeled=max(1, round(VAL_SHARE * base.num_labeled)))
+    rows = [LABELS_ONLY, *(r for r in rows or default_rows(base) if r != LABELS_ONLY)]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise UserError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    # Every run's config is built, and every existing run folder checked, before anything trains.
+    plan = {(row, seed): row_config(base, ROWS[row][1], seed=seed, out=Path(out) / row / f"seed{seed}")
+            for seed in seeds for row in rows}  # fmt: skip
+    for cfg in plan.values():
+        run_state(cfg)
+    created = [p for p in (Path(out), *(Path(out) / row for row in rows)) if not p.exists()]
+    try:
+        summaries = _train_all(plan, log)
+    except UserError:  # bad data or a split that cannot be drawn: leave no empty folders behind
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty folder goes
+        raise
+    result = _result(base, plan, summaries)
+    text = report(result)
+    _write(Path(out), result, text)
+    log("")
+    log(text)
+    return result
+
+
+def _train_all(plan: dict, log) -> dict[str, dict[int, dict]]:
+    """Train (or read back) every planned run, seed-major (every row of seed 0 first): row -> seed -> summary."""
+    summaries: dict[str, dict[int, dict]] = {}
+    for (row, seed), cfg in plan.items():
+        log(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
+        summary, state = train_row(cfg, log=log)
+        if state == "finished":
+            log(f"compare: {row} seed {seed} finished earlier; skipped")
+        summaries.setdefault(row, {})[seed] = summary
+    return summaries
+
+
+def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]) -> dict:
+    """The figures of ``compare.json``: per row and seed the kept model's validation and test accuracy, and the
+    recommendation."""
+    rows = {}
+    for row, seeds in summaries.items():
+        rows[row] = {
+            "label": ROWS[row][0],
+            "steps": plan[(row, next(iter(seeds)))].steps,
+            "seeds": {
+                seed: {"val": kept_accuracy(s, "val_"), "test": kept_accuracy(s), "run": plan[(row, seed)].out}
+                for seed, s in seeds.items()
+            },  # fmt: skip
+        }
+    val = {row: {seed: r["val"] for seed, r in info["seeds"].items()} for row, info in rows.items()}
+    missing = [row for row, by_seed in val.items() if None in by_seed.values()]
+    if missing:  # a run trained without validation images cannot be compared here
+        raise UserError(f"{', '.join(missing)} has no validation accuracy; delete its runs to train them again")
+    best, line = recommendation(val)
+    for row, info in rows.items():
+        test = {seed: r["test"] for seed, r in info["seeds"].items()}
+        base_test = {seed: r["test"] for seed, r in rows[LABELS_ONLY]["seeds"].items()}
+        for key, a, b in (("val", val[row], val[LABELS_ONLY]), ("test", test, base_test)):
+            stats = paired_interval(a, b) if row != LABELS_ONLY else None
+            info[f"{key}_vs_labels_only"] = None if stats is None else dict(zip(("mean", "half_width", "seeds"), stats))
+    return {
+        "dataset": base.dataset,
+        "num_labeled": base.num_labeled,
+        "val_labeled": base.val_labeled,
+        "mpl_steps": base.steps,
+        "finetune_steps": base.planned_finetune_steps(),
+        "seeds": sorted({seed for info in rows.values() for seed in info["seeds"]}),
+        "rows": rows,
+        "recommend": best,
+        "recommendation": line,
+    }
+
+
+def report(result: dict) -> str:
+    """``compare.md``: the table (accuracy of the kept model, mean ± std; paired differences vs labels only with 95 %
+    t-intervals) and the recommendation line."""
+    r = result
+    lines = [
+        f"{r['dataset']}, {r['num_labeled']} labels ({r['val_labeled']} held out for validation), {r['mpl_steps']} "
+        f"steps + {r['finetune_steps']} finetuning (labels-only rows: {r['mpl_steps'] + r['finetune_steps']} steps), "
+        f"seeds {', '.join(map(str, r['seeds']))}; accuracy (%) of the model a user keeps, mean ± std:",
+        "",
+        "| row | validation | test | validation vs labels only (95 % interval) | test vs labels only |",
+        "|---|---|---|---|---|",
+    ]
+    base = r["rows"][LABELS_ONLY]["seeds"]
+    for row, info in r["rows"].items():
+        per_seed = info["seeds"]
+        cells = [mean_sd([s[k] for s in per_seed.values()]) for k in ("val", "test")]
+        for k in ("val", "test"):
+            own, other = ({seed: s[k] for seed, s in d.items()} for d in (per_seed, base))
+            cells.append("–" if row == LABELS_ONLY else paired_text(own, other))
+        lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", r["recommendation"]])
+
+
+def _write(out: Path, result: dict, text: str) -> None:
+    for name, content in (("compare.json", json.dumps(result, indent=1) + "\n"), ("compare.md", text + "\n")):
+        path = out / name
+        with reporting_os_errors(path, "write"):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(content)
+            tmp.replace(path)
