@@ -31,6 +31,7 @@ from metapl.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from metapl.engine.config import FINETUNE_STEPS_IF_NONE
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
@@ -183,7 +184,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     Args:
         run_dir: a run directory of ``metapl train``.
         steps: finetune steps, 0 included (the student as it is, evaluated and saved as ``finetuned.pt``); None: the
-            run's ``finetune_steps``, or 1000 when that is 0.
+            run's ``finetune_steps``, or ``FINETUNE_STEPS_IF_NONE`` (1000) when that is 0.
         lr: learning rate (default: the run's ``finetune_lr``).
         device: ``auto``/``cpu``/``cuda`` (default: the run's).
         log: progress lines.
@@ -201,7 +202,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
 
 def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
     saved = load_run_config(run_dir)
-    default = saved.planned_finetune_steps() or 1000
+    default = saved.planned_finetune_steps() or FINETUNE_STEPS_IF_NONE
     cfg = replace(
         saved, out=str(run_dir), finetune_steps=steps if steps is not None else default,
         finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,
