@@ -17,7 +17,8 @@ from metapl.commands.cli import get_args_parser, main
 from metapl.core import MPLConfig
 from metapl.core.options import specs
 from metapl.data import DATASETS
-from metapl.engine.config import TrainConfig, load_yaml, resolve, save_config, sections
+from metapl.engine.config import TrainConfig, load_yaml, resolve, sections
+from metapl.engine.run_dir import save_config
 from metapl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

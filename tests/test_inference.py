@@ -14,10 +14,11 @@ from PIL import Image
 
 from conftest import count_accuracies
 from metapl.commands.cli import main
-from metapl.commands.inference import build_model, find_images, format_table, run_eval, run_predict
+from metapl.commands.inference import find_images, format_table, run_eval, run_predict
 from metapl.data import load_dataset, make_eval_loader
 from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.config import TrainConfig
+from metapl.engine.rebuild import build_model
 from metapl.errors import UserError
 from metapl.models import create_model
 

@@ -271,7 +271,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _resume_config(args: argparse.Namespace):
     """The saved config of the ``--resume`` run with the runtime options and ``--steps`` of the command line."""
-    from metapl.engine.run import load_run_config
+    from metapl.engine.run_dir import load_run_config
 
     given = given_options(args)
     # A resumed run must be the same run: its saved config wins over anything else on the command line.

@@ -447,11 +447,6 @@ def given_options(args: argparse.Namespace) -> dict:
     return {name: _parse(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)}
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 def config_from_dict(values: dict) -> TrainConfig:
     """A ``TrainConfig`` from a saved dict, ignoring keys this version no longer knows."""
     names = {f.name for f in fields(TrainConfig)}

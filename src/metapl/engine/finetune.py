@@ -21,9 +21,6 @@ from metapl import data as mdata
 from metapl.core import supervised_step, unwrap
 from metapl.engine.batches import hflip
 from metapl.engine.checkpoint import (
-    FINETUNE_PROGRESS,
-    FINETUNED,
-    LATEST,
     atomic_save,
     inference_state,
     load_checkpoint,
@@ -36,7 +33,8 @@ from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.resume import check_resume
-from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
+from metapl.engine.run import build_run
+from metapl.engine.run_dir import FINETUNE_PROGRESS, FINETUNED, LATEST, load_run_config, read_summary, write_summary
 from metapl.engine.runtime import (
     StopSignals,
     barrier,
