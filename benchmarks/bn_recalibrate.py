@@ -18,9 +18,9 @@ import yaml
 
 import common  # noqa: F401  (puts src/ on the path in a bare checkout)
 from metapl import data as mdata
-from metapl.commands.inference import build_model
 from metapl.engine.checkpoint import load_checkpoint
 from metapl.engine.evaluate import evaluate
+from metapl.engine.rebuild import build_model
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:

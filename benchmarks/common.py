@@ -69,23 +69,22 @@ def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
     Returns:
         The run's summary dict, with ``wall_seconds`` added.
     """
-    import json
     import shutil
     import time
 
     from metapl.engine.config import TrainConfig
+    from metapl.engine.run_dir import SUMMARY, read_summary, write_summary
     from metapl.engine.train import train
 
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
+    if (out / SUMMARY).exists():
+        return read_summary(out)
     if out.exists():
         shutil.rmtree(out)
     cfg = TrainConfig(**{**values, "out": str(out)})
     start = time.perf_counter()
     summary = train(cfg, log=lambda *a, **k: None)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(out, summary)
     if log_line:
         accs = {k: round(v, 2) for k, v in summary.items() if k.endswith("_acc") and v is not None}
         print(f"{log_line}: {accs} ({summary['wall_seconds']:.0f} s)", flush=True)

@@ -32,7 +32,8 @@ from metapl.data import (
 from metapl.data import batch_ops as ops_
 from metapl.data.batch_augment import OPS, SIGNED, draw_ops, op_magnitudes, rand_augment
 from metapl.data.transforms import Cutout
-from metapl.engine.checkpoint import LATEST, load_checkpoint
+from metapl.engine.checkpoint import load_checkpoint
+from metapl.engine.run_dir import LATEST
 
 MEAN3, STD3, FILL3 = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), [125, 122, 115]
 

@@ -19,9 +19,10 @@ import torch
 import metapl.engine.checkpoint
 import metapl.engine.train
 from metapl.commands.cli import main
-from metapl.engine.checkpoint import BEST, LATEST, LOCK, atomic_save, load_checkpoint
+from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.lock import run_lock
 from metapl.engine.metrics import read_metrics
+from metapl.engine.run_dir import BEST, LATEST, LOCK
 from metapl.errors import UserError
 
 QUICK = ["--steps", "4", "--num-labeled", "50", "--eval-every", "4", "--workers", "0", "--batch-size", "8", "--mu", "2",

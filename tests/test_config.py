@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import subprocess
+import sys
 import typing
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,8 @@ from metapl.commands.cli import get_args_parser, main
 from metapl.core import MPLConfig
 from metapl.core.options import specs
 from metapl.data import DATASETS
-from metapl.engine.config import TrainConfig, load_yaml, resolve, save_config, sections
+from metapl.engine.config import TrainConfig, load_yaml, resolve, sections
+from metapl.engine.run_dir import save_config
 from metapl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +71,11 @@ def test_mpl_options_are_train_options_with_one_declaration():
     cfg = TrainConfig(mode="soft", uda_weight=1.0, steps=10, label_smoothing=0.1, label_view="strong")
     assert cfg.mpl_config() == MPLConfig(mode="soft", label_smoothing=0.1, label_view="strong")
     assert (cfg.uda_weight, cfg.steps) == (1.0, 10)
+    # Built once per config (the trainer asks every step), rebuilt by replace(), invisible to eq/repr/pickle.
+    assert cfg.mpl_config() is cfg.mpl_config()
+    assert replace(cfg, mode="hard").mpl_config() == MPLConfig(mode="hard", label_smoothing=0.1, label_view="strong")
+    assert pickle.loads(pickle.dumps(cfg)).mpl_config() == cfg.mpl_config()
+    assert "_mpl_config" not in repr(cfg) and replace(cfg) == cfg
 
 
 def test_saved_config_is_grouped_and_round_trips(tmp_path):
@@ -196,3 +206,31 @@ def test_default_recipe_uses_uda_and_finetunes_a_tenth_of_the_steps():
     assert TrainConfig(steps=3000, method="distill", teacher_weights="t.pt").planned_uda_weight() == 0.0
     assert TrainConfig(steps=3000, method="supervised").planned_finetune_steps() == 0
     assert TrainConfig(steps=3000, finetune_steps=7).planned_finetune_steps() == 7
+
+
+def test_help_imports_no_torch():
+    # `python -X importtime` lists every module the interpreter imported; --help of metapl and of each subcommand
+    # must build its parser from torch-free modules only (docs/architecture.md: metapl --help stays fast).
+    commands = sorted(a for a in next(a for a in get_args_parser()._actions if a.dest == "command").choices)
+    script = (
+        "import sys\nfrom metapl.commands.cli import main\n"
+        f"for argv in [[], *[[c] for c in {commands!r}]]:\n"
+        "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=60, check=True)  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert "metapl.commands.cli" in imported and "metapl.engine.config" in imported
+    assert sorted(m for m in imported if m.split(".")[0] in ("torch", "numpy", "PIL")) == []
+    assert done.stdout.count("usage: metapl") == len(commands) + 1
+
+
+def test_one_device_option_for_the_commands_that_load_a_run():
+    sub = next(a for a in get_args_parser()._actions if a.dest == "command").choices
+    helps = {name: next(a.help for a in sub[name]._actions if a.dest == "device") for name in ("eval", "predict")}
+    assert helps == {name: "auto, cpu, cuda or cuda:N (default: auto)" for name in ("eval", "predict")}
+    finetune = next(a for a in sub["finetune"]._actions if a.dest == "device")
+    assert (finetune.default, finetune.help) == (None, "auto, cpu, cuda or cuda:N (default: the run's)")
+    steps = next(a for a in sub["finetune"]._actions if a.dest == "steps")
+    assert steps.help.endswith("(default: the run's finetune_steps, or 1000 when that is 0)")

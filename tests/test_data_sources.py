@@ -199,6 +199,12 @@ def test_single_tree_seeded_holdout(make_tree, tmp_path):
     assert not np.array_equal(a.test.images, c.test.images)
 
 
+def test_a_bad_test_fraction_names_the_argument_not_a_flag(make_tree, tmp_path):
+    root = make_tree(splits=(), per_class=2)
+    message = user_error(load_dataset, "folder", str(root), test_fraction=1.5, cache_dir=str(tmp_path), log=quiet)
+    assert message == "load_dataset(test_fraction=1.5) is out of range; use a number in (0, 1)"
+
+
 def test_cache_entry_layout_and_invalidation(make_tree, tmp_path, monkeypatch):
     root = make_tree()
     cache = tmp_path / "c"

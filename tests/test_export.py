@@ -12,9 +12,10 @@ import torch
 
 from metapl.commands.cli import main
 from metapl.commands.export import run_export
-from metapl.commands.inference import build_model, run_predict
+from metapl.commands.inference import run_predict
 from metapl.engine.checkpoint import RESUME_KEYS, load_checkpoint
 from metapl.engine.exported import read_exported
+from metapl.engine.rebuild import build_model
 from metapl.errors import UserError
 from test_inference import write_fake_run, write_images
 

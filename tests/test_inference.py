@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ from PIL import Image
 
 from conftest import count_accuracies
 from metapl.commands.cli import main
-from metapl.commands.inference import build_model, find_images, format_table, run_eval, run_predict
+from metapl.commands.inference import find_images, format_table, run_eval, run_predict
 from metapl.data import load_dataset, make_eval_loader
-from metapl.engine.checkpoint import atomic_save
+from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.config import TrainConfig
+from metapl.engine.rebuild import build_model
 from metapl.errors import UserError
 from metapl.models import create_model
 
@@ -121,6 +123,42 @@ def test_eval_of_a_trained_run_matches_its_summary(tmp_path):
     rows = read_csv(out)
     assert [r["path"] for r in rows] == [str(p) for p in paths]
     assert all(r["class"] in [str(d) for d in range(10)] for r in rows)
+
+
+def test_predict_over_the_test_images_reproduces_eval(make_tree, tmp_path):
+    """predict decodes and normalises as training and eval do: over a folder run's test images (RGB PNGs and
+    grayscale JPEGs of three sizes, resized to 12 with JPEG draft decoding), its predictions give eval's confusion
+    matrix and accuracy exactly."""
+    tree = make_tree(mode="mixed", per_class=6, sizes=((48, 40), (30, 36), (12, 16)))
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tree), "--image-size", "12", "--steps", "2",
+            "--eval-every", "2", "--batch-size", "3", "--mu", "1", "--num-labeled", "6", "--workers", "0",
+            "--no-tensorboard", "--no-progress", "--finetune-steps", "0", "--out", str(run),
+            "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["eval", str(run), "--device", "cpu"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(run), str(tree / "test"), "--output", str(out), "--device", "cpu"]) == 0
+    rows = read_csv(out)
+    classes = result["classes"]
+    matrix = [[0] * len(classes) for _ in classes]
+    for r in rows:  # true class: the image's folder
+        matrix[classes.index(Path(r["path"]).parent.name)][classes.index(r["class"])] += 1
+    assert len(rows) == result["num_test"] == 18
+    assert matrix == result["models"]["ema"]["confusion_matrix"]
+    correct = sum(matrix[i][i] for i in range(len(classes)))
+    assert 100.0 * correct / len(rows) == result["ema_acc"]
+    # Image by image, the probabilities of the EMA student over eval's own loader of the run's test split.
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    test = load_dataset("folder", str(tree), image_size=12, cache_dir=str(tmp_path / "c"), log=lambda _: None).test
+    with torch.no_grad():
+        model = build_model(ckpt, "ema")
+        loader = make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=64)
+        probs = torch.cat([model(x).softmax(1) for x, _ in loader])
+    expected = probs.max(1).values.tolist()
+    # The CSV rounds to 4 decimals (a last digit may flip on a float's last bit); another decoder misses by more.
+    assert max(abs(float(r["probability"]) - p) for r, p in zip(rows, expected, strict=True)) <= 5.1e-5
 
 
 def test_eval_of_a_pt_file_writes_beside_it_and_skips_missing_ema(tmp_path):

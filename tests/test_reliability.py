@@ -23,16 +23,9 @@ from conftest import write_image
 from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, mpl_update
 from metapl.data import load_dataset
-from metapl.engine.checkpoint import (
-    BEST,
-    FINETUNED,
-    LATEST,
-    RESUME_KEYS,
-    atomic_save,
-    load_checkpoint,
-    nonfinite_weights,
-)
+from metapl.engine.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, nonfinite_weights
 from metapl.engine.metrics import read_metrics
+from metapl.engine.run_dir import BEST, FINETUNED, LATEST
 from metapl.engine.runtime import StopSignals
 from metapl.errors import UserError
 

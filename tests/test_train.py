@@ -16,8 +16,9 @@ import yaml
 
 from conftest import checkpoint_accuracies
 from metapl.commands.cli import main
-from metapl.engine.checkpoint import LATEST, atomic_save, load_checkpoint
+from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.metrics import read_metrics
+from metapl.engine.run_dir import LATEST
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

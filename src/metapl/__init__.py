@@ -2,10 +2,30 @@
 
 The algorithm lives in ``metapl.core`` (any teacher and student ``nn.Module``); data sets in ``metapl.data``; models
 in ``metapl.models``; the trainer (config, loop, checkpoints, metrics) in ``metapl.engine``; the ``metapl`` command
-line in ``metapl.commands`` (docs/architecture.md).
+line in ``metapl.commands`` (docs/architecture.md). The names below come from ``metapl.core`` on first use, so that
+``import metapl.commands.cli`` (``metapl --help``) does not import torch.
 """
 
-from metapl.core import Batch, ModelEMA, MPLConfig, MPLInputError, MPLState, linear_ramp, mpl_update, warmup_cosine
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from metapl.core import Batch, ModelEMA, MPLConfig, MPLInputError, MPLState, linear_ramp, mpl_update, warmup_cosine
 
 __version__ = "0.1.0"
 __all__ = ["Batch", "MPLConfig", "MPLInputError", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from metapl import core
+
+    value = getattr(core, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,4 +1,5 @@
-"""The ``metapl`` command: train, finetune, eval, predict, export, plot, shards (write tar shards) and an offline demo.
+"""The ``metapl`` command: train, finetune, eval, predict, export, plot, shards (write tar shards), compare (does MPL
+pay on my data?) and an offline demo.
 
 Every error a user can fix is printed as one line (``metapl: error: ...``) with exit status 2, never a traceback;
 a file-system error that no deeper code named (``OSError``) is reported the same way, naming its path. A training
@@ -11,9 +12,19 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
+from typing import NamedTuple
 
-from metapl.engine.config import RUNTIME_KEYS, add_config_arguments, given_options, resolve
+from metapl.core.options import specs
+from metapl.engine.config import (
+    FINETUNE_STEPS_IF_NONE,
+    RUNTIME_KEYS,
+    TrainConfig,
+    add_config_arguments,
+    given_options,
+    resolve,
+)
 from metapl.errors import Interrupted, UserError, describe_os_error
 
 
@@ -25,12 +36,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The parser of every subcommand."""
+    """The parser of every subcommand (``COMMANDS``). Builds without importing torch: ``metapl --help`` is fast."""
     parser = _Parser(prog="metapl", description="Meta Pseudo Labels for PyTorch")
     parser.add_argument("--version", action="version", version=f"metapl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
 
-    p = sub.add_parser("train", help="train a teacher and a student with Meta Pseudo Labels")
+
+def _add_device(p: argparse.ArgumentParser, *, default: str | None = "auto") -> None:
+    """``--device`` of the commands that load a trained run: the train option's values; None: the run's device."""
+    shown = "the run's" if default is None else default
+    p.add_argument("--device", default=default, help=f"{specs(TrainConfig)['device'].help} (default: {shown})")
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument(
         "--resume", metavar="RUN_DIR",
@@ -46,24 +67,26 @@ def get_args_parser() -> argparse.ArgumentParser:
         "deleted first; other files are left alone. Without it a folder that is not empty is refused",
     )  # fmt: skip
 
-    p = sub.add_parser("finetune", help="finetune a trained run's student on its labeled data")
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="finetune steps; 0 scores and saves the student as it is (default: the run's finetune_steps, or 1000 "
-        "when that is 0)",
+        help="finetune steps; 0 scores and saves the student as it is (default: the run's finetune_steps, or "
+        f"{FINETUNE_STEPS_IF_NONE} when that is 0)",
     )
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's finetune_lr)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's)")
+    _add_device(p, default=None)
 
-    p = sub.add_parser("eval", help="accuracy, per-class figures, confusion matrix and calibration of a run's models")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--data-dir", default=None, help="where the test data lives (default: the run's); a folder run "
                    "scores a train/+test/ tree's test split, and every image of a flat <class>/* folder")  # fmt: skip
     p.add_argument("--output", default=None, help="JSON file for the results (default: RUN_DIR/eval.json)")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument(
         "--image-size",
         type=int,
@@ -73,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write each model's confusion matrix as a PNG beside "
                    "the JSON (<output stem>.confusion.png)")  # fmt: skip
 
-    p = sub.add_parser("export", help="write one trained model as .safetensors (+ JSON), ONNX or TorchScript")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument(
         "--model",
@@ -85,41 +109,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="the model file (default: RUN_DIR/export/MODEL.<format suffix>); "
                    "its JSON record goes beside it")  # fmt: skip
 
-    p = sub.add_parser("predict", help="classify images or folders of images with a trained model")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a run directory, a .pt checkpoint or an exported .safetensors")
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--model", choices=("ema", "student", "teacher", "finetuned"), default="ema")
     p.add_argument("--output", default="predictions.csv", help="CSV file (default: predictions.csv)")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--device", default="auto")
+    _add_device(p)
 
-    p = sub.add_parser("plot", help="PNG curves of one or several runs (accuracies, losses, h)")
+
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     p.add_argument("--output", default=None, help="PNG file (default: RUN_DIR/curves.png of the first run)")
 
-    p = sub.add_parser("shards", help="write an image-folder tree as WebDataset-style tar shards (--dataset shards)")
+
+def _shards_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src_dir", metavar="SRC_DIR", help="train/<class>/* (+ test/<class>/*), or <class>/*")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where the .tar shards and classes.json go")
     p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (each named) instead of "
                    "stopping at the first")  # fmt: skip
 
-    p = sub.add_parser(
-        "compare", help="does MPL pay on my data? labels only, strong augmentation, h = 0 and MPL (+ distill and "
-        "Reduced MPL with --teacher-weights), seeds paired, chosen on validation",
-        description="Train the rows on your recipe (the train options below), seeds paired, the same optimizer-step "
-        "count for every final model; compare them on --val-labeled images carved from --num-labeled (default: a "
-        "fifth); runs go to --out/<row>/seed<k>/ (default: runs/compare), finished ones are skipped, stopped ones "
-        "resumed; the table and one recommendation go to compare.md and compare.json there",
-    )  # fmt: skip
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Train the rows on your recipe (the train options below), seeds paired, the same optimizer-step count for "
+        "every final model; compare them on --val-labeled images carved from --num-labeled (default: a fifth); runs "
+        "go to --out/<row>/seed<k>/ (default: runs/compare), finished ones are skipped, stopped ones resumed; the "
+        "table and one recommendation go to compare.md and compare.json there"
+    )
     add_config_arguments(p)
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds, paired across rows (default: 0,1,2)")
 
-    p = sub.add_parser("demo", help="offline demo: MPL vs a labels-only baseline on scikit-learn's digits")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each run, at least 1 (default: 500)")
     p.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,63 +193,109 @@ def _terminate_as_exception():
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What each subcommand runs: the heavy modules (torch, the engine) are imported here, on use.
+
+
+def _train(args: argparse.Namespace) -> None:
+    from metapl.engine.train import train
+
+    if args.resume:
+        train(_resume_config(args), resume=True)
+    else:
+        train(_resolve(args), overwrite=args.overwrite)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from metapl.engine.finetune import finetune_run
+
+    finetune_run(args.run_dir, steps=args.steps, lr=args.lr, device=args.device)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from metapl.commands.inference import run_eval
+
+    run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device,
+             image_size=args.image_size, plot=args.plot)  # fmt: skip
+
+
+def _export(args: argparse.Namespace) -> None:
+    from metapl.commands.export import run_export
+
+    run_export(args.path, model=args.model, fmt=args.fmt, output=args.output)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from metapl.commands.inference import run_predict
+
+    run_predict(args.checkpoint, args.paths, model=args.model, output=args.output, top_k=args.top_k,
+                device=args.device)  # fmt: skip
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from metapl.commands.plot import plot_runs
+
+    plot_runs(args.run_dirs, output=args.output)
+
+
+def _shards(args: argparse.Namespace) -> None:
+    from metapl.data.shards import write_shards
+
+    write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard, skip_corrupt=args.skip_corrupt)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from metapl.commands.compare import compare_command
+
+    compare_command(_resolve(args), given_options(args), seeds=args.seeds)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from metapl.commands.demo import demo
+
+    demo(out=args.out, steps=args.steps, seed=args.seed)
+
+
+class Command(NamedTuple):
+    """One subcommand: its ``--help`` line, the function that declares its options, the function that runs it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a teacher and a student with Meta Pseudo Labels", _train_arguments, _train),
+    "finetune": Command("finetune a trained run's student on its labeled data", _finetune_arguments, _finetune),
+    "eval": Command(
+        "accuracy, per-class figures, confusion matrix and calibration of a run's models", _eval_arguments, _eval
+    ),
+    "export": Command(
+        "write one trained model as .safetensors (+ JSON), ONNX or TorchScript", _export_arguments, _export
+    ),
+    "predict": Command("classify images or folders of images with a trained model", _predict_arguments, _predict),
+    "plot": Command("PNG curves of one or several runs (accuracies, losses, h)", _plot_arguments, _plot),
+    "shards": Command(
+        "write an image-folder tree as WebDataset-style tar shards (--dataset shards)", _shards_arguments, _shards
+    ),
+    "compare": Command(
+        "does MPL pay on my data? labels only, strong augmentation, h = 0 and MPL (+ distill and Reduced MPL with "
+        "--teacher-weights), seeds paired, chosen on validation",
+        _compare_arguments,
+        _compare,
+    ),  # fmt: skip
+    "demo": Command("offline demo: MPL vs a labels-only baseline on scikit-learn's digits", _demo_arguments, _demo),
+}
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "train":
-        from metapl.engine.train import train
-
-        if args.resume:
-            train(_resume_config(args), resume=True)
-        else:
-            train(_resolve(args), overwrite=args.overwrite)
-        return 0
-    if args.command == "finetune":
-        from metapl.engine.finetune import finetune_run
-
-        finetune_run(args.run_dir, steps=args.steps, lr=args.lr, device=args.device)
-        return 0
-    if args.command == "eval":
-        from metapl.commands.inference import run_eval
-
-        run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device,
-                 image_size=args.image_size, plot=args.plot)  # fmt: skip
-        return 0
-    if args.command == "export":
-        from metapl.commands.export import run_export
-
-        run_export(args.path, model=args.model, fmt=args.fmt, output=args.output)
-        return 0
-    if args.command == "predict":
-        from metapl.commands.inference import run_predict
-
-        run_predict(args.checkpoint, args.paths, model=args.model, output=args.output, top_k=args.top_k,
-                    device=args.device)  # fmt: skip
-        return 0
-    if args.command == "plot":
-        from metapl.commands.plot import plot_runs
-
-        plot_runs(args.run_dirs, output=args.output)
-        return 0
-    if args.command == "shards":
-        from metapl.data.shards import write_shards
-
-        write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard, skip_corrupt=args.skip_corrupt)
-        return 0
-    if args.command == "compare":
-        from metapl.commands.compare import compare_command
-
-        compare_command(_resolve(args), given_options(args), seeds=args.seeds)
-        return 0
-    if args.command == "demo":
-        from metapl.commands.demo import demo
-
-        demo(out=args.out, steps=args.steps, seed=args.seed)
-        return 0
-    raise AssertionError(args.command)
+    COMMANDS[args.command].run(args)
+    return 0
 
 
 def _resume_config(args: argparse.Namespace):
     """The saved config of the ``--resume`` run with the runtime options and ``--steps`` of the command line."""
-    from metapl.engine.run import load_run_config
+    from metapl.engine.run_dir import load_run_config
 
     given = given_options(args)
     # A resumed run must be the same run: its saved config wins over anything else on the command line.

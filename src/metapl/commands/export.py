@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapl.commands.inference import build_model, checkpoint_file
-from metapl.engine.checkpoint import EXPORT_DIR, FINETUNED, load_checkpoint
+from metapl.engine.checkpoint import load_checkpoint
 from metapl.engine.config import config_from_dict
 from metapl.engine.exported import SUFFIX, example_input, export_meta, meta_path, safetensors_bytes, write_files
+from metapl.engine.rebuild import build_model, checkpoint_file
+from metapl.engine.run_dir import EXPORT_DIR, FINETUNED
 from metapl.errors import UserError
 
 FORMATS = tuple(SUFFIX)

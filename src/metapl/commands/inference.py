@@ -2,9 +2,10 @@
 
 Everything needed to rebuild the networks (model names, dropout, class count, channels, image size, normalisation,
 class names) is read from the checkpoint, so neither command takes training options. ``eval`` reloads the run's own
-test split through the saved config; ``predict`` reads arbitrary image files and preprocesses them the way the
-training data was decoded (channels converted, shorter side resized and centre-cropped with bicubic filtering, then
-scaled to [0, 1] and normalised with the run's mean/std).
+test split through the saved config; ``predict`` reads arbitrary image files with the training data's decoder
+(``data.imagetree.decode_image``: channels converted, JPEG draft, shorter side resized and centre-cropped with bicubic
+filtering) and the eval transform (``data.transforms.eval_transform`` with the run's mean/std), so that a prediction
+is what ``eval`` scored.
 """
 
 from __future__ import annotations
@@ -16,90 +17,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
+from metapl import data as mdata
 from metapl.commands.eval_report import format_per_class, format_table, plot_confusion
+from metapl.data.imagetree import decode_image, is_split_tree
+from metapl.data.transforms import eval_transform
 from metapl.engine.checkpoint import (
-    EVAL_JSON,
-    FINETUNED,
-    LATEST,
-    MODEL_KEYS,
-    RUN_FILES,
     load_checkpoint,
-    refuse_nonfinite,
     refuse_overwrite,
-    require_keys,
-    state_dict_mismatch,
 )
-from metapl.engine.config import REDUCED_METHODS, TrainConfig, config_from_dict
+from metapl.engine.config import TrainConfig, config_from_dict
 from metapl.engine.evaluate import evaluate_report
-from metapl.engine.exported import import_modules, read_exported
+from metapl.engine.exported import read_exported
+from metapl.engine.rebuild import build_model, checkpoint_file
+from metapl.engine.run_dir import EVAL_JSON, FINETUNED, RUN_FILES
 from metapl.engine.runtime import plan_cpu_share, select_device
 from metapl.errors import UserError, few, reporting_os_errors
-from metapl.models import create_model
 
 PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rebuilding models from a checkpoint
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The ``.pt`` file that ``path`` names: itself, or a run directory's latest checkpoint.
-
-    Args:
-        path: a run directory or a ``.pt`` file.
-
-    Returns:
-        The checkpoint file path (not checked for existence).
-    """
-    path = Path(path)
-    return path / LATEST if path.is_dir() else path
-
-
-def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild one network of a checkpoint from its config and load its weights.
-
-    Args:
-        ckpt: a checkpoint dict (``metapl.engine.checkpoint.load_checkpoint``).
-        role: ``teacher``, ``student`` or ``ema`` (the EMA student has the student's architecture).
-        source: where the checkpoint came from, for error messages.
-
-    Returns:
-        The model in eval mode, on the CPU.
-
-    Raises:
-        UserError: the checkpoint lacks that network, its weights do not fit the architecture its config names, or
-            they hold NaN/inf (a diverged run).
-    """
-    require_keys(ckpt, MODEL_KEYS, source)
-    state = ckpt.get(role)
-    if state is None:
-        raise UserError(f"{source} holds no {role} weights")
-    method = ckpt["config"].get("method")
-    if role == "teacher" and method in REDUCED_METHODS:  # its teacher reads stored predictions, not images
-        raise UserError(f"{source} is a --method {method} run: its teacher entry is not a "
-                        f"{ckpt['config'].get('teacher')} classifier of images; use the student, ema or finetuned "
-                        "model")  # fmt: skip
-    cfg = config_from_dict(ckpt["config"])
-    import_modules(getattr(cfg, "imports", None))
-    name, dropout = (cfg.teacher, cfg.teacher_dropout) if role == "teacher" else (cfg.student, cfg.student_dropout)
-    num_classes, in_channels = int(ckpt["num_classes"]), int(ckpt["in_channels"])
-    model = create_model(
-        name, num_classes=num_classes, in_channels=in_channels, image_size=int(ckpt["image_size"]), dropout=dropout
-    )
-    problem = state_dict_mismatch(model.state_dict(), state)
-    if problem:
-        raise UserError(
-            f"{source}: the {role} weights do not fit {name} rebuilt from the checkpoint's config "
-            f"(num_classes={num_classes}, in_channels={in_channels}): {problem}; "
-            "was the checkpoint edited, or written for another data set?"
-        )
-    refuse_nonfinite(ckpt, source, roles=(role,))
-    model.load_state_dict(state)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,8 +124,6 @@ def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | 
                  device: torch.device, log) -> tuple[object, int, str]:  # fmt: skip
     """A loader of the images to score, checked against what the checkpoint's models take, their count, and a
     phrase naming them. A streamed split is decoded in the run's ``--workers`` loader workers."""
-    from metapl import data as mdata  # imported here: predict and the model helpers work without the data package
-    from metapl.data.imagetree import is_split_tree
 
     # A flat folder of a folder run is all test images; the run's own data keeps the run's split (same seed).
     whole = data_dir is not None and cfg.dataset == "folder" and Path(data_dir).is_dir()
@@ -278,13 +213,12 @@ def run_predict(
     dev = select_device(device)
     net = net.to(dev)
     mode = "L" if int(ckpt["in_channels"]) == 1 else "RGB"
-    mean = torch.tensor(ckpt["mean"], dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(ckpt["std"], dtype=torch.float32).view(-1, 1, 1)
+    # The training decoder and the eval transform, with the checkpoint's mean/std: what eval scored, to the bit.
+    transform = eval_transform(ckpt["mean"], ckpt["std"])
 
     rows = []
     for batch_files in _chunks(files, PREDICT_BATCH):
-        x = torch.stack([_read_image(f, mode, int(ckpt["image_size"])) for f in batch_files])  # (B, C, H, W) uint8
-        x = (x.float() / 255.0 - mean) / std  # as the eval transform: ToDtype(scale=True), then Normalize
+        x = torch.stack([transform(_read_image(f, mode, int(ckpt["image_size"]))) for f in batch_files])  # (B, C, H, W)
         with torch.inference_mode():
             probs = net(x.to(dev)).float().softmax(dim=1)
         top_p, top_i = probs.topk(k, dim=1)  # (B, k), sorted most probable first
@@ -374,18 +308,13 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _read_image(path: Path, mode: str, size: int) -> torch.Tensor:
-    """Decode one image as the training data was decoded: ``mode`` channels, ``size``x``size``; uint8 (C, H, W)."""
+    """Decode one image as the training data was decoded (``data.imagetree.decode_image``): uint8 (C, H, W)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if im.size != (size, size):
-                # Shorter side to `size`, then a centre crop: what the data package does to differently sized images.
-                im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
-            array = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        array = decode_image(path, size, mode)  # (H, W, C)
     except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read image {path} ({reason}); remove it or pass other paths") from None
-    return array.view(size, size, len(mode)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # Pillow's buffer is read-only
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

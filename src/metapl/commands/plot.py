@@ -14,8 +14,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from metapl.engine.checkpoint import CURVES, METRICS, refuse_overwrite
+from metapl.engine.checkpoint import refuse_overwrite
 from metapl.engine.metrics import read_metrics
+from metapl.engine.run_dir import CURVES, METRICS
 from metapl.errors import UserError, reporting_os_errors
 
 ACC_KEYS = (("eval/teacher_acc", "teacher"), ("eval/student_acc", "student"), ("eval/ema_acc", "EMA student"))

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from metapl.core.config import MPLConfig
 from metapl.core.hard import hard_update
-from metapl.core.options import check_options, option
 from metapl.core.parts import feedback_mode, unwrap
 from metapl.core.soft import soft_update
 from metapl.core.validate import MPLInputError, check_batch, check_scalars, guarded_update
 
 __all__ = ["Batch", "MPLConfig", "MPLState", "feedback_mode", "mpl_update", "unwrap"]  # the last two: core.parts
-__all__ += ["MPLInputError"]  # from core.validate
+__all__ += ["MPLInputError"]  # from core.validate; MPLConfig is declared in core.config (no torch)
 
 
 class Batch(NamedTuple):
@@ -65,74 +65,6 @@ class Batch(NamedTuple):
             self.x_uw if self.t_x_uw is None else self.t_x_uw,
             self.x_us if self.t_x_us is None else self.t_x_us,
         )
-
-
-@dataclass(frozen=True)
-class MPLConfig:
-    """Hyper-parameters of one MPL update. Each disputed choice of the public releases is a named option.
-
-    Each field is declared once, with its help text and allowed range (``metapl.core.options``); ``__post_init__``
-    checks every value against its declaration and raises ValueError. The trainer's ``TrainConfig`` inherits these
-    fields, so each is also a ``metapl train`` flag (``--soft-temperature``) and a YAML key (``soft_temperature``), with
-    the help below as its ``--help`` line. Why the defaults: ``docs/algorithm.md``.
-    """
-
-    mode: Literal["hard", "soft"] = option(
-        "hard", "hard pseudo labels with REINFORCE feedback, or soft labels with the exact meta-gradient (second order)"
-    )
-    feedback: Literal["taylor", "dot", "cosine"] = option(
-        "taylor",
-        "hard mode's estimator of the feedback h: taylor (L_l before minus after the student's step; one extra "
-        "no-grad labeled forward), dot (the student's lr times the dot product of the two gradients; one extra labeled "
-        "backward) or cosine (the cosine similarity of the same gradients, bounded in [-1, 1]; Appendix A allows it in "
-        "place of the raw product, whose scale (~1e-3) makes the MPL term negligible)",
-    )
-    feedback_sign: Literal["derived", "reversed"] = option(
-        "derived",
-        "derived: h > 0 when the student's step lowered its labeled loss (the teacher then makes its pseudo labels "
-        "more likely); reversed: the sign of the official release and the most-used PyTorch port",
-    )
-    pseudo_label: Literal["argmax", "sample"] = option(
-        "argmax", "hard pseudo labels by argmax of the teacher's distribution, or sampled from it"
-    )
-    label_view: Literal["weak", "strong"] = option(
-        "weak",
-        "the unlabeled view the teacher labels: weak (clean labels, as UDA) or strong (the paper's derivation, the "
-        "same view for both models)",
-    )
-    student_view: Literal["strong", "weak"] = option(
-        "strong",
-        "the unlabeled view the student learns from: strong (the paper: the student is noised) or weak (the view the "
-        "teacher labels: the student without its noise, an ablation)",
-    )
-    teacher_batch: Literal["split", "joint"] = option(
-        "split",
-        "split: the weak view goes through the teacher in its own no-grad forward (less memory); joint: one teacher "
-        "forward over labeled, weak and strong images, so BatchNorm normalises them as one batch (as UDA's and "
-        "FixMatch's releases do)",
-    )
-    soft_temperature: float = option(1.0, "temperature of the teacher's distribution in soft mode", gt=0)
-    mpl_weight: float = option(
-        1.0, "weight of the teacher's MPL term; 0 turns it off (a UDA teacher distilled into the student)", ge=0
-    )
-    baseline_decay: float = option(
-        0.0, "rate of the moving-average baseline subtracted from h (official release: 0.01); 0 = off", ge=0, le=1
-    )
-    label_smoothing: float = option(
-        0.0,
-        "label smoothing of the teacher's labeled cross-entropy (the trainer also applies it to the student's labeled "
-        "steps: --method supervised and finetuning)",
-        ge=0,
-        lt=1,
-    )
-    uda_temperature: float = option(0.7, "sharpening temperature of UDA's target distribution", gt=0)
-    uda_threshold: float = option(
-        0.6, "UDA's confidence threshold: unlabeled images below it add no consistency loss", ge=0, le=1
-    )
-    grad_clip: float = option(0.0, "max global gradient norm for both models; 0 = no clipping", ge=0)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 @dataclass

@@ -236,8 +236,6 @@ def _decode_entries(path, names, image_size, force_mode, skip_corrupt):
                 raise UserError(f"cannot read image {names[slot]} ({reason}); fix or delete it, or pass --skip-corrupt")
             skipped.append([names[slot], reason])
             continue
-        if array.ndim == 2:
-            array = array[..., None]
         if images is None:
             images = np.zeros((len(names), *array.shape), dtype=np.uint8)
             size_of = (names[slot], array.shape[:2])
@@ -330,16 +328,32 @@ def _decode_chunk(task) -> list[tuple[int, np.ndarray | None, str | None]]:
 
 def _decode_one(slot, src, image_size, force_mode):
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            mode = force_mode or ("L" if im.mode in _GRAY_MODES else "RGB")
-            if image_size is not None:
-                im.draft(mode, (image_size, image_size))  # JPEG only: decode at 1/2, 1/4, 1/8 scale when that fits
-                out = ImageOps.fit(im.convert(mode), (image_size, image_size), Image.Resampling.BICUBIC)
-            else:
-                out = im.convert(mode)
-            return slot, np.asarray(out), None
+        return slot, decode_image(src, image_size, force_mode), None
     except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
         return slot, None, f"{type(e).__name__}: {e}"
+
+
+def decode_image(src, image_size: int | None, mode: str | None = None) -> np.ndarray:
+    """Decode one image file as the folder cache does: the one decoder of training, ``eval`` and ``predict``.
+
+    Args:
+        src: a path, a binary file object or the file's bytes.
+        image_size: resize (shorter side, then centre crop, bicubic) to this square size, letting a JPEG decode at
+            1/2, 1/4 or 1/8 scale first when that stays at least this large; None keeps the size.
+        mode: ``L`` or ``RGB``; None: ``L`` for a grayscale image, else ``RGB``.
+
+    Returns:
+        uint8 ``(H, W, C)``, C = 1 or 3. Pillow's exception when the file cannot be read.
+    """
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        mode = mode or ("L" if im.mode in _GRAY_MODES else "RGB")
+        if image_size is not None:
+            im.draft(mode, (image_size, image_size))  # JPEG only: decode at 1/2, 1/4, 1/8 scale when that fits
+            out = ImageOps.fit(im.convert(mode), (image_size, image_size), Image.Resampling.BICUBIC)
+        else:
+            out = im.convert(mode)
+        array = np.asarray(out)
+    return array[..., None] if array.ndim == 2 else array
 
 
 def resize_arrays(images: np.ndarray, size: int) -> np.ndarray:

@@ -351,7 +351,8 @@ def _report_skipped(skipped: list[list[str]], skip_corrupt: bool, log) -> None:
 
 def _check_test_fraction(fraction: float) -> None:
     if not 0.0 < fraction < 1.0:
-        raise UserError(f"--test-fraction {fraction} must be between 0 and 1 (exclusive)")
+        # A library argument (load_dataset's), not a flag: metapl train holds out a fixed tenth.
+        raise UserError(f"load_dataset(test_fraction={fraction!r}) is out of range; use a number in (0, 1)")
 
 
 def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The run directory's format: every file name in it, and what a checkpoint holds, how it is written and restored.
+"""What a checkpoint holds, how it is written and restored (the run folder's file names: ``metapl.engine.run_dir``).
 
 A checkpoint is one flat dict saved with ``torch.save``: the config, the data's shape and normalisation (so that
 ``eval`` and ``predict`` rebuild the models from the file alone), the three networks, both optimizers, schedulers and
@@ -25,44 +25,9 @@ import numpy as np
 import torch
 
 from metapl.core import unwrap
+from metapl.engine.run_dir import BEST, CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models.weights import state_dict_mismatch  # noqa: F401  (re-exported: commands.inference)
-
-# Run-directory files.
-CONFIG = "config.yaml"  # the resolved config (metapl.engine.config)
-SPLIT = "split.json"  # labeled / unlabeled / validation indices and the data fingerprint (metapl.data.split)
-METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.engine.metrics)
-SUMMARY = "summary.json"  # final accuracies
-LATEST = "checkpoint.pt"  # the latest checkpoint: what --resume continues from
-BEST = "best.pt"  # the best evaluated checkpoint
-FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.engine.finetune)
-FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, to continue (metapl.engine.finetune)
-EVAL_JSON = "eval.json"  # metapl eval's result
-CURVES = "curves.png"  # metapl plot's default image
-TENSORBOARD = "tb"  # TensorBoard event files
-EXPORT_DIR = "export"  # metapl export's default folder (metapl.engine.exported)
-TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.engine.metrics.LogFile)
-# What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
-RUN_FILES = (
-    CONFIG,
-    SPLIT,
-    METRICS,
-    SUMMARY,
-    LATEST,
-    BEST,
-    FINETUNED,
-    FINETUNE_PROGRESS,
-    EVAL_JSON,
-    CURVES,
-    TENSORBOARD,
-    EXPORT_DIR,
-    TRAIN_LOG,
-    f"{Path(EVAL_JSON).stem}.confusion.png",  # metapl eval --plot
-) + tuple(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED))
-
-# The one-writer lock (metapl.engine.lock). Not among RUN_FILES: --overwrite runs while its own process holds it, and a
-# lock file is never deleted under a holder; a folder holding only a lock file counts as empty.
-LOCK = ".lock"
 
 ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.

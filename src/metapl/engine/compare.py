@@ -17,8 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from metapl.core.options import specs
-from metapl.engine.checkpoint import LATEST, SUMMARY
 from metapl.engine.config import RUNTIME_KEYS, TrainConfig
+from metapl.engine.run_dir import LATEST, SUMMARY, load_run_config, read_summary
 from metapl.errors import UserError
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (seeds − 1).
@@ -135,8 +135,6 @@ def run_state(cfg: TrainConfig) -> str:
 
 
 def _check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
-    from metapl.engine.run import load_run_config  # the trainer's modules load only when a run is read or made
-
     saved = load_run_config(run_dir).to_dict()
     wanted = cfg.to_dict()
     changed = [k for k in wanted if k not in RUNTIME_KEYS | {"out"} and saved.get(k) != wanted[k]]
@@ -159,8 +157,7 @@ def train_row(cfg: TrainConfig, *, fresh: bool = False, log=print) -> tuple[dict
     Returns:
         (the run's summary, what was done: ``"finished"`` (read back), ``"resume"``, ``"redo"``, ``"new"``).
     """
-    from metapl.engine.run import read_summary
-    from metapl.engine.train import train
+    from metapl.engine.train import train  # the trainer's modules load only when a run is made
 
     state = "new" if fresh else run_state(cfg)
     if state == "finished":

@@ -26,7 +26,7 @@ from typing import Literal
 
 import yaml
 
-from metapl.core import MPLConfig
+from metapl.core.config import MPLConfig
 from metapl.core.options import Spec, check_options, check_value, option, specs
 from metapl.errors import UserError
 
@@ -44,6 +44,7 @@ _SECTIONS = {
 }
 REDUCED_METHODS = ("reduced-mpl", "distill")  # the methods whose teacher is a reduced teacher over stored predictions
 _ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
+FINETUNE_STEPS_IF_NONE = 1000  # metapl finetune's steps when neither --steps nor the run's plan gives any
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
 # Options that do nothing unless another option has a value: (option, the option it needs, the values that make it
@@ -245,10 +246,11 @@ class TrainConfig(MPLConfig):
             )
         self._check_starting_weights()
         refuse_ignored(self)
-        try:
-            self.mpl_config()  # any check MPLConfig makes beyond its fields' ranges
+        try:  # built (and checked beyond its fields' ranges) once per config, not once per training step
+            mpl = MPLConfig(**{f.name: getattr(self, f.name) for f in fields(MPLConfig)})
         except ValueError as e:
             raise UserError(str(e)) from None
+        object.__setattr__(self, "_mpl_config", mpl)  # frozen: not a field, so not in eq, repr, asdict or replace
 
     def _check_starting_weights(self) -> None:
         """Refuse the weight and Reduced-MPL options where they cannot take effect."""
@@ -280,8 +282,9 @@ class TrainConfig(MPLConfig):
         return self.steps // 10 if self.method != "supervised" else 0
 
     def mpl_config(self) -> MPLConfig:
-        """The core's view of these settings: the values of ``MPLConfig``'s fields."""
-        return MPLConfig(**{f.name: getattr(self, f.name) for f in fields(MPLConfig)})
+        """The core's view of these settings: the values of ``MPLConfig``'s fields, built once in ``__post_init__``
+        (the training step asks for it every step)."""
+        return self._mpl_config
 
     def to_dict(self) -> dict:
         """Plain dict, for YAML and checkpoints, in the order of ``--help``."""
@@ -442,11 +445,6 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 def given_options(args: argparse.Namespace) -> dict:
     """The ``TrainConfig`` options given as flags on the command line (not the defaults nor ``--config``), parsed."""
     return {name: _parse(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)}
-
-
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -21,9 +21,6 @@ from metapl import data as mdata
 from metapl.core import supervised_step, unwrap
 from metapl.engine.batches import hflip
 from metapl.engine.checkpoint import (
-    FINETUNE_PROGRESS,
-    FINETUNED,
-    LATEST,
     atomic_save,
     inference_state,
     load_checkpoint,
@@ -31,11 +28,13 @@ from metapl.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from metapl.engine.config import FINETUNE_STEPS_IF_NONE
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter
 from metapl.engine.resume import check_resume
-from metapl.engine.run import build_run, load_run_config, read_summary, write_summary
+from metapl.engine.run import build_run
+from metapl.engine.run_dir import FINETUNE_PROGRESS, FINETUNED, LATEST, load_run_config, read_summary, write_summary
 from metapl.engine.runtime import (
     StopSignals,
     barrier,
@@ -183,7 +182,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     Args:
         run_dir: a run directory of ``metapl train``.
         steps: finetune steps, 0 included (the student as it is, evaluated and saved as ``finetuned.pt``); None: the
-            run's ``finetune_steps``, or 1000 when that is 0.
+            run's ``finetune_steps``, or ``FINETUNE_STEPS_IF_NONE`` (1000) when that is 0.
         lr: learning rate (default: the run's ``finetune_lr``).
         device: ``auto``/``cpu``/``cuda`` (default: the run's).
         log: progress lines.
@@ -201,7 +200,7 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
 
 def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
     saved = load_run_config(run_dir)
-    default = saved.planned_finetune_steps() or 1000
+    default = saved.planned_finetune_steps() or FINETUNE_STEPS_IF_NONE
     cfg = replace(
         saved, out=str(run_dir), finetune_steps=steps if steps is not None else default,
         finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from metapl.engine.checkpoint import LOCK
+from metapl.engine.run_dir import LOCK
 from metapl.errors import UserError, reporting_os_errors
 
 try:

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from metapl.engine.checkpoint import METRICS, TENSORBOARD
+from metapl.engine.run_dir import METRICS, TENSORBOARD
 from metapl.errors import UserError, reporting_os_errors
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metapl.engine.checkpoint import CONFIG
 from metapl.engine.config import RUNTIME_KEYS, TrainConfig, config_from_dict
+from metapl.engine.run_dir import CONFIG
 from metapl.errors import UserError, few
 
 # Not compared: the folder (a run may be moved) and the length (re-planned, see above).

@@ -1,28 +1,26 @@
 """A training run as ``metapl train`` and ``metapl finetune`` both rebuild it: its state, its folder, its config.
 
-Run directory layout (names in ``metapl.engine.checkpoint``): ``config.yaml`` (resolved config), ``split.json``
-(labeled / unlabeled indices and the data's fingerprint), ``checkpoint.pt`` (latest), ``best.pt`` (best evaluation),
-``finetuned.pt``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``summary.json`` (final accuracies).
+The run folder's files, and the reads and writes of its config, summary and split, belong to
+``metapl.engine.run_dir``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from metapl import data as mdata
 from metapl.core import ModelEMA, MPLState
 from metapl.data.loader import mix_seed
-from metapl.engine.checkpoint import CONFIG, LATEST, LOCK, RUN_FILES, SPLIT, SUMMARY, restore
-from metapl.engine.config import REDUCED_METHODS, TrainConfig, config_from_dict
+from metapl.engine.checkpoint import restore
+from metapl.engine.config import REDUCED_METHODS, TrainConfig
 from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions
+from metapl.engine.run_dir import LATEST, LOCK, RUN_FILES, SPLIT
 from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
 from metapl.engine.weights import start_model
 from metapl.errors import UserError, few, reporting_os_errors
@@ -248,49 +246,3 @@ def clear_run_files(run_dir: Path, log) -> None:
         removed.append(name)
     if removed:
         log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The resolved config saved in a run directory (for ``--resume`` and the other commands)."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} not found; pass the --out of an earlier metapl train")
-    if not path.exists():
-        raise UserError(f"{run_dir} has no {CONFIG}; pass a run directory written by metapl train")
-    with reporting_os_errors(path, "read"):
-        text = path.read_bytes()
-    try:
-        values = yaml.safe_load(text.decode("utf-8"))
-        if not isinstance(values, dict):
-            raise ValueError("not a mapping of option: value")
-        return config_from_dict(values)
-    except (yaml.YAMLError, ValueError, TypeError, UserError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"{path} is damaged ({reason}); repair it (checkpoint.pt keeps a copy of the run's config under 'config')"
-        ) from None
-
-
-def read_summary(run_dir: Path) -> dict:
-    """The run's ``summary.json``, or ``{}`` when it has none yet."""
-    path = run_dir / SUMMARY
-    if not path.exists():
-        return {}
-    try:
-        with reporting_os_errors(path, "read"):
-            summary = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(summary, dict):
-            raise ValueError("not a JSON object")
-    except UserError:  # a ValueError too: the read failed, named by reporting_os_errors
-        raise
-    except ValueError as e:
-        raise UserError(f"{path} is damaged ({str(e)[:80]}); delete it (it is rewritten) and try again") from None
-    return summary
-
-
-def write_summary(run_dir: Path, summary: dict) -> None:
-    """Write ``summary.json`` (a ``UserError`` naming it when the disk refuses)."""
-    path = run_dir / SUMMARY
-    with reporting_os_errors(path):
-        path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -18,15 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from metapl import data as mdata
 from metapl.core import Batch, linear_ramp, mpl_update, supervised_step, unwrap
 from metapl.engine.batches import train_batches
 from metapl.engine.checkpoint import (
-    BEST,
-    CONFIG,
-    LATEST,
-    SPLIT,
-    TRAIN_LOG,
     atomic_save,
     checkpoint_state,
     inference_state,
@@ -34,14 +28,15 @@ from metapl.engine.checkpoint import (
     nonfinite_weights,
     rng_state,
 )
-from metapl.engine.config import TrainConfig, save_config
+from metapl.engine.config import TrainConfig
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_progress, finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import LogFile, MetricsWriter
 from metapl.engine.reduced import reduced_teacher_accuracy
 from metapl.engine.resume import check_resume, replan_schedules
-from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files, write_summary
+from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files
+from metapl.engine.run_dir import BEST, LATEST, TRAIN_LOG, save_run_config, save_run_split, write_summary
 from metapl.engine.runtime import (
     StopSignals,
     all_reduce_mean,
@@ -108,9 +103,8 @@ def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, res
         if overwrite and not resume:
             clear_run_files(run_dir, log)
         log.open(run_dir / TRAIN_LOG)
-        with reporting_os_errors(run_dir / CONFIG):
-            save_config(cfg, run_dir / CONFIG)
-        mdata.save_split(run.split, run_dir / SPLIT)
+        save_run_config(cfg, run_dir)
+        save_run_split(run.split, run_dir)
     writer = _NoWriter()  # rank 0 alone writes the run's files; under torchrun the other ranks only train
     if d.is_main:
         resume_step = None

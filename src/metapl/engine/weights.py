@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapl.engine.checkpoint import FINETUNED, LATEST, ROLES, refuse_nonfinite
+from metapl.engine.checkpoint import ROLES, refuse_nonfinite
 from metapl.engine.config import REDUCED_METHODS, TrainConfig
+from metapl.engine.run_dir import FINETUNED, LATEST
 from metapl.errors import UserError
 from metapl.models import create_model
 from metapl.models.weights import as_state_dict, load_into, read_file
