@@ -56,6 +56,7 @@ ROWS = {
     "reduced-cosine": {**REDUCED, "feedback": "cosine"},
     "full-mpl": dict(method="mpl"),
 }
+USES_TEACHER = [row for row in ROWS if row not in ("teacher", "labels-only")]
 GROUPS = {"all": list(ROWS), "reduced": ["reduced-taylor", "reduced-dot", "reduced-cosine"]}
 FEEDBACK = [(row, "distill") for row in GROUPS["reduced"]] + [("full-mpl", "distill")]
 
@@ -90,7 +91,8 @@ def run_one(root: Path, protocol: str, row: str, seed: int, *, steps: int | None
 
 
 def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
-    """row -> seed -> {"final", "student", "teacher", "seconds"}; ``seconds`` includes the teacher's training."""
+    """row -> seed -> {"final", "student", "teacher", "seconds"}; ``seconds`` includes the teacher's training in every
+    row that starts from the teacher (not in ``labels-only``)."""
     teacher = {}
     for path in sorted((root / protocol / "teacher").glob("seed*/summary.json")):
         s = json.loads(path.read_text())
@@ -106,7 +108,7 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
                 "final": s[f"{who}_acc"],
                 "student": s.get("student_acc"),
                 "teacher": s.get("teacher_acc"),
-                "seconds": own + (big.get("wall_seconds", big.get("seconds", 0)) if row != "teacher" else 0),
+                "seconds": own + (big.get("wall_seconds", big.get("seconds", 0)) if row in USES_TEACHER else 0),
             }
     return out
 
@@ -123,14 +125,17 @@ def report(root: Path, protocol: str) -> str:
                      f"{mean_sd(col['student'])} | {minutes:.1f} |")  # fmt: skip
     lines += ["", "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
               "|---|---|---|---|"]  # fmt: skip
-    pairs = [(row, "labels-only") for row in ROWS if row not in ("labels-only", "teacher")] + FEEDBACK
-    for row, partner in pairs:
-        if row in runs and partner in runs:
-            stats = paired_interval({s: v["final"] for s, v in runs[row].items()},
-                                    {s: v["final"] for s, v in runs[partner].items()})  # fmt: skip
-            if stats is not None:
-                mean, half, n = stats
-                lines.append(f"| {row} − {partner} | {n} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |")
+    # The same comparisons for the students before finetuning (labels-only has none: its student is its final model).
+    for key, suffix in (("final", ""), ("student", " (before finetuning)")):
+        for row, partner in [(row, "labels-only") for row in USES_TEACHER] + FEEDBACK:
+            if row in runs and partner in runs:
+                other = "final" if partner == "labels-only" else key
+                stats = paired_interval({s: v[key] for s, v in runs[row].items()},
+                                        {s: v[other] for s, v in runs[partner].items()})  # fmt: skip
+                if stats is not None:
+                    mean, half, n = stats
+                    lines.append(f"| {row} − {partner}{suffix} | {n} | {mean:+.2f} | "
+                                 f"[{mean - half:+.2f}, {mean + half:+.2f}] |")  # fmt: skip
     return "\n".join(lines)
 
 
