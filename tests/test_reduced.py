@@ -167,3 +167,35 @@ def test_a_teacher_of_other_classes_is_refused_for_distillation(tmp_path, capsys
     torch.save(create_model("small_cnn", num_classes=5, in_channels=1, image_size=8).state_dict(), five)
     assert distill(five, tmp_path / "x") == 2
     assert "predicts 5 classes but the data has 10" in capsys.readouterr().err
+
+
+def test_a_killed_reduced_run_resumes_bit_identical(big_teacher, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*TINY, "--method", "reduced-mpl", "--feedback", "dot", "--teacher-weights", str(big_teacher),
+            "--steps", "16", "--save-every", "2", "--deterministic", "--student-dropout", "0.2",
+            "--augment-on", "device"]  # fmt: skip
+    full = tmp_path / "full"
+    assert main(["train", *args, "--out", str(full)]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "metapl", "train", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a mid-run checkpoint exists
+        ckpt = killed / "checkpoint.pt"
+        if ckpt.exists() and 4 <= torch.load(ckpt, weights_only=False)["step"] < 16:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert main(["train", "--resume", str(killed)]) == 0
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    for role in ("teacher", "student", "ema"):
+        assert all(torch.equal(a[role][k], b[role][k]) for k in a[role]), role
+    assert _summary(full)["finetuned_acc"] == _summary(killed)["finetuned_acc"]
