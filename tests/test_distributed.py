@@ -255,3 +255,24 @@ def test_sync_bn_on_the_cpu_is_refused(tmp_path, capsys):
     assert main(["train", *TINY, "--steps", "2", "--sync-bn", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--sync-bn needs CUDA" in err, err
+
+
+def test_reduced_mpl_under_torchrun_reads_one_stored_prediction_file(tmp_path):
+    # The large teacher predicts once (rank 0 writes the file, rank 1 reads it); both ranks train the reduced teacher
+    # and the student on their shares, in soft mode (the hand-made all-reduces) through the rows of stored predictions.
+    base = [a for a in TINY if a not in ("--uda-weight", "1")]
+    cache = tmp_path / "cache"
+    big = tmp_path / "big"
+    assert main(["train", *base, "--steps", "8", "--method", "supervised", "--cache-dir", str(cache),
+                 "--out", str(big)]) == 0  # fmt: skip
+    out = tmp_path / "reduced"
+    args = [*base, "--steps", "6", "--save-every", "3", "--method", "reduced-mpl", "--mode", "soft",
+            "--teacher-weights", str(big), "--cache-dir", str(cache), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((cache / "predictions").glob("*.npz"))) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["large_teacher_acc"] == json.loads((big / "summary.json").read_text())[
+        "ema_acc"]  # fmt: skip
+    ckpt = torch.load(out / LATEST, weights_only=False)
+    assert len(ckpt["rng_ranks"]) == WORLD and "log_scale" in ckpt["teacher"]
