@@ -168,8 +168,19 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
         "|---|---|---|---|",
     ]
     # The same comparisons for the students before finetuning (the paper's last phase can cost as well as help).
+    lines += paired_lines(runs, PAIRS + FEEDBACK)
+    lines += ["", *feedback_stats(root, protocol)]
+    if png is not None and runs:
+        _plot(runs, protocol, png)
+    return "\n".join(lines)
+
+
+def paired_lines(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]]) -> list[str]:
+    """Markdown rows of the paired differences row − partner with 95 % intervals, for the final models and again for
+    the students before finetuning (a labels-only partner has no finetuning: its final model is its student)."""
+    lines = []
     for key, suffix in (("final", ""), ("student", " (before finetuning)")):
-        for row, partner in PAIRS + FEEDBACK:
+        for row, partner in pairs:
             if row not in runs or partner not in runs:
                 continue
             other = "final" if partner.endswith("labels-only") else key
@@ -179,10 +190,18 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
                 mean, half, n = stats
                 lines.append(f"| {row} − {partner}{suffix} | {n} | {mean:+.2f} | "
                              f"[{mean - half:+.2f}, {mean + half:+.2f}] |")  # fmt: skip
-    lines += ["", *feedback_stats(root, protocol)]
-    if png is not None and runs:
-        _plot(runs, protocol, png)
-    return "\n".join(lines)
+    return lines
+
+
+def run_rows(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: dict, groups: dict, run) -> None:
+    """Train ``args.rows`` (names or groups) for each of ``args.seeds``, seed by seed: ``run(row, seed)``."""
+    names = [r for item in args.rows.split(",") for r in groups.get(item, [item])]
+    unknown = [r for r in names if r not in rows]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(rows)} or a group ({', '.join(groups)})")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in dict.fromkeys(names):
+            run(row, seed)
 
 
 def feedback_stats(root: Path, protocol: str) -> list[str]:
@@ -262,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     for row, seeds in collect(root, args.protocol).items()}  # fmt: skip
             Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
         return 0
-    rows = [r for item in args.rows.split(",") for r in GROUPS.get(item, [item])]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        p.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)} or a group ({', '.join(GROUPS)})")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for row in dict.fromkeys(rows):
-            run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir)
+    run_rows(
+        p,
+        args,
+        ROWS,
+        GROUPS,
+        lambda row, seed: run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir),
+    )
     return 0
 
 

@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 
 from ablation import PROTOCOLS as ABLATION
-from ablation import final_model
+from ablation import final_model, paired_lines, run_rows
 from common import train_once
-from metapl.engine.compare import mean_sd, paired_interval
+from metapl.engine.compare import mean_sd
 
 # The ablation's recipes (chosen on validation there), with the views made on the training device (the same pixels as
 # the Pillow path, faster on two cores). The reduced teacher's own settings (64 hidden units, the protocol's teacher
@@ -125,17 +125,7 @@ def report(root: Path, protocol: str) -> str:
                      f"{mean_sd(col['student'])} | {minutes:.1f} |")  # fmt: skip
     lines += ["", "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
               "|---|---|---|---|"]  # fmt: skip
-    # The same comparisons for the students before finetuning (labels-only has none: its student is its final model).
-    for key, suffix in (("final", ""), ("student", " (before finetuning)")):
-        for row, partner in [(row, "labels-only") for row in USES_TEACHER] + FEEDBACK:
-            if row in runs and partner in runs:
-                other = "final" if partner == "labels-only" else key
-                stats = paired_interval({s: v[key] for s, v in runs[row].items()},
-                                        {s: v[other] for s, v in runs[partner].items()})  # fmt: skip
-                if stats is not None:
-                    mean, half, n = stats
-                    lines.append(f"| {row} − {partner}{suffix} | {n} | {mean:+.2f} | "
-                                 f"[{mean - half:+.2f}, {mean + half:+.2f}] |")  # fmt: skip
+    lines += paired_lines(runs, [(row, "labels-only") for row in USES_TEACHER] + FEEDBACK)
     return "\n".join(lines)
 
 
@@ -156,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(collect(root, args.protocol), indent=1) + "\n")
         return 0
-    rows = [r for item in args.rows.split(",") for r in GROUPS.get(item, [item])]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        p.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)} or a group ({', '.join(GROUPS)})")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for row in dict.fromkeys(rows):
-            run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir)
+    run_rows(
+        p,
+        args,
+        ROWS,
+        GROUPS,
+        lambda row, seed: run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir),
+    )
     return 0
 
 
