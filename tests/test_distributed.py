@@ -241,6 +241,54 @@ def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):
     assert _train_records(full_ddp_run) == _train_records(killed)
 
 
+def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_identical(full_ddp_run, tmp_path):
+    """A scheduler's SIGTERM to the launcher (``torchrun``) only: torchrun sends SIGTERM to each worker's process
+    group and waits for them (``--shutdown-timeout``, 30 s by default) before it would SIGKILL them. The ranks agree
+    to stop at the next step they synchronise, rank 0 saves that step and prints the one resume line, and torchrun
+    exits with status 1 after its own ``SignalException`` traceback (torchrun's, which metapl cannot change)."""
+    out, log = tmp_path / "stopped", tmp_path / "torchrun.err"
+    with log.open("w") as err_file:
+        proc = subprocess.Popen(torchrun(*DDP, "--out", str(out)), env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=err_file, start_new_session=True)  # fmt: skip
+        workers: list[int] = []
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None and not (out / LATEST).exists():
+                time.sleep(0.02)
+            workers = _descendants(proc.pid)
+            for pid in workers:  # paused at once: the signal surely reaches them mid-run, however loaded the machine
+                os.kill(pid, signal.SIGSTOP)
+            assert proc.poll() is None and (out / LATEST).exists(), "the run ended before a checkpoint was seen"
+            seen = torch.load(out / LATEST, weights_only=False)["step"]
+            assert 2 <= seen <= 6
+            proc.send_signal(signal.SIGTERM)  # the agent only; it forwards SIGTERM to each worker's process group
+            deadline = time.time() + 30
+            while time.time() < deadline and log.read_text().count("closing signal SIGTERM") < WORLD:
+                time.sleep(0.02)
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            assert proc.wait(timeout=60) == 1  # torchrun's status on a signal: its SignalException is uncaught
+        finally:
+            _kill_tree(proc)
+    err = log.read_text()
+    step = torch.load(out / LATEST, weights_only=False)["step"]
+    assert seen < step < 12  # stopped mid-run, at a step after the one seen, and saved it
+    assert "forcefully exiting" not in err  # every rank stopped by itself within torchrun's shutdown timeout
+    lines = [line for line in err.splitlines() if line.startswith("metapl")]
+    assert lines == [f"metapl: interrupted by SIGTERM at step {step}; saved {out / LATEST}; resume with: metapl train "
+                     f"--resume {out}"]  # fmt: skip
+    # The one traceback is the agent's (torchrun's own SignalException); no worker and no metapl frame has one.
+    assert err.count("Traceback") == 1 and "/metapl/" not in err, err
+    assert err.strip().splitlines()[-1].startswith("torch.distributed.elastic.multiprocessing.api.SignalException")
+    assert max(r["step"] for r in read_metrics(out)) <= step
+
+    done = subprocess.run(torchrun("--resume", str(out)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _final_params(full_ddp_run), _final_params(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # rank 0's, equal to the unstopped run's
+    assert _train_records(full_ddp_run) == _train_records(out)
+
+
 def test_soft_mode_with_sync_bn_under_a_launcher_is_refused():
     # SyncBatchNorm is a custom autograd Function without a forward-mode (jvp) rule, which soft mode's exact
     # meta-gradient runs the student in. Checked

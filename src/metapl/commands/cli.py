@@ -9,6 +9,7 @@ run stopped by SIGINT/SIGTERM prints how to resume it and exits with 128 + the s
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metapl: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"metapl: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0, which saved, says so once
+            print(f"metapl: {e}", file=sys.stderr)
         return e.status
     except (KeyboardInterrupt, _Terminated) as e:
         # Outside the training and finetuning loops (loading data, eval, predict): only the last checkpoint is on disk.
