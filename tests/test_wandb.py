@@ -51,15 +51,17 @@ def test_wandb_logs_offline_and_a_resume_continues_the_same_run(tmp_path, offlin
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(out), "--wandb"]) == 0
     run_id = (out / WANDB_ID).read_text().strip()
-    [first] = (out / WANDB).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    [first] = (out / WANDB).glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb")
     history = offline_history(first)
     assert any(r.get("train/loss/student") is not None and r["_step"] == 2 for r in history)
     assert any("eval/ema_acc" in r or "eval/student_acc" in r for r in history)
 
     assert main(["train", "--resume", str(out), "--steps", "4", "--workers", "0"]) == 0
     assert (out / WANDB_ID).read_text().strip() == run_id
-    runs = sorted((out / WANDB).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(runs) == 2  # two offline runs of one W&B run: `wandb sync` merges them
+    # two offline runs of one W&B run, which `wandb sync` merges (the second folder's name gets a "-1" suffix when
+    # both started within one second)
+    runs = sorted((out / WANDB).glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
+    assert len(runs) == 2
     resumed = offline_history(next(r for r in runs if r != first))
     assert [r["_step"] for r in resumed if "train/loss/student" in r] == [4]
 
