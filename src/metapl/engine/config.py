@@ -78,7 +78,7 @@ _FLAG_IGNORED = tuple(
 ) + tuple(
     (name, "uda_weight", lambda w: w is None or w > 0, "a weight > 0", "UDA is off")
     for name in ("uda_steps", "uda_temperature", "uda_threshold")
-)  # fmt: skip
+) + (("wandb_project", "wandb", bool, "", "no metrics go to Weights & Biases"),)  # fmt: skip
 
 
 def refuse_ignored(cfg, given: set[str] | None = None) -> None:
@@ -89,8 +89,9 @@ def refuse_ignored(cfg, given: set[str] | None = None) -> None:
     for name, needs, counts, words, why in rules:
         value, other = getattr(cfg, name, None), getattr(cfg, needs, None)
         if name in known and value != known[name].default and not counts(other):
+            use = f"--{_flag(needs)} {words}".rstrip()
             raise UserError(f"--{_flag(name)} {_shown(value)} does nothing with --{_flag(needs)} {_shown(other)} "
-                            f"({why}); drop --{_flag(name)} or use --{_flag(needs)} {words}")  # fmt: skip
+                            f"({why}); drop --{_flag(name)} or use {use}")  # fmt: skip
 
 
 def _shown(value) -> str:
@@ -232,6 +233,11 @@ class TrainConfig(MPLConfig):
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (bit-exact resume on the CPU)")
     sync_bn: bool = option(False, "SyncBatchNorm under DDP (CUDA only; refused on the CPU)")
     tensorboard: bool = option(True, "write TensorBoard event files into the run directory")
+    wandb: bool = option(
+        False, 'also log the metrics to Weights & Biases (pip install "metapl[wandb]"); a resumed run continues the '
+        "same W&B run; WANDB_MODE=offline keeps it in RUN_DIR/wandb",
+    )  # fmt: skip
+    wandb_project: str | None = option(None, "W&B project of --wandb; none: $WANDB_PROJECT or W&B's default")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -296,7 +302,8 @@ class TrainConfig(MPLConfig):
 # resumed (on another machine, with fewer workers) and are the flags --resume accepts, with --steps. Every other option
 # alters the math and is fixed for the run's life (metapl.engine.resume).
 RUNTIME_KEYS = frozenset({
-    "workers", "threads", "device", "progress", "cache_dir", "data_dir", "download", "tensorboard",
+    "workers", "threads", "device", "progress", "cache_dir", "data_dir", "download", "tensorboard", "wandb",
+    "wandb_project",
     "eval_batch_size", "log_every", "save_every",
 })  # fmt: skip
 

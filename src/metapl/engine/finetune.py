@@ -31,7 +31,7 @@ from metapl.engine.checkpoint import (
 from metapl.engine.config import FINETUNE_STEPS_IF_NONE
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.lock import is_writer_rank, run_lock
-from metapl.engine.metrics import MetricsWriter
+from metapl.engine.metrics import MetricsWriter, require_wandb
 from metapl.engine.resume import check_resume
 from metapl.engine.run import build_run
 from metapl.engine.run_dir import FINETUNE_PROGRESS, FINETUNED, LATEST, load_run_config, read_summary, write_summary
@@ -193,7 +193,8 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
     run_dir = Path(run_dir)
     if steps is not None and steps < 0:
         raise UserError(f"--steps {steps} is out of range; use an integer >= 0 (0 scores the student as it is)")
-    load_run_config(run_dir)  # a missing or damaged run is named before the folder is locked
+    if load_run_config(run_dir).wandb:  # a missing or damaged run is named before the folder is locked
+        require_wandb()
     with run_lock(run_dir, command="metapl finetune", log=log, enabled=is_writer_rank()):
         return _finetune_run(run_dir, steps=steps, lr=lr, device=device, log=log)
 
@@ -213,7 +214,7 @@ def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device:
     run = build_run(cfg, dev, init_distributed(dev), run_dir, ckpt, log)
     progress = finetune_progress(run, run_dir)  # a stopped finetuning keeps the records it wrote
     resume_step = run.step + progress["done"] if progress is not None else None
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step)
+    writer = MetricsWriter.for_run(cfg, run_dir, resume_step)
     again = f"metapl finetune {shlex.quote(str(run_dir))} --steps {cfg.finetune_steps} --lr {cfg.finetune_lr}"
     try:
         with StopSignals() as stop:

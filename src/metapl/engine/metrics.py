@@ -1,18 +1,20 @@
-"""Where a run's numbers go: a JSONL file (one record per line) and, optionally, TensorBoard."""
+"""Where a run's numbers go: a JSONL file (one record per line) and, optionally, TensorBoard and Weights & Biases."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
-from metapl.engine.run_dir import METRICS, TENSORBOARD
+from metapl.engine.run_dir import METRICS, TENSORBOARD, WANDB_ID
 from metapl.errors import UserError, reporting_os_errors
 
 
 class MetricsWriter:
-    """Appends ``{"step": s, key: value, ...}`` records to ``RUN_DIR/metrics.jsonl`` and mirrors them to TensorBoard.
+    """Appends ``{"step": s, key: value, ...}`` records to ``RUN_DIR/metrics.jsonl`` and mirrors them to TensorBoard
+    and Weights & Biases.
 
     On resume from step ``s``, records after ``s`` (written by the killed run after its last checkpoint) are dropped
     first, so the file never holds a step twice; a line torn by a kill mid-write is dropped too. A file that cannot
@@ -22,9 +24,12 @@ class MetricsWriter:
         run_dir: the run directory.
         tensorboard: also write TensorBoard event files under ``RUN_DIR/tb``.
         resume_step: the step the run resumes from, or None for a fresh run.
+        wandb: the run's config (``TrainConfig.to_dict()``) to also log to W&B (into its ``wandb_project``), or None.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, *, tensorboard: bool, resume_step: int | None = None, wandb: dict | None = None
+    ) -> None:
         self.path = Path(run_dir) / METRICS
         with reporting_os_errors(self.path):
             if self.path.exists() and (resume_step is not None or _torn(self.path)):
@@ -36,6 +41,13 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD), purge_step=resume_step)
+        self._wandb = None if wandb is None else _start_wandb(Path(run_dir), wandb)
+
+    @classmethod
+    def for_run(cls, cfg, run_dir: str | Path, resume_step: int | None = None) -> MetricsWriter:
+        """The writer of a ``TrainConfig``'s run: TensorBoard and W&B as its options say (rank 0 only)."""
+        wandb = cfg.to_dict() if cfg.wandb else None
+        return cls(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step, wandb=wandb)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` (plain floats) at ``step``."""
@@ -46,16 +58,51 @@ class MetricsWriter:
         with reporting_os_errors(self.path):
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not math.isnan(v)}
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and v is not None and not math.isnan(v):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            # W&B keeps a run's steps increasing: after a resume, the steps it already holds are not sent again
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        """Flush and close both outputs."""
+        """Flush and close every output."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def require_wandb():
+    """The ``wandb`` module, or a ``UserError`` saying how to install it (checked before a run writes anything)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--wandb needs the optional package wandb: pip install "metapl[wandb]"') from None
+    return wandb
+
+
+def _start_wandb(run_dir: Path, config: dict):
+    """Start (or, for a run folder that has one, continue) the folder's W&B run, its files under ``RUN_DIR/wandb``.
+
+    The run id is kept in ``RUN_DIR/wandb-id``: a resumed run logs into the same W&B run (an id derived from the
+    folder's path would change when the folder moves, and repeat after ``--overwrite``, which deletes the file).
+    """
+    wandb = require_wandb()
+    id_path = run_dir / WANDB_ID
+    with reporting_os_errors(id_path):
+        if not id_path.exists():
+            id_path.write_text(secrets.token_hex(4) + "\n")
+        run_id = id_path.read_text().strip()
+    try:  # console="off": train.log already keeps the terminal, and W&B's capture would wrap the progress bar's stream
+        return wandb.init(
+            project=config.get("wandb_project"), dir=str(run_dir), config=config, name=run_dir.resolve().name,
+            id=run_id, resume="allow", settings=wandb.Settings(console="off"),
+        )  # fmt: skip
+    except wandb.errors.Error as e:  # not logged in, no network, a refused project
+        raise UserError(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline") from None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

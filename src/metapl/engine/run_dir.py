@@ -2,8 +2,9 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``split.json`` (the labeled / unlabeled / validation
 indices and the data fingerprint, ``metapl.data.split``), ``checkpoint.pt`` (latest), ``best.pt``, ``finetuned.pt``,
-``metrics.jsonl``, ``tb/`` (TensorBoard), ``train.log`` and ``summary.json`` (final accuracies); the commands add
-``eval.json``, ``curves.png`` and ``export/``. The checkpoints' contents belong to ``metapl.engine.checkpoint``.
+``metrics.jsonl``, ``tb/`` (TensorBoard), ``wandb/`` and ``wandb-id`` (Weights & Biases), ``train.log`` and
+``summary.json`` (final accuracies); the commands add ``eval.json``, ``curves.png`` and ``export/``. The checkpoints'
+contents belong to ``metapl.engine.checkpoint``.
 
 Importing this module does not import torch: the command line names the run files in its ``--help``.
 """
@@ -29,6 +30,8 @@ FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, 
 EVAL_JSON = "eval.json"  # metapl eval's result
 CURVES = "curves.png"  # metapl plot's default image
 TENSORBOARD = "tb"  # TensorBoard event files
+WANDB = "wandb"  # Weights & Biases' folder (--wandb; offline runs stay there until `wandb sync`)
+WANDB_ID = "wandb-id"  # the W&B run id of this run folder, so that --resume continues the same W&B run
 EXPORT_DIR = "export"  # metapl export's default folder (metapl.engine.exported)
 TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.engine.metrics.LogFile)
 # What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
@@ -44,6 +47,8 @@ RUN_FILES = (
     EVAL_JSON,
     CURVES,
     TENSORBOARD,
+    WANDB,
+    WANDB_ID,
     EXPORT_DIR,
     TRAIN_LOG,
     f"{Path(EVAL_JSON).stem}.confusion.png",  # metapl eval --plot

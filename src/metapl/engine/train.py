@@ -32,7 +32,7 @@ from metapl.engine.config import TrainConfig
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.finetune import finetune_progress, finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
-from metapl.engine.metrics import LogFile, MetricsWriter
+from metapl.engine.metrics import LogFile, MetricsWriter, require_wandb
 from metapl.engine.reduced import reduced_teacher_accuracy
 from metapl.engine.resume import check_resume, replan_schedules
 from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files
@@ -76,6 +76,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     """
     device = select_device(cfg.device)
     _refuse_unsupported(cfg, device, launched_world_size())
+    if cfg.wandb and is_writer_rank():
+        require_wandb()
     # Checked and locked before joining the process group, so no rank can have written anything yet.
     run_dir = check_out_path(cfg.out)
     with run_lock(run_dir, command="metapl train", log=log, enabled=is_writer_rank()):
@@ -110,7 +112,7 @@ def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, res
         resume_step = None
         if ckpt is not None:  # a stopped finetuning keeps the records it wrote
             resume_step = run.step + (finetune_progress(run, run_dir) or {}).get("done", 0)
-        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step)
+        writer = MetricsWriter.for_run(cfg, run_dir, resume_step)
     try:
         with StopSignals() as stop:
             if run.step < cfg.steps:
