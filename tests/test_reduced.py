@@ -148,7 +148,7 @@ def test_other_weights_rebuild_the_predictions(big_teacher, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "reduced-mpl"], "--method reduced-mpl distils a large trained teacher, but --teacher small_cnn"),
+        (["--method", "reduced-mpl", "--pretrained", "teacher"], "distils a large teacher trained on your classes"),
         (["--method", "distill", "--teacher-weights", "t.pt", "--uda-weight", "1"], "--uda-weight 1.0 does not apply"),
         (["--method", "supervised", "--teacher-weights", "t.pt"], "--method supervised trains no teacher"),
     ],

@@ -185,7 +185,8 @@ class TrainConfig(MPLConfig):
 
     method: Literal["mpl", "supervised", "reduced-mpl", "distill"] = option(
         "mpl", "mpl; supervised: the student on the labeled data alone (a baseline); reduced-mpl: Reduced Meta Pseudo "
-        "Labels (the paper's appendix E): --teacher with --teacher-weights (or --pretrained) is the large teacher, "
+        "Labels (the paper's appendix E): --teacher with --teacher-weights (trained on your classes) is the large "
+        "teacher, "
         "run once over the images, and a small reduced teacher over its predictions learns with the student; "
         "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)",
     )  # fmt: skip
@@ -261,10 +262,12 @@ class TrainConfig(MPLConfig):
     def _check_starting_weights(self) -> None:
         """Refuse the weight and Reduced-MPL options where they cannot take effect."""
         reduced = self.method in REDUCED_METHODS
-        if reduced and not (self.teacher_weights or self.pretrained in ("teacher", "both")):
+        if reduced and not self.teacher_weights:
+            # A library's pretrained head predicts the library's classes, not the data's: it is no teacher here.
             raise UserError(
-                f"--method {self.method} distils a large trained teacher, but --teacher {self.teacher} has no weights; "
-                "pass --teacher-weights PATH (a metapl run or a weights file) or --pretrained teacher"
+                f"--method {self.method} distils a large teacher trained on your classes, but --teacher {self.teacher} "
+                "has no such weights; pass --teacher-weights PATH (a metapl run or a weights file; train one first, "
+                "e.g. with --method supervised and --pretrained student)"
             )
         if reduced and self.uda_weight:
             raise UserError(
