@@ -205,3 +205,28 @@ def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str
         return count_accuracies(models, loader)
     finally:
         torch.set_num_threads(saved_threads)
+
+
+# -- the one-line CLI check and copies of a module's finished run (test_reliability, test_cluster) -----------------
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """Run ``metapl ARGV`` in this process; return the exit status and stderr, checked to be at most one line."""
+    from metapl.commands.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
+    return code, err
+
+
+@pytest.fixture
+def copy_of(base_run, tmp_path):
+    """Copies of the requesting module's ``base_run`` (a finished run), for the tests that change one."""
+    import shutil
+
+    def make(name: str = "copy") -> Path:
+        return Path(shutil.copytree(base_run, tmp_path / name))
+
+    return make

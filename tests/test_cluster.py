@@ -18,6 +18,7 @@ import torch
 
 import metapl.engine.checkpoint
 import metapl.engine.train
+from conftest import cli
 from metapl.commands.cli import main
 from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.lock import run_lock
@@ -30,29 +31,12 @@ QUICK = ["--steps", "4", "--num-labeled", "50", "--eval-every", "4", "--workers"
 HOST = socket.gethostname()
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
-    """Run ``metapl ARGV`` in this process; return the exit status and stderr, checked to be at most one line."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
-    return code, err
-
-
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    """One finished run of ``QUICK`` (copied by the tests that change it)."""
+    """One finished run of ``QUICK`` (copied by conftest's ``copy_of`` for the tests that change it)."""
     out = tmp_path_factory.mktemp("base") / "base"
     assert main(["train", *QUICK, "--out", str(out)]) == 0
     return out
-
-
-@pytest.fixture
-def copy_of(base_run, tmp_path):
-    def make(name: str = "copy") -> Path:
-        return Path(shutil.copytree(base_run, tmp_path / name))
-
-    return make
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:

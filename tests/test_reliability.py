@@ -7,7 +7,6 @@ import copy
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import metapl.engine.train
-from conftest import write_image
+from conftest import cli, write_image
 from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, mpl_update
 from metapl.data import load_dataset
@@ -35,29 +34,12 @@ T = ["--steps", "5", "--num-labeled", "50", "--eval-every", "5", "--workers", "0
 QUICK = [*T, "--no-tensorboard", "--device", "cpu"]
 
 
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    """Run ``metapl ARGV`` in this process; return the exit status and stderr, checked to be at most one line."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
-    return code, err
-
-
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """One finished run of ``T`` (copied by the tests that change it)."""
     out = tmp_path_factory.mktemp("base") / "base"
     assert main(["train", *QUICK, "--out", str(out)]) == 0
     return out
-
-
-@pytest.fixture
-def copy_of(base_run, tmp_path):
-    def make(name: str = "copy") -> Path:
-        return Path(shutil.copytree(base_run, tmp_path / name))
-
-    return make
 
 
 def write_png(folder: Path, count: int = 1) -> Path:
