@@ -27,7 +27,7 @@ import torch
 from metapl.core import unwrap
 from metapl.engine.run_dir import BEST, CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
 from metapl.errors import UserError, few, reporting_os_errors
-from metapl.models.weights import state_dict_mismatch  # noqa: F401  (re-exported: commands.inference)
+from metapl.models.weights import state_dict_mismatch
 
 ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapl.engine.checkpoint import state_dict_mismatch
 from metapl.engine.config import config_from_dict
 from metapl.errors import UserError, reporting_os_errors
 from metapl.models import create_model
+from metapl.models.weights import state_dict_mismatch
 
 FORMAT = "metapl-export"
 VERSION = 1

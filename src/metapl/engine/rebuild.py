@@ -10,12 +10,13 @@ from pathlib import Path
 
 from torch import nn
 
-from metapl.engine.checkpoint import MODEL_KEYS, refuse_nonfinite, require_keys, state_dict_mismatch
+from metapl.engine.checkpoint import MODEL_KEYS, refuse_nonfinite, require_keys
 from metapl.engine.config import REDUCED_METHODS, config_from_dict
 from metapl.engine.exported import import_modules
 from metapl.engine.run_dir import LATEST
 from metapl.errors import UserError
 from metapl.models import create_model
+from metapl.models.weights import state_dict_mismatch
 
 
 def checkpoint_file(path: str | Path) -> Path:
