@@ -29,8 +29,21 @@ from metapl.engine.runtime import StopSignals
 from metapl.errors import UserError
 
 # The issue's `T`: 5 steps on digits in a few seconds.
-T = ["--steps", "5", "--num-labeled", "50", "--eval-every", "5", "--workers", "0", "--batch-size", "8", "--mu", "2",
-     "--no-progress"]  # fmt: skip
+T = [
+    "--steps",
+    "5",
+    "--num-labeled",
+    "50",
+    "--eval-every",
+    "5",
+    "--workers",
+    "0",
+    "--batch-size",
+    "8",
+    "--mu",
+    "2",
+    "--no-progress",
+]
 QUICK = [*T, "--no-tensorboard", "--device", "cpu"]
 
 
@@ -55,28 +68,54 @@ def write_png(folder: Path, count: int = 1) -> Path:
 @pytest.mark.parametrize(
     ("lr", "message"),
     [
-        ("1e6", "finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate 1000000.0; "
-                f"{FINETUNED} was not written; finetune again with a lower --lr"),
+        (
+            "1e6",
+            "finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate 1000000.0; "
+            f"{FINETUNED} was not written; finetune again with a lower --lr",
+        ),
         ("nan", "--finetune-lr nan is not finite; use a finite number > 0"),  # the config layer's range check
     ],
-)  # fmt: skip
+)
 def test_repro1_diverged_finetune_fails_and_saves_nothing(copy_of, tmp_path, capsys, lr, message):
     run = copy_of()
     summary_before = (run / "summary.json").read_text()
     assert cli(capsys, "finetune", run, "--steps", "20", "--lr", lr) == (2, f"metapl: error: {message}")
     assert not (run / FINETUNED).exists()
     assert (run / "summary.json").read_text() == summary_before
-    code, err = cli(capsys, "predict", run, write_png(tmp_path / "img"), "--model", "finetuned",
-                    "--output", tmp_path / "p.csv")  # fmt: skip
+    code, err = cli(
+        capsys, "predict", run, write_png(tmp_path / "img"), "--model", "finetuned", "--output", tmp_path / "p.csv"
+    )
     assert code == 2 and f"no {FINETUNED} beside" in err and not (tmp_path / "p.csv").exists()
 
 
 def test_repro2_divergence_saves_no_poisoned_checkpoint(tmp_path, capsys):
     for name, extra in (("c22", ["--save-every", "2"]), ("c23", [])):
         out = tmp_path / name
-        code, err = cli(capsys, "train", "--steps", "5", "--num-labeled", "50", "--workers", "0", "--batch-size", "8",
-                        "--mu", "2", "--t-lr", "1e6", "--s-lr", "1e6", *extra, "--eval-every", "2", "--no-progress",
-                        "--no-tensorboard", "--out", out)  # fmt: skip
+        code, err = cli(
+            capsys,
+            "train",
+            "--steps",
+            "5",
+            "--num-labeled",
+            "50",
+            "--workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--mu",
+            "2",
+            "--t-lr",
+            "1e6",
+            "--s-lr",
+            "1e6",
+            *extra,
+            "--eval-every",
+            "2",
+            "--no-progress",
+            "--no-tensorboard",
+            "--out",
+            out,
+        )
         assert code == 2
         assert err == (
             "metapl: error: the teacher weights became non-finite (NaN/inf) by step 2; training stopped and no "
@@ -100,8 +139,7 @@ def test_repro3_existing_files_are_never_overwritten(tmp_path, capsys, monkeypat
     assert (mine / "config.yaml").read_text() == "my own notes\n"
 
     monkeypatch.chdir(tmp_path)
-    assert cli(capsys, "train", *QUICK, "--out", "") == (
-        2, "metapl: error: --out '' is empty; use a non-empty string")  # fmt: skip
+    assert cli(capsys, "train", *QUICK, "--out", "") == (2, "metapl: error: --out '' is empty; use a non-empty string")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
@@ -153,8 +191,26 @@ def test_repro4_idx_images_and_labels_of_different_lengths(tmp_path):
     )
 
 
-FOLDER = ["--dataset", "folder", "--num-labeled", "6", "--steps", "2", "--eval-every", "2", "--batch-size", "2",
-          "--mu", "1", "--workers", "0", "--no-progress", "--no-tensorboard", "--device", "cpu"]  # fmt: skip
+FOLDER = [
+    "--dataset",
+    "folder",
+    "--num-labeled",
+    "6",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "2",
+    "--mu",
+    "1",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--no-tensorboard",
+    "--device",
+    "cpu",
+]
 
 
 def test_repro4_resume_after_images_were_added(make_tree, tmp_path, capsys):
@@ -237,9 +293,12 @@ def test_eval_predict_finetune_and_resume_refuse_non_finite_checkpoints(copy_of,
     atomic_save(_poison(load_checkpoint(run), "student"), run / LATEST)
     images = write_png(tmp_path / "img")
     expected = f"{run / LATEST} holds non-finite (NaN/inf) student weights"
-    for argv in (["eval", run, "--device", "cpu"], ["predict", run, images, "--model", "student",
-                                                    "--output", tmp_path / "p.csv"],
-                 ["finetune", run, "--steps", "1"], ["train", "--resume", run]):  # fmt: skip
+    for argv in (
+        ["eval", run, "--device", "cpu"],
+        ["predict", run, images, "--model", "student", "--output", tmp_path / "p.csv"],
+        ["finetune", run, "--steps", "1"],
+        ["train", "--resume", run],
+    ):
         code, err = cli(capsys, *argv)
         assert code == 2 and err.startswith(f"metapl: error: {expected}"), (argv, err)
     assert not (tmp_path / "p.csv").exists() and not (run / FINETUNED).exists()
@@ -251,8 +310,23 @@ def test_eval_predict_finetune_and_resume_refuse_non_finite_checkpoints(copy_of,
 
 def test_sigint_saves_the_current_step_and_prints_the_resume_command(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "metapl", "train", *QUICK, "--steps", "100000", "--eval-every", "100000",
-           "--save-every", "100000", "--log-every", "1", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "metapl",
+        "train",
+        *QUICK,
+        "--steps",
+        "100000",
+        "--eval-every",
+        "100000",
+        "--save-every",
+        "100000",
+        "--log-every",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -308,10 +382,12 @@ def test_a_second_signal_interrupts_at_once():
 
 def test_damaged_config_yaml_on_resume_and_finetune(copy_of, capsys):
     run = copy_of()
-    for text, reason in ((b"steps: [unclosed\n", "while parsing a flow sequence"),
-                         (b"\xff\xfe not utf-8", "'utf-8' codec can't decode byte 0xff"),
-                         (b"steps: many\n", "--steps 'many' is not an integer; use an integer >= 1"),
-                         (b"- a list\n", "not a mapping of option: value")):  # fmt: skip
+    for text, reason in (
+        (b"steps: [unclosed\n", "while parsing a flow sequence"),
+        (b"\xff\xfe not utf-8", "'utf-8' codec can't decode byte 0xff"),
+        (b"steps: many\n", "--steps 'many' is not an integer; use an integer >= 1"),
+        (b"- a list\n", "not a mapping of option: value"),
+    ):
         (run / "config.yaml").write_bytes(text)
         for argv in (["train", "--resume", run], ["finetune", run, "--steps", "1"]):
             code, err = cli(capsys, *argv)
@@ -385,10 +461,14 @@ def test_unlabeled_rest_with_nothing_left(make_tree, tmp_path, capsys):
 def test_out_naming_a_file_and_a_config_that_is_not_utf8(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli(capsys, "train", *QUICK, "--out", tmp_path / "file") == (
-        2, f"metapl: error: --out {tmp_path / 'file'} is a file, not a folder; pick another --out")  # fmt: skip
+        2,
+        f"metapl: error: --out {tmp_path / 'file'} is a file, not a folder; pick another --out",
+    )
     (tmp_path / "c.yaml").write_bytes(b"steps: 2\n\xff\n")
     assert cli(capsys, "train", "--config", tmp_path / "c.yaml", "--out", tmp_path / "run") == (
-        2, f"metapl: error: config file {tmp_path / 'c.yaml'} is not UTF-8 text; save it as UTF-8 YAML")  # fmt: skip
+        2,
+        f"metapl: error: config file {tmp_path / 'c.yaml'} is not UTF-8 text; save it as UTF-8 YAML",
+    )
 
 
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -412,8 +492,10 @@ def test_any_other_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkey
 
     monkeypatch.setattr(metapl.engine.train, "seed_everything", read_only)
     assert cli(capsys, "train", *QUICK, "--out", tmp_path / "run") == (
-        2, f"metapl: error: cannot access {tmp_path / 'x'} (Read-only file system); the file system is read-only; "
-           "pick a writable folder")  # fmt: skip
+        2,
+        f"metapl: error: cannot access {tmp_path / 'x'} (Read-only file system); the file system is read-only; "
+        "pick a writable folder",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,8 +508,12 @@ def test_mpl_update_refuses_an_empty_batch_field(field):
     teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (teacher, student)]
     sizes = {"x_l": 2, "x_uw": 4, "x_us": 4, field: 0}
-    batch = Batch(torch.randn(sizes["x_l"], 4), torch.zeros(sizes["x_l"], dtype=torch.long),
-                  torch.randn(sizes["x_uw"], 4), torch.randn(sizes["x_us"], 4))  # fmt: skip
+    batch = Batch(
+        torch.randn(sizes["x_l"], 4),
+        torch.zeros(sizes["x_l"], dtype=torch.long),
+        torch.randn(sizes["x_uw"], 4),
+        torch.randn(sizes["x_us"], 4),
+    )
     before = [p.clone() for p in teacher.parameters()]
     with pytest.raises(ValueError, match=rf"^batch\.{field} is empty \(0 images\)"):
         mpl_update(teacher, student, *opts, batch, MPLConfig())

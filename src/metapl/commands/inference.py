@@ -44,9 +44,15 @@ PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for 
 
 
 def run_eval(
-    path: str | Path, *, data_dir: str | None = None, output: str | Path | None = None, device: str = "auto",
-    image_size: int | None = None, plot: bool = False, log=print,
-) -> dict:  # fmt: skip
+    path: str | Path,
+    *,
+    data_dir: str | None = None,
+    output: str | Path | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+    plot: bool = False,
+    log=print,
+) -> dict:
     """Accuracy, calibration and per-class figures of a run's teacher, student, EMA student (and finetuned student).
 
     Args:
@@ -89,8 +95,13 @@ def run_eval(
     reports = evaluate_report({name: m.to(dev) for name, m in models.items()}, loader, dev, int(ckpt["num_classes"]))
 
     classes = [str(c) for c in ckpt["classes"]]
-    result = {"checkpoint": str(ckpt_path), "step": ckpt.get("step"), "dataset": cfg.dataset,
-              "data_dir": data_dir if data_dir is not None else cfg.data_dir, "num_test": num_test}  # fmt: skip
+    result = {
+        "checkpoint": str(ckpt_path),
+        "step": ckpt.get("step"),
+        "dataset": cfg.dataset,
+        "data_dir": data_dir if data_dir is not None else cfg.data_dir,
+        "num_test": num_test,
+    }
     for name, report in reports.items():
         result.update({f"{name}_{key}": report[key] for key in ("acc", "top5", "ece") if key in report})
     result.update({"classes": classes, "models": reports})
@@ -120,8 +131,15 @@ def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
     return roles
 
 
-def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, image_size: int | None,
-                 device: torch.device, log) -> tuple[object, int, str]:  # fmt: skip
+def _test_loader(
+    cfg: TrainConfig,
+    ckpt: dict,
+    ckpt_path: Path,
+    data_dir: str | None,
+    image_size: int | None,
+    device: torch.device,
+    log,
+) -> tuple[object, int, str]:
     """A loader of the images to score, checked against what the checkpoint's models take, their count, and a
     phrase naming them. A streamed split is decoded in the run's ``--workers`` loader workers."""
 
@@ -131,21 +149,29 @@ def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | 
     if image_size is None:
         image_size = int(ckpt["image_size"]) if data_dir is not None and cfg.dataset == "folder" else cfg.image_size
     data = mdata.load_dataset(
-        cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, download=cfg.download,
-        image_size=image_size, cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+        cfg.dataset,
+        data_dir if data_dir is not None else cfg.data_dir,
+        download=cfg.download,
+        image_size=image_size,
+        cache_dir=cfg.cache_dir,
+        skip_corrupt=cfg.skip_corrupt,
+        seed=cfg.seed,
+        log=log,
         data_path="cache" if whole else cfg.data_path,
-    )  # fmt: skip
+    )
     _check_test_data(data, cfg, ckpt, ckpt_path, log)
     test, where = data.test, f"the {cfg.dataset} test split"
     if whole:
-        test = mdata.ImageArrays(np.concatenate([data.train.images, data.test.images]),
-                                 np.concatenate([data.train.labels, data.test.labels]))  # fmt: skip
+        test = mdata.ImageArrays(
+            np.concatenate([data.train.images, data.test.images]), np.concatenate([data.train.labels, data.test.labels])
+        )
         where = f"all of {data_dir}"
         log(f"{data_dir} has no train/ and test/ folders: all {len(test)} of its images are scored as the test set")
     # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
     workers = mdata.eval_workers(test, plan_cpu_share(cfg.workers, cfg.threads, device).workers)
-    loader = mdata.make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size,
-                                    num_workers=workers)  # fmt: skip
+    loader = mdata.make_eval_loader(
+        test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size, num_workers=workers
+    )
     return loader, len(test), where
 
 
@@ -164,8 +190,10 @@ def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -
                 f"{want} {what}; {fix}"
             )
     if list(data.classes) != list(ckpt["classes"]):
-        log(f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
-            f"{few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
+        log(
+            f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
+            f"{few(list(ckpt['classes']))}); labels are compared by index"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,9 +201,15 @@ def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -
 
 
 def run_predict(
-    checkpoint: str | Path, paths: Iterable[str | Path], *, model: str = "ema", output: str | Path = "predictions.csv",
-    top_k: int = 3, device: str = "auto", log=print,
-) -> list[dict]:  # fmt: skip
+    checkpoint: str | Path,
+    paths: Iterable[str | Path],
+    *,
+    model: str = "ema",
+    output: str | Path = "predictions.csv",
+    top_k: int = 3,
+    device: str = "auto",
+    log=print,
+) -> list[dict]:
     """Classify image files and folders of images (searched recursively) and write one CSV row per image.
 
     Args:
@@ -206,8 +240,14 @@ def run_predict(
     else:
         net, ckpt = _predict_model(load_checkpoint(ckpt_path), ckpt_path, model, log)
     files = find_images(paths)
-    refuse_overwrite(output, inputs=((ckpt_path, "the checkpoint"), *((f, "the input image") for f in files),
-                                     *((p, "the input") for p in paths)))  # fmt: skip
+    refuse_overwrite(
+        output,
+        inputs=(
+            (ckpt_path, "the checkpoint"),
+            *((f, "the input image") for f in files),
+            *((p, "the input") for p in paths),
+        ),
+    )
     classes = [str(c) for c in ckpt["classes"]]
     k = min(top_k, len(classes))
     dev = select_device(device)
@@ -290,10 +330,12 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
             raise UserError(f"{p} does not exist; pass image files or folders of images")
         if p.is_dir():
             candidates = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in extensions
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in extensions
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )  # fmt: skip
+            )
         else:
             candidates = [p]
         for f in candidates:

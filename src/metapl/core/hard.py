@@ -23,12 +23,25 @@ from metapl.core.parts import (
     pseudo_metrics,
     uda_term,
     unwrap,
-)  # fmt: skip
+)
 from metapl.core.validate import LABELS_OK, labels_in_range
 
 
-def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
-                t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
+def hard_update(
+    teacher,
+    student,
+    t_optimizer,
+    s_optimizer,
+    batch,
+    config,
+    state,
+    *,
+    uda_weight,
+    amp_dtype,
+    t_scaler,
+    s_scaler,
+    generator,
+) -> dict[str, Tensor]:
     """One hard-label MPL update: the student's step on ŷ, then the teacher's (see ``mpl_update`` for the arguments).
 
     Returns:
@@ -44,8 +57,9 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         t_logits_l = t_logits_uw = t_logits_us = None
         label_source = _frozen_label_source(t_net, batch, config, autocast)
     else:
-        t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(teacher, t_net, batch, config, uda_weight,
-                                                                           autocast)  # fmt: skip
+        t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(
+            teacher, t_net, batch, config, uda_weight, autocast
+        )
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
     y_l, labels_ok = labels_in_range(batch.y_l, label_source.shape[-1])  # K is known now; the guard refuses a bad y_l
     batch = batch._replace(y_l=y_l)
@@ -53,23 +67,63 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
     s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
     if eta > 0:
-        s_loss, s_loss_l_old, s_loss_l_new, h = _student_step(student, s_net, s_optimizer, batch, y_hat, config,
-                                                              s_scaler, autocast, eta, zero,
-                                                              measure=not frozen)  # fmt: skip
+        s_loss, s_loss_l_old, s_loss_l_new, h = _student_step(
+            student, s_net, s_optimizer, batch, y_hat, config, s_scaler, autocast, eta, zero, measure=not frozen
+        )
     metrics = {"loss/student": s_loss, "mpl/s_loss_l_old": s_loss_l_old, "mpl/s_loss_l_new": s_loss_l_new}
     if frozen:
-        metrics.update({k: zero for k in ("loss/teacher", "loss/teacher_l", "loss/teacher_uda", "loss/teacher_mpl",
-                                          "mpl/h", "mpl/baseline", "mask_ratio")})  # fmt: skip
+        metrics.update(
+            {
+                k: zero
+                for k in (
+                    "loss/teacher",
+                    "loss/teacher_l",
+                    "loss/teacher_uda",
+                    "loss/teacher_mpl",
+                    "mpl/h",
+                    "mpl/baseline",
+                    "mask_ratio",
+                )
+            }
+        )
     else:
-        metrics.update(_teacher_step(teacher, t_net, t_optimizer, batch, (t_logits_l, t_logits_uw, t_logits_us), y_hat,
-                                     h, config, state, uda_weight, t_scaler, autocast, zero))  # fmt: skip
+        metrics.update(
+            _teacher_step(
+                teacher,
+                t_net,
+                t_optimizer,
+                batch,
+                (t_logits_l, t_logits_uw, t_logits_us),
+                y_hat,
+                h,
+                config,
+                state,
+                uda_weight,
+                t_scaler,
+                autocast,
+                zero,
+            )
+        )
     metrics.update(pseudo_metrics(label_source, y_hat, batch.y_u))
     metrics[LABELS_OK] = labels_ok
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-def _teacher_step(teacher, t_net, t_optimizer, batch, t_logits, y_hat: Tensor, h: Tensor, config, state,
-                  uda_weight: float, t_scaler, autocast, zero: Tensor) -> dict[str, Tensor]:  # fmt: skip
+def _teacher_step(
+    teacher,
+    t_net,
+    t_optimizer,
+    batch,
+    t_logits,
+    y_hat: Tensor,
+    h: Tensor,
+    config,
+    state,
+    uda_weight: float,
+    t_scaler,
+    autocast,
+    zero: Tensor,
+) -> dict[str, Tensor]:
     """The teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
 
     Args:
@@ -102,11 +156,14 @@ def _teacher_step(teacher, t_net, t_optimizer, batch, t_logits, y_hat: Tensor, h
         t_scaler.unscale_(t_optimizer)
     clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
     return {
-        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": t_loss_mpl, "mpl/h": h,
+        "loss/teacher": t_loss,
+        "loss/teacher_l": t_loss_l,
+        "loss/teacher_uda": t_loss_uda,
+        "loss/teacher_mpl": t_loss_mpl,
+        "mpl/h": h,
         "mpl/baseline": state.baseline if state is not None and state.baseline is not None else zero,
         "mask_ratio": mask_ratio,
-    }  # fmt: skip
+    }
 
 
 @torch.no_grad()
@@ -144,8 +201,20 @@ def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
     return t_logits_l, t_logits_uw, t_logits_us, label_source
 
 
-def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_scaler, autocast, eta: float,
-                  zero: Tensor, *, measure: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _student_step(
+    student,
+    s_net,
+    s_optimizer,
+    batch,
+    y_hat: Tensor,
+    config,
+    s_scaler,
+    autocast,
+    eta: float,
+    zero: Tensor,
+    *,
+    measure: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The student's step on ŷ and the feedback h it gives the teacher (Appendix A), before sign and baseline.
 
     Args:

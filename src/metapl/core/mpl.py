@@ -80,8 +80,10 @@ class MPLState:
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``; a ValueError names what is missing or wrong."""
         if not isinstance(state, dict) or "baseline" not in state:
-            raise ValueError(f"MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
-                             f"{state!r:.60}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'")  # fmt: skip
+            raise ValueError(
+                f"MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
+                f"{state!r:.60}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'"
+            )
         baseline = state["baseline"]
         if baseline is not None and not (isinstance(baseline, torch.Tensor) and baseline.dim() == 0):
             raise ValueError(f"MPLState.load_state_dict: 'baseline' must be None or a 0-d tensor, got {baseline!r:.60}")
@@ -156,9 +158,19 @@ def mpl_update(
     if check_finite:  # the same call, through the guard that undoes a failed update
         step = functools.partial(guarded_update, step)
     return step(
-        teacher, student, t_optimizer, s_optimizer, batch, config, state,
-        uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator,
-    )  # fmt: skip
+        teacher,
+        student,
+        t_optimizer,
+        s_optimizer,
+        batch,
+        config,
+        state,
+        uda_weight=uda_weight,
+        amp_dtype=amp_dtype,
+        t_scaler=t_scaler,
+        s_scaler=s_scaler,
+        generator=generator,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

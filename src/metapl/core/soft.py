@@ -36,8 +36,21 @@ from metapl.core.parts import (
 from metapl.core.validate import LABELS_OK, labels_in_range
 
 
-def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
-                t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
+def soft_update(
+    teacher,
+    student,
+    t_optimizer,
+    s_optimizer,
+    batch,
+    config,
+    state,
+    *,
+    uda_weight,
+    amp_dtype,
+    t_scaler,
+    s_scaler,
+    generator,
+) -> dict[str, Tensor]:
     """One soft-label MPL update: the teacher's step on the exact meta-gradient, then the student's step on q(θ_T).
 
     Arguments as ``mpl_update``'s; ``state``, ``s_scaler`` and ``generator`` are unused here.
@@ -53,8 +66,9 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     if t_optimizer is None:
         return _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta, autocast, zero)
 
-    t_logits_l, t_logits_src, t_logits_uw, t_logits_us = _teacher_logits(teacher, t_net, batch, config, uda_weight,
-                                                                         autocast)  # fmt: skip
+    t_logits_l, t_logits_src, t_logits_uw, t_logits_us = _teacher_logits(
+        teacher, t_net, batch, config, uda_weight, autocast
+    )
     q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)  # soft pseudo labels q(θ_T), (μB, K)
     y_l, labels_ok = labels_in_range(batch.y_l, t_logits_l.shape[-1])  # K is known now; the guard refuses a bad y_l
     batch = batch._replace(y_l=y_l)
@@ -67,8 +81,9 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     grads = None
     if eta > 0:
         x_u = batch.x_us if config.student_view == "strong" else batch.x_uw  # the view the student learns q on
-        s_loss, s_loss_l_new, meta, grads = _look_ahead(s_net, s_params, (batch.x_l, batch.y_l, x_u), q, eta, autocast,
-                                                        replica_group(student))  # fmt: skip
+        s_loss, s_loss_l_new, meta, grads = _look_ahead(
+            s_net, s_params, (batch.x_l, batch.y_l, x_u), q, eta, autocast, replica_group(student)
+        )
         meta = -meta if config.feedback_sign == "reversed" else meta
         t_loss = t_loss + config.mpl_weight * meta
 
@@ -84,17 +99,25 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
         _student_step(s_optimizer, s_params, grads, config.grad_clip)
 
     metrics = {
-        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": meta, "loss/student": s_loss, "mpl/h": zero, "mpl/baseline": zero,
-        "mpl/s_loss_l_old": zero, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
-    }  # fmt: skip
+        "loss/teacher": t_loss,
+        "loss/teacher_l": t_loss_l,
+        "loss/teacher_uda": t_loss_uda,
+        "loss/teacher_mpl": meta,
+        "loss/student": s_loss,
+        "mpl/h": zero,
+        "mpl/baseline": zero,
+        "mpl/s_loss_l_old": zero,
+        "mpl/s_loss_l_new": s_loss_l_new,
+        "mask_ratio": mask_ratio,
+    }
     metrics.update(pseudo_metrics(t_logits_src.detach(), t_logits_src.detach().argmax(-1), batch.y_u))
     metrics[LABELS_OK] = labels_ok
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-def _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta: float, autocast,
-                          zero: Tensor) -> dict[str, Tensor]:  # fmt: skip
+def _fixed_teacher_update(
+    t_net, student, s_net, s_optimizer, batch, config, eta: float, autocast, zero: Tensor
+) -> dict[str, Tensor]:
     """``soft_update`` with a fixed teacher (``t_optimizer`` None): the student's step on q, detached; no look-ahead.
 
     Returns:
@@ -110,8 +133,20 @@ def _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta
         x_u = batch.x_us if config.student_view == "strong" else batch.x_uw
         s_loss, grads = _student_gradient(s_net, s_params, x_u, q, autocast, replica_group(student))
         _student_step(s_optimizer, s_params, grads, config.grad_clip)
-    metrics = {k: zero for k in ("loss/teacher", "loss/teacher_l", "loss/teacher_uda", "loss/teacher_mpl", "mpl/h",
-                                 "mpl/baseline", "mpl/s_loss_l_old", "mpl/s_loss_l_new", "mask_ratio")}  # fmt: skip
+    metrics = {
+        k: zero
+        for k in (
+            "loss/teacher",
+            "loss/teacher_l",
+            "loss/teacher_uda",
+            "loss/teacher_mpl",
+            "mpl/h",
+            "mpl/baseline",
+            "mpl/s_loss_l_old",
+            "mpl/s_loss_l_new",
+            "mask_ratio",
+        )
+    }
     metrics["loss/student"] = s_loss
     metrics.update(pseudo_metrics(t_logits_src, t_logits_src.argmax(-1), batch.y_u))
     return {k: v.detach().float() for k, v in metrics.items()}
@@ -167,8 +202,9 @@ def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
     return t_logits_l, t_logits_src, t_logits_uw, t_logits_us
 
 
-def _look_ahead(s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], q: Tensor, eta: float,
-                autocast, group):  # fmt: skip
+def _look_ahead(
+    s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], q: Tensor, eta: float, autocast, group
+):
     """The student's look-ahead θ'_S(θ_T) = θ_S − η_S g (Eq. 3) and L_l(θ'_S), exact across the ranks of ``group``.
 
     One process on the N ranks' concatenated batch has g = (1/N) Σ_r g_r, g_r = ∇_{θ_S} CE(q_r, S(x_us^r; θ_S)),

@@ -22,9 +22,30 @@ from metapl.engine.run_dir import LATEST, SUMMARY, load_run_config, read_summary
 from metapl.errors import UserError
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (seeds − 1).
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
+T_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+}
 
 LABELS_ONLY = "labels-only"
 # name -> (what a reader sees, the row's changes to the user's recipe). The order is the table's, cheapest first: a
@@ -111,8 +132,13 @@ def row_config(base: TrainConfig, changes: dict, *, seed: int, out: str | Path) 
     values.update(method=changes.get("method", "mpl"), seed=seed, out=str(out))
     if values["method"] == "supervised":
         no_teacher = {"both": "student", "teacher": "none"}.get(base.pretrained, base.pretrained)
-        values.update(steps=base.steps + base.planned_finetune_steps(), finetune_steps=0, s_wait_steps=0,
-                      teacher_weights=None, pretrained=no_teacher)  # fmt: skip
+        values.update(
+            steps=base.steps + base.planned_finetune_steps(),
+            finetune_steps=0,
+            s_wait_steps=0,
+            teacher_weights=None,
+            pretrained=no_teacher,
+        )
     if values["method"] != "reduced-mpl":
         values["reduced_hidden"] = defaults["reduced_hidden"]
     if values["method"] == "distill":

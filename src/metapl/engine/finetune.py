@@ -43,12 +43,13 @@ from metapl.engine.runtime import (
     seed_everything,
     select_device,
     stop_agreed,
-)  # fmt: skip
+)
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 
-def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | None = None,
-                     resume_command: str = "") -> dict:  # fmt: skip
+def finetune_student(
+    run, run_dir: Path, writer, log, *, stop: StopSignals | None = None, resume_command: str = ""
+) -> dict:
     """Finetune ``run.student`` for ``cfg.planned_finetune_steps()`` steps on shuffled labeled batches (weak views).
 
     A finetuning stopped by SIGINT/SIGTERM saves its progress (``finetune-progress.pt``: the student, the optimizer,
@@ -72,16 +73,32 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
     """
     cfg, device, data = run.cfg, run.device, run.data
     student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
-    opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                   weight_decay=cfg.weight_decay, device=device)  # fmt: skip
+    opt = make_sgd(
+        unwrap(student),
+        lr=cfg.finetune_lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        device=device,
+    )
     start = _restore_progress(run, run_dir, opt, log)
-    weak = mdata.weak_transform(data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std,
-                                crop=mdata.train_crop(data))  # fmt: skip
+    weak = mdata.weak_transform(
+        data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std, crop=mdata.train_crop(data)
+    )
     loader, _ = mdata.make_train_loaders(
-        data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=start,
-        num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,
+        data,
+        run.split,
+        batch_size=cfg.finetune_batch_size,
+        mu=1,
+        seed=cfg.seed + 1,
+        start_step=start,
+        num_workers=cfg.workers,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+        weak=weak,
+        strong=weak,
         pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    )
     batches = iter(loader)
     loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
     student.train()
@@ -89,8 +106,16 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
     steps = cfg.planned_finetune_steps()
     for i in range(start, steps):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
-        out = supervised_step(student, opt, x, y, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
-                              amp_dtype=run.amp_dtype, scaler=None)  # fmt: skip
+        out = supervised_step(
+            student,
+            opt,
+            x,
+            y,
+            label_smoothing=cfg.label_smoothing,
+            grad_clip=cfg.grad_clip,
+            amp_dtype=run.amp_dtype,
+            scaler=None,
+        )
         losses.append(out["loss/student"])
         done = i + 1
         synced = done % cfg.log_every == 0
@@ -124,8 +149,13 @@ def finetune_progress(run, run_dir: Path) -> dict | None:
         return None
     progress = load_checkpoint(path)
     cfg = run.cfg
-    plan = {"mpl_step": run.step, "steps": cfg.planned_finetune_steps(), "lr": cfg.finetune_lr,
-            "batch_size": cfg.finetune_batch_size, "world_size": run.dist.world_size}  # fmt: skip
+    plan = {
+        "mpl_step": run.step,
+        "steps": cfg.planned_finetune_steps(),
+        "lr": cfg.finetune_lr,
+        "batch_size": cfg.finetune_batch_size,
+        "world_size": run.dist.world_size,
+    }
     if any(progress.get(k) != v for k, v in plan.items()):
         return None  # another MPL step (an extended run) or other settings: finetune from the MPL checkpoint
     return progress
@@ -153,11 +183,21 @@ def _save_progress(run, run_dir: Path, opt, done: int, stop: StopSignals, resume
     path = run_dir / FINETUNE_PROGRESS
     if run.dist.is_main:
         cfg = run.cfg
-        atomic_save({
-            "config": cfg.to_dict(), "mpl_step": run.step, "steps": cfg.planned_finetune_steps(),
-            "lr": cfg.finetune_lr, "batch_size": cfg.finetune_batch_size, "world_size": run.dist.world_size,
-            "done": done, "student": unwrap(run.student).state_dict(), "opt": opt.state_dict(), "rng_ranks": ranks,
-        }, path)  # fmt: skip
+        atomic_save(
+            {
+                "config": cfg.to_dict(),
+                "mpl_step": run.step,
+                "steps": cfg.planned_finetune_steps(),
+                "lr": cfg.finetune_lr,
+                "batch_size": cfg.finetune_batch_size,
+                "world_size": run.dist.world_size,
+                "done": done,
+                "student": unwrap(run.student).state_dict(),
+                "opt": opt.state_dict(),
+                "rng_ranks": ranks,
+            },
+            path,
+        )
     barrier(run.dist)
     signum = stop.signum or signal.SIGTERM  # under torchrun another rank may have been the one signalled
     return Interrupted(
@@ -203,9 +243,12 @@ def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device:
     saved = load_run_config(run_dir)
     default = saved.planned_finetune_steps() or FINETUNE_STEPS_IF_NONE
     cfg = replace(
-        saved, out=str(run_dir), finetune_steps=steps if steps is not None else default,
-        finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,
-    )  # fmt: skip
+        saved,
+        out=str(run_dir),
+        finetune_steps=steps if steps is not None else default,
+        finetune_lr=lr if lr is not None else saved.finetune_lr,
+        device=device or saved.device,
+    )
     ckpt = load_checkpoint(run_dir / LATEST)
     check_resume(saved, ckpt, run_dir)  # an edited config.yaml would rebuild another run around these weights
     summary = read_summary(run_dir)  # read first: a damaged file is reported before minutes of work

@@ -98,9 +98,14 @@ def _start_wandb(run_dir: Path, config: dict):
         run_id = id_path.read_text().strip()
     try:  # console="off": train.log already keeps the terminal, and W&B's capture would wrap the progress bar's stream
         return wandb.init(
-            project=config.get("wandb_project"), dir=str(run_dir), config=config, name=run_dir.resolve().name,
-            id=run_id, resume="allow", settings=wandb.Settings(console="off"),
-        )  # fmt: skip
+            project=config.get("wandb_project"),
+            dir=str(run_dir),
+            config=config,
+            name=run_dir.resolve().name,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(console="off"),
+        )
     except wandb.errors.Error as e:  # not logged in, no network, a refused project
         raise UserError(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline") from None
 

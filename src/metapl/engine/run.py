@@ -71,10 +71,17 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     cfg = _take_cpu_share(cfg, device, d, log)
     import_model_modules(cfg.imports)  # the user's own models, before any is built (metapl.models.plugins)
     data = mdata.load_dataset(
-        cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
-        cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+        cfg.dataset,
+        cfg.data_dir,
+        download=cfg.download,
+        image_size=cfg.image_size,
+        unlabeled_dir=cfg.unlabeled_dir,
+        cache_dir=cfg.cache_dir,
+        skip_corrupt=cfg.skip_corrupt,
+        seed=cfg.seed,
+        log=log,
         data_path=cfg.data_path,
-    )  # fmt: skip
+    )
     split = _split(cfg, data, run_dir / SPLIT if ckpt is not None else None, log)
     log(
         f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
@@ -95,8 +102,24 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     scalers = (None, None)
     if dtype == torch.float16:
         scalers = (torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda"))
-    run = Run(cfg, device, d, data, split, teacher, student, t_opt, s_opt, t_sched, s_sched, ema, MPLState(),
-              *scalers, dtype, predictions=predictions)  # fmt: skip
+    run = Run(
+        cfg,
+        device,
+        d,
+        data,
+        split,
+        teacher,
+        student,
+        t_opt,
+        s_opt,
+        t_sched,
+        s_sched,
+        ema,
+        MPLState(),
+        *scalers,
+        dtype,
+        predictions=predictions,
+    )
     if ckpt is not None:
         if not restore(run, ckpt, run_dir / LATEST):
             seed_rank(cfg, d, run.step)  # another number of processes: no exact resume, but distinct streams
@@ -128,8 +151,10 @@ def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
     else:
         teacher, t_name = start_model(cfg, "teacher", data, log, load=not resuming), cfg.teacher
     student = start_model(cfg, "student", data, log, load=not resuming)
-    log(f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
-        f"student {cfg.student}: {count_parameters(student):,} parameters")  # fmt: skip
+    log(
+        f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
+        f"student {cfg.student}: {count_parameters(student):,} parameters"
+    )
     return predictions, teacher, student
 
 
@@ -139,8 +164,10 @@ def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
     share = plan_cpu_share(cfg.workers, cfg.threads, device, local_world, copy_only=cfg.augment_on == "device")
     torch.set_num_threads(share.threads)
     if cfg.workers is None or cfg.threads is None:
-        log(f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "
-            f"{share.threads} threads (set --workers / --threads to choose)")  # fmt: skip
+        log(
+            f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "
+            f"{share.threads} threads (set --workers / --threads to choose)"
+        )
     return replace(cfg, workers=share.workers, threads=share.threads)
 
 
@@ -152,9 +179,14 @@ def _split(cfg: TrainConfig, data, saved: Path | None, log):
         mdata.check_fingerprint(split.fingerprint, fingerprint, saved)
         return split
     split = mdata.make_split(
-        data.train.labels, cfg.num_labeled, data.num_classes, seed=cfg.seed, unlabeled=cfg.unlabeled,
-        val=cfg.val_labeled, log=log,
-    )  # fmt: skip
+        data.train.labels,
+        cfg.num_labeled,
+        data.num_classes,
+        seed=cfg.seed,
+        unlabeled=cfg.unlabeled,
+        val=cfg.val_labeled,
+        log=log,
+    )
     if cfg.method != "supervised" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
         raise UserError(
             f"--unlabeled rest leaves no unlabeled images: all {len(data.train)} training images are labeled or held "

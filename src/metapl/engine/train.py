@@ -46,7 +46,7 @@ from metapl.engine.runtime import (
     seed_everything,
     select_device,
     stop_agreed,
-)  # fmt: skip
+)
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 LOSS_KEYS = ("loss/teacher", "loss/student")
@@ -217,10 +217,14 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
                 values = _sync_metrics(run, keys, pending)  # the one host sync of this interval
                 n = len(pending)
                 pending = []
-                values.update({
-                    "lr/teacher": run.t_opt.param_groups[0]["lr"], "lr/student": run.s_opt.param_groups[0]["lr"],
-                    "time/step_ms": 1000 * (now - tick) / n, "time/images_per_s": images_per_step * n / (now - tick),
-                })  # fmt: skip
+                values.update(
+                    {
+                        "lr/teacher": run.t_opt.param_groups[0]["lr"],
+                        "lr/student": run.s_opt.param_groups[0]["lr"],
+                        "time/step_ms": 1000 * (now - tick) / n,
+                        "time/images_per_s": images_per_step * n / (now - tick),
+                    }
+                )
                 tick = now
                 writer.write(run.step, {f"train/{k}": v for k, v in values.items()})
                 last.update({"loss_t": values.get("loss/teacher"), "loss_s": values.get("loss/student")})
@@ -257,14 +261,29 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
         x_uw, x_us, y_u, *t_x_u = (t.to(device, non_blocking=True) for t in next(u_iter))
         # Reduced MPL: the teacher reads the large teacher's stored prediction of each image, the same for both views.
         t_x = (t_x_l[0], t_x_u[0], t_x_u[0]) if t_x_l else (None, None, None)
-        batch = Batch(x_l, y_l, x_uw.contiguous(memory_format=memory_format),
-                      x_us.contiguous(memory_format=memory_format), y_u, *t_x)  # fmt: skip
+        batch = Batch(
+            x_l,
+            y_l,
+            x_uw.contiguous(memory_format=memory_format),
+            x_us.contiguous(memory_format=memory_format),
+            y_u,
+            *t_x,
+        )
         uda_weight = linear_ramp(run.step, value=cfg.planned_uda_weight(), ramp_steps=cfg.uda_steps)
         metrics = mpl_update(
-            run.teacher, run.student, None if run.fixed_teacher else run.t_opt, run.s_opt, batch, cfg.mpl_config(),
-            run.state, uda_weight=uda_weight, amp_dtype=run.amp_dtype, t_scaler=run.t_scaler, s_scaler=run.s_scaler,
+            run.teacher,
+            run.student,
+            None if run.fixed_teacher else run.t_opt,
+            run.s_opt,
+            batch,
+            cfg.mpl_config(),
+            run.state,
+            uda_weight=uda_weight,
+            amp_dtype=run.amp_dtype,
+            t_scaler=run.t_scaler,
+            s_scaler=run.s_scaler,
             check_finite=False,  # no sync per step: the loop checks the weights when it syncs (TrainingDiverged)
-        )  # fmt: skip
+        )
         run.t_sched.step()
     else:
         metrics = _supervised_step(run, x_l, y_l)
@@ -316,9 +335,15 @@ def _interrupted(run: Run, stop: StopSignals) -> Interrupted:
 def _supervised_step(run: Run, x_l: torch.Tensor, y_l: torch.Tensor) -> dict[str, torch.Tensor]:
     """The labels-only baseline: the student alone, cross-entropy on the labeled batch."""
     return supervised_step(
-        run.student, run.s_opt, x_l, y_l, label_smoothing=run.cfg.label_smoothing, grad_clip=run.cfg.grad_clip,
-        amp_dtype=run.amp_dtype, scaler=run.s_scaler,
-    )  # fmt: skip
+        run.student,
+        run.s_opt,
+        x_l,
+        y_l,
+        label_smoothing=run.cfg.label_smoothing,
+        grad_clip=run.cfg.grad_clip,
+        amp_dtype=run.amp_dtype,
+        scaler=run.s_scaler,
+    )
 
 
 def _sync_metrics(run: Run, keys: list[str], pending: list[torch.Tensor]) -> dict[str, float]:
@@ -347,16 +372,22 @@ def _evaluate(run: Run, loaders: dict[str, object]) -> dict[str, float]:
             models["ema"] = run.ema.module
         out = evaluate_sets(models, loaders, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
         if run.predictions is not None:
-            out.update(reduced_teacher_accuracy(unwrap(run.teacher), run.predictions, run.data, run.split, run.device,
-                                                run.cfg.eval_limit))  # fmt: skip
+            out.update(
+                reduced_teacher_accuracy(
+                    unwrap(run.teacher), run.predictions, run.data, run.split, run.device, run.cfg.eval_limit
+                )
+            )
     barrier(run.dist)
     return out
 
 
 def _eval_line(step: int, accs: dict[str, float]) -> str:
     def listing(prefix: str) -> str:
-        return ", ".join(f"{k[len(prefix) : -4]} {v:.2f}%" for k, v in accs.items()
-                         if k.endswith("_acc") and k.startswith("val_") == (prefix == "val_"))  # fmt: skip
+        return ", ".join(
+            f"{k[len(prefix) : -4]} {v:.2f}%"
+            for k, v in accs.items()
+            if k.endswith("_acc") and k.startswith("val_") == (prefix == "val_")
+        )
 
     val = f"; validation accuracy {listing('val_')}" if "val_student_acc" in accs else ""
     return f"step {step}: test accuracy {listing('')}{val}"
@@ -368,8 +399,9 @@ def _progress(cfg: TrainConfig, run: Run, log):
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in a log file (the per-evaluation lines remain).
-    return tqdm(total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False,
-                disable=None)  # fmt: skip
+    return tqdm(
+        total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False, disable=None
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

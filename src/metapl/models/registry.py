@@ -128,8 +128,10 @@ def create_model(
         load_entry_points()
     if name in _REGISTRY:
         if pretrained:
-            raise UserError(f"metapl's own {name!r} has no pretrained weights; pass a file with --teacher-weights / "
-                            "--student-weights, or pick a torchvision or timm: model")  # fmt: skip
+            raise UserError(
+                f"metapl's own {name!r} has no pretrained weights; pass a file with --teacher-weights / "
+                "--student-weights, or pick a torchvision or timm: model"
+            )
         model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout, **kwargs)
     elif name.startswith(_TIMM_PREFIX):
         model = _create_timm(name[len(_TIMM_PREFIX) :], num_classes, in_channels, dropout, pretrained, **kwargs)
@@ -158,8 +160,9 @@ def _unknown_name_message(name: str, bare_name: str) -> str:
     )
 
 
-def _create_torchvision(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log,
-                        **kwargs: object) -> nn.Module:  # fmt: skip
+def _create_torchvision(
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
+) -> nn.Module:
     builder_kwargs = {**_TV_DEFAULT_KWARGS.get(name, {}), **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **builder_kwargs)
     if pretrained:  # loaded while the stem is RGB, before any layer is replaced or inserted
@@ -212,8 +215,9 @@ def _set_submodule(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-def _create_timm(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool,
-                 **kwargs: object) -> nn.Module:  # fmt: skip
+def _create_timm(
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
+) -> nn.Module:
     try:
         timm = importlib.import_module("timm")
     except ImportError:
