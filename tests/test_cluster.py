@@ -27,22 +27,8 @@ from metapl.engine.run_dir import BEST, LATEST, LOCK
 from metapl.errors import UserError
 
 QUICK = [
-    "--steps",
-    "4",
-    "--num-labeled",
-    "50",
-    "--eval-every",
-    "4",
-    "--workers",
-    "0",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
-    "--no-progress",
-    "--no-tensorboard",
-    "--device",
-    "cpu",
+    *["--steps", "4", "--num-labeled", "50", "--eval-every", "4", "--workers", "0", "--batch-size", "8", "--mu", "2"],
+    *["--no-progress", "--no-tensorboard", "--device", "cpu"],
 ]
 HOST = socket.gethostname()
 
@@ -283,15 +269,7 @@ def test_resume_takes_runtime_options_as_flags_and_edits(copy_of, capsys):
         "train",
         "--resume",
         run,
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--log-every",
-        "3",
-        "--tensorboard",
+        *["--workers", "1", "--threads", "1", "--device", "cpu", "--log-every", "3", "--tensorboard"],
     ) == (0, "")
     saved = (run / "config.yaml").read_text()
     assert "workers: 1\n" in saved and "log_every: 3\n" in saved and "eval_batch_size: 100\n" in saved
@@ -370,17 +348,8 @@ def test_sigterm_to_the_process_group_during_training_saves_and_resumes(tmp_path
         "metapl",
         "train",
         *QUICK,
-        "--workers",
-        "1",
-        "--steps",
-        "100000",
-        "--eval-every",
-        "100000",
-        "--save-every",
-        "100000",
-        "--log-every",
-        "1",
-        "--out",
+        *["--workers", "1", "--steps", "100000", "--eval-every", "100000", "--save-every", "100000"],
+        *["--log-every", "1", "--out"],
         str(out),
     ]
     code, err = _signal_group_when(cmd, _has_record(out, "train/loss/teacher"))
@@ -403,16 +372,7 @@ def test_sigint_to_the_process_group_during_finetuning_saves_its_progress(tmp_pa
         "metapl",
         "train",
         *QUICK,
-        "--workers",
-        "1",
-        "--steps",
-        "2",
-        "--finetune-steps",
-        "100000",
-        "--eval-every",
-        "100000",
-        "--log-every",
-        "1",
+        *["--workers", "1", "--steps", "2", "--finetune-steps", "100000", "--eval-every", "100000", "--log-every", "1"],
         "--out",
         str(out),
     ]

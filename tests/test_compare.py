@@ -21,32 +21,9 @@ from metapl.engine.compare import (
 from metapl.engine.config import TrainConfig, given_options
 
 TINY = [
-    "--dataset",
-    "digits",
-    "--num-labeled",
-    "50",
-    "--steps",
-    "4",
-    "--finetune-steps",
-    "2",
-    "--eval-every",
-    "4",
-    "--log-every",
-    "2",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
-    "--workers",
-    "0",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--no-tensorboard",
-    "--device",
-    "cpu",
-    "--eval-limit",
-    "100",
+    *["--dataset", "digits", "--num-labeled", "50", "--steps", "4", "--finetune-steps", "2", "--eval-every", "4"],
+    *["--log-every", "2", "--batch-size", "8", "--mu", "2", "--workers", "0", "--threads", "1", "--no-progress"],
+    *["--no-tensorboard", "--device", "cpu", "--eval-limit", "100"],
 ]
 
 

@@ -173,40 +173,12 @@ def test_flags_and_yaml_text_are_parsed_then_checked(tmp_path):
 # -- random flag values through the whole CLI ---------------------------------------------------------------------
 
 TINY = [
-    "--dataset",
-    "digits",
-    "--steps",
-    "2",
-    "--num-labeled",
-    "20",
-    "--workers",
-    "0",
-    "--batch-size",
-    "4",
-    "--mu",
-    "1",
-    "--eval-every",
-    "2",
-    "--no-progress",
-    "--no-tensorboard",
-    "--device",
-    "cpu",
+    *["--dataset", "digits", "--steps", "2", "--num-labeled", "20", "--workers", "0", "--batch-size", "4", "--mu", "1"],
+    *["--eval-every", "2", "--no-progress", "--no-tensorboard", "--device", "cpu"],
 ]
 FUZZED = [
-    "--t-lr",
-    "--label-smoothing",
-    "--ema",
-    "--momentum",
-    "--randaug-n",
-    "--randaug-m",
-    "--seed",
-    "--cutout",
-    "--image-size",
-    "--uda-threshold",
-    "--uda-temperature",
-    "--grad-clip",
-    "--teacher-dropout",
-    "--mode",
+    *["--t-lr", "--label-smoothing", "--ema", "--momentum", "--randaug-n", "--randaug-m", "--seed", "--cutout"],
+    *["--image-size", "--uda-threshold", "--uda-temperature", "--grad-clip", "--teacher-dropout", "--mode"],
 ]
 VALUES = [
     "nan",
@@ -218,17 +190,7 @@ VALUES = [
     "-1",
     "1e9",
     "soft",  # refused by some or all options
-    "0",
-    "1e-3",
-    "0.1",
-    "0.5",
-    "0.9",
-    "0.99",
-    "1",
-    "2",
-    "8",
-    "14",
-    "30",
+    *["0", "1e-3", "0.1", "0.5", "0.9", "0.99", "1", "2", "8", "14", "30"],
 ]
 ALWAYS_BAD = {"nan", "inf", "-inf", "abc"}  # refused by every fuzzed option
 

@@ -147,17 +147,8 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(core
 
 DDP = [
     *TINY,
-    "--steps",
-    "12",
-    "--save-every",
-    "2",
-    "--deterministic",
-    "--pseudo-label",
-    "sample",
-    "--student-dropout",
-    "0.2",
-    "--baseline-decay",
-    "0.1",
+    *["--steps", "12", "--save-every", "2", "--deterministic", "--pseudo-label", "sample", "--student-dropout", "0.2"],
+    *["--baseline-decay", "0.1"],
 ]
 # Both ranks on the 2 cores (torchrun sets it too); the cache decoded by the first run serves the others.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -343,15 +334,7 @@ def test_reduced_mpl_under_torchrun_reads_one_stored_prediction_file(tmp_path):
     out = tmp_path / "reduced"
     args = [
         *base,
-        "--steps",
-        "6",
-        "--save-every",
-        "3",
-        "--method",
-        "reduced-mpl",
-        "--mode",
-        "soft",
-        "--teacher-weights",
+        *["--steps", "6", "--save-every", "3", "--method", "reduced-mpl", "--mode", "soft", "--teacher-weights"],
         str(big),
         "--cache-dir",
         str(cache),

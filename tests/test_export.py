@@ -20,23 +20,8 @@ from metapl.errors import UserError
 from test_inference import write_fake_run, write_images
 
 TRAIN = [
-    "train",
-    "--dataset",
-    "digits",
-    "--steps",
-    "2",
-    "--eval-every",
-    "1",
-    "--batch-size",
-    "4",
-    "--mu",
-    "1",
-    "--num-labeled",
-    "30",
-    "--workers",
-    "0",
-    "--no-tensorboard",
-    "--no-progress",
+    *["train", "--dataset", "digits", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--mu", "1"],
+    *["--num-labeled", "30", "--workers", "0", "--no-tensorboard", "--no-progress"],
 ]
 
 

@@ -23,24 +23,8 @@ SHIPPED = [
     "svhn_1k",
 ]
 QUICK = [
-    "--dataset",
-    "digits",
-    "--steps",
-    "2",
-    "--eval-every",
-    "2",
-    "--batch-size",
-    "4",
-    "--mu",
-    "1",
-    "--num-labeled",
-    "20",
-    "--workers",
-    "0",
-    "--no-tensorboard",
-    "--no-progress",
-    "--finetune-steps",
-    "0",
+    *["--dataset", "digits", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--mu", "1"],
+    *["--num-labeled", "20", "--workers", "0", "--no-tensorboard", "--no-progress", "--finetune-steps", "0"],
 ]
 
 

@@ -96,28 +96,9 @@ def test_fixed_teacher_is_plain_distillation(mode):
 # The trainer
 
 TINY = [
-    "--dataset",
-    "digits",
-    "--num-labeled",
-    "30",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
-    "--workers",
-    "0",
-    "--threads",
-    "1",
-    "--eval-every",
-    "10",
-    "--log-every",
-    "5",
-    "--no-tensorboard",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--steps",
-    "20",
+    *["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--threads", "1", "--eval-every", "10", "--log-every", "5", "--no-tensorboard", "--no-progress"],
+    *["--device", "cpu", "--steps", "20"],
 ]
 
 
@@ -156,13 +137,7 @@ def test_reduced_mpl_reuses_the_stored_predictions_and_learns(big_teacher, tmp_p
             [
                 "train",
                 *TINY,
-                "--method",
-                "reduced-mpl",
-                "--feedback",
-                "cosine",
-                "--t-lr",
-                "0.5",
-                "--teacher-weights",
+                *["--method", "reduced-mpl", "--feedback", "cosine", "--t-lr", "0.5", "--teacher-weights"],
                 str(big_teacher),
                 "--out",
                 str(out),
@@ -220,21 +195,10 @@ def test_a_killed_reduced_run_resumes_bit_identical(big_teacher, tmp_path):
 
     args = [
         *TINY,
-        "--method",
-        "reduced-mpl",
-        "--feedback",
-        "dot",
-        "--teacher-weights",
+        *["--method", "reduced-mpl", "--feedback", "dot", "--teacher-weights"],
         str(big_teacher),
-        "--steps",
-        "16",
-        "--save-every",
-        "2",
-        "--deterministic",
-        "--student-dropout",
-        "0.2",
-        "--augment-on",
-        "device",
+        *["--steps", "16", "--save-every", "2", "--deterministic", "--student-dropout", "0.2"],
+        *["--augment-on", "device"],
     ]
     full = tmp_path / "full"
     assert main(["train", *args, "--out", str(full)]) == 0

@@ -30,18 +30,7 @@ from metapl.errors import UserError
 
 # The issue's `T`: 5 steps on digits in a few seconds.
 T = [
-    "--steps",
-    "5",
-    "--num-labeled",
-    "50",
-    "--eval-every",
-    "5",
-    "--workers",
-    "0",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
+    *["--steps", "5", "--num-labeled", "50", "--eval-every", "5", "--workers", "0", "--batch-size", "8", "--mu", "2"],
     "--no-progress",
 ]
 QUICK = [*T, "--no-tensorboard", "--device", "cpu"]
@@ -93,27 +82,10 @@ def test_repro2_divergence_saves_no_poisoned_checkpoint(tmp_path, capsys):
         out = tmp_path / name
         code, err = cli(
             capsys,
-            "train",
-            "--steps",
-            "5",
-            "--num-labeled",
-            "50",
-            "--workers",
-            "0",
-            "--batch-size",
-            "8",
-            "--mu",
-            "2",
-            "--t-lr",
-            "1e6",
-            "--s-lr",
-            "1e6",
+            *["train", "--steps", "5", "--num-labeled", "50", "--workers", "0", "--batch-size", "8", "--mu", "2"],
+            *["--t-lr", "1e6", "--s-lr", "1e6"],
             *extra,
-            "--eval-every",
-            "2",
-            "--no-progress",
-            "--no-tensorboard",
-            "--out",
+            *["--eval-every", "2", "--no-progress", "--no-tensorboard", "--out"],
             out,
         )
         assert code == 2
@@ -192,24 +164,8 @@ def test_repro4_idx_images_and_labels_of_different_lengths(tmp_path):
 
 
 FOLDER = [
-    "--dataset",
-    "folder",
-    "--num-labeled",
-    "6",
-    "--steps",
-    "2",
-    "--eval-every",
-    "2",
-    "--batch-size",
-    "2",
-    "--mu",
-    "1",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--no-tensorboard",
-    "--device",
-    "cpu",
+    *["--dataset", "folder", "--num-labeled", "6", "--steps", "2", "--eval-every", "2", "--batch-size", "2"],
+    *["--mu", "1", "--workers", "0", "--no-progress", "--no-tensorboard", "--device", "cpu"],
 ]
 
 
@@ -316,15 +272,7 @@ def test_sigint_saves_the_current_step_and_prints_the_resume_command(tmp_path):
         "metapl",
         "train",
         *QUICK,
-        "--steps",
-        "100000",
-        "--eval-every",
-        "100000",
-        "--save-every",
-        "100000",
-        "--log-every",
-        "1",
-        "--out",
+        *["--steps", "100000", "--eval-every", "100000", "--save-every", "100000", "--log-every", "1", "--out"],
         str(out),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

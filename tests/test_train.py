@@ -24,28 +24,9 @@ CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-j
 
 # A few seconds on 2 cores: digits (shipped with scikit-learn), the small CNN, tiny batches.
 TINY = [
-    "--dataset",
-    "digits",
-    "--num-labeled",
-    "20",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
-    "--workers",
-    "0",
-    "--eval-every",
-    "4",
-    "--log-every",
-    "2",
-    "--save-every",
-    "4",
-    "--no-tensorboard",
-    "--no-progress",
-    "--uda-weight",
-    "1",
-    "--device",
-    "cpu",
+    *["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--eval-every", "4", "--log-every", "2", "--save-every", "4", "--no-tensorboard", "--no-progress"],
+    *["--uda-weight", "1", "--device", "cpu"],
 ]
 
 
@@ -188,19 +169,8 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 RESUME = [
     *TINY,
-    "--steps",
-    "16",
-    "--save-every",
-    "2",
-    "--deterministic",
-    "--workers",
-    "2",
-    "--pseudo-label",
-    "sample",
-    "--student-dropout",
-    "0.2",
-    "--baseline-decay",
-    "0.1",
+    *["--steps", "16", "--save-every", "2", "--deterministic", "--workers", "2", "--pseudo-label", "sample"],
+    *["--student-dropout", "0.2", "--baseline-decay", "0.1"],
 ]
 
 
@@ -258,23 +228,8 @@ def test_trains_on_the_real_cifar10_copy(tmp_path, cifar10_cache_dir):
         str(CIFAR_TAR),
         "--cache-dir",
         str(cifar10_cache_dir),
-        "--num-labeled",
-        "40",
-        "--batch-size",
-        "4",
-        "--mu",
-        "2",
-        "--steps",
-        "3",
-        "--eval-every",
-        "3",
-        "--workers",
-        "0",
-        "--no-tensorboard",
-        "--no-progress",
-        "--uda-weight",
-        "1",
-        "--out",
+        *["--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--steps", "3", "--eval-every", "3"],
+        *["--workers", "0", "--no-tensorboard", "--no-progress", "--uda-weight", "1", "--out"],
         str(out),
     ]
     assert cli(*args) == 0

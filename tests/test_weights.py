@@ -21,24 +21,8 @@ from metapl.models import create_model
 from metapl.models.weights import load_into
 
 TINY = [
-    "--dataset",
-    "digits",
-    "--num-labeled",
-    "30",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
-    "--workers",
-    "0",
-    "--threads",
-    "1",
-    "--eval-every",
-    "15",
-    "--no-tensorboard",
-    "--no-progress",
-    "--device",
-    "cpu",
+    *["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--threads", "1", "--eval-every", "15", "--no-tensorboard", "--no-progress", "--device", "cpu"],
 ]
 
 

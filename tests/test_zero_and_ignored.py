@@ -17,32 +17,9 @@ from metapl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "--dataset",
-    "digits",
-    "--num-labeled",
-    "20",
-    "--batch-size",
-    "8",
-    "--mu",
-    "2",
-    "--workers",
-    "0",
-    "--eval-every",
-    "2",
-    "--log-every",
-    "2",
-    "--save-every",
-    "2",
-    "--no-tensorboard",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--steps",
-    "2",
-    "--finetune-steps",
-    "0",
-    "--eval-limit",
-    "40",
+    *["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--eval-every", "2", "--log-every", "2", "--save-every", "2", "--no-tensorboard", "--no-progress"],
+    *["--device", "cpu", "--steps", "2", "--finetune-steps", "0", "--eval-limit", "40"],
 ]
 
 
