@@ -268,15 +268,14 @@ def _random_bad_batch(rng: random.Random) -> tuple[Batch, dict]:
         elif field.startswith("y_"):
             y = getattr(batch, field)
             choice = rng.randrange(4)
-            y = (
-                y + rng.choice([K, -5, 100])
-                if choice == 0
-                else y[1:]
-                if choice == 1
-                else y.float()
-                if choice == 2
-                else y[:, None]
-            )
+            if choice == 0:
+                y = y + rng.choice([K, -5, 100])
+            elif choice == 1:
+                y = y[1:]
+            elif choice == 2:
+                y = y.float()
+            else:
+                y = y[:, None]
             batch = batch._replace(**{field: y})
         else:
             kwargs[field] = rng.choice([math.nan, math.inf, -1.0, 1e30, 0.0])
