@@ -73,15 +73,46 @@ def finetune_student(
     """
     cfg, device, data = run.cfg, run.device, run.data
     student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
-    opt = make_sgd(
-        unwrap(student),
+    opt = _finetune_optimizer(run)
+    start = _restore_progress(run, run_dir, opt, log)
+    batches = _labeled_batches(run, start)
+    loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
+    student.train()
+    losses, accs = [], {}
+    steps = cfg.planned_finetune_steps()
+    for i in range(start, steps):
+        losses.append(_finetune_step(run, opt, batches))
+        done = i + 1
+        synced = done % cfg.log_every == 0
+        if synced and run.dist.is_main:
+            writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
+            losses = []
+        # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
+        if done % cfg.eval_every == 0 or done == steps:
+            accs = _checked_accuracies(run, loaders, writer, done)
+        if stop is not None and done < steps and stop_agreed(stop, run.dist, device, synced):
+            raise _save_progress(run, run_dir, opt, done, stop, resume_command)
+    if steps == 0 and run.dist.is_main:  # `metapl finetune --steps 0`: the student as it is, scored and saved
+        accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
+    return _save_finetuned(run, run_dir, accs, steps, log)
+
+
+def _finetune_optimizer(run) -> torch.optim.Optimizer:
+    """A fresh SGD for the student: training's settings at ``--finetune-lr``."""
+    cfg = run.cfg
+    return make_sgd(
+        unwrap(run.student),
         lr=cfg.finetune_lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
-        device=device,
+        device=run.device,
     )
-    start = _restore_progress(run, run_dir, opt, log)
+
+
+def _labeled_batches(run, start: int):
+    """The finetuning's batches from step ``start`` on: shuffled labeled images, weak views, per rank."""
+    cfg, data = run.cfg, run.data
     weak = mdata.weak_transform(
         data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std, crop=mdata.train_crop(data)
     )
@@ -97,41 +128,40 @@ def finetune_student(
         world_size=run.dist.world_size,
         weak=weak,
         strong=weak,
-        pin_memory=device.type == "cuda",
+        pin_memory=run.device.type == "cuda",
     )
-    batches = iter(loader)
-    loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
-    student.train()
-    losses, accs = [], {}
-    steps = cfg.planned_finetune_steps()
-    for i in range(start, steps):
-        x, y = (t.to(device, non_blocking=True) for t in next(batches))
-        out = supervised_step(
-            student,
-            opt,
-            x,
-            y,
-            label_smoothing=cfg.label_smoothing,
-            grad_clip=cfg.grad_clip,
-            amp_dtype=run.amp_dtype,
-            scaler=None,
-        )
-        losses.append(out["loss/student"])
-        done = i + 1
-        synced = done % cfg.log_every == 0
-        if synced and run.dist.is_main:
-            writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
-            losses = []
-        # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
-        if done % cfg.eval_every == 0 or done == steps:
-            _refuse_diverged(student, cfg)  # every rank: they hold the same weights and must stop together
-            if run.dist.is_main:
-                accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
-                writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
-        if stop is not None and done < steps and stop_agreed(stop, run.dist, device, synced):
-            raise _save_progress(run, run_dir, opt, done, stop, resume_command)
-    if steps == 0 and run.dist.is_main:  # `metapl finetune --steps 0`: the student as it is, scored and saved
-        accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
+    return iter(loader)
+
+
+def _finetune_step(run, opt, batches) -> torch.Tensor:
+    """One supervised step of the student on the next labeled batch; its loss (on the device, not synchronised)."""
+    cfg = run.cfg
+    x, y = (t.to(run.device, non_blocking=True) for t in next(batches))
+    out = supervised_step(
+        run.student,
+        opt,
+        x,
+        y,
+        label_smoothing=cfg.label_smoothing,
+        grad_clip=cfg.grad_clip,
+        amp_dtype=run.amp_dtype,
+        scaler=None,
+    )
+    return out["loss/student"]
+
+
+def _checked_accuracies(run, loaders: dict, writer, done: int) -> dict[str, float]:
+    """After finetuning step ``done``: refuse diverged weights, then evaluate and record them (main rank; {} else)."""
+    _refuse_diverged(run.student, run.cfg)  # every rank: they hold the same weights and must stop together
+    if not run.dist.is_main:
+        return {}
+    accs = evaluate_sets({"finetuned": unwrap(run.student)}, loaders, run.device, amp_dtype=run.amp_dtype)
+    writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
+    return accs
+
+
+def _save_finetuned(run, run_dir: Path, accs: dict[str, float], steps: int, log) -> dict:
+    """Write ``finetuned.pt`` and drop the finetuning's progress file (main rank); ``finetune_student``'s result."""
     result = {"finetune_steps": steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
