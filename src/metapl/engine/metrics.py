@@ -75,6 +75,16 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+class NullWriter:
+    """What ranks other than 0 get in place of a ``MetricsWriter``: they write no files."""
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def require_wandb():
     """The ``wandb`` module, or a ``UserError`` saying how to install it (checked before a run writes anything)."""
     try:
