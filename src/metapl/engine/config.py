@@ -17,7 +17,6 @@ MPL, finetuning, run), and ``--resume`` reads it back from there.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, fields
@@ -27,7 +26,11 @@ from typing import Literal
 import yaml
 
 from metapl.core.config import MPLConfig
-from metapl.core.options import Spec, check_options, check_value, option, specs
+from metapl.core.options import check_options, check_value, option, specs
+from metapl.engine.option_rules import refuse_ignored
+from metapl.engine.option_text import flag, help_line, parse_value
+from metapl.engine.recipes import find_config
+from metapl.engine.recipes import shipped_configs as shipped_configs  # was defined here
 from metapl.errors import UserError
 
 _MPL_SECTION = "Meta Pseudo Labels (metapl.core.MPLConfig; docs/algorithm.md)"
@@ -46,79 +49,6 @@ REDUCED_METHODS = ("reduced-mpl", "distill")  # the methods whose teacher is a r
 _ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 FINETUNE_STEPS_IF_NONE = 1000  # metapl finetune's steps when neither --steps nor the run's plan gives any
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
-
-# Options that do nothing unless another option has a value: (option, the option it needs, the values that make it
-# count, in words, why). An option is refused only when its value differs from its default (so the user evidently
-# asked for it). The first group is checked on every TrainConfig; the second ("flags") only for options given as
-# command-line flags, because a recipe file (configs/*.yaml) or a library ``replace(recipe, method="supervised")`` is
-# the normal way to run the labels-only baseline or the no-UDA ablation of the same recipe.
-_IGNORED = (
-    ("feedback", "mode", lambda m: m == "hard", "hard", "soft mode has the exact meta-gradient, no estimator of h"),
-    ("baseline_decay", "mode", lambda m: m == "hard", "hard", "soft mode has no h to subtract a baseline from"),
-    ("pseudo_label", "mode", lambda m: m == "hard", "hard", "soft mode's pseudo labels are the whole distribution"),
-    ("teacher_batch", "mode", lambda m: m == "hard", "hard", "soft mode always runs one joint teacher forward"),
-    ("soft_temperature", "mode", lambda m: m == "soft", "soft", "hard pseudo labels are the argmax or a sample"),
-    (
-        "reduced_hidden",
-        "method",
-        lambda m: m == "reduced-mpl",
-        "reduced-mpl",
-        "only Reduced MPL trains a reduced teacher",
-    ),
-    *(
-        (name, "method", lambda m: m != "distill", "reduced-mpl", "distill's teacher is fixed: it takes no feedback")
-        for name in ("feedback", "feedback_sign", "mpl_weight", "baseline_decay")
-    ),
-)
-_FLAG_IGNORED = (
-    tuple(
-        (name, "method", lambda m: m != "supervised", "mpl", "the labels-only baseline trains the student alone")
-        for name in (
-            "mode",
-            "feedback",
-            "feedback_sign",
-            "pseudo_label",
-            "label_view",
-            "student_view",
-            "teacher_batch",
-            "soft_temperature",
-            "mpl_weight",
-            "baseline_decay",
-            "uda_weight",
-            "uda_steps",
-            "uda_temperature",
-            "uda_threshold",
-            "teacher",
-            "teacher_dropout",
-            "t_lr",
-            "t_warmup_steps",
-        )
-    )
-    + tuple(
-        (name, "uda_weight", lambda w: w is None or w > 0, "a weight > 0", "UDA is off")
-        for name in ("uda_steps", "uda_temperature", "uda_threshold")
-    )
-    + (("wandb_project", "wandb", bool, "", "no metrics go to Weights & Biases"),)
-)
-
-
-def refuse_ignored(cfg, given: set[str] | None = None) -> None:
-    """Refuse an option that does nothing with the other options' values (``_IGNORED``; with ``given``, the names set
-    by command-line flags, also ``_FLAG_IGNORED`` for those names), in one line naming both flags."""
-    known = specs(type(cfg))
-    rules = _IGNORED if given is None else [r for r in _FLAG_IGNORED if r[0] in given]
-    for name, needs, counts, words, why in rules:
-        value, other = getattr(cfg, name, None), getattr(cfg, needs, None)
-        if name in known and value != known[name].default and not counts(other):
-            use = f"--{_flag(needs)} {words}".rstrip()
-            raise UserError(
-                f"--{_flag(name)} {_shown(value)} does nothing with --{_flag(needs)} {_shown(other)} "
-                f"({why}); drop --{_flag(name)} or use {use}"
-            )
-
-
-def _shown(value) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,7 +213,7 @@ class TrainConfig(MPLConfig):
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        check_options(self, UserError, lambda name: "--" + _flag(name))
+        check_options(self, UserError, lambda name: "--" + flag(name))
         if self.per_rank_shards and self.dataset != "shards":
             raise UserError("--per-rank-shards deals tar shards to ranks; use --dataset shards or drop the flag")
         if self.amp == "fp16" and self.mode == "soft":
@@ -377,78 +307,6 @@ def sections() -> list[tuple[str, list[str]]]:
     return out
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _parse(spec: Spec, value):
-    """A flag's text or a YAML value as the option's type. Text that does not parse is returned unchanged, and the
-    check then refuses it with the option's range."""
-    if not isinstance(value, str):
-        is_whole = spec.kind is int and isinstance(value, float) and value.is_integer()
-        return int(value) if is_whole else value
-    text = value.strip().lower()
-    if spec.optional and text in ("none", "null", ""):
-        return None
-    if spec.kind is bool:
-        return {
-            "1": True,
-            "true": True,
-            "yes": True,
-            "on": True,
-            "0": False,
-            "false": False,
-            "no": False,
-            "off": False,
-        }.get(text, value)
-    if spec.kind not in (int, float) or spec.choices:
-        return value
-    try:
-        return int(text) if spec.kind is int else float(text)
-    except ValueError:
-        pass
-    with contextlib.suppress(ValueError):
-        number = float(text)
-        if number.is_integer():
-            return int(number)  # an integer written as 1e3
-    return value
-
-
-def _help(spec: Spec) -> str:
-    """A flag's ``--help`` line: what the option does, what values fit, its default."""
-    text = f"{spec.help}; {spec.expected()}" if spec.kind in (int, float) else spec.help  # choices show in the usage
-    default = spec.default
-    shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
-    return f"{text} (default: {shown})".replace("%", "%%")
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The configs shipped inside the package (``metapl/configs/*.yaml``): name -> file."""
-    folder = Path(__file__).resolve().parents[1] / "configs"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-
-
-def find_config(name: str | Path) -> Path:
-    """The file ``--config`` names: a path as given, or a bare name (no folder, no extension) of a shipped config.
-
-    Args:
-        name: ``configs/my.yaml``, ``my.yaml`` or ``cifar10_4k``.
-
-    Returns:
-        The path to read (``load_yaml`` reports a path that does not exist).
-
-    Raises:
-        UserError: a bare name that is neither a file here nor a shipped config, listing the shipped names.
-    """
-    path = Path(name)
-    if path.exists() or path.suffix or len(path.parts) != 1:
-        return path
-    shipped = shipped_configs()
-    if str(name) in shipped:
-        return shipped[str(name)]
-    raise UserError(f"unknown config {str(name)!r}; the shipped configs are {', '.join(shipped)}, or pass a YAML file")
-
-
 def load_yaml(path: str | Path) -> dict:
     """Read a config file and check its keys against ``TrainConfig``.
 
@@ -477,7 +335,7 @@ def load_yaml(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, list(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see metapl train --help for the keys"
             raise UserError(f"unknown key {key!r} in config file {path}{hint}")
-        out[name] = _parse(known[name], value)
+        out[name] = parse_value(known[name], value)
         check_value(known[name], out[name], f"config file {path}: {name}", UserError)
     return out
 
@@ -491,9 +349,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for title, names in sections():
         group = parser.add_argument_group(title)
         for name in names:
-            spec, flag = known[name], "--" + _flag(name)
-            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": _help(spec)}
-            flags = (flag, *_ALIASES.get(name, ()))
+            spec = known[name]
+            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
+            flags = ("--" + flag(name), *_ALIASES.get(name, ()))
             if spec.kind is bool:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             elif spec.choices:
@@ -507,7 +365,7 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(find_config(args.config)) if getattr(args, "config", None) else {}
     for name, spec in specs(TrainConfig).items():
         if hasattr(args, name):
-            values[name] = _parse(spec, getattr(args, name))
+            values[name] = parse_value(spec, getattr(args, name))
     cfg = TrainConfig(**values)
     refuse_ignored(cfg, {name for name in specs(TrainConfig) if hasattr(args, name)})
     return cfg
@@ -515,7 +373,9 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 def given_options(args: argparse.Namespace) -> dict:
     """The ``TrainConfig`` options given as flags on the command line (not the defaults nor ``--config``), parsed."""
-    return {name: _parse(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)}
+    return {
+        name: parse_value(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)
+    }
 
 
 def config_from_dict(values: dict) -> TrainConfig:
