@@ -251,12 +251,9 @@ def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):
     assert _train_records(full_ddp_run) == _train_records(killed)
 
 
-def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_identical(full_ddp_run, tmp_path):
-    """A scheduler's SIGTERM to the launcher (``torchrun``) only: torchrun sends SIGTERM to each worker's process
-    group and waits for them (``--shutdown-timeout``, 30 s by default) before it would SIGKILL them. The ranks agree
-    to stop at the next step they synchronise, rank 0 saves that step and prints the one resume line, and torchrun
-    exits with status 1 after its own ``SignalException`` traceback (torchrun's, which metapl cannot change)."""
-    out, log = tmp_path / "stopped", tmp_path / "torchrun.err"
+def _sigterm_to_torchrun_mid_run(out: Path, log: Path) -> int:
+    """Run ``DDP`` under torchrun into ``out`` (its stderr to ``log``) and SIGTERM the agent once a checkpoint exists,
+    with every worker paused meanwhile; wait for torchrun to exit. Returns the checkpoint's step seen before."""
     with log.open("w") as err_file:
         proc = subprocess.Popen(
             torchrun(*DDP, "--out", str(out)),
@@ -285,6 +282,16 @@ def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_id
             assert proc.wait(timeout=60) == 1  # torchrun's status on a signal: its SignalException is uncaught
         finally:
             _kill_tree(proc)
+    return seen
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_identical(full_ddp_run, tmp_path):
+    """A scheduler's SIGTERM to the launcher (``torchrun``) only: torchrun sends SIGTERM to each worker's process
+    group and waits for them (``--shutdown-timeout``, 30 s by default) before it would SIGKILL them. The ranks agree
+    to stop at the next step they synchronise, rank 0 saves that step and prints the one resume line, and torchrun
+    exits with status 1 after its own ``SignalException`` traceback (torchrun's, which metapl cannot change)."""
+    out, log = tmp_path / "stopped", tmp_path / "torchrun.err"
+    seen = _sigterm_to_torchrun_mid_run(out, log)
     err = log.read_text()
     step = torch.load(out / LATEST, weights_only=False)["step"]
     assert seen < step < 12  # stopped mid-run, at a step after the one seen, and saved it
