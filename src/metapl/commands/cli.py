@@ -26,7 +26,10 @@ from metapl.engine.config import (
     given_options,
     resolve,
 )
+from metapl.engine.run_dir import EXPORT_DIR, RUN_FILES, TENSORBOARD, WANDB
 from metapl.errors import Interrupted, UserError, describe_os_error
+
+RUN_FOLDERS = (TENSORBOARD, WANDB, EXPORT_DIR)  # the folders among the run files, shown with a slash in --help
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,21 +57,22 @@ def _add_device(p: argparse.ArgumentParser, *, default: str | None = "auto") -> 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
+    runtime = ", ".join("--" + k.replace("_", "-") for k in sorted(RUNTIME_KEYS))
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint with its saved config.yaml; options that alter "
         "the math cannot change. Only --steps N (extend the run to N steps: from the current step on, the learning "
-        "rates follow the schedule of an N-step run; a finetuned run is finetuned again) and the runtime options ("
-        + ", ".join("--" + k.replace("_", "-") for k in sorted(RUNTIME_KEYS))
-        + ") may be given with it",
+        "rates follow the schedule of an N-step run; a finetuned run is finetuned again) and the runtime options "
+        f"({runtime}) may be given with it",
     )
+    run_files = ", ".join(f"{name}/" if name in RUN_FOLDERS else name for name in RUN_FILES)
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="start the run in --out even if that folder is not empty: the files of an earlier run there "
-        "(config.yaml, split.json, metrics.jsonl, tb/, checkpoints, summary.json, eval.json, curves.png) are "
-        "deleted first; other files are left alone. Without it a folder that is not empty is refused",
+        f"({run_files}) are deleted first; other files are left alone. Without it a folder that is not empty is "
+        "refused",
     )
 
 

@@ -264,7 +264,7 @@ def check_out_path(out: str) -> Path:
 
 
 def clear_run_files(run_dir: Path, log) -> None:
-    """Delete the files a run writes (``metapl.engine.checkpoint.RUN_FILES``) from ``run_dir``; other files stay."""
+    """Delete the files a run writes (``metapl.engine.run_dir.RUN_FILES``) from ``run_dir``; other files stay."""
     removed = []
     for name in RUN_FILES:
         path = run_dir / name
