@@ -170,8 +170,8 @@ def test_repro4_resume_after_images_were_added(make_tree, tmp_path, capsys):
     code, err = cli(capsys, "train", "--resume", out)
     assert code == 2 and err == (
         f"metapl: error: the data changed since {out / 'split.json'} was written (training images: 12 then, 13 now); "
-        "the saved split would pick other images: restore the run's data (its data_dir in config.yaml), or start "
-        "a new run"
+        "the saved split would pick other images: restore the run's data (its data_dir in config.yaml), "
+        "or start a new run"
     )
 
 
@@ -306,8 +306,8 @@ def test_checkpoint_of_another_class_count_on_resume_and_finetune(copy_of, capsy
         code, err = cli(capsys, *argv)
         assert code == 2 and err == (
             f"metapl: error: {run / LATEST} was written for 3 classes of 1-channel 8x8 images but this run's data has "
-            "10 classes of 1-channel 8x8 images; it belongs to another run: put this run's own checkpoint back, or "
-            "start a new run"
+            "10 classes of 1-channel 8x8 images; it belongs to another run: put this run's own checkpoint back, "
+            "or start a new run"
         )
 
 

@@ -161,8 +161,8 @@ def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
         problem = state_dict_mismatch(module.state_dict(), ckpt[role])
         if problem:
             raise UserError(
-                f"{source}: the {role} weights do not fit this run's {role} ({problem}); is it another "
-                "run's checkpoint?"
+                f"{source}: the {role} weights do not fit this run's {role} ({problem}); "
+                "is it another run's checkpoint?"
             )
     refuse_nonfinite(ckpt, source)
 

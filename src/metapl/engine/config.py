@@ -155,8 +155,7 @@ class TrainConfig(MPLConfig):
         "mpl",
         "mpl; supervised: the student on the labeled data alone (a baseline); reduced-mpl: Reduced Meta Pseudo "
         "Labels (the paper's appendix E): --teacher with --teacher-weights (trained on your classes) is the large "
-        "teacher, "
-        "run once over the images, and a small reduced teacher over its predictions learns with the student; "
+        "teacher, run once over the images, and a small reduced teacher over its predictions learns with the student; "
         "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)",
     )
     steps: int = option(1000, "training steps (one teacher and one student update each)", ge=1)

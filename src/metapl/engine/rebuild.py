@@ -54,9 +54,8 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
     method = ckpt["config"].get("method")
     if role == "teacher" and method in REDUCED_METHODS:  # its teacher reads stored predictions, not images
         raise UserError(
-            f"{source} is a --method {method} run: its teacher entry is not a "
-            f"{ckpt['config'].get('teacher')} classifier of images; use the student, ema or finetuned "
-            "model"
+            f"{source} is a --method {method} run: its teacher entry is not a {ckpt['config'].get('teacher')} "
+            "classifier of images; use the student, ema or finetuned model"
         )
     cfg = config_from_dict(ckpt["config"])
     import_modules(getattr(cfg, "imports", None))

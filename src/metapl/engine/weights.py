@@ -43,8 +43,8 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
         raise UserError(f"{path} holds no {role} network; pick another with :student, :ema or :teacher")
     if role == "teacher" and obj["config"].get("method") in REDUCED_METHODS:
         raise UserError(
-            f"{path}'s teacher is a reduced teacher over stored predictions, not an image model; use "
-            "its :student or :ema"
+            f"{path}'s teacher is a reduced teacher over stored predictions, not an image model; "
+            "use its :student or :ema"
         )
     refuse_nonfinite(obj, path, roles=(role,))
     return as_state_dict(obj[role], path), f"{path} ({role})"
