@@ -109,8 +109,9 @@ def make_tree(tmp_path):
     return make
 
 
-def write_noise_tree(root: Path, classes, per_class: int, *, noise_hw: tuple[int, int], size: tuple[int, int],
-                     quality: int) -> Path:  # fmt: skip
+def write_noise_tree(
+    root: Path, classes, per_class: int, *, noise_hw: tuple[int, int], size: tuple[int, int], quality: int
+) -> Path:
     """``root/<class>/<i>.jpg``: seeded colour fields: ``noise_hw`` noise, bilinearly upscaled to ``size`` (W, H).
 
     Returns:
@@ -187,8 +188,14 @@ def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str
 
     ckpt = torch.load(path, weights_only=False)
     cfg = ckpt["config"]
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], cache_dir=cfg["cache_dir"],
-                        seed=cfg["seed"], log=lambda _: None)  # fmt: skip
+    data = load_dataset(
+        cfg["dataset"],
+        cfg["data_dir"],
+        image_size=cfg["image_size"],
+        cache_dir=cfg["cache_dir"],
+        seed=cfg["seed"],
+        log=lambda _: None,
+    )
     test, limit = data.test, cfg.get("eval_limit")  # a run evaluated on the first N test images only: the same N
     if limit is not None:
         test = ImageArrays(test.images[:limit], test.labels[:limit])

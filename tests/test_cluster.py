@@ -26,8 +26,10 @@ from metapl.engine.metrics import read_metrics
 from metapl.engine.run_dir import BEST, LATEST, LOCK
 from metapl.errors import UserError
 
-QUICK = ["--steps", "4", "--num-labeled", "50", "--eval-every", "4", "--workers", "0", "--batch-size", "8", "--mu", "2",
-         "--no-progress", "--no-tensorboard", "--device", "cpu"]  # fmt: skip
+QUICK = [
+    *["--steps", "4", "--num-labeled", "50", "--eval-every", "4", "--workers", "0", "--batch-size", "8", "--mu", "2"],
+    *["--no-progress", "--no-tensorboard", "--device", "cpu"],
+]
 HOST = socket.gethostname()
 
 
@@ -51,8 +53,10 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def _in_use(run: Path, holder: str) -> str:
-    return (f"metapl: error: {run} is in use by {holder}; one run folder takes one writer: wait for it to end (or "
-            "stop it), or pick another folder")  # fmt: skip
+    return (
+        f"metapl: error: {run} is in use by {holder}; one run folder takes one writer: wait for it to end (or "
+        "stop it), or pick another folder"
+    )
 
 
 def test_two_concurrent_trainers_one_runs_the_other_writes_nothing(tmp_path):
@@ -116,14 +120,18 @@ def test_a_refused_new_run_leaves_no_folder_behind(tmp_path, capsys):
 @pytest.mark.parametrize(
     "error, reason",
     [
-        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0\nframe #0: ..."),
-         "torch.save failed: [enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0); the disk is "
-         "probably full: free disk space or pick another folder"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0\nframe #0: ..."),
+            "torch.save failed: [enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0); the disk is "
+            "probably full: free disk space or pick another folder",
+        ),
         (OSError(5, "Input/output error"), "Input/output error); check the path and the disk"),
-        (PermissionError(13, "Permission denied"),
-         "Permission denied); check its permissions or pick a writable folder"),
+        (
+            PermissionError(13, "Permission denied"),
+            "Permission denied); check its permissions or pick a writable folder",
+        ),
     ],
-)  # fmt: skip
+)
 def test_every_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error, reason):
     path = tmp_path / LATEST
     atomic_save({"config": {}, "student": {}, "step": 1}, path)
@@ -164,8 +172,10 @@ def test_a_full_disk_at_a_later_save_of_a_run(tmp_path, capsys, monkeypatch):
 # Outputs never overwrite inputs
 
 
-@pytest.mark.parametrize("name", ["checkpoint.pt", "config.yaml", "split.json", "best.pt", "metrics.jsonl",
-                                  "summary.json", "finetuned.pt", LOCK])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    ["checkpoint.pt", "config.yaml", "split.json", "best.pt", "metrics.jsonl", "summary.json", "finetuned.pt", LOCK],
+)
 def test_eval_output_onto_a_run_file_is_refused(copy_of, capsys, name):
     run = copy_of()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -184,7 +194,9 @@ def test_eval_may_write_its_own_files_and_refuses_any_checkpoint(copy_of, tmp_pa
     other = tmp_path / "elsewhere.pt"
     other.write_bytes(b"any checkpoint")
     assert cli(capsys, "eval", run, "--output", other) == (
-        2, f"metapl: error: --output {other} would overwrite a checkpoint; name another output file")  # fmt: skip
+        2,
+        f"metapl: error: --output {other} would overwrite a checkpoint; name another output file",
+    )
     assert other.read_bytes() == b"any checkpoint"
 
 
@@ -205,8 +217,10 @@ def test_predict_output_onto_an_input_image_a_checkpoint_or_a_run_file(copy_of, 
     }
     for output, what in refusals.items():
         argv = ["predict", run / LATEST, image if output != run / "config.yaml" else images, "--output", output]
-        assert cli(capsys, *argv) == (2, f"metapl: error: --output {output} would overwrite {what}; name another "
-                                         "output file")  # fmt: skip
+        assert cli(capsys, *argv) == (
+            2,
+            f"metapl: error: --output {output} would overwrite {what}; name another output file",
+        )
     assert cli(capsys, "predict", run / LATEST, images, "--output", images / "img0.png")[1].endswith(
         f"would overwrite the input image {images / 'img0.png'}, which this command reads; name another output file"
     )
@@ -218,8 +232,10 @@ def test_plot_output_onto_a_run_file_other_than_its_png(copy_of, capsys):
     run = copy_of()
     metrics = (run / "metrics.jsonl").read_bytes()
     assert cli(capsys, "plot", run, "--output", run / "metrics.jsonl") == (
-        2, f"metapl: error: --output {run / 'metrics.jsonl'} would overwrite the run's metrics.jsonl in {run}; name "
-           "another output file")  # fmt: skip
+        2,
+        f"metapl: error: --output {run / 'metrics.jsonl'} would overwrite the run's metrics.jsonl in {run}; name "
+        "another output file",
+    )
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert cli(capsys, "plot", run, "--output", run / "curves.png")[0] == 0
 
@@ -235,10 +251,12 @@ def test_resume_refuses_an_edited_config_yaml_naming_the_keys(copy_of, capsys):
     edited = edited.replace("num_labeled: 50", "num_labeled: 60")
     (run / "config.yaml").write_text(edited)
     assert cli(capsys, "train", "--resume", run) == (
-        2, f"metapl: error: {run / 'config.yaml'} differs from the config the checkpoint was trained with in "
-           "num_labeled 60 (trained with 50), t_lr 0.5 (trained with 0.05), mode 'soft' (trained with 'hard'); these "
-           "change the training: put the saved values back, or start a new run with another --out (on resume only "
-           "--steps and the runtime options may change)")  # fmt: skip
+        2,
+        f"metapl: error: {run / 'config.yaml'} differs from the config the checkpoint was trained with in "
+        "num_labeled 60 (trained with 50), t_lr 0.5 (trained with 0.05), mode 'soft' (trained with 'hard'); these "
+        "change the training: put the saved values back, or start a new run with another --out (on resume only "
+        "--steps and the runtime options may change)",
+    )
     assert cli(capsys, "finetune", run, "--steps", "1")[1].startswith(f"metapl: error: {run / 'config.yaml'} differs")
 
 
@@ -246,8 +264,13 @@ def test_resume_takes_runtime_options_as_flags_and_edits(copy_of, capsys):
     run = copy_of()
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("eval_batch_size: 512", "eval_batch_size: 100"))
-    assert cli(capsys, "train", "--resume", run, "--workers", "1", "--threads", "1", "--device", "cpu",
-               "--log-every", "3", "--tensorboard") == (0, "")  # fmt: skip
+    assert cli(
+        capsys,
+        "train",
+        "--resume",
+        run,
+        *["--workers", "1", "--threads", "1", "--device", "cpu", "--log-every", "3", "--tensorboard"],
+    ) == (0, "")
     saved = (run / "config.yaml").read_text()
     assert "workers: 1\n" in saved and "log_every: 3\n" in saved and "eval_batch_size: 100\n" in saved
     assert cli(capsys, "train", "--resume", run, "--steps", "3") == (
@@ -284,8 +307,10 @@ def test_extending_a_finished_run_follows_the_longer_schedule_and_resumes_exactl
 
     a, b = _weights(full / LATEST), _weights(stopped / LATEST)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(torch.load(full / "finetuned.pt", weights_only=False)["student"]["fc.weight"],
-                       torch.load(stopped / "finetuned.pt", weights_only=False)["student"]["fc.weight"])  # fmt: skip
+    assert torch.equal(
+        torch.load(full / "finetuned.pt", weights_only=False)["student"]["fc.weight"],
+        torch.load(stopped / "finetuned.pt", weights_only=False)["student"]["fc.weight"],
+    )
     plan = warmup_cosine(total_steps=12, warmup_steps=2)
     lrs = {r["step"]: r["train/lr/teacher"] for r in read_metrics(full) if "train/lr/teacher" in r}
     assert lrs == {4: 0.0, **{s: 0.05 * plan(s) for s in range(5, 13)}}
@@ -293,94 +318,7 @@ def test_extending_a_finished_run_follows_the_longer_schedule_and_resumes_exactl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Signals from a scheduler (to the whole process group, loader workers included)
-
-
-def _signal_group_when(cmd: list[str], ready, signum: int = signal.SIGTERM) -> tuple[int, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for(ready, proc)
-        os.killpg(proc.pid, signum)  # as SLURM's scancel: every process of the job, loader workers too
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    return proc.returncode, err.strip()
-
-
-def _has_record(run: Path, key: str):
-    def ready() -> bool:
-        path = run / "metrics.jsonl"
-        return path.exists() and key in path.read_text()
-
-    return ready
-
-
-def test_sigterm_to_the_process_group_during_training_saves_and_resumes(tmp_path, capsys):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "metapl", "train", *QUICK, "--workers", "1", "--steps", "100000", "--eval-every",
-           "100000", "--save-every", "100000", "--log-every", "1", "--out", str(out)]  # fmt: skip
-    code, err = _signal_group_when(cmd, _has_record(out, "train/loss/teacher"))
-    step = load_checkpoint(out)["step"]
-    assert (code, err) == (
-        143, f"metapl: interrupted by SIGTERM at step {step}; saved {out / LATEST}; resume with: metapl train "
-             f"--resume {out}")  # fmt: skip
-    assert step >= 1 and max(r["step"] for r in read_metrics(out)) <= step
-    assert cli(capsys, "train", "--resume", out, "--steps", step + 2) == (0, "")  # shortened to end the test
-    assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
-
-
-def test_sigint_to_the_process_group_during_finetuning_saves_its_progress(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "metapl", "train", *QUICK, "--workers", "1", "--steps", "2", "--finetune-steps",
-           "100000", "--eval-every", "100000", "--log-every", "1", "--out", str(out)]  # fmt: skip
-    code, err = _signal_group_when(cmd, _has_record(out, "finetune/loss"), signal.SIGINT)
-    done = load_checkpoint(out / "finetune-progress.pt")["done"]
-    assert (code, err) == (
-        130, f"metapl: interrupted by SIGINT in finetuning at step {done} of 100000; saved "
-             f"{out / 'finetune-progress.pt'}; resume with: metapl train --resume {out}")  # fmt: skip
-    assert done >= 1 and load_checkpoint(out)["step"] == 2
-
-
-def _finetune_stopping_at(monkeypatch, call: int) -> None:
-    import metapl.engine.finetune
-
-    real, calls = metapl.engine.finetune.supervised_step, []
-
-    def step_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)  # inside this finetuning step: finished, saved, then stopped
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(metapl.engine.finetune, "supervised_step", step_then_signal)
-
-
-def _records(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("train/time")} for r in read_metrics(run)]
-
-
-def test_a_stopped_finetuning_continues_where_it_stopped_bit_identical(tmp_path, capsys, monkeypatch):
-    argv = [*QUICK, "--deterministic", "--finetune-steps", "6", "--log-every", "1", "--eval-every", "2"]
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    assert cli(capsys, "train", *argv, "--out", full)[0] == 0
-    _finetune_stopping_at(monkeypatch, 3)
-    assert cli(capsys, "train", *argv, "--out", stopped) == (
-        143, f"metapl: interrupted by SIGTERM in finetuning at step 3 of 6; saved {stopped / 'finetune-progress.pt'}; "
-             f"resume with: metapl train --resume {stopped}")  # fmt: skip
-    monkeypatch.undo()
-    assert cli(capsys, "train", "--resume", stopped) == (0, "")
-    a, b = _weights(full / "finetuned.pt"), _weights(stopped / "finetuned.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _records(full) == _records(stopped) and not (stopped / "finetune-progress.pt").exists()
-
-    # metapl finetune stopped the same way continues with the command it prints
-    _finetune_stopping_at(monkeypatch, 2)
-    assert cli(capsys, "finetune", full, "--steps", "4") == (
-        143, f"metapl: interrupted by SIGTERM in finetuning at step 2 of 4; saved {full / 'finetune-progress.pt'}; "
-             f"resume with: metapl finetune {full} --steps 4 --lr 0.01")  # fmt: skip
-    monkeypatch.undo()
-    assert main(["finetune", str(full), "--steps", "4", "--lr", "0.01"]) == 0
-    assert "finetuning continues at step 2 of 4" in capsys.readouterr().out
+# A signal during eval (signals during training and finetuning: test_cluster_signals.py)
 
 
 def test_sigterm_during_eval_is_one_line_and_status_143(copy_of, capsys, monkeypatch):

@@ -20,9 +20,11 @@ from metapl.engine.compare import (
 )
 from metapl.engine.config import TrainConfig, given_options
 
-TINY = ["--dataset", "digits", "--num-labeled", "50", "--steps", "4", "--finetune-steps", "2", "--eval-every", "4",
-        "--log-every", "2", "--batch-size", "8", "--mu", "2", "--workers", "0", "--threads", "1", "--no-progress",
-        "--no-tensorboard", "--device", "cpu", "--eval-limit", "100"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "50", "--steps", "4", "--finetune-steps", "2", "--eval-every", "4"],
+    *["--log-every", "2", "--batch-size", "8", "--mu", "2", "--workers", "0", "--threads", "1", "--no-progress"],
+    *["--no-tensorboard", "--device", "cpu", "--eval-limit", "100"],
+]
 
 
 def test_paired_interval_is_a_t_interval():
@@ -64,8 +66,9 @@ def test_recommendation_names_the_best_row_on_validation_and_what_mpl_adds():
 
 
 def test_row_configs_of_a_big_teacher_recipe_pass_every_refusal():
-    base = TrainConfig(teacher_weights="big.safetensors", feedback="dot", mpl_weight=0.5,
-                       steps=100, s_wait_steps=10, out="x")  # fmt: skip
+    base = TrainConfig(
+        teacher_weights="big.safetensors", feedback="dot", mpl_weight=0.5, steps=100, s_wait_steps=10, out="x"
+    )
     rows = default_rows(base)
     assert rows == list(ROWS) and default_rows(TrainConfig()) == ["labels-only", "labels-strong", "uda-distill", "mpl"]
     cfgs = {row: row_config(base, ROWS[row][1], seed=3, out=f"o/{row}") for row in rows}
@@ -103,8 +106,10 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
     assert (result["val_labeled"], result["seeds"]) == (10, [0, 1])  # a fifth of the 50 labels
     assert result["rows"]["labels-only"]["steps"] == 6 and result["rows"]["mpl"]["steps"] == 4
     # The interval recomputed by hand from the runs' own summaries (the finetuned student's validation accuracy).
-    val = {row: [json.loads((out / row / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
-           for row in ("labels-only", "mpl")}  # fmt: skip
+    val = {
+        row: [json.loads((out / row / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+        for row in ("labels-only", "mpl")
+    }
     assert [s["steps"] for s in val["labels-only"]] == [6, 6] and "finetuned_acc" not in val["labels-only"][0]
     diffs = [m["val_finetuned_acc"] - b["val_student_acc"] for m, b in zip(val["mpl"], val["labels-only"])]
     mean, half = statistics.mean(diffs), 12.706 * statistics.stdev(diffs) / 2**0.5
@@ -132,8 +137,10 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
     assert main(["compare", *TINY, "--seeds", "0,1", "--out", str(out), "--mu", "3"]) == 2
     err = capsys.readouterr().err
     where = out / "labels-only" / "seed0"
-    assert err == (f"metapl: error: {where} holds a run with other settings (mu 2 there, 3 now); pick another --out, "
-                   "or delete that folder to train it again\n")  # fmt: skip
+    assert err == (
+        f"metapl: error: {where} holds a run with other settings (mu 2 there, 3 now); pick another --out, "
+        "or delete that folder to train it again\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -151,7 +158,7 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
         (
             ["--val-labeled", "0"],
             "compare chooses on validation images; give --val-labeled >= 1 (default: a fifth of the labels)",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):

@@ -59,8 +59,10 @@ def test_help_lines_show_what_range_and_default(capsys):
     ) in text
     assert "--label-smoothing FLOAT label smoothing of the teacher's" in text
     assert "finetuning); a number in [0, 1) (default: 0.0)" in text
-    assert "--t-lr FLOAT teacher's peak learning rate (warmup, then cosine decay); 0 freezes the teacher; a finite " \
-        "number >= 0 (default: 0.05)" in text  # fmt: skip
+    assert (
+        "--t-lr FLOAT teacher's peak learning rate (warmup, then cosine decay); 0 freezes the teacher; a finite "
+        "number >= 0 (default: 0.05)" in text
+    )
     assert "--nesterov, --no-nesterov Nesterov momentum (ignored when --momentum is 0) (default: true)" in text
 
 
@@ -170,13 +172,26 @@ def test_flags_and_yaml_text_are_parsed_then_checked(tmp_path):
 
 # -- random flag values through the whole CLI ---------------------------------------------------------------------
 
-TINY = ["--dataset", "digits", "--steps", "2", "--num-labeled", "20", "--workers", "0", "--batch-size", "4", "--mu",
-        "1", "--eval-every", "2", "--no-progress", "--no-tensorboard", "--device", "cpu"]  # fmt: skip
-FUZZED = ["--t-lr", "--label-smoothing", "--ema", "--momentum", "--randaug-n", "--randaug-m", "--seed", "--cutout",
-          "--image-size", "--uda-threshold", "--uda-temperature", "--grad-clip", "--teacher-dropout",
-          "--mode"]  # fmt: skip
-VALUES = ["nan", "inf", "-inf", "abc", "", "none", "-1", "1e9", "soft",  # refused by some or all options
-          "0", "1e-3", "0.1", "0.5", "0.9", "0.99", "1", "2", "8", "14", "30"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--steps", "2", "--num-labeled", "20", "--workers", "0", "--batch-size", "4", "--mu", "1"],
+    *["--eval-every", "2", "--no-progress", "--no-tensorboard", "--device", "cpu"],
+]
+FUZZED = [
+    *["--t-lr", "--label-smoothing", "--ema", "--momentum", "--randaug-n", "--randaug-m", "--seed", "--cutout"],
+    *["--image-size", "--uda-threshold", "--uda-temperature", "--grad-clip", "--teacher-dropout", "--mode"],
+]
+VALUES = [
+    "nan",
+    "inf",
+    "-inf",
+    "abc",
+    "",
+    "none",
+    "-1",
+    "1e9",
+    "soft",  # refused by some or all options
+    *["0", "1e-3", "0.1", "0.5", "0.9", "0.99", "1", "2", "8", "14", "30"],
+]
 ALWAYS_BAD = {"nan", "inf", "-inf", "abc"}  # refused by every fuzzed option
 
 
@@ -218,8 +233,14 @@ def test_help_imports_no_torch():
         "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, env=env,
-                          timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
     assert "metapl.commands.cli" in imported and "metapl.engine.config" in imported
     assert sorted(m for m in imported if m.split(".")[0] in ("torch", "numpy", "PIL")) == []

@@ -110,8 +110,9 @@ def reference_soft_double_backward(teacher, student, batch, eta):
     q = F.softmax(t_logits[n_l:], dim=-1)
     s_params = dict(student.named_parameters())
     s_logits = torch.func.functional_call(student, s_params, (batch.x_us,))  # the module's buffers advance here
-    g = torch.autograd.grad(-(q * F.log_softmax(s_logits, -1)).sum(-1).mean(), list(s_params.values()),
-                            create_graph=True)  # fmt: skip
+    g = torch.autograd.grad(
+        -(q * F.log_softmax(s_logits, -1)).sum(-1).mean(), list(s_params.values()), create_graph=True
+    )
     new = {n: p.detach() - eta * gi for (n, p), gi in zip(s_params.items(), g)}
     with feedback_mode(student):
         s_loss_l_new = F.cross_entropy(torch.func.functional_call(student, new, (batch.x_l,)), batch.y_l)
@@ -239,11 +240,17 @@ def test_sign_derived_reinforces_helpful_labels_and_reversed_suppresses_them(fee
 
 @pytest.mark.parametrize(
     "config",
-    [MPLConfig(feedback="taylor"), MPLConfig(feedback="dot"), MPLConfig(mode="soft"),
-     MPLConfig(label_view="strong", pseudo_label="sample"), MPLConfig(mode="soft", label_view="strong"),
-     MPLConfig(feedback="cosine"), MPLConfig(teacher_batch="joint")],
+    [
+        MPLConfig(feedback="taylor"),
+        MPLConfig(feedback="dot"),
+        MPLConfig(mode="soft"),
+        MPLConfig(label_view="strong", pseudo_label="sample"),
+        MPLConfig(mode="soft", label_view="strong"),
+        MPLConfig(feedback="cosine"),
+        MPLConfig(teacher_batch="joint"),
+    ],
     ids=["taylor", "dot", "soft", "strong-sample", "soft-strong", "cosine", "joint"],
-)  # fmt: skip
+)
 def test_every_parameter_gets_a_gradient_and_changes(config):
     teacher, student = make_mlp(0, dropout=0.2), make_mlp(1, hidden=4, dropout=0.1)
     t0, s0 = copy.deepcopy(teacher), copy.deepcopy(student)

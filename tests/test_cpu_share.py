@@ -21,8 +21,9 @@ def free(monkeypatch):
     return set_free
 
 
-@pytest.mark.parametrize(("cores", "workers", "threads"), [(0.3, 1, 1), (1.2, 1, 1), (2.0, 1, 1), (4.0, 2, 2),
-                                                          (16.0, 8, 8)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cores", "workers", "threads"), [(0.3, 1, 1), (1.2, 1, 1), (2.0, 1, 1), (4.0, 2, 2), (16.0, 8, 8)]
+)
 def test_cpu_share_never_asks_for_more_than_the_free_cores(free, cores, workers, threads):
     free(cores)
     share = runtime.plan_cpu_share(None, None, CPU)

@@ -42,10 +42,14 @@ CASES = {
     "taylor": ({"feedback": "taylor"}, 0.0),
     "dot": ({"feedback": "dot"}, 0.0),
     "taylor-reversed-baseline-uda": (
-        {"feedback": "taylor", "feedback_sign": "reversed", "baseline_decay": 0.3, "uda_threshold": 0.3}, 1.0),
+        {"feedback": "taylor", "feedback_sign": "reversed", "baseline_decay": 0.3, "uda_threshold": 0.3},
+        1.0,
+    ),
     "dot-strong-clip-smoothing": (
-        {"feedback": "dot", "label_view": "strong", "grad_clip": 0.05, "label_smoothing": 0.1}, 0.0),
-}  # fmt: skip
+        {"feedback": "dot", "label_view": "strong", "grad_clip": 0.05, "label_smoothing": 0.1},
+        0.0,
+    ),
+}
 
 
 def _mlp(seed: int, hidden: int, act: type[nn.Module]) -> nn.Module:
@@ -61,12 +65,14 @@ def _batches() -> list[Batch]:
     for _ in range(STEPS):
         n_l, n_u = WORLD * B, WORLD * MU * B
         x_uw = torch.randn(n_u, D, generator=g, dtype=torch.float64)
-        out.append(Batch(
-            x_l=torch.randn(n_l, D, generator=g, dtype=torch.float64),
-            y_l=torch.randint(0, K, (n_l,), generator=g),
-            x_uw=x_uw,
-            x_us=x_uw + 0.5 * torch.randn(n_u, D, generator=g, dtype=torch.float64),
-        ))  # fmt: skip
+        out.append(
+            Batch(
+                x_l=torch.randn(n_l, D, generator=g, dtype=torch.float64),
+                y_l=torch.randint(0, K, (n_l,), generator=g),
+                x_uw=x_uw,
+                x_us=x_uw + 0.5 * torch.randn(n_u, D, generator=g, dtype=torch.float64),
+            )
+        )
     return out
 
 
@@ -139,8 +145,11 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(core
 # torchrun -m metapl train
 
 
-DDP = [*TINY, "--steps", "12", "--save-every", "2", "--deterministic", "--pseudo-label", "sample",
-       "--student-dropout", "0.2", "--baseline-decay", "0.1"]  # fmt: skip
+DDP = [
+    *TINY,
+    *["--steps", "12", "--save-every", "2", "--deterministic", "--pseudo-label", "sample", "--student-dropout", "0.2"],
+    *["--baseline-decay", "0.1"],
+]
 # Both ranks on the 2 cores (torchrun sets it too); the cache decoded by the first run serves the others.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -216,8 +225,9 @@ def test_torchrun_trains_and_only_rank_zero_writes(full_ddp_run):
 
 def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun(*DDP, "--out", str(killed)), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        torchrun(*DDP, "--out", str(killed)), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:  # kill once a mid-run checkpoint exists
@@ -241,15 +251,17 @@ def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):
     assert _train_records(full_ddp_run) == _train_records(killed)
 
 
-def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_identical(full_ddp_run, tmp_path):
-    """A scheduler's SIGTERM to the launcher (``torchrun``) only: torchrun sends SIGTERM to each worker's process
-    group and waits for them (``--shutdown-timeout``, 30 s by default) before it would SIGKILL them. The ranks agree
-    to stop at the next step they synchronise, rank 0 saves that step and prints the one resume line, and torchrun
-    exits with status 1 after its own ``SignalException`` traceback (torchrun's, which metapl cannot change)."""
-    out, log = tmp_path / "stopped", tmp_path / "torchrun.err"
+def _sigterm_to_torchrun_mid_run(out: Path, log: Path) -> int:
+    """Run ``DDP`` under torchrun into ``out`` (its stderr to ``log``) and SIGTERM the agent once a checkpoint exists,
+    with every worker paused meanwhile; wait for torchrun to exit. Returns the checkpoint's step seen before."""
     with log.open("w") as err_file:
-        proc = subprocess.Popen(torchrun(*DDP, "--out", str(out)), env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=err_file, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            torchrun(*DDP, "--out", str(out)),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,
+        )
         workers: list[int] = []
         try:
             deadline = time.time() + 120
@@ -270,13 +282,24 @@ def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_id
             assert proc.wait(timeout=60) == 1  # torchrun's status on a signal: its SignalException is uncaught
         finally:
             _kill_tree(proc)
+    return seen
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_a_saved_step_and_resumes_bit_identical(full_ddp_run, tmp_path):
+    """A scheduler's SIGTERM to the launcher (``torchrun``) only: torchrun sends SIGTERM to each worker's process
+    group and waits for them (``--shutdown-timeout``, 30 s by default) before it would SIGKILL them. The ranks agree
+    to stop at the next step they synchronise, rank 0 saves that step and prints the one resume line, and torchrun
+    exits with status 1 after its own ``SignalException`` traceback (torchrun's, which metapl cannot change)."""
+    out, log = tmp_path / "stopped", tmp_path / "torchrun.err"
+    seen = _sigterm_to_torchrun_mid_run(out, log)
     err = log.read_text()
     step = torch.load(out / LATEST, weights_only=False)["step"]
     assert seen < step < 12  # stopped mid-run, at a step after the one seen, and saved it
     assert "forcefully exiting" not in err  # every rank stopped by itself within torchrun's shutdown timeout
     lines = [line for line in err.splitlines() if line.startswith("metapl")]
-    assert lines == [f"metapl: interrupted by SIGTERM at step {step}; saved {out / LATEST}; resume with: metapl train "
-                     f"--resume {out}"]  # fmt: skip
+    assert lines == [
+        f"metapl: interrupted by SIGTERM at step {step}; saved {out / LATEST}; resume with: metapl train --resume {out}"
+    ]
     # The one traceback is the agent's (torchrun's own SignalException); no worker and no metapl frame has one.
     assert err.count("Traceback") == 1 and "/metapl/" not in err, err
     assert err.strip().splitlines()[-1].startswith("torch.distributed.elastic.multiprocessing.api.SignalException")
@@ -311,16 +334,27 @@ def test_reduced_mpl_under_torchrun_reads_one_stored_prediction_file(tmp_path):
     base = [a for a in TINY if a not in ("--uda-weight", "1")]
     cache = tmp_path / "cache"
     big = tmp_path / "big"
-    assert main(["train", *base, "--steps", "8", "--method", "supervised", "--cache-dir", str(cache),
-                 "--out", str(big)]) == 0  # fmt: skip
+    assert (
+        main(["train", *base, "--steps", "8", "--method", "supervised", "--cache-dir", str(cache), "--out", str(big)])
+        == 0
+    )
     out = tmp_path / "reduced"
-    args = [*base, "--steps", "6", "--save-every", "3", "--method", "reduced-mpl", "--mode", "soft",
-            "--teacher-weights", str(big), "--cache-dir", str(cache), "--out", str(out)]  # fmt: skip
+    args = [
+        *base,
+        *["--steps", "6", "--save-every", "3", "--method", "reduced-mpl", "--mode", "soft", "--teacher-weights"],
+        str(big),
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((cache / "predictions").glob("*.npz"))) == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["large_teacher_acc"] == json.loads((big / "summary.json").read_text())[
-        "ema_acc"]  # fmt: skip
+    assert (
+        summary["steps"] == 6
+        and summary["large_teacher_acc"] == json.loads((big / "summary.json").read_text())["ema_acc"]
+    )
     ckpt = torch.load(out / LATEST, weights_only=False)
     assert len(ckpt["rng_ranks"]) == WORLD and "log_scale" in ckpt["teacher"]

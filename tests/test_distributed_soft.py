@@ -29,7 +29,7 @@ CASES = {
     "soft-strong-reversed-weight": (
         {"mode": "soft", "label_view": "strong", "feedback_sign": "reversed", "mpl_weight": 3.0},
         0.5,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -70,8 +70,9 @@ def test_soft_two_ranks_with_half_batches_match_one_process_with_the_whole_batch
 
 def test_torchrun_trains_in_soft_mode(tmp_path):
     out = tmp_path / "soft"
-    done = subprocess.run(torchrun(*TINY, "--steps", "4", "--mode", "soft", "--out", str(out)), env=ENV,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        torchrun(*TINY, "--steps", "4", "--mode", "soft", "--out", str(out)), env=ENV, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(out / LATEST, weights_only=False)
     assert ckpt["step"] == 4 and ckpt["config"]["mode"] == "soft" and len(ckpt["rng_ranks"]) == WORLD

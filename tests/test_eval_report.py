@@ -24,8 +24,12 @@ def test_class_report_counts_by_hand():
     assert "top5" not in r  # 4 classes: a top-5 would always be 100 %
     per = r["per_class"]
     assert per[0] == {"accuracy": 50.0, "precision": 50.0, "recall": 50.0, "support": 2}
-    assert per[2] == {"accuracy": pytest.approx(200 / 3), "precision": pytest.approx(200 / 3),
-                      "recall": pytest.approx(200 / 3), "support": 3}  # fmt: skip
+    assert per[2] == {
+        "accuracy": pytest.approx(200 / 3),
+        "precision": pytest.approx(200 / 3),
+        "recall": pytest.approx(200 / 3),
+        "support": 3,
+    }
     assert per[3] == {"accuracy": None, "precision": None, "recall": None, "support": 0}  # absent, never predicted
     hits = torch.tensor([True] * 7)
     assert class_report(pred, conf, y, 6, topk_hits=hits)["top5"] == 100.0
@@ -45,10 +49,18 @@ def folder_run(tmp_path, make_tree):
     """A 2-step run on a 3-class 12x12 train/test tree."""
     tree = make_tree("tree", per_class=4)
     out = tmp_path / "run"
-    argv = ["train", "--dataset", "folder", "--data-dir", str(tree), "--steps", "2", "--eval-every", "2",
-            "--batch-size", "3", "--mu", "1", "--num-labeled", "6", "--workers", "0", "--no-tensorboard",
-            "--no-progress", "--finetune-steps", "0", "--out", str(out),
-            "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    argv = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(tree),
+        *["--steps", "2", "--eval-every", "2", "--batch-size", "3", "--mu", "1", "--num-labeled", "6"],
+        *["--workers", "0", "--no-tensorboard", "--no-progress", "--finetune-steps", "0", "--out"],
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     assert main(argv) == 0
     return out
 

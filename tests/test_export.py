@@ -19,8 +19,10 @@ from metapl.engine.rebuild import build_model
 from metapl.errors import UserError
 from test_inference import write_fake_run, write_images
 
-TRAIN = ["train", "--dataset", "digits", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--mu", "1",
-         "--num-labeled", "30", "--workers", "0", "--no-tensorboard", "--no-progress"]  # fmt: skip
+TRAIN = [
+    *["train", "--dataset", "digits", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--mu", "1"],
+    *["--num-labeled", "30", "--workers", "0", "--no-tensorboard", "--no-progress"],
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,17 @@ def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_pa
     source = run_dir / ("finetuned.pt" if model == "finetuned" else "checkpoint.pt")
     ckpt = load_checkpoint(source)
     assert meta["architecture"] == "small_cnn" and meta["arguments"] == {
-        "num_classes": 10, "in_channels": 1, "image_size": 8, "dropout": 0.0}  # fmt: skip
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 8,
+        "dropout": 0.0,
+    }
     assert (meta["classes"], meta["mean"], meta["std"], meta["step"]) == (
-        [str(c) for c in ckpt["classes"]], ckpt["mean"], ckpt["std"], 2)  # fmt: skip
+        [str(c) for c in ckpt["classes"]],
+        ckpt["mean"],
+        ckpt["std"],
+        2,
+    )
     assert meta["source"] == str(source) and meta["role"] == model and meta["weights"] == out.name
     reference = build_model(ckpt, "student" if model == "finetuned" else model, source=source)
     rebuilt, _ = read_exported(out)
@@ -77,8 +87,13 @@ def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_pa
     images = tmp_path / "imgs"
     write_images(images, 3)
     from_export = run_predict(out, [images], output=tmp_path / "a.csv", log=lambda *_: None)
-    from_run = run_predict(source, [images], model="student" if model == "finetuned" else model,
-                           output=tmp_path / "b.csv", log=lambda *_: None)  # fmt: skip
+    from_run = run_predict(
+        source,
+        [images],
+        model="student" if model == "finetuned" else model,
+        output=tmp_path / "b.csv",
+        log=lambda *_: None,
+    )
     assert [r["top_k"] for r in from_export] == [r["top_k"] for r in from_run]
 
 
@@ -105,8 +120,9 @@ def test_onnx_export_matches_pytorch(run_dir, tmp_path):
 
 
 def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
-    out = run_export(run_dir, model="student", fmt="torchscript", output=tmp_path / "m.torchscript.pt",
-                     log=lambda *_: None)  # fmt: skip
+    out = run_export(
+        run_dir, model="student", fmt="torchscript", output=tmp_path / "m.torchscript.pt", log=lambda *_: None
+    )
     assert (tmp_path / "m.json").is_file()
     with pytest.warns(FutureWarning):  # torch.jit.load is deprecated in torch 2.14, and still loads the file
         scripted = torch.jit.load(str(out))

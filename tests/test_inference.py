@@ -45,10 +45,18 @@ def write_fake_run(run_dir, *, num_classes=10, weights_classes=None, ema=True, m
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
     ckpt = {
-        "config": cfg.to_dict(), "step": 7, "num_classes": num_classes, "classes": CLASSES[:num_classes],
-        "in_channels": 1, "image_size": 8, "mean": MEAN, "std": STD, "teacher": teacher.state_dict(),
-        "student": student.state_dict(), "ema": ema_model.state_dict() if ema else None,
-    }  # fmt: skip
+        "config": cfg.to_dict(),
+        "step": 7,
+        "num_classes": num_classes,
+        "classes": CLASSES[:num_classes],
+        "in_channels": 1,
+        "image_size": 8,
+        "mean": MEAN,
+        "std": STD,
+        "teacher": teacher.state_dict(),
+        "student": student.state_dict(),
+        "ema": ema_model.state_dict() if ema else None,
+    }
     atomic_save(ckpt, run_dir / "checkpoint.pt")
     return {"teacher": teacher.eval(), "student": student.eval(), "ema": ema_model.eval()}
 
@@ -104,9 +112,13 @@ def test_eval_writes_json_and_table(tmp_path):
 def test_eval_of_a_trained_run_matches_its_summary(tmp_path):
     """End to end through the CLI: the rebuilt models on the reloaded test split give the trainer's own numbers."""
     run = tmp_path / "run"
-    argv = ["train", "--dataset", "digits", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--mu", "1",
-            "--num-labeled", "20", "--workers", "0", "--no-tensorboard", "--no-progress", "--out", str(run),
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    argv = [
+        *["train", "--dataset", "digits", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--mu", "1"],
+        *["--num-labeled", "20", "--workers", "0", "--no-tensorboard", "--no-progress", "--out"],
+        str(run),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(argv) == 0
     assert main(["eval", str(run), "--device", "cpu"]) == 0
     summary = json.loads((run / "summary.json").read_text())
@@ -131,10 +143,19 @@ def test_predict_over_the_test_images_reproduces_eval(make_tree, tmp_path):
     matrix and accuracy exactly."""
     tree = make_tree(mode="mixed", per_class=6, sizes=((48, 40), (30, 36), (12, 16)))
     run = tmp_path / "run"
-    argv = ["train", "--dataset", "folder", "--data-dir", str(tree), "--image-size", "12", "--steps", "2",
-            "--eval-every", "2", "--batch-size", "3", "--mu", "1", "--num-labeled", "6", "--workers", "0",
-            "--no-tensorboard", "--no-progress", "--finetune-steps", "0", "--out", str(run),
-            "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    argv = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(tree),
+        *["--image-size", "12", "--steps", "2", "--eval-every", "2", "--batch-size", "3", "--mu", "1"],
+        *["--num-labeled", "6", "--workers", "0", "--no-tensorboard", "--no-progress", "--finetune-steps", "0"],
+        "--out",
+        str(run),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     assert main(argv) == 0
     assert main(["eval", str(run), "--device", "cpu"]) == 0
     result = json.loads((run / "eval.json").read_text())
@@ -197,8 +218,15 @@ def test_eval_missing_checkpoint_is_a_user_error(tmp_path):
 
 
 def test_build_model_reports_missing_and_unexpected_tensors():
-    ckpt = {"config": TrainConfig().to_dict(), "num_classes": 10, "classes": CLASSES, "in_channels": 1,
-            "image_size": 8, "mean": MEAN, "std": STD}  # fmt: skip
+    ckpt = {
+        "config": TrainConfig().to_dict(),
+        "num_classes": 10,
+        "classes": CLASSES,
+        "in_channels": 1,
+        "image_size": 8,
+        "mean": MEAN,
+        "std": STD,
+    }
     state = _small(10, 0).state_dict()
     state["extra.weight"] = torch.zeros(1)
     del state["fc.bias"]
@@ -255,8 +283,15 @@ def test_predict_picks_the_requested_model_and_converts_channels(tmp_path):
     _, arrays = write_images(tmp_path / "imgs", 1)
     rgb = tmp_path / "imgs" / "rgb.png"  # the same image as RGB: converting to L must give the same pixels back
     Image.fromarray(np.repeat(arrays[0][..., None], 3, axis=2)).save(rgb)
-    rows = run_predict(tmp_path / "run" / "checkpoint.pt", [tmp_path / "imgs" / "img0.png", rgb], model="teacher",
-                       output=tmp_path / "p.csv", top_k=20, device="cpu", log=lambda *_: None)  # fmt: skip
+    rows = run_predict(
+        tmp_path / "run" / "checkpoint.pt",
+        [tmp_path / "imgs" / "img0.png", rgb],
+        model="teacher",
+        output=tmp_path / "p.csv",
+        top_k=20,
+        device="cpu",
+        log=lambda *_: None,
+    )
     want = expected_probs(models["teacher"], arrays[0])
     assert len(rows[0]["top_k"]) == 10  # top_k capped at the number of classes
     for row in rows:
@@ -268,8 +303,7 @@ def test_predict_ema_falls_back_to_student_with_a_warning(tmp_path):
     models = write_fake_run(tmp_path / "run", ema=False)
     _, arrays = write_images(tmp_path / "imgs", 1)
     lines = []
-    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], output=tmp_path / "p.csv", device="cpu",
-                       log=lines.append)  # fmt: skip
+    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], output=tmp_path / "p.csv", device="cpu", log=lines.append)
     assert any("warning" in line and "student" in line for line in lines)
     assert rows[0]["probability"] == pytest.approx(float(expected_probs(models["student"], arrays[0]).max()), abs=1e-5)
 
@@ -283,8 +317,14 @@ def test_predict_finetuned_reads_finetuned_pt(tmp_path):
     finetuned = _small(10, 3).eval()
     ckpt = {**copy.deepcopy(ckpt), "student": finetuned.state_dict()}
     atomic_save(ckpt, tmp_path / "run" / "finetuned.pt")
-    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], model="finetuned", output=tmp_path / "p.csv",
-                       device="cpu", log=lambda *_: None)  # fmt: skip
+    rows = run_predict(
+        tmp_path / "run",
+        [tmp_path / "imgs"],
+        model="finetuned",
+        output=tmp_path / "p.csv",
+        device="cpu",
+        log=lambda *_: None,
+    )
     array = np.array(Image.open(tmp_path / "imgs" / "img0.png"))
     assert rows[0]["probability"] == pytest.approx(float(expected_probs(finetuned, array).max()), abs=1e-5)
 

@@ -30,9 +30,13 @@ def make_models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
 
 def make_batch(n_l: int = 4, n_u: int = 6, **change) -> Batch:
     g = torch.Generator().manual_seed(1)
-    batch = Batch(torch.randn(n_l, 2, 6, 6, generator=g), torch.randint(0, K, (n_l,), generator=g),
-                  torch.randn(n_u, 2, 6, 6, generator=g), torch.randn(n_u, 2, 6, 6, generator=g),
-                  torch.randint(-1, K, (n_u,), generator=g))  # fmt: skip
+    batch = Batch(
+        torch.randn(n_l, 2, 6, 6, generator=g),
+        torch.randint(0, K, (n_l,), generator=g),
+        torch.randn(n_u, 2, 6, 6, generator=g),
+        torch.randn(n_u, 2, 6, 6, generator=g),
+        torch.randint(-1, K, (n_u,), generator=g),
+    )
     return batch._replace(**change)
 
 
@@ -47,8 +51,17 @@ def update(batch, *, mode="hard", s_lr=0.1, t_lr=0.1, uda_weight=1.0, check_fini
     before = copy.deepcopy((teacher.state_dict(), student.state_dict(), t_opt.state_dict(), s_opt.state_dict()))
     error = None
     try:
-        mpl_update(teacher, student, t_opt, s_opt, batch, MPLConfig(mode=mode, **config), MPLState(),
-                   uda_weight=uda_weight, check_finite=check_finite)  # fmt: skip
+        mpl_update(
+            teacher,
+            student,
+            t_opt,
+            s_opt,
+            batch,
+            MPLConfig(mode=mode, **config),
+            MPLState(),
+            uda_weight=uda_weight,
+            check_finite=check_finite,
+        )
     except MPLInputError as e:
         error = e
     after = (teacher.state_dict(), student.state_dict(), t_opt.state_dict(), s_opt.state_dict())
@@ -80,46 +93,92 @@ def _nan(shape, at: int = 0) -> Tensor:
 
 
 BAD = {
-    "y_l shorter": (dict(y_l=torch.tensor([0, 1, 2])), {},
-                    "batch.y_l has 3 labels but batch.x_l 4 images; pass one label per image"),
-    "y_u wrong length": (dict(y_u=torch.zeros(2, dtype=torch.long)), {},
-                         "batch.y_u has 2 labels but batch.x_uw 6 images; pass one label per image"),
-    "y_l float": (dict(y_l=torch.zeros(4)), {},
-                  "batch.y_l has dtype torch.float32; labels must be class indices (torch.long)"),
-    "y_l 2-D": (dict(y_l=torch.zeros(4, 1, dtype=torch.long)), {},
-                "batch.y_l has shape (4, 1); expected one class index per image, (N,)"),
-    "x_l uint8": (dict(x_l=torch.zeros(4, 2, 6, 6, dtype=torch.uint8)), {},
-                  "batch.x_l has dtype torch.uint8; images must be floating point (normalise them)"),
-    "x_us 1-D": (dict(x_us=torch.zeros(6)), {},
-                 "batch.x_us has shape (6,); expected a leading batch dimension, (N, C, H, W) images or (N, D) "
-                 "vectors"),
-    "x_uw empty": (dict(x_uw=torch.zeros(0, 2, 6, 6)), {},
-                   "batch.x_uw is empty (0 images); every MPL update needs labeled and unlabeled images"),
-    "x_us fewer": (dict(x_us=torch.zeros(5, 2, 6, 6)), {},
-                   "batch.x_uw has 6 images but batch.x_us has 5; they must be two views of the same unlabeled images"),
-    "sizes differ": (dict(x_l=torch.zeros(4, 2, 8, 8)), {},
-                     "batch.x_uw has images of shape (2, 6, 6) but batch.x_l (2, 8, 8); resize labeled and unlabeled "
-                     "images to one size"),
+    "y_l shorter": (
+        dict(y_l=torch.tensor([0, 1, 2])),
+        {},
+        "batch.y_l has 3 labels but batch.x_l 4 images; pass one label per image",
+    ),
+    "y_u wrong length": (
+        dict(y_u=torch.zeros(2, dtype=torch.long)),
+        {},
+        "batch.y_u has 2 labels but batch.x_uw 6 images; pass one label per image",
+    ),
+    "y_l float": (
+        dict(y_l=torch.zeros(4)),
+        {},
+        "batch.y_l has dtype torch.float32; labels must be class indices (torch.long)",
+    ),
+    "y_l 2-D": (
+        dict(y_l=torch.zeros(4, 1, dtype=torch.long)),
+        {},
+        "batch.y_l has shape (4, 1); expected one class index per image, (N,)",
+    ),
+    "x_l uint8": (
+        dict(x_l=torch.zeros(4, 2, 6, 6, dtype=torch.uint8)),
+        {},
+        "batch.x_l has dtype torch.uint8; images must be floating point (normalise them)",
+    ),
+    "x_us 1-D": (
+        dict(x_us=torch.zeros(6)),
+        {},
+        "batch.x_us has shape (6,); expected a leading batch dimension, (N, C, H, W) images or (N, D) vectors",
+    ),
+    "x_uw empty": (
+        dict(x_uw=torch.zeros(0, 2, 6, 6)),
+        {},
+        "batch.x_uw is empty (0 images); every MPL update needs labeled and unlabeled images",
+    ),
+    "x_us fewer": (
+        dict(x_us=torch.zeros(5, 2, 6, 6)),
+        {},
+        "batch.x_uw has 6 images but batch.x_us has 5; they must be two views of the same unlabeled images",
+    ),
+    "sizes differ": (
+        dict(x_l=torch.zeros(4, 2, 8, 8)),
+        {},
+        "batch.x_uw has images of shape (2, 6, 6) but batch.x_l (2, 8, 8); resize labeled and unlabeled "
+        "images to one size",
+    ),
     "y_l a list": (dict(y_l=[0, 1, 2, 0]), {}, "batch.y_l is a list, not a tensor; pass a torch.Tensor"),
-    "uda_weight NaN": ({}, dict(uda_weight=math.nan),
-                       "uda_weight nan is not a finite number; pass a float >= 0 (0 = no UDA)"),
+    "uda_weight NaN": (
+        {},
+        dict(uda_weight=math.nan),
+        "uda_weight nan is not a finite number; pass a float >= 0 (0 = no UDA)",
+    ),
     "uda_weight negative": ({}, dict(uda_weight=-0.5), "uda_weight -0.5 is negative; pass a float >= 0 (0 = no UDA)"),
-    "s_lr NaN": ({}, dict(s_lr=math.nan), "s_optimizer.param_groups[0]['lr'] is nan; a learning rate must be a "
-                 "finite number >= 0 (check the schedule)"),
-    "t_lr inf": ({}, dict(t_lr=math.inf), "t_optimizer.param_groups[0]['lr'] is inf; a learning rate must be a "
-                 "finite number >= 0 (check the schedule)"),
-    "y_l = K": (dict(y_l=torch.tensor([0, 1, 2, K])), {},
-                "batch.y_l holds labels outside the models' classes (min 0, max 3); pass class indices in [0, K); "
-                "both models were left unchanged"),
-    "x_l NaN": (dict(x_l=_nan((4, 2, 6, 6))), {},
-                "batch.x_l holds non-finite values (NaN/inf); both models were left unchanged; drop or fix them"),
-    "x_us NaN": (dict(x_us=_nan((6, 2, 6, 6), at=7)), {},
-                 "batch.x_us holds non-finite values (NaN/inf); both models were left unchanged; drop or fix them"),
+    "s_lr NaN": (
+        {},
+        dict(s_lr=math.nan),
+        "s_optimizer.param_groups[0]['lr'] is nan; a learning rate must be a finite number >= 0 (check the schedule)",
+    ),
+    "t_lr inf": (
+        {},
+        dict(t_lr=math.inf),
+        "t_optimizer.param_groups[0]['lr'] is inf; a learning rate must be a finite number >= 0 (check the schedule)",
+    ),
+    "y_l = K": (
+        dict(y_l=torch.tensor([0, 1, 2, K])),
+        {},
+        "batch.y_l holds labels outside the models' classes (min 0, max 3); pass class indices in [0, K); "
+        "both models were left unchanged",
+    ),
+    "x_l NaN": (
+        dict(x_l=_nan((4, 2, 6, 6))),
+        {},
+        "batch.x_l holds non-finite values (NaN/inf); both models were left unchanged; drop or fix them",
+    ),
+    "x_us NaN": (
+        dict(x_us=_nan((6, 2, 6, 6), at=7)),
+        {},
+        "batch.x_us holds non-finite values (NaN/inf); both models were left unchanged; drop or fix them",
+    ),
     "3 channels for a 2-channel model": (
-        dict(x_l=torch.zeros(4, 3, 6, 6), x_uw=torch.zeros(6, 3, 6, 6), x_us=torch.zeros(6, 3, 6, 6)), {},
+        dict(x_l=torch.zeros(4, 3, 6, 6), x_uw=torch.zeros(6, 3, 6, 6), x_us=torch.zeros(6, 3, 6, 6)),
+        {},
         "the update failed on this batch (RuntimeError: Given groups=1, weight of size [3, 2, 3, 3], expected input"
-        "[...]"),  # the batch size torch names depends on the mode's first forward
-}  # fmt: skip
+        "[...]",
+    ),  # the batch size torch names depends on the mode's first forward
+}
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
@@ -173,8 +232,10 @@ def test_teacher_input_fields_are_optional_and_checked_by_rows():
 def test_mpl_state_load_state_dict_names_what_is_missing():
     with pytest.raises(ValueError) as info:
         MPLState().load_state_dict({})
-    assert str(info.value) == ("MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
-                               "{}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'")  # fmt: skip
+    assert str(info.value) == (
+        "MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
+        "{}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'"
+    )
     state = MPLState()
     state.load_state_dict(MPLState(baseline=torch.tensor(0.5)).state_dict())
     assert state.baseline == 0.5
@@ -207,8 +268,14 @@ def _random_bad_batch(rng: random.Random) -> tuple[Batch, dict]:
         elif field.startswith("y_"):
             y = getattr(batch, field)
             choice = rng.randrange(4)
-            y = (y + rng.choice([K, -5, 100]) if choice == 0 else y[1:] if choice == 1
-                 else y.float() if choice == 2 else y[:, None])  # fmt: skip
+            if choice == 0:
+                y = y + rng.choice([K, -5, 100])
+            elif choice == 1:
+                y = y[1:]
+            elif choice == 2:
+                y = y.float()
+            else:
+                y = y[:, None]
             batch = batch._replace(**{field: y})
         else:
             kwargs[field] = rng.choice([math.nan, math.inf, -1.0, 1e30, 0.0])

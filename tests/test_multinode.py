@@ -33,8 +33,17 @@ def free_port() -> int:
 
 def node_command(port: int, run_id: str, dump_dir: Path, out: Path) -> list[str]:
     """The command one node runs: torchrun with c10d rendezvous at ``localhost:port``, one process."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc_per_node", "1",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", run_id]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(NODES),
+        *["--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint"],
+        f"localhost:{port}",
+        "--rdzv_id",
+        run_id,
+    ]
     script = Path(__file__).with_name("train_and_dump.py")
     return [*launcher, str(script), str(dump_dir), *ARGS, "--out", str(out)]
 
@@ -42,8 +51,16 @@ def node_command(port: int, run_id: str, dump_dir: Path, out: Path) -> list[str]
 def test_two_torchrun_nodes_train_one_model(tmp_path):
     port, run_id = free_port(), f"metapl-test-{uuid.uuid4().hex[:8]}"
     outs = [tmp_path / f"node{n}" / "run" for n in range(NODES)]
-    procs = [subprocess.Popen(node_command(port, run_id, tmp_path / "dumps", out), env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for out in outs]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            node_command(port, run_id, tmp_path / "dumps", out),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
     results = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]

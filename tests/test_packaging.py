@@ -13,11 +13,19 @@ from metapl.commands.cli import main
 from metapl.engine.config import find_config, shipped_configs
 from metapl.models import registry
 
-SHIPPED = ["cifar100_10k", "cifar10_4k", "cifar10_cpu", "fashion_100_cpu", "fashion_100_strong_cpu", "imagenet_10pct",
-           "svhn_1k"]  # fmt: skip
-QUICK = ["--dataset", "digits", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--mu", "1",
-         "--num-labeled", "20", "--workers", "0", "--no-tensorboard", "--no-progress",
-         "--finetune-steps", "0"]  # fmt: skip
+SHIPPED = [
+    "cifar100_10k",
+    "cifar10_4k",
+    "cifar10_cpu",
+    "fashion_100_cpu",
+    "fashion_100_strong_cpu",
+    "imagenet_10pct",
+    "svhn_1k",
+]
+QUICK = [
+    *["--dataset", "digits", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--mu", "1"],
+    *["--num-labeled", "20", "--workers", "0", "--no-tensorboard", "--no-progress", "--finetune-steps", "0"],
+]
 
 
 def test_shipped_configs_live_in_the_package_and_resolve_by_name(tmp_path, monkeypatch):

@@ -22,8 +22,13 @@ def write_metrics(run_dir, *, mpl=True, steps=60, finetuned=False):
     for s in range(1, steps + 1):
         values = {"loss/student": 2.3 * math.exp(-s / 30) + 0.1 * rng.random()}
         if mpl:
-            values.update({"loss/teacher": 2.0 * math.exp(-s / 25), "mpl/h": float(rng.normal(0, 0.01)),
-                           "mpl/baseline": 1e-3 * math.sin(s)})  # fmt: skip
+            values.update(
+                {
+                    "loss/teacher": 2.0 * math.exp(-s / 25),
+                    "mpl/h": float(rng.normal(0, 0.01)),
+                    "mpl/baseline": 1e-3 * math.sin(s),
+                }
+            )
         writer.write(s, {f"train/{k}": v for k, v in values.items()})
         if s % 10 == 0:
             accs = {"student_acc": 90 - 80 * math.exp(-s / 20), "ema_acc": 91 - 80 * math.exp(-s / 22)}
@@ -61,8 +66,13 @@ def test_figure_has_titled_labelled_panels_with_run_names_in_legends(tmp_path):
         assert ax.get_title() and ax.get_xlabel() == "step" and ax.get_ylabel()
         assert ax.xaxis.get_gridlines()[0].get_visible() and ax.yaxis.get_gridlines()[0].get_visible()
     assert set(legend_labels(acc)) == {
-        "a: teacher", "a: student", "a: EMA student", "a: finetuned student", "b: student", "b: EMA student",
-    }  # fmt: skip
+        "a: teacher",
+        "a: student",
+        "a: EMA student",
+        "a: finetuned student",
+        "b: student",
+        "b: EMA student",
+    }
     assert [label.split(" ")[0] for label in legend_labels(s_loss)] == ["a", "b"]
     assert legend_labels(t_loss) == ["a (smoothed)"]  # 60 points: smoothed on top of the faint raw curve
     assert legend_labels(h) == ["a: h (smoothed)", "a: baseline (moving avg)"]

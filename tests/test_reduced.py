@@ -20,8 +20,9 @@ K = 5
 
 def _net(seed: int, width: int = 6) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(width, K)).double()  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, K)
+    ).double()
 
 
 def _batch(seed: int = 0) -> Batch:
@@ -42,8 +43,11 @@ def test_reduced_teacher_returns_the_large_teachers_distribution_at_step_zero():
     assert sum(p.numel() for p in t_r.parameters()) == 1 + 10 * 64 + 64 + 64 * 10 + 10
 
 
-@pytest.mark.parametrize("config", [MPLConfig(mode="hard", feedback="taylor"), MPLConfig(mode="hard", feedback="dot"),
-                                    MPLConfig(mode="soft")], ids=["taylor", "dot", "soft"])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [MPLConfig(mode="hard", feedback="taylor"), MPLConfig(mode="hard", feedback="dot"), MPLConfig(mode="soft")],
+    ids=["taylor", "dot", "soft"],
+)
 def test_stored_predictions_give_the_update_of_the_composed_teacher(config):
     # The update is unchanged: a reduced teacher over the large teacher's log-probabilities, given as t_x_*, takes the
     # same step as the composition (frozen large teacher -> log_softmax -> reduced teacher) given the images.
@@ -91,9 +95,11 @@ def test_fixed_teacher_is_plain_distillation(mode):
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
-TINY = ["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0",
-        "--threads", "1", "--eval-every", "10", "--log-every", "5", "--no-tensorboard", "--no-progress",
-        "--device", "cpu", "--steps", "20"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--threads", "1", "--eval-every", "10", "--log-every", "5", "--no-tensorboard", "--no-progress"],
+    *["--device", "cpu", "--steps", "20"],
+]
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +132,19 @@ def test_reduced_mpl_reuses_the_stored_predictions_and_learns(big_teacher, tmp_p
     assert distill(big_teacher, first) == 0
     capsys.readouterr()
     out = tmp_path / "r"
-    assert main(["train", *TINY, "--method", "reduced-mpl", "--feedback", "cosine", "--t-lr", "0.5",
-                 "--teacher-weights", str(big_teacher), "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                *["--method", "reduced-mpl", "--feedback", "cosine", "--t-lr", "0.5", "--teacher-weights"],
+                str(big_teacher),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     log = capsys.readouterr().out
     assert "predicting" not in log  # the same data and weights: read back, not recomputed
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -176,14 +193,22 @@ def test_a_killed_reduced_run_resumes_bit_identical(big_teacher, tmp_path):
     import sys
     import time
 
-    args = [*TINY, "--method", "reduced-mpl", "--feedback", "dot", "--teacher-weights", str(big_teacher),
-            "--steps", "16", "--save-every", "2", "--deterministic", "--student-dropout", "0.2",
-            "--augment-on", "device"]  # fmt: skip
+    args = [
+        *TINY,
+        *["--method", "reduced-mpl", "--feedback", "dot", "--teacher-weights"],
+        str(big_teacher),
+        *["--steps", "16", "--save-every", "2", "--deterministic", "--student-dropout", "0.2"],
+        *["--augment-on", "device"],
+    ]
     full = tmp_path / "full"
     assert main(["train", *args, "--out", str(full)]) == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "metapl", "train", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metapl", "train", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ},
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once a mid-run checkpoint exists
         ckpt = killed / "checkpoint.pt"

@@ -4,13 +4,7 @@ acceptance, non-finite weights on disk, or lost and mixed-up work. The five repr
 from __future__ import annotations
 
 import copy
-import errno
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +16,16 @@ from conftest import cli, write_image
 from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, mpl_update
 from metapl.data import load_dataset
-from metapl.engine.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, nonfinite_weights
+from metapl.engine.checkpoint import atomic_save, load_checkpoint, nonfinite_weights
 from metapl.engine.metrics import read_metrics
 from metapl.engine.run_dir import BEST, FINETUNED, LATEST
-from metapl.engine.runtime import StopSignals
 from metapl.errors import UserError
 
 # The issue's `T`: 5 steps on digits in a few seconds.
-T = ["--steps", "5", "--num-labeled", "50", "--eval-every", "5", "--workers", "0", "--batch-size", "8", "--mu", "2",
-     "--no-progress"]  # fmt: skip
+T = [
+    *["--steps", "5", "--num-labeled", "50", "--eval-every", "5", "--workers", "0", "--batch-size", "8", "--mu", "2"],
+    "--no-progress",
+]
 QUICK = [*T, "--no-tensorboard", "--device", "cpu"]
 
 
@@ -55,28 +50,37 @@ def write_png(folder: Path, count: int = 1) -> Path:
 @pytest.mark.parametrize(
     ("lr", "message"),
     [
-        ("1e6", "finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate 1000000.0; "
-                f"{FINETUNED} was not written; finetune again with a lower --lr"),
+        (
+            "1e6",
+            "finetuning diverged: the student's weights became non-finite (NaN/inf) with learning rate 1000000.0; "
+            f"{FINETUNED} was not written; finetune again with a lower --lr",
+        ),
         ("nan", "--finetune-lr nan is not finite; use a finite number > 0"),  # the config layer's range check
     ],
-)  # fmt: skip
+)
 def test_repro1_diverged_finetune_fails_and_saves_nothing(copy_of, tmp_path, capsys, lr, message):
     run = copy_of()
     summary_before = (run / "summary.json").read_text()
     assert cli(capsys, "finetune", run, "--steps", "20", "--lr", lr) == (2, f"metapl: error: {message}")
     assert not (run / FINETUNED).exists()
     assert (run / "summary.json").read_text() == summary_before
-    code, err = cli(capsys, "predict", run, write_png(tmp_path / "img"), "--model", "finetuned",
-                    "--output", tmp_path / "p.csv")  # fmt: skip
+    code, err = cli(
+        capsys, "predict", run, write_png(tmp_path / "img"), "--model", "finetuned", "--output", tmp_path / "p.csv"
+    )
     assert code == 2 and f"no {FINETUNED} beside" in err and not (tmp_path / "p.csv").exists()
 
 
 def test_repro2_divergence_saves_no_poisoned_checkpoint(tmp_path, capsys):
     for name, extra in (("c22", ["--save-every", "2"]), ("c23", [])):
         out = tmp_path / name
-        code, err = cli(capsys, "train", "--steps", "5", "--num-labeled", "50", "--workers", "0", "--batch-size", "8",
-                        "--mu", "2", "--t-lr", "1e6", "--s-lr", "1e6", *extra, "--eval-every", "2", "--no-progress",
-                        "--no-tensorboard", "--out", out)  # fmt: skip
+        code, err = cli(
+            capsys,
+            *["train", "--steps", "5", "--num-labeled", "50", "--workers", "0", "--batch-size", "8", "--mu", "2"],
+            *["--t-lr", "1e6", "--s-lr", "1e6"],
+            *extra,
+            *["--eval-every", "2", "--no-progress", "--no-tensorboard", "--out"],
+            out,
+        )
         assert code == 2
         assert err == (
             "metapl: error: the teacher weights became non-finite (NaN/inf) by step 2; training stopped and no "
@@ -100,8 +104,7 @@ def test_repro3_existing_files_are_never_overwritten(tmp_path, capsys, monkeypat
     assert (mine / "config.yaml").read_text() == "my own notes\n"
 
     monkeypatch.chdir(tmp_path)
-    assert cli(capsys, "train", *QUICK, "--out", "") == (
-        2, "metapl: error: --out '' is empty; use a non-empty string")  # fmt: skip
+    assert cli(capsys, "train", *QUICK, "--out", "") == (2, "metapl: error: --out '' is empty; use a non-empty string")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
@@ -153,8 +156,10 @@ def test_repro4_idx_images_and_labels_of_different_lengths(tmp_path):
     )
 
 
-FOLDER = ["--dataset", "folder", "--num-labeled", "6", "--steps", "2", "--eval-every", "2", "--batch-size", "2",
-          "--mu", "1", "--workers", "0", "--no-progress", "--no-tensorboard", "--device", "cpu"]  # fmt: skip
+FOLDER = [
+    *["--dataset", "folder", "--num-labeled", "6", "--steps", "2", "--eval-every", "2", "--batch-size", "2"],
+    *["--mu", "1", "--workers", "0", "--no-progress", "--no-tensorboard", "--device", "cpu"],
+]
 
 
 def test_repro4_resume_after_images_were_added(make_tree, tmp_path, capsys):
@@ -165,8 +170,8 @@ def test_repro4_resume_after_images_were_added(make_tree, tmp_path, capsys):
     code, err = cli(capsys, "train", "--resume", out)
     assert code == 2 and err == (
         f"metapl: error: the data changed since {out / 'split.json'} was written (training images: 12 then, 13 now); "
-        "the saved split would pick other images: restore the run's data (its data_dir in config.yaml), or start "
-        "a new run"
+        "the saved split would pick other images: restore the run's data (its data_dir in config.yaml), "
+        "or start a new run"
     )
 
 
@@ -237,69 +242,15 @@ def test_eval_predict_finetune_and_resume_refuse_non_finite_checkpoints(copy_of,
     atomic_save(_poison(load_checkpoint(run), "student"), run / LATEST)
     images = write_png(tmp_path / "img")
     expected = f"{run / LATEST} holds non-finite (NaN/inf) student weights"
-    for argv in (["eval", run, "--device", "cpu"], ["predict", run, images, "--model", "student",
-                                                    "--output", tmp_path / "p.csv"],
-                 ["finetune", run, "--steps", "1"], ["train", "--resume", run]):  # fmt: skip
+    for argv in (
+        ["eval", run, "--device", "cpu"],
+        ["predict", run, images, "--model", "student", "--output", tmp_path / "p.csv"],
+        ["finetune", run, "--steps", "1"],
+        ["train", "--resume", run],
+    ):
         code, err = cli(capsys, *argv)
         assert code == 2 and err.startswith(f"metapl: error: {expected}"), (argv, err)
     assert not (tmp_path / "p.csv").exists() and not (run / FINETUNED).exists()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Signals
-
-
-def test_sigint_saves_the_current_step_and_prints_the_resume_command(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "metapl", "train", *QUICK, "--steps", "100000", "--eval-every", "100000",
-           "--save-every", "100000", "--log-every", "1", "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:  # interrupt once training has logged a step
-            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    step = load_checkpoint(out)["step"]
-    assert err.strip() == (
-        f"metapl: interrupted by SIGINT at step {step}; saved {out / LATEST}; resume with: metapl train --resume {out}"
-    )
-    assert step >= 1 and max(r["step"] for r in read_metrics(out)) <= step
-
-
-def test_sigterm_mid_run_saves_and_the_run_resumes_to_the_end(tmp_path, capsys, monkeypatch):
-    real, calls = metapl.engine.train.mpl_update, []
-
-    def update_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the 3rd step: the loop finishes it, then stops
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(metapl.engine.train, "mpl_update", update_then_signal)
-    out = tmp_path / "run"
-    handler = signal.getsignal(signal.SIGTERM)
-    code, err = cli(capsys, "train", *QUICK, "--out", out)
-    assert code == 143 and err.startswith("metapl: interrupted by SIGTERM at step 3;")
-    assert load_checkpoint(out)["step"] == 3 and set(RESUME_KEYS) <= set(load_checkpoint(out))
-    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the loop
-    assert cli(capsys, "train", "--resume", out)[0] == 0
-    assert len(calls) == 5 and json.loads((out / "summary.json").read_text())["steps"] == 5
-
-
-def test_a_second_signal_interrupts_at_once():
-    handler = signal.getsignal(signal.SIGINT)
-    with StopSignals() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) == handler
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,10 +259,12 @@ def test_a_second_signal_interrupts_at_once():
 
 def test_damaged_config_yaml_on_resume_and_finetune(copy_of, capsys):
     run = copy_of()
-    for text, reason in ((b"steps: [unclosed\n", "while parsing a flow sequence"),
-                         (b"\xff\xfe not utf-8", "'utf-8' codec can't decode byte 0xff"),
-                         (b"steps: many\n", "--steps 'many' is not an integer; use an integer >= 1"),
-                         (b"- a list\n", "not a mapping of option: value")):  # fmt: skip
+    for text, reason in (
+        (b"steps: [unclosed\n", "while parsing a flow sequence"),
+        (b"\xff\xfe not utf-8", "'utf-8' codec can't decode byte 0xff"),
+        (b"steps: many\n", "--steps 'many' is not an integer; use an integer >= 1"),
+        (b"- a list\n", "not a mapping of option: value"),
+    ):
         (run / "config.yaml").write_bytes(text)
         for argv in (["train", "--resume", run], ["finetune", run, "--steps", "1"]):
             code, err = cli(capsys, *argv)
@@ -353,8 +306,8 @@ def test_checkpoint_of_another_class_count_on_resume_and_finetune(copy_of, capsy
         code, err = cli(capsys, *argv)
         assert code == 2 and err == (
             f"metapl: error: {run / LATEST} was written for 3 classes of 1-channel 8x8 images but this run's data has "
-            "10 classes of 1-channel 8x8 images; it belongs to another run: put this run's own checkpoint back, or "
-            "start a new run"
+            "10 classes of 1-channel 8x8 images; it belongs to another run: put this run's own checkpoint back, "
+            "or start a new run"
         )
 
 
@@ -379,44 +332,6 @@ def test_unlabeled_rest_with_nothing_left(make_tree, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# I/O errors
-
-
-def test_out_naming_a_file_and_a_config_that_is_not_utf8(tmp_path, capsys):
-    (tmp_path / "file").write_text("x")
-    assert cli(capsys, "train", *QUICK, "--out", tmp_path / "file") == (
-        2, f"metapl: error: --out {tmp_path / 'file'} is a file, not a folder; pick another --out")  # fmt: skip
-    (tmp_path / "c.yaml").write_bytes(b"steps: 2\n\xff\n")
-    assert cli(capsys, "train", "--config", tmp_path / "c.yaml", "--out", tmp_path / "run") == (
-        2, f"metapl: error: config file {tmp_path / 'c.yaml'} is not UTF-8 text; save it as UTF-8 YAML")  # fmt: skip
-
-
-def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    path = tmp_path / LATEST
-    atomic_save({"config": {}, "student": {}, "step": 1}, path)
-
-    def disk_full(obj, f):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(UserError) as err:
-        atomic_save({"config": {}, "student": {}, "step": 2}, path)
-    assert str(err.value) == f"cannot write {path} (No space left on device); free disk space or pick another folder"
-    monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == [LATEST]
-
-
-def test_any_other_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
-    def read_only(*_args, **_kwargs):
-        raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
-
-    monkeypatch.setattr(metapl.engine.train, "seed_everything", read_only)
-    assert cli(capsys, "train", *QUICK, "--out", tmp_path / "run") == (
-        2, f"metapl: error: cannot access {tmp_path / 'x'} (Read-only file system); the file system is read-only; "
-           "pick a writable folder")  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Library
 
 
@@ -426,8 +341,12 @@ def test_mpl_update_refuses_an_empty_batch_field(field):
     teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (teacher, student)]
     sizes = {"x_l": 2, "x_uw": 4, "x_us": 4, field: 0}
-    batch = Batch(torch.randn(sizes["x_l"], 4), torch.zeros(sizes["x_l"], dtype=torch.long),
-                  torch.randn(sizes["x_uw"], 4), torch.randn(sizes["x_us"], 4))  # fmt: skip
+    batch = Batch(
+        torch.randn(sizes["x_l"], 4),
+        torch.zeros(sizes["x_l"], dtype=torch.long),
+        torch.randn(sizes["x_uw"], 4),
+        torch.randn(sizes["x_us"], 4),
+    )
     before = [p.clone() for p in teacher.parameters()]
     with pytest.raises(ValueError, match=rf"^batch\.{field} is empty \(0 images\)"):
         mpl_update(teacher, student, *opts, batch, MPLConfig())

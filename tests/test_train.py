@@ -23,9 +23,11 @@ from metapl.engine.run_dir import LATEST
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # A few seconds on 2 cores: digits (shipped with scikit-learn), the small CNN, tiny batches.
-TINY = ["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0",
-        "--eval-every", "4", "--log-every", "2", "--save-every", "4", "--no-tensorboard", "--no-progress",
-        "--uda-weight", "1", "--device", "cpu"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--eval-every", "4", "--log-every", "2", "--save-every", "4", "--no-tensorboard", "--no-progress"],
+    *["--uda-weight", "1", "--device", "cpu"],
+]
 
 
 def cli(*args: str) -> int:
@@ -165,8 +167,11 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("train/time")} for r in read_metrics(run_dir)]
 
 
-RESUME = [*TINY, "--steps", "16", "--save-every", "2", "--deterministic", "--workers", "2", "--pseudo-label", "sample",
-          "--student-dropout", "0.2", "--baseline-decay", "0.1"]  # fmt: skip
+RESUME = [
+    *TINY,
+    *["--steps", "16", "--save-every", "2", "--deterministic", "--workers", "2", "--pseudo-label", "sample"],
+    *["--student-dropout", "0.2", "--baseline-decay", "0.1"],
+]
 
 
 def test_killed_run_resumes_bit_identical(tmp_path):
@@ -216,9 +221,17 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkey
 @pytest.mark.skipif(not CIFAR_TAR.exists(), reason="../shared/data/cifar10-jpeg.tar.gz not found")
 def test_trains_on_the_real_cifar10_copy(tmp_path, cifar10_cache_dir):
     out = tmp_path / "cifar"
-    args = ["--dataset", "cifar10", "--data-dir", str(CIFAR_TAR), "--cache-dir", str(cifar10_cache_dir),
-            "--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--steps", "3", "--eval-every", "3",
-            "--workers", "0", "--no-tensorboard", "--no-progress", "--uda-weight", "1", "--out", str(out)]  # fmt: skip
+    args = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(CIFAR_TAR),
+        "--cache-dir",
+        str(cifar10_cache_dir),
+        *["--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--steps", "3", "--eval-every", "3"],
+        *["--workers", "0", "--no-tensorboard", "--no-progress", "--uda-weight", "1", "--out"],
+        str(out),
+    ]
     assert cli(*args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["dataset"] == "cifar10"

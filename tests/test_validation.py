@@ -14,10 +14,12 @@ from metapl.engine.evaluate import eval_loaders, evaluate
 from metapl.engine.metrics import read_metrics
 from metapl.models import create_model
 
-TINY = ["--dataset", "digits", "--num-labeled", "60", "--val-labeled", "20", "--batch-size", "8", "--mu", "2",
-        "--workers", "0", "--eval-every", "2", "--log-every", "2", "--save-every", "6", "--no-tensorboard",
-        "--no-progress", "--uda-weight", "1", "--device", "cpu", "--steps", "6", "--finetune-steps", "2",
-        "--eval-limit", "40"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "60", "--val-labeled", "20", "--batch-size", "8", "--mu", "2"],
+    *["--workers", "0", "--eval-every", "2", "--log-every", "2", "--save-every", "6", "--no-tensorboard"],
+    *["--no-progress", "--uda-weight", "1", "--device", "cpu", "--steps", "6", "--finetune-steps", "2"],
+    *["--eval-limit", "40"],
+]
 
 
 def test_validation_split_is_evaluated_and_chooses_the_best_checkpoint(tmp_path, capsys):

@@ -11,9 +11,11 @@ import pytest
 from metapl.commands.cli import main
 from metapl.engine.run_dir import WANDB, WANDB_ID
 
-TINY = ["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0",
-        "--eval-every", "2", "--log-every", "2", "--save-every", "2", "--no-tensorboard", "--no-progress",
-        "--finetune-steps", "0", "--eval-limit", "50", "--device", "cpu"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--eval-every", "2", "--log-every", "2", "--save-every", "2", "--no-tensorboard", "--no-progress"],
+    *["--finetune-steps", "0", "--eval-limit", "50", "--device", "cpu"],
+]
 
 
 @pytest.fixture

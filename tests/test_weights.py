@@ -20,8 +20,10 @@ from metapl.errors import UserError
 from metapl.models import create_model
 from metapl.models.weights import load_into
 
-TINY = ["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0",
-        "--threads", "1", "--eval-every", "15", "--no-tensorboard", "--no-progress", "--device", "cpu"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--threads", "1", "--eval-every", "15", "--no-tensorboard", "--no-progress", "--device", "cpu"],
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,11 @@ def test_weights_of_another_architecture_are_one_line(tmp_path):
     path = tmp_path / "wrn.pt"
     torch.save(create_model("resnet18_cifar", num_classes=10, in_channels=1, image_size=8).state_dict(), path)
     with pytest.raises(UserError) as e:
-        load_into(create_model("small_cnn", num_classes=10, in_channels=1, image_size=8), read_weights(str(path))[0],
-                  str(path))  # fmt: skip
+        load_into(
+            create_model("small_cnn", num_classes=10, in_channels=1, image_size=8),
+            read_weights(str(path))[0],
+            str(path),
+        )
     assert "does not fit SmallCNN" in str(e.value) and "\n" not in str(e.value)
 
 

@@ -16,9 +16,11 @@ from metapl.engine.config import TrainConfig, load_yaml, resolve
 from metapl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0",
-        "--eval-every", "2", "--log-every", "2", "--save-every", "2", "--no-tensorboard", "--no-progress",
-        "--device", "cpu", "--steps", "2", "--finetune-steps", "0", "--eval-limit", "40"]  # fmt: skip
+TINY = [
+    *["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0"],
+    *["--eval-every", "2", "--log-every", "2", "--save-every", "2", "--no-tensorboard", "--no-progress"],
+    *["--device", "cpu", "--steps", "2", "--finetune-steps", "0", "--eval-limit", "40"],
+]
 
 
 def test_finetune_steps_zero_runs_no_step_and_scores_the_student(tmp_path, capsys):
@@ -46,20 +48,38 @@ def test_demo_steps_zero_is_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (dict(mode="soft", feedback="cosine"), "--feedback cosine does nothing with --mode soft (soft mode has the "
-         "exact meta-gradient, no estimator of h); drop --feedback or use --mode hard"),
-        (dict(mode="soft", feedback="dot"), "--feedback dot does nothing with --mode soft (soft mode has the "
-         "exact meta-gradient, no estimator of h); drop --feedback or use --mode hard"),
-        (dict(mode="soft", baseline_decay=0.01), "--baseline-decay 0.01 does nothing with --mode soft (soft mode has "
-         "no h to subtract a baseline from); drop --baseline-decay or use --mode hard"),
-        (dict(mode="soft", pseudo_label="sample"), "--pseudo-label sample does nothing with --mode soft (soft mode's "
-         "pseudo labels are the whole distribution); drop --pseudo-label or use --mode hard"),
-        (dict(mode="soft", teacher_batch="joint"), "--teacher-batch joint does nothing with --mode soft (soft mode "
-         "always runs one joint teacher forward); drop --teacher-batch or use --mode hard"),
-        (dict(soft_temperature=2.0), "--soft-temperature 2.0 does nothing with --mode hard (hard pseudo labels are "
-         "the argmax or a sample); drop --soft-temperature or use --mode soft"),
+        (
+            dict(mode="soft", feedback="cosine"),
+            "--feedback cosine does nothing with --mode soft (soft mode has the "
+            "exact meta-gradient, no estimator of h); drop --feedback or use --mode hard",
+        ),
+        (
+            dict(mode="soft", feedback="dot"),
+            "--feedback dot does nothing with --mode soft (soft mode has the "
+            "exact meta-gradient, no estimator of h); drop --feedback or use --mode hard",
+        ),
+        (
+            dict(mode="soft", baseline_decay=0.01),
+            "--baseline-decay 0.01 does nothing with --mode soft (soft mode has "
+            "no h to subtract a baseline from); drop --baseline-decay or use --mode hard",
+        ),
+        (
+            dict(mode="soft", pseudo_label="sample"),
+            "--pseudo-label sample does nothing with --mode soft (soft mode's "
+            "pseudo labels are the whole distribution); drop --pseudo-label or use --mode hard",
+        ),
+        (
+            dict(mode="soft", teacher_batch="joint"),
+            "--teacher-batch joint does nothing with --mode soft (soft mode "
+            "always runs one joint teacher forward); drop --teacher-batch or use --mode hard",
+        ),
+        (
+            dict(soft_temperature=2.0),
+            "--soft-temperature 2.0 does nothing with --mode hard (hard pseudo labels are "
+            "the argmax or a sample); drop --soft-temperature or use --mode soft",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_option_the_mode_ignores_is_refused(values, message):
     with pytest.raises(ValueError) as info:  # a UserError, which is a ValueError
         TrainConfig(**values)
@@ -70,12 +90,16 @@ def test_mpl_only_flags_are_refused_with_the_labels_only_baseline_but_a_recipe_f
     parser = get_args_parser()
     with pytest.raises(UserError) as info:
         resolve(parser.parse_args(["train", "--method", "supervised", "--uda-weight", "3"]))
-    assert str(info.value) == ("--uda-weight 3.0 does nothing with --method supervised (the labels-only baseline "
-                               "trains the student alone); drop --uda-weight or use --method mpl")  # fmt: skip
+    assert str(info.value) == (
+        "--uda-weight 3.0 does nothing with --method supervised (the labels-only baseline "
+        "trains the student alone); drop --uda-weight or use --method mpl"
+    )
     with pytest.raises(UserError) as info:
         resolve(parser.parse_args(["train", "--uda-weight", "0", "--uda-threshold", "0.9"]))
-    assert str(info.value) == ("--uda-threshold 0.9 does nothing with --uda-weight 0.0 (UDA is off); drop "
-                               "--uda-threshold or use --uda-weight a weight > 0")  # fmt: skip
+    assert str(info.value) == (
+        "--uda-threshold 0.9 does nothing with --uda-weight 0.0 (UDA is off); drop "
+        "--uda-threshold or use --uda-weight a weight > 0"
+    )
     recipe = REPO / "src" / "metapl" / "configs" / "cifar10_4k.yaml"
     cfg = resolve(parser.parse_args(["train", "--config", str(recipe), "--method", "supervised"]))
     assert cfg.method == "supervised" and cfg.uda_weight == load_yaml(recipe)["uda_weight"] == 8.0

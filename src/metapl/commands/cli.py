@@ -26,7 +26,10 @@ from metapl.engine.config import (
     given_options,
     resolve,
 )
+from metapl.engine.run_dir import EXPORT_DIR, RUN_FILES, TENSORBOARD, WANDB
 from metapl.errors import Interrupted, UserError, describe_os_error
+
+RUN_FOLDERS = (TENSORBOARD, WANDB, EXPORT_DIR)  # the folders among the run files, shown with a slash in --help
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,19 +57,23 @@ def _add_device(p: argparse.ArgumentParser, *, default: str | None = "auto") -> 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
+    runtime = ", ".join("--" + k.replace("_", "-") for k in sorted(RUNTIME_KEYS))
     p.add_argument(
-        "--resume", metavar="RUN_DIR",
+        "--resume",
+        metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint with its saved config.yaml; options that alter "
         "the math cannot change. Only --steps N (extend the run to N steps: from the current step on, the learning "
-        "rates follow the schedule of an N-step run; a finetuned run is finetuned again) and the runtime options ("
-        + ", ".join("--" + k.replace("_", "-") for k in sorted(RUNTIME_KEYS)) + ") may be given with it",
-    )  # fmt: skip
+        "rates follow the schedule of an N-step run; a finetuned run is finetuned again) and the runtime options "
+        f"({runtime}) may be given with it",
+    )
+    run_files = ", ".join(f"{name}/" if name in RUN_FOLDERS else name for name in RUN_FILES)
     p.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="start the run in --out even if that folder is not empty: the files of an earlier run there "
-        "(config.yaml, split.json, metrics.jsonl, tb/, checkpoints, summary.json, eval.json, curves.png) are "
-        "deleted first; other files are left alone. Without it a folder that is not empty is refused",
-    )  # fmt: skip
+        f"({run_files}) are deleted first; other files are left alone. Without it a folder that is not empty is "
+        "refused",
+    )
 
 
 def _finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,8 +91,12 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|CKPT")
-    p.add_argument("--data-dir", default=None, help="where the test data lives (default: the run's); a folder run "
-                   "scores a train/+test/ tree's test split, and every image of a flat <class>/* folder")  # fmt: skip
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the test data lives (default: the run's); a folder run "
+        "scores a train/+test/ tree's test split, and every image of a flat <class>/* folder",
+    )
     p.add_argument("--output", default=None, help="JSON file for the results (default: RUN_DIR/eval.json)")
     _add_device(p)
     p.add_argument(
@@ -94,8 +105,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resize --data-dir's images to this size (default: the run's; must be what it trained on)",
     )
-    p.add_argument("--plot", action="store_true", help="also write each model's confusion matrix as a PNG beside "
-                   "the JSON (<output stem>.confusion.png)")  # fmt: skip
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write each model's confusion matrix as a PNG beside the JSON (<output stem>.confusion.png)",
+    )
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,8 +121,11 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         help="default: finetuned if finetuned.pt exists, else ema, else student",
     )
     p.add_argument("--format", dest="fmt", choices=("safetensors", "onnx", "torchscript"), default="safetensors")
-    p.add_argument("--output", default=None, help="the model file (default: RUN_DIR/export/MODEL.<format suffix>); "
-                   "its JSON record goes beside it")  # fmt: skip
+    p.add_argument(
+        "--output",
+        default=None,
+        help="the model file (default: RUN_DIR/export/MODEL.<format suffix>); its JSON record goes beside it",
+    )
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,8 +146,11 @@ def _shards_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src_dir", metavar="SRC_DIR", help="train/<class>/* (+ test/<class>/*), or <class>/*")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where the .tar shards and classes.json go")
     p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (each named) instead of "
-                   "stopping at the first")  # fmt: skip
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave unreadable images out (each named) instead of stopping at the first",
+    )
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -217,8 +237,14 @@ def _finetune(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from metapl.commands.inference import run_eval
 
-    run_eval(args.path, data_dir=args.data_dir, output=args.output, device=args.device,
-             image_size=args.image_size, plot=args.plot)  # fmt: skip
+    run_eval(
+        args.path,
+        data_dir=args.data_dir,
+        output=args.output,
+        device=args.device,
+        image_size=args.image_size,
+        plot=args.plot,
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -230,8 +256,7 @@ def _export(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from metapl.commands.inference import run_predict
 
-    run_predict(args.checkpoint, args.paths, model=args.model, output=args.output, top_k=args.top_k,
-                device=args.device)  # fmt: skip
+    run_predict(args.checkpoint, args.paths, model=args.model, output=args.output, top_k=args.top_k, device=args.device)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -285,7 +310,7 @@ COMMANDS: dict[str, Command] = {
         "--teacher-weights), seeds paired, chosen on validation",
         _compare_arguments,
         _compare,
-    ),  # fmt: skip
+    ),
     "demo": Command("offline demo: MPL vs a labels-only baseline on scikit-learn's digits", _demo_arguments, _demo),
 }
 

@@ -89,8 +89,11 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
     if unknown:
         raise UserError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     # Every run's config is built, and every existing run folder checked, before anything trains.
-    plan = {(row, seed): row_config(base, ROWS[row][1], seed=seed, out=Path(out) / row / f"seed{seed}")
-            for seed in seeds for row in rows}  # fmt: skip
+    plan = {
+        (row, seed): row_config(base, ROWS[row][1], seed=seed, out=Path(out) / row / f"seed{seed}")
+        for seed in seeds
+        for row in rows
+    }
     for cfg in plan.values():
         run_state(cfg)
     created = [p for p in (Path(out), *(Path(out) / row for row in rows)) if not p.exists()]
@@ -132,7 +135,7 @@ def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]
             "seeds": {
                 seed: {"val": kept_accuracy(s, "val_"), "test": kept_accuracy(s), "run": plan[(row, seed)].out}
                 for seed, s in seeds.items()
-            },  # fmt: skip
+            },
         }
     val = {row: {seed: r["val"] for seed, r in info["seeds"].items()} for row, info in rows.items()}
     missing = [row for row, by_seed in val.items() if None in by_seed.values()]

@@ -100,6 +100,8 @@ def _print_table(summaries: dict[str, dict], base: TrainConfig, finetune: int, o
         tuned = f"{s['finetuned_acc']:11.2f}" if s.get("finetuned_acc") is not None else f"{'-':>11}"
         log(f"{name:<32}{teacher}{s['student_acc']:9.2f}{tuned}{s['wall_seconds']:6.0f}s")
     labels_only, distilled, mpl = (final_accuracy(summaries[name]) for name, _ in ROWS)
-    log(f"MPL vs labels-only: {mpl - labels_only:+.2f} points; "
+    log(
+        f"MPL vs labels-only: {mpl - labels_only:+.2f} points; "
         f"feedback (MPL vs h = 0): {mpl - distilled:+.2f} points, one seed "
-        f"(the 3-seed answer: README.md, Results); runs in {out}/")  # fmt: skip
+        f"(the 3-seed answer: README.md, Results); runs in {out}/"
+    )

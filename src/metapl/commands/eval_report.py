@@ -25,8 +25,11 @@ def format_table(accs: dict) -> str:
     """
     names = [k.removesuffix("_acc") for k in accs if k.endswith("_acc")]
     columns = [("top-1 %", "_acc")]
-    columns += [(title, suffix) for title, suffix in (("top-5 %", "_top5"), ("ECE %", "_ece"))
-                if any(f"{n}{suffix}" in accs for n in names)]  # fmt: skip
+    columns += [
+        (title, suffix)
+        for title, suffix in (("top-5 %", "_top5"), ("ECE %", "_ece"))
+        if any(f"{n}{suffix}" in accs for n in names)
+    ]
     width = max([len("model"), *map(len, names)])
     lines = [f"{'model':<{width}}" + "".join(f"  {title:>8}" for title, _ in columns)]
     for name in names:
@@ -90,8 +93,15 @@ def plot_confusion(reports: dict[str, dict], classes: list[str], output: Path) -
             ax.set_yticks(range(k), classes, fontsize=7)
         if k <= 12:  # counts readable in the cells
             for (r, c), v in np.ndenumerate(counts):
-                ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=7,
-                        color="white" if shares[r, c] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    c,
+                    r,
+                    f"{int(v)}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if shares[r, c] > 0.5 else "black",
+                )
     fig.tight_layout()
     with reporting_os_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)

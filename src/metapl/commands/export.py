@@ -28,8 +28,9 @@ FORMATS = tuple(SUFFIX)
 MODELS = ("finetuned", "ema", "student", "teacher")
 
 
-def run_export(path: str | Path, *, model: str | None = None, fmt: str = "safetensors",
-               output: str | Path | None = None, log=print) -> Path:  # fmt: skip
+def run_export(
+    path: str | Path, *, model: str | None = None, fmt: str = "safetensors", output: str | Path | None = None, log=print
+) -> Path:
     """Export one network of a run.
 
     Args:
@@ -81,8 +82,10 @@ def _choose(ckpt: dict, ckpt_path: Path, model: str | None) -> tuple[str, Path]:
         raise UserError(f"unknown --model {model!r}; choose {', '.join(MODELS)}")
     if model == "finetuned":
         if not ft_path.is_file():
-            raise UserError(f"no {FINETUNED} beside {ckpt_path}; run metapl finetune {ckpt_path.parent} first, "
-                            "or pick another --model")  # fmt: skip
+            raise UserError(
+                f"no {FINETUNED} beside {ckpt_path}; run metapl finetune {ckpt_path.parent} first, "
+                "or pick another --model"
+            )
         return "finetuned", ft_path
     if model == "ema" and ckpt.get("ema") is None:
         raise UserError(f"{ckpt_path} has no EMA student (trained with --ema 0); pick --model student")
@@ -105,8 +108,15 @@ def _serialise(net: nn.Module, meta: dict, fmt: str) -> bytes:
             # to the user, and the tests compare the exported outputs with PyTorch's.
             warnings.simplefilter("ignore")
             if fmt == "onnx":
-                torch.onnx.export(net, (x,), buf, dynamo=False, input_names=["images"], output_names=["logits"],
-                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+                torch.onnx.export(
+                    net,
+                    (x,),
+                    buf,
+                    dynamo=False,
+                    input_names=["images"],
+                    output_names=["logits"],
+                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                )
             else:
                 torch.jit.save(torch.jit.trace(net, x), buf)
     except Exception as e:  # an operator the exporter cannot express: name it in one line

@@ -44,9 +44,15 @@ PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for 
 
 
 def run_eval(
-    path: str | Path, *, data_dir: str | None = None, output: str | Path | None = None, device: str = "auto",
-    image_size: int | None = None, plot: bool = False, log=print,
-) -> dict:  # fmt: skip
+    path: str | Path,
+    *,
+    data_dir: str | None = None,
+    output: str | Path | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+    plot: bool = False,
+    log=print,
+) -> dict:
     """Accuracy, calibration and per-class figures of a run's teacher, student, EMA student (and finetuned student).
 
     Args:
@@ -74,42 +80,71 @@ def run_eval(
     """
     path = Path(path)
     ckpt_path = checkpoint_file(path)
-    if output is not None:
-        read = ((ckpt_path, "the checkpoint"), (path / FINETUNED, "the checkpoint"))
-        refuse_overwrite(output, inputs=read, own=tuple(n for n in RUN_FILES if n.endswith(EVAL_JSON)))
+    output = _eval_output(path, ckpt_path, output)
     ckpt = load_checkpoint(ckpt_path)
     cfg = config_from_dict(ckpt["config"])
+    models = _eval_models(path, ckpt, ckpt_path, cfg)
+    dev = select_device(device)
+    loader, num_test, where = _test_loader(cfg, ckpt, ckpt_path, data_dir, image_size, dev, log)
+    reports = evaluate_report({name: m.to(dev) for name, m in models.items()}, loader, dev, int(ckpt["num_classes"]))
+    result = _eval_result(ckpt, ckpt_path, cfg, data_dir, num_test, reports)
+    _log_eval(result, ckpt_path, where, log)
+    _write_eval(result, output, plot, log)
+    return result
+
+
+def _eval_output(path: Path, ckpt_path: Path, output: str | Path | None) -> Path:
+    """Where ``run_eval`` writes: ``output`` (refused if it would overwrite what eval reads), else its default."""
+    if output is None:
+        return path / EVAL_JSON if path.is_dir() else path.with_name(f"{path.stem}.{EVAL_JSON}")
+    read = ((ckpt_path, "the checkpoint"), (path / FINETUNED, "the checkpoint"))
+    refuse_overwrite(output, inputs=read, own=tuple(n for n in RUN_FILES if n.endswith(EVAL_JSON)))
+    return Path(output)
+
+
+def _eval_models(path: Path, ckpt: dict, ckpt_path: Path, cfg: TrainConfig) -> dict[str, nn.Module]:
+    """The checkpoint's models that ``run_eval`` scores, plus the finetuned student of a run folder that has one."""
     models = {role: build_model(ckpt, role, source=ckpt_path) for role in _eval_roles(ckpt, cfg)}
     finetuned_path = path / FINETUNED
     if path.is_dir() and finetuned_path.is_file():
         models["finetuned"] = build_model(load_checkpoint(finetuned_path), "student", source=finetuned_path)
+    return models
 
-    dev = select_device(device)
-    loader, num_test, where = _test_loader(cfg, ckpt, ckpt_path, data_dir, image_size, dev, log)
-    reports = evaluate_report({name: m.to(dev) for name, m in models.items()}, loader, dev, int(ckpt["num_classes"]))
 
-    classes = [str(c) for c in ckpt["classes"]]
-    result = {"checkpoint": str(ckpt_path), "step": ckpt.get("step"), "dataset": cfg.dataset,
-              "data_dir": data_dir if data_dir is not None else cfg.data_dir, "num_test": num_test}  # fmt: skip
+def _eval_result(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, data_dir, num_test: int, reports: dict) -> dict:
+    """``run_eval``'s result: what was scored, each model's headline figures, the classes and the per-model reports."""
+    result = {
+        "checkpoint": str(ckpt_path),
+        "step": ckpt.get("step"),
+        "dataset": cfg.dataset,
+        "data_dir": data_dir if data_dir is not None else cfg.data_dir,
+        "num_test": num_test,
+    }
     for name, report in reports.items():
         result.update({f"{name}_{key}": report[key] for key in ("acc", "top5", "ece") if key in report})
-    result.update({"classes": classes, "models": reports})
-    log(f"{ckpt_path} (step {ckpt.get('step')}) on {where}, {num_test} images:")
+    result.update({"classes": [str(c) for c in ckpt["classes"]], "models": reports})
+    return result
+
+
+def _log_eval(result: dict, ckpt_path: Path, where: str, log) -> None:
+    """The tables ``metapl eval`` prints: every model's figures, then the main model's per-class figures."""
+    reports, classes = result["models"], result["classes"]
+    log(f"{ckpt_path} (step {result['step']}) on {where}, {result['num_test']} images:")
     log(format_table(result))
     main = next(name for name in ("finetuned", "ema", "student") if name in reports)
     log(f"per class ({main}; ECE: 15 equal-width confidence bins):")
     log(format_per_class(reports[main], classes))
-    if output is None:
-        output = path / EVAL_JSON if path.is_dir() else path.with_name(f"{path.stem}.{EVAL_JSON}")
-    output = Path(output)
+
+
+def _write_eval(result: dict, output: Path, plot: bool, log) -> None:
+    """Write the result as JSON (and, with ``plot``, the confusion matrices beside it)."""
     with reporting_os_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {output}")
     if plot:
-        png = plot_confusion(reports, classes, output.with_name(f"{output.stem}.confusion.png"))
+        png = plot_confusion(result["models"], result["classes"], output.with_name(f"{output.stem}.confusion.png"))
         log(f"wrote {png}")
-    return result
 
 
 def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
@@ -120,8 +155,15 @@ def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
     return roles
 
 
-def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | None, image_size: int | None,
-                 device: torch.device, log) -> tuple[object, int, str]:  # fmt: skip
+def _test_loader(
+    cfg: TrainConfig,
+    ckpt: dict,
+    ckpt_path: Path,
+    data_dir: str | None,
+    image_size: int | None,
+    device: torch.device,
+    log,
+) -> tuple[object, int, str]:
     """A loader of the images to score, checked against what the checkpoint's models take, their count, and a
     phrase naming them. A streamed split is decoded in the run's ``--workers`` loader workers."""
 
@@ -131,21 +173,29 @@ def _test_loader(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: str | 
     if image_size is None:
         image_size = int(ckpt["image_size"]) if data_dir is not None and cfg.dataset == "folder" else cfg.image_size
     data = mdata.load_dataset(
-        cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, download=cfg.download,
-        image_size=image_size, cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
+        cfg.dataset,
+        data_dir if data_dir is not None else cfg.data_dir,
+        download=cfg.download,
+        image_size=image_size,
+        cache_dir=cfg.cache_dir,
+        skip_corrupt=cfg.skip_corrupt,
+        seed=cfg.seed,
+        log=log,
         data_path="cache" if whole else cfg.data_path,
-    )  # fmt: skip
+    )
     _check_test_data(data, cfg, ckpt, ckpt_path, log)
     test, where = data.test, f"the {cfg.dataset} test split"
     if whole:
-        test = mdata.ImageArrays(np.concatenate([data.train.images, data.test.images]),
-                                 np.concatenate([data.train.labels, data.test.labels]))  # fmt: skip
+        test = mdata.ImageArrays(
+            np.concatenate([data.train.images, data.test.images]), np.concatenate([data.train.labels, data.test.labels])
+        )
         where = f"all of {data_dir}"
         log(f"{data_dir} has no train/ and test/ folders: all {len(test)} of its images are scored as the test set")
     # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
     workers = mdata.eval_workers(test, plan_cpu_share(cfg.workers, cfg.threads, device).workers)
-    loader = mdata.make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size,
-                                    num_workers=workers)  # fmt: skip
+    loader = mdata.make_eval_loader(
+        test, mean=ckpt["mean"], std=ckpt["std"], batch_size=cfg.eval_batch_size, num_workers=workers
+    )
     return loader, len(test), where
 
 
@@ -164,8 +214,10 @@ def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -
                 f"{want} {what}; {fix}"
             )
     if list(data.classes) != list(ckpt["classes"]):
-        log(f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
-            f"{few(list(ckpt['classes']))}); labels are compared by index")  # fmt: skip
+        log(
+            f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
+            f"{few(list(ckpt['classes']))}); labels are compared by index"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,9 +225,15 @@ def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -
 
 
 def run_predict(
-    checkpoint: str | Path, paths: Iterable[str | Path], *, model: str = "ema", output: str | Path = "predictions.csv",
-    top_k: int = 3, device: str = "auto", log=print,
-) -> list[dict]:  # fmt: skip
+    checkpoint: str | Path,
+    paths: Iterable[str | Path],
+    *,
+    model: str = "ema",
+    output: str | Path = "predictions.csv",
+    top_k: int = 3,
+    device: str = "auto",
+    log=print,
+) -> list[dict]:
     """Classify image files and folders of images (searched recursively) and write one CSV row per image.
 
     Args:
@@ -200,22 +258,38 @@ def run_predict(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     ckpt_path = checkpoint_file(checkpoint)
+    net, ckpt, model = _predictor(ckpt_path, model, log)
+    files = find_images(paths)
+    inputs = (
+        (ckpt_path, "the checkpoint"),
+        *((f, "the input image") for f in files),
+        *((p, "the input") for p in paths),
+    )
+    refuse_overwrite(output, inputs=inputs)
+    dev = select_device(device)
+    rows = _classify(net.to(dev), files, ckpt, top_k, dev)
+    output = Path(output)
+    _write_predictions(rows, output)
+    log(f"wrote predictions for {len(rows)} images to {output} ({model} model of {ckpt_path}, step {ckpt.get('step')})")
+    return rows
+
+
+def _predictor(ckpt_path: Path, model: str, log) -> tuple[nn.Module, dict, str]:
+    """The network ``run_predict`` uses, the checkpoint (or export record) it came from, and how to name it."""
     if ckpt_path.suffix == ".safetensors":  # metapl export's file: the JSON beside it says what to rebuild
         net, ckpt = read_exported(ckpt_path)
-        model = f"exported {ckpt['role']}"
-    else:
-        net, ckpt = _predict_model(load_checkpoint(ckpt_path), ckpt_path, model, log)
-    files = find_images(paths)
-    refuse_overwrite(output, inputs=((ckpt_path, "the checkpoint"), *((f, "the input image") for f in files),
-                                     *((p, "the input") for p in paths)))  # fmt: skip
+        return net, ckpt, f"exported {ckpt['role']}"
+    net, ckpt = _predict_model(load_checkpoint(ckpt_path), ckpt_path, model, log)
+    return net, ckpt, model
+
+
+def _classify(net: nn.Module, files: list[Path], ckpt: dict, top_k: int, dev: torch.device) -> list[dict]:
+    """``run_predict``'s rows: the images classified ``PREDICT_BATCH`` at a time, their ``top_k`` classes each."""
     classes = [str(c) for c in ckpt["classes"]]
     k = min(top_k, len(classes))
-    dev = select_device(device)
-    net = net.to(dev)
     mode = "L" if int(ckpt["in_channels"]) == 1 else "RGB"
     # The training decoder and the eval transform, with the checkpoint's mean/std: what eval scored, to the bit.
     transform = eval_transform(ckpt["mean"], ckpt["std"])
-
     rows = []
     for batch_files in _chunks(files, PREDICT_BATCH):
         x = torch.stack([transform(_read_image(f, mode, int(ckpt["image_size"]))) for f in batch_files])  # (B, C, H, W)
@@ -225,8 +299,11 @@ def run_predict(
         for f, ps, idx in zip(batch_files, top_p.cpu().tolist(), top_i.cpu().tolist()):
             ranked = [(classes[i], p) for i, p in zip(idx, ps)]
             rows.append({"path": str(f), "class": ranked[0][0], "probability": ranked[0][1], "top_k": ranked})
+    return rows
 
-    output = Path(output)
+
+def _write_predictions(rows: list[dict], output: Path) -> None:
+    """The CSV of ``run_predict``: ``path,class,probability,top_k``, ``top_k`` as ``cat:0.8100;dog:0.1200``."""
     with reporting_os_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "w", newline="") as fh:
@@ -235,8 +312,6 @@ def run_predict(
             for r in rows:
                 top = ";".join(f"{c}:{p:.4f}" for c, p in r["top_k"])
                 writer.writerow([r["path"], r["class"], f"{r['probability']:.4f}", top])
-    log(f"wrote predictions for {len(rows)} images to {output} ({model} model of {ckpt_path}, step {ckpt.get('step')})")
-    return rows
 
 
 def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Module, dict]:
@@ -290,10 +365,12 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
             raise UserError(f"{p} does not exist; pass image files or folders of images")
         if p.is_dir():
             candidates = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in extensions
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in extensions
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )  # fmt: skip
+            )
         else:
             candidates = [p]
         for f in candidates:

@@ -23,12 +23,36 @@ from metapl.core.parts import (
     pseudo_metrics,
     uda_term,
     unwrap,
-)  # fmt: skip
+)
 from metapl.core.validate import LABELS_OK, labels_in_range
 
+# The metrics of the teacher's step: all 0 when the teacher is fixed (it takes no step).
+_TEACHER_METRICS = (
+    "loss/teacher",
+    "loss/teacher_l",
+    "loss/teacher_uda",
+    "loss/teacher_mpl",
+    "mpl/h",
+    "mpl/baseline",
+    "mask_ratio",
+)
 
-def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
-                t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
+
+def hard_update(
+    teacher,
+    student,
+    t_optimizer,
+    s_optimizer,
+    batch,
+    config,
+    state,
+    *,
+    uda_weight,
+    amp_dtype,
+    t_scaler,
+    s_scaler,
+    generator,
+) -> dict[str, Tensor]:
     """One hard-label MPL update: the student's step on ŷ, then the teacher's (see ``mpl_update`` for the arguments).
 
     Returns:
@@ -41,11 +65,9 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     frozen = t_optimizer is None  # a fixed teacher: it labels, nothing more (distillation)
 
     if frozen:
-        t_logits_l = t_logits_uw = t_logits_us = None
-        label_source = _frozen_label_source(t_net, batch, config, autocast)
+        t_logits, label_source = (None, None, None), _frozen_label_source(t_net, batch, config, autocast)
     else:
-        t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(teacher, t_net, batch, config, uda_weight,
-                                                                           autocast)  # fmt: skip
+        *t_logits, label_source = _label_source(teacher, t_net, batch, config, uda_weight, autocast)
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
     y_l, labels_ok = labels_in_range(batch.y_l, label_source.shape[-1])  # K is known now; the guard refuses a bad y_l
     batch = batch._replace(y_l=y_l)
@@ -53,32 +75,35 @@ def hard_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     # Student's step on the pseudo labels (Eq. 3's look-ahead) and the teacher's feedback coefficient h (Appendix A).
     s_loss, s_loss_l_old, s_loss_l_new, h = zero, zero, zero, zero
     if eta > 0:
-        s_loss, s_loss_l_old, s_loss_l_new, h = _student_step(student, s_net, s_optimizer, batch, y_hat, config,
-                                                              s_scaler, autocast, eta, zero,
-                                                              measure=not frozen)  # fmt: skip
+        s_parts = (student, s_net, s_optimizer, s_scaler)
+        s_loss, s_loss_l_old, s_loss_l_new, h = _student_step(
+            s_parts, batch, y_hat, config, autocast, eta, zero, measure=not frozen
+        )
     metrics = {"loss/student": s_loss, "mpl/s_loss_l_old": s_loss_l_old, "mpl/s_loss_l_new": s_loss_l_new}
     if frozen:
-        metrics.update({k: zero for k in ("loss/teacher", "loss/teacher_l", "loss/teacher_uda", "loss/teacher_mpl",
-                                          "mpl/h", "mpl/baseline", "mask_ratio")})  # fmt: skip
+        metrics.update(dict.fromkeys(_TEACHER_METRICS, zero))
     else:
-        metrics.update(_teacher_step(teacher, t_net, t_optimizer, batch, (t_logits_l, t_logits_uw, t_logits_us), y_hat,
-                                     h, config, state, uda_weight, t_scaler, autocast, zero))  # fmt: skip
+        t_parts = (teacher, t_net, t_optimizer, t_scaler)
+        metrics.update(_teacher_step(t_parts, batch, t_logits, y_hat, h, config, state, uda_weight, autocast, zero))
     metrics.update(pseudo_metrics(label_source, y_hat, batch.y_u))
     metrics[LABELS_OK] = labels_ok
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-def _teacher_step(teacher, t_net, t_optimizer, batch, t_logits, y_hat: Tensor, h: Tensor, config, state,
-                  uda_weight: float, t_scaler, autocast, zero: Tensor) -> dict[str, Tensor]:  # fmt: skip
+def _teacher_step(
+    t_parts, batch, t_logits, y_hat: Tensor, h: Tensor, config, state, uda_weight: float, autocast, zero: Tensor
+) -> dict[str, Tensor]:
     """The teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
 
     Args:
+        t_parts: ``(teacher, t_net, t_optimizer, t_scaler)``: the teacher as called, bare, its optimizer, scaler.
         t_logits: ``(t_logits_l, t_logits_uw, t_logits_us)`` from ``_label_source`` (None where it made none).
         h: the feedback coefficient, before its sign and the baseline.
 
     Returns:
         The teacher's metrics (losses, h, baseline, UDA mask ratio).
     """
+    teacher, t_net, t_optimizer, t_scaler = t_parts
     t_logits_l, t_logits_uw, t_logits_us = t_logits
     h = -h if config.feedback_sign == "reversed" else h
     h_used = h
@@ -102,11 +127,14 @@ def _teacher_step(teacher, t_net, t_optimizer, batch, t_logits, y_hat: Tensor, h
         t_scaler.unscale_(t_optimizer)
     clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
     return {
-        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": t_loss_mpl, "mpl/h": h,
+        "loss/teacher": t_loss,
+        "loss/teacher_l": t_loss_l,
+        "loss/teacher_uda": t_loss_uda,
+        "loss/teacher_mpl": t_loss_mpl,
+        "mpl/h": h,
         "mpl/baseline": state.baseline if state is not None and state.baseline is not None else zero,
         "mask_ratio": mask_ratio,
-    }  # fmt: skip
+    }
 
 
 @torch.no_grad()
@@ -144,16 +172,19 @@ def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
     return t_logits_l, t_logits_uw, t_logits_us, label_source
 
 
-def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_scaler, autocast, eta: float,
-                  zero: Tensor, *, measure: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _student_step(
+    s_parts, batch, y_hat: Tensor, config, autocast, eta: float, zero: Tensor, *, measure: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The student's step on ŷ and the feedback h it gives the teacher (Appendix A), before sign and baseline.
 
     Args:
+        s_parts: ``(student, s_net, s_optimizer, s_scaler)``, as ``_teacher_step``'s ``t_parts``.
         measure: measure the feedback h; False (a fixed teacher) skips every labeled forward and returns h = 0.
 
     Returns:
         ``(s_loss, s_loss_l_old, s_loss_l_new, h)``; L_l(θ_S) is measured by the taylor estimator only (zero else).
     """
+    student, s_net, s_optimizer, s_scaler = s_parts
     x_l, y_l = batch.x_l, batch.y_l
     x_u = batch.x_us if config.student_view == "strong" else batch.x_uw  # the view the student learns ŷ on
     s_loss_l_old = zero
@@ -175,6 +206,20 @@ def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_s
 
     if not measure:
         return s_loss, zero, zero, zero
+    s_loss_l_new, h = _feedback(s_net, s_params, x_l, y_l, s_loss_l_old, g_us, eta, config, zero)
+    return s_loss, s_loss_l_old, s_loss_l_new, h
+
+
+def _feedback(s_net, s_params, x_l, y_l, s_loss_l_old, g_us, eta: float, config, zero: Tensor):
+    """The feedback h of the student's step (Appendix A), before sign and baseline; the same on every rank.
+
+    Args:
+        s_loss_l_old: L_l(θ_S) (the taylor estimator's; zero else).
+        g_us: ∇_{θ_S} CE(ŷ, S(x_us; θ_S)), taken before the step (the dot and cosine estimators'; None else).
+
+    Returns:
+        ``(s_loss_l_new, h)``: L_l(θ'_S), detached, and h averaged over ranks.
+    """
     if config.feedback == "taylor":
         s_loss_l_new = _labeled_loss(s_net, x_l, y_l)  # L_l(θ'_S)
         h = s_loss_l_old - s_loss_l_new
@@ -193,7 +238,7 @@ def _student_step(student, s_net, s_optimizer, batch, y_hat: Tensor, config, s_s
         s_loss_l_new = s_loss_l_new.detach()
     # A float16 step that the scaler skipped leaves inf/nan here; it carries no information about ŷ.
     h = torch.where(torch.isfinite(h), h, zero)
-    return s_loss, s_loss_l_old, s_loss_l_new, mean_over_ranks([h])[0]  # every rank applies the same h
+    return s_loss_l_new, mean_over_ranks([h])[0]  # every rank applies the same h
 
 
 def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,11 @@ one SGD step (second order, ``torch.func.functional_call``). This module holds t
 point ``mpl_update``; the hard update is in ``metapl.core.hard``, the soft one in ``metapl.core.soft``, and the
 pieces both use (``unwrap``, ``feedback_mode``, the optimizer step) in ``metapl.core.parts``.
 
+Under ``torch.distributed`` (models wrapped in DDP), an update equals one process's update on the ranks'
+concatenated batches (BatchNorm aside: its batch statistics are per rank): in hard mode DDP averages the gradients
+and h is averaged over ranks; in soft mode the DDP teacher averages its gradients and the student's gradient and the
+meta-gradient's student-side vector are all-reduced over the student's DDP process group (``metapl.core.soft``).
+
 This module knows nothing of files, data or the command line. It never calls ``.item()`` or ``.cuda()``: the device
 comes from the tensors, and the caller decides when to synchronise.
 """
@@ -80,8 +85,10 @@ class MPLState:
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``; a ValueError names what is missing or wrong."""
         if not isinstance(state, dict) or "baseline" not in state:
-            raise ValueError(f"MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
-                             f"{state!r:.60}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'")  # fmt: skip
+            raise ValueError(
+                f"MPLState.load_state_dict needs the dict of state_dict() with a 'baseline' entry, got "
+                f"{state!r:.60}; pass MPLState().state_dict() or a checkpoint's 'mpl_state'"
+            )
         baseline = state["baseline"]
         if baseline is not None and not (isinstance(baseline, torch.Tensor) and baseline.dim() == 0):
             raise ValueError(f"MPLState.load_state_dict: 'baseline' must be None or a 0-d tensor, got {baseline!r:.60}")
@@ -108,11 +115,7 @@ def mpl_update(
 
     Both models must be in train mode. The student's step size η_S is read from ``s_optimizer``'s first parameter
     group; when it is 0 (the recipe's "student waits" phase) the student's forward, backward and step are skipped
-    and h = 0. Under ``torch.distributed`` (models wrapped in DDP), the result equals one process's update on the
-    ranks' concatenated batches (BatchNorm aside: its batch statistics are per rank): in hard mode DDP averages the
-    gradients and h is averaged over ranks; in soft mode the DDP teacher averages its gradients and the student's
-    gradient and the meta-gradient's student-side vector are all-reduced over the student's DDP process group
-    (``metapl.core.soft``).
+    and h = 0. Under ``torch.distributed``: see the module docstring.
 
     Args:
         teacher: the teacher T (any module mapping (N, C, H, W) to (N, K) logits; may be DDP-wrapped).
@@ -130,10 +133,9 @@ def mpl_update(
         t_scaler: gradient scaler for the teacher (float16 only).
         s_scaler: gradient scaler for the student (float16 only).
         generator: random generator for ``pseudo_label="sample"``.
-        check_finite: guard the update (``metapl.core.validate.guarded_update``): labels outside [0, K), a
-            non-finite loss or weight, or an error from torch on this batch leave both models and optimizers exactly
-            as they were and raise ``MPLInputError``. Costs one copy of both models and optimizer states and one host
-            sync per call; False skips both (out-of-range labels are then trained as class 0: check them yourself).
+        check_finite: guard the update (``metapl.core.validate.guarded_update``: a failed update changes nothing).
+            Costs one copy of both models and optimizer states and one host sync per call; False skips both
+            (out-of-range labels are then trained as class 0: check them yourself).
 
     Raises:
         MPLInputError: a ValueError naming the bad field or argument: checked before the update (shapes, lengths,
@@ -146,19 +148,24 @@ def mpl_update(
         ``mpl/s_loss_l_old``, ``mpl/s_loss_l_new``, ``mask_ratio``, ``pseudo/confidence`` and, when ``batch.y_u`` is
         given, ``pseudo/acc`` (fraction of correct pseudo labels among images whose label is known).
     """
+    _check_arguments(batch, config, state, t_optimizer, s_optimizer, uda_weight, amp_dtype, s_scaler)
+    step = hard_update if config.mode == "hard" else soft_update
+    if check_finite:  # the same call, through the guard that undoes a failed update
+        step = functools.partial(guarded_update, step)
+    options = dict(
+        uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator
+    )
+    return step(teacher, student, t_optimizer, s_optimizer, batch, config, state, **options)
+
+
+def _check_arguments(batch, config, state, t_optimizer, s_optimizer, uda_weight, amp_dtype, s_scaler) -> None:
+    """``mpl_update``'s checks before the update: metadata and Python scalars only, no host sync."""
     check_batch(batch)  # metadata only: metapl.core.validate
     check_scalars(uda_weight, {"s_optimizer": s_optimizer, "t_optimizer": t_optimizer})
     if config.baseline_decay > 0 and state is None:
         raise ValueError("config.baseline_decay > 0 needs an MPLState to carry the baseline between updates")
     if config.mode == "soft" and (amp_dtype == torch.float16 or s_scaler is not None):
         raise ValueError("soft mode does not support float16 gradient scaling; use bfloat16 autocast or float32")
-    step = hard_update if config.mode == "hard" else soft_update
-    if check_finite:  # the same call, through the guard that undoes a failed update
-        step = functools.partial(guarded_update, step)
-    return step(
-        teacher, student, t_optimizer, s_optimizer, batch, config, state,
-        uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator,
-    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

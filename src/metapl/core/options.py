@@ -23,8 +23,15 @@ from dataclasses import dataclass
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}
 
 
-def option(default, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None):  # fmt: skip
+def option(
+    default,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+):
     """A dataclass field with its help text and bounds (``ge`` ≤ value, ``gt`` < value, value ≤ ``le``, value < ``lt``).
 
     The help says what the option does and, where a number has one, its unit; the range and the default are added
@@ -74,9 +81,11 @@ class Spec:
             return "is not finite"
         b = self.bounds
         inside = (
-            ("ge" not in b or value >= b["ge"]) and ("gt" not in b or value > b["gt"])
-            and ("le" not in b or value <= b["le"]) and ("lt" not in b or value < b["lt"])
-        )  # fmt: skip
+            ("ge" not in b or value >= b["ge"])
+            and ("gt" not in b or value > b["gt"])
+            and ("le" not in b or value <= b["le"])
+            and ("lt" not in b or value < b["lt"])
+        )
         return None if inside else "is out of range"
 
 

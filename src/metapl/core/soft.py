@@ -35,9 +35,35 @@ from metapl.core.parts import (
 )
 from metapl.core.validate import LABELS_OK, labels_in_range
 
+# The metrics a fixed teacher leaves at 0 (it takes no step, there is no look-ahead); ``loss/student`` follows them.
+_FIXED_TEACHER_ZEROS = (
+    "loss/teacher",
+    "loss/teacher_l",
+    "loss/teacher_uda",
+    "loss/teacher_mpl",
+    "mpl/h",
+    "mpl/baseline",
+    "mpl/s_loss_l_old",
+    "mpl/s_loss_l_new",
+    "mask_ratio",
+)
 
-def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state, *, uda_weight, amp_dtype,
-                t_scaler, s_scaler, generator) -> dict[str, Tensor]:  # fmt: skip
+
+def soft_update(
+    teacher,
+    student,
+    t_optimizer,
+    s_optimizer,
+    batch,
+    config,
+    state,
+    *,
+    uda_weight,
+    amp_dtype,
+    t_scaler,
+    s_scaler,
+    generator,
+) -> dict[str, Tensor]:
     """One soft-label MPL update: the teacher's step on the exact meta-gradient, then the student's step on q(θ_T).
 
     Arguments as ``mpl_update``'s; ``state``, ``s_scaler`` and ``generator`` are unused here.
@@ -53,8 +79,9 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     if t_optimizer is None:
         return _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta, autocast, zero)
 
-    t_logits_l, t_logits_src, t_logits_uw, t_logits_us = _teacher_logits(teacher, t_net, batch, config, uda_weight,
-                                                                         autocast)  # fmt: skip
+    t_logits_l, t_logits_src, t_logits_uw, t_logits_us = _teacher_logits(
+        teacher, t_net, batch, config, uda_weight, autocast
+    )
     q = F.softmax(t_logits_src / config.soft_temperature, dim=-1)  # soft pseudo labels q(θ_T), (μB, K)
     y_l, labels_ok = labels_in_range(batch.y_l, t_logits_l.shape[-1])  # K is known now; the guard refuses a bad y_l
     batch = batch._replace(y_l=y_l)
@@ -62,39 +89,62 @@ def soft_update(teacher, student, t_optimizer, s_optimizer, batch, config, state
     t_loss_l = F.cross_entropy(t_logits_l, batch.y_l, label_smoothing=config.label_smoothing)
     t_loss_uda, mask_ratio = uda_term(t_logits_uw, t_logits_us, config, uda_weight, zero)
     t_loss = t_loss_l + uda_weight * t_loss_uda
-    s_loss, s_loss_l_new, meta = zero, zero, zero
-    s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
-    grads = None
-    if eta > 0:
-        x_u = batch.x_us if config.student_view == "strong" else batch.x_uw  # the view the student learns q on
-        s_loss, s_loss_l_new, meta, grads = _look_ahead(s_net, s_params, (batch.x_l, batch.y_l, x_u), q, eta, autocast,
-                                                        replica_group(student))  # fmt: skip
-        meta = -meta if config.feedback_sign == "reversed" else meta
-        t_loss = t_loss + config.mpl_weight * meta
-
-    t_params = [p for p in t_net.parameters() if p.requires_grad]
-    t_optimizer.zero_grad(set_to_none=True)
-    (t_scaler.scale(t_loss) if t_scaler is not None else t_loss).backward(inputs=t_params)
-    if t_scaler is not None:
-        t_scaler.unscale_(t_optimizer)
-    clip_and_step(t_optimizer, t_params, t_scaler, config.grad_clip)
-
-    if grads is not None:
-        # The student's real step uses the (rank-averaged) first-order gradient already computed for the look-ahead.
-        _student_step(s_optimizer, s_params, grads, config.grad_clip)
-
-    metrics = {
-        "loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda,
-        "loss/teacher_mpl": meta, "loss/student": s_loss, "mpl/h": zero, "mpl/baseline": zero,
-        "mpl/s_loss_l_old": zero, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio,
-    }  # fmt: skip
+    t_parts, s_parts = (t_net, t_optimizer, t_scaler), (student, s_net, s_optimizer)
+    t_loss, s_loss, s_loss_l_new, meta = _look_ahead_and_steps(
+        t_parts, s_parts, batch, q, t_loss, eta, config, autocast, zero
+    )
+    metrics = {"loss/teacher": t_loss, "loss/teacher_l": t_loss_l, "loss/teacher_uda": t_loss_uda}
+    metrics.update({"loss/teacher_mpl": meta, "loss/student": s_loss, "mpl/h": zero, "mpl/baseline": zero})
+    metrics.update({"mpl/s_loss_l_old": zero, "mpl/s_loss_l_new": s_loss_l_new, "mask_ratio": mask_ratio})
     metrics.update(pseudo_metrics(t_logits_src.detach(), t_logits_src.detach().argmax(-1), batch.y_u))
     metrics[LABELS_OK] = labels_ok
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-def _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta: float, autocast,
-                          zero: Tensor) -> dict[str, Tensor]:  # fmt: skip
+def _look_ahead_and_steps(t_parts, s_parts, batch, q: Tensor, t_loss: Tensor, eta: float, config, autocast, zero):
+    """The student's look-ahead on q (``_look_ahead``), the teacher's step, then the student's real step.
+
+    Args:
+        t_parts: ``(t_net, t_optimizer, t_scaler)``: the bare teacher, its optimizer and scaler.
+        s_parts: ``(student, s_net, s_optimizer)``: the student as called (DDP or not), bare, and its optimizer.
+        t_loss: the teacher's labeled + UDA loss; the meta term is added to it when η_S > 0.
+
+    Returns:
+        ``(t_loss, s_loss, s_loss_l_new, meta)``: the teacher's whole loss; the student's losses and the meta term
+        (signed by ``config.feedback_sign``), zeros when η_S = 0 (the student waits).
+    """
+    (t_net, t_optimizer, t_scaler), (student, s_net, s_optimizer) = t_parts, s_parts
+    s_loss, s_loss_l_new, meta = zero, zero, zero
+    s_params = {n: p for n, p in s_net.named_parameters() if p.requires_grad}
+    grads = None
+    if eta > 0:
+        x_u = batch.x_us if config.student_view == "strong" else batch.x_uw  # the view the student learns q on
+        s_loss, s_loss_l_new, meta, grads = _look_ahead(
+            s_net, s_params, (batch.x_l, batch.y_l, x_u), q, eta, autocast, replica_group(student)
+        )
+        meta = -meta if config.feedback_sign == "reversed" else meta
+        t_loss = t_loss + config.mpl_weight * meta
+
+    _teacher_step(t_net, t_optimizer, t_scaler, t_loss, config.grad_clip)
+    if grads is not None:
+        # The student's real step uses the (rank-averaged) first-order gradient already computed for the look-ahead.
+        _student_step(s_optimizer, s_params, grads, config.grad_clip)
+    return t_loss, s_loss, s_loss_l_new, meta
+
+
+def _teacher_step(t_net, t_optimizer, t_scaler, t_loss: Tensor, grad_clip: float) -> None:
+    """The teacher's step on labeled CE + UDA + the meta term: gradients into the teacher's parameters only."""
+    t_params = [p for p in t_net.parameters() if p.requires_grad]
+    t_optimizer.zero_grad(set_to_none=True)
+    (t_scaler.scale(t_loss) if t_scaler is not None else t_loss).backward(inputs=t_params)
+    if t_scaler is not None:
+        t_scaler.unscale_(t_optimizer)
+    clip_and_step(t_optimizer, t_params, t_scaler, grad_clip)
+
+
+def _fixed_teacher_update(
+    t_net, student, s_net, s_optimizer, batch, config, eta: float, autocast, zero: Tensor
+) -> dict[str, Tensor]:
     """``soft_update`` with a fixed teacher (``t_optimizer`` None): the student's step on q, detached; no look-ahead.
 
     Returns:
@@ -110,8 +160,7 @@ def _fixed_teacher_update(t_net, student, s_net, s_optimizer, batch, config, eta
         x_u = batch.x_us if config.student_view == "strong" else batch.x_uw
         s_loss, grads = _student_gradient(s_net, s_params, x_u, q, autocast, replica_group(student))
         _student_step(s_optimizer, s_params, grads, config.grad_clip)
-    metrics = {k: zero for k in ("loss/teacher", "loss/teacher_l", "loss/teacher_uda", "loss/teacher_mpl", "mpl/h",
-                                 "mpl/baseline", "mpl/s_loss_l_old", "mpl/s_loss_l_new", "mask_ratio")}  # fmt: skip
+    metrics = dict.fromkeys(_FIXED_TEACHER_ZEROS, zero)
     metrics["loss/student"] = s_loss
     metrics.update(pseudo_metrics(t_logits_src, t_logits_src.argmax(-1), batch.y_u))
     return {k: v.detach().float() for k, v in metrics.items()}
@@ -167,8 +216,9 @@ def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
     return t_logits_l, t_logits_src, t_logits_uw, t_logits_us
 
 
-def _look_ahead(s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], q: Tensor, eta: float,
-                autocast, group):  # fmt: skip
+def _look_ahead(
+    s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], q: Tensor, eta: float, autocast, group
+):
     """The student's look-ahead θ'_S(θ_T) = θ_S − η_S g (Eq. 3) and L_l(θ'_S), exact across the ranks of ``group``.
 
     One process on the N ranks' concatenated batch has g = (1/N) Σ_r g_r, g_r = ∇_{θ_S} CE(q_r, S(x_us^r; θ_S)),

@@ -8,9 +8,16 @@ from torch import Tensor, nn
 
 
 def supervised_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *, label_smoothing: float = 0.0,
-    grad_clip: float = 0.0, amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, Tensor]:  # fmt: skip
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Tensor]:
     """Cross-entropy on a labeled batch and one optimizer step.
 
     Args:

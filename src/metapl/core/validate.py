@@ -70,8 +70,10 @@ def check_batch(batch) -> None:
         if not isinstance(value, Tensor):
             raise MPLInputError(f"batch.{name} is a {type(value).__name__}, not a tensor; pass a torch.Tensor")
         if value.device != values["x_l"].device:
-            raise MPLInputError(f"batch.{name} is on {value.device} but batch.x_l on {values['x_l'].device}; "
-                                "move every field to one device")  # fmt: skip
+            raise MPLInputError(
+                f"batch.{name} is on {value.device} but batch.x_l on {values['x_l'].device}; "
+                "move every field to one device"
+            )
         if kind in ("images", "teacher input"):
             _check_inputs(name, value)
         elif kind == "labels":
@@ -84,8 +86,10 @@ def check_batch(batch) -> None:
         )
     for name, x in (("x_uw", x_uw), ("x_us", x_us)):
         if x.shape[1:] != x_l.shape[1:]:
-            raise MPLInputError(f"batch.{name} has images of shape {tuple(x.shape[1:])} but batch.x_l "
-                                f"{tuple(x_l.shape[1:])}; resize labeled and unlabeled images to one size")  # fmt: skip
+            raise MPLInputError(
+                f"batch.{name} has images of shape {tuple(x.shape[1:])} but batch.x_l "
+                f"{tuple(x_l.shape[1:])}; resize labeled and unlabeled images to one size"
+            )
     _check_teacher_inputs(values)
 
 
@@ -93,8 +97,10 @@ def _check_inputs(name: str, x: Tensor) -> None:
     if not x.is_floating_point():
         raise MPLInputError(f"batch.{name} has dtype {x.dtype}; images must be floating point (normalise them)")
     if x.dim() < 2:
-        raise MPLInputError(f"batch.{name} has shape {tuple(x.shape)}; expected a leading batch dimension, "
-                            "(N, C, H, W) images or (N, D) vectors")  # fmt: skip
+        raise MPLInputError(
+            f"batch.{name} has shape {tuple(x.shape)}; expected a leading batch dimension, "
+            "(N, C, H, W) images or (N, D) vectors"
+        )
     if x.shape[0] == 0:
         # The losses would average over no images: NaN, which would then poison both models silently.
         raise MPLInputError(f"batch.{name} is empty (0 images); every MPL update needs labeled and unlabeled images")
@@ -107,8 +113,9 @@ def _check_labels(name: str, y: Tensor, rows: int) -> None:
         raise MPLInputError(f"batch.{name} has shape {tuple(y.shape)}; expected one class index per image, (N,)")
     if y.shape[0] != rows:
         images = "x_l" if name == "y_l" else "x_uw"
-        raise MPLInputError(f"batch.{name} has {y.shape[0]} labels but batch.{images} {rows} images; "
-                            "pass one label per image")  # fmt: skip
+        raise MPLInputError(
+            f"batch.{name} has {y.shape[0]} labels but batch.{images} {rows} images; pass one label per image"
+        )
 
 
 def _check_teacher_inputs(values: dict) -> None:
@@ -117,8 +124,10 @@ def _check_teacher_inputs(values: dict) -> None:
     for name, t_x in given.items():
         own = name[2:]
         if own in values and t_x.shape[0] != values[own].shape[0]:
-            raise MPLInputError(f"batch.{name} has {t_x.shape[0]} rows but batch.{own} {values[own].shape[0]}; "
-                                "the teacher's input must describe the same images")  # fmt: skip
+            raise MPLInputError(
+                f"batch.{name} has {t_x.shape[0]} rows but batch.{own} {values[own].shape[0]}; "
+                "the teacher's input must describe the same images"
+            )
     shapes = {tuple(v.shape[1:]) for v in given.values()}
     if len(shapes) > 1:
         listed = ", ".join(f"{n} {tuple(v.shape[1:])}" for n, v in given.items())
@@ -146,8 +155,10 @@ def check_scalars(uda_weight: float, optimizers: dict) -> None:
         for i, group in enumerate(optimizer.param_groups):
             lr = float(group["lr"])
             if not math.isfinite(lr) or lr < 0:
-                raise MPLInputError(f"{name}.param_groups[{i}]['lr'] is {lr!r}; a learning rate must be a finite "
-                                    "number >= 0 (check the schedule)")  # fmt: skip
+                raise MPLInputError(
+                    f"{name}.param_groups[{i}]['lr'] is {lr!r}; a learning rate must be a finite "
+                    "number >= 0 (check the schedule)"
+                )
 
 
 def labels_in_range(y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -168,8 +179,10 @@ class _Snapshot:
         with torch.no_grad():
             self.copies = [t.detach().clone() for t in self.tensors]
         self.optimizers = [o for o in optimizers if o is not None]
-        self.states = [{p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
-                        for p, s in o.state.items()} for o in self.optimizers]  # fmt: skip
+        self.states = [
+            {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()} for p, s in o.state.items()}
+            for o in self.optimizers
+        ]
 
     def finite(self) -> Tensor:
         """A 0-d bool tensor on the device: every parameter and buffer (floating ones) is finite."""
@@ -207,8 +220,10 @@ def guarded_update(step: Callable, teacher, student, t_optimizer, s_optimizer, b
     except (RuntimeError, IndexError, ValueError) as e:
         snapshot.restore()
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise MPLInputError(f"the update failed on this batch ({type(e).__name__}: {first}); check that both models "
-                            "take the batch's inputs and output the same number of classes") from e  # fmt: skip
+        raise MPLInputError(
+            f"the update failed on this batch ({type(e).__name__}: {first}); check that both models "
+            "take the batch's inputs and output the same number of classes"
+        ) from e
     labels_ok = metrics.pop(LABELS_OK, None)
     flags = [snapshot.finite(), torch.isfinite(metrics["loss/teacher"]), torch.isfinite(metrics["loss/student"])]
     if labels_ok is not None:
@@ -223,11 +238,15 @@ def _diagnose(batch, labels_ok: Tensor | None) -> str:
     """Why the guard failed, in one line (the failure path: syncs freely)."""
     if labels_ok is not None and not bool(labels_ok):
         y = batch.y_l
-        return (f"batch.y_l holds labels outside the models' classes (min {int(y.min())}, max {int(y.max())}); "
-                "pass class indices in [0, K); both models were left unchanged")  # fmt: skip
+        return (
+            f"batch.y_l holds labels outside the models' classes (min {int(y.min())}, max {int(y.max())}); "
+            "pass class indices in [0, K); both models were left unchanged"
+        )
     for name in batch._fields:
         value = getattr(batch, name)
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"batch.{name} holds non-finite values (NaN/inf); both models were left unchanged; drop or fix them"
-    return ("the update produced a non-finite loss or weight; both models and optimizers were left unchanged; lower "
-            "the learning rates or uda_weight, or clip gradients (grad_clip)")  # fmt: skip
+    return (
+        "the update produced a non-finite loss or weight; both models and optimizers were left unchanged; lower "
+        "the learning rates or uda_weight, or clip gradients (grad_clip)"
+    )

@@ -160,8 +160,10 @@ def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
     for role, module in modules.items():
         problem = state_dict_mismatch(module.state_dict(), ckpt[role])
         if problem:
-            raise UserError(f"{source}: the {role} weights do not fit this run's {role} ({problem}); is it another "
-                            "run's checkpoint?")  # fmt: skip
+            raise UserError(
+                f"{source}: the {role} weights do not fit this run's {role} ({problem}); "
+                "is it another run's checkpoint?"
+            )
     refuse_nonfinite(ckpt, source)
 
 
@@ -222,8 +224,10 @@ def atomic_save(obj: dict, path: str | Path) -> None:
                     # A full disk inside torch's zip writer is a RuntimeError, not an OSError: "[enforce fail at
                     # inline_container.cc:672] . unexpected pos ..."; the previous file is kept all the same.
                     first = (str(e).splitlines() or [type(e).__name__])[0][:100]
-                    raise UserError(f"cannot write {path} (torch.save failed: {first}); the disk is probably full: "
-                                    "free disk space or pick another folder") from e  # fmt: skip
+                    raise UserError(
+                        f"cannot write {path} (torch.save failed: {first}); the disk is probably full: "
+                        "free disk space or pick another folder"
+                    ) from e
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -232,8 +236,9 @@ def atomic_save(obj: dict, path: str | Path) -> None:
             tmp.unlink()
 
 
-def refuse_overwrite(output: str | Path, *, inputs: tuple[tuple[str | Path, str], ...] = (),
-                     own: tuple[str, ...] = ()) -> None:  # fmt: skip
+def refuse_overwrite(
+    output: str | Path, *, inputs: tuple[tuple[str | Path, str], ...] = (), own: tuple[str, ...] = ()
+) -> None:
     """Refuse an ``--output`` that would overwrite an input of the command, a checkpoint, or another command's run file.
 
     Args:
@@ -247,12 +252,14 @@ def refuse_overwrite(output: str | Path, *, inputs: tuple[tuple[str | Path, str]
     out = Path(output)
     for path, what in inputs:
         if _same_path(out, Path(path)):
-            raise UserError(f"--output {out} would overwrite {what} {path}, which this command reads; name another "
-                            "output file")  # fmt: skip
+            raise UserError(
+                f"--output {out} would overwrite {what} {path}, which this command reads; name another output file"
+            )
     in_run = (out.parent / CONFIG).is_file() or (out.parent / LATEST).is_file()
     if in_run and out.name in (*RUN_FILES, LOCK) and out.name not in own:
-        raise UserError(f"--output {out} would overwrite the run's {out.name} in {out.parent}; name another output "
-                        "file")  # fmt: skip
+        raise UserError(
+            f"--output {out} would overwrite the run's {out.name} in {out.parent}; name another output file"
+        )
     if out.is_file() and out.suffix in (".pt", ".pth"):
         raise UserError(f"--output {out} would overwrite a checkpoint; name another output file")
 

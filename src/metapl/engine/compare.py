@@ -111,8 +111,13 @@ def row_config(base: TrainConfig, changes: dict, *, seed: int, out: str | Path) 
     values.update(method=changes.get("method", "mpl"), seed=seed, out=str(out))
     if values["method"] == "supervised":
         no_teacher = {"both": "student", "teacher": "none"}.get(base.pretrained, base.pretrained)
-        values.update(steps=base.steps + base.planned_finetune_steps(), finetune_steps=0, s_wait_steps=0,
-                      teacher_weights=None, pretrained=no_teacher)  # fmt: skip
+        values.update(
+            steps=base.steps + base.planned_finetune_steps(),
+            finetune_steps=0,
+            s_wait_steps=0,
+            teacher_weights=None,
+            pretrained=no_teacher,
+        )
     if values["method"] != "reduced-mpl":
         values["reduced_hidden"] = defaults["reduced_hidden"]
     if values["method"] == "distill":

@@ -17,7 +17,6 @@ MPL, finetuning, run), and ``--resume`` reads it back from there.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, fields
@@ -27,7 +26,11 @@ from typing import Literal
 import yaml
 
 from metapl.core.config import MPLConfig
-from metapl.core.options import Spec, check_options, check_value, option, specs
+from metapl.core.options import check_options, check_value, option, specs
+from metapl.engine.option_rules import refuse_ignored
+from metapl.engine.option_text import flag, help_line, parse_value
+from metapl.engine.recipes import find_config
+from metapl.engine.recipes import shipped_configs as shipped_configs  # was defined here
 from metapl.errors import UserError
 
 _MPL_SECTION = "Meta Pseudo Labels (metapl.core.MPLConfig; docs/algorithm.md)"
@@ -47,56 +50,6 @@ _ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 FINETUNE_STEPS_IF_NONE = 1000  # metapl finetune's steps when neither --steps nor the run's plan gives any
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
-# Options that do nothing unless another option has a value: (option, the option it needs, the values that make it
-# count, in words, why). An option is refused only when its value differs from its default (so the user evidently
-# asked for it). The first group is checked on every TrainConfig; the second ("flags") only for options given as
-# command-line flags, because a recipe file (configs/*.yaml) or a library ``replace(recipe, method="supervised")`` is
-# the normal way to run the labels-only baseline or the no-UDA ablation of the same recipe.
-_IGNORED = (
-    ("feedback", "mode", lambda m: m == "hard", "hard", "soft mode has the exact meta-gradient, no estimator of h"),
-    ("baseline_decay", "mode", lambda m: m == "hard", "hard", "soft mode has no h to subtract a baseline from"),
-    ("pseudo_label", "mode", lambda m: m == "hard", "hard", "soft mode's pseudo labels are the whole distribution"),
-    ("teacher_batch", "mode", lambda m: m == "hard", "hard", "soft mode always runs one joint teacher forward"),
-    ("soft_temperature", "mode", lambda m: m == "soft", "soft", "hard pseudo labels are the argmax or a sample"),
-    (
-        "reduced_hidden",
-        "method",
-        lambda m: m == "reduced-mpl",
-        "reduced-mpl",
-        "only Reduced MPL trains a reduced teacher",
-    ),
-    *(
-        (name, "method", lambda m: m != "distill", "reduced-mpl", "distill's teacher is fixed: it takes no feedback")
-        for name in ("feedback", "feedback_sign", "mpl_weight", "baseline_decay")
-    ),
-)
-_FLAG_IGNORED = tuple(
-    (name, "method", lambda m: m != "supervised", "mpl", "the labels-only baseline trains the student alone")
-    for name in ("mode", "feedback", "feedback_sign", "pseudo_label", "label_view", "student_view", "teacher_batch",
-                 "soft_temperature", "mpl_weight", "baseline_decay", "uda_weight", "uda_steps", "uda_temperature",
-                 "uda_threshold", "teacher", "teacher_dropout", "t_lr", "t_warmup_steps")
-) + tuple(
-    (name, "uda_weight", lambda w: w is None or w > 0, "a weight > 0", "UDA is off")
-    for name in ("uda_steps", "uda_temperature", "uda_threshold")
-) + (("wandb_project", "wandb", bool, "", "no metrics go to Weights & Biases"),)  # fmt: skip
-
-
-def refuse_ignored(cfg, given: set[str] | None = None) -> None:
-    """Refuse an option that does nothing with the other options' values (``_IGNORED``; with ``given``, the names set
-    by command-line flags, also ``_FLAG_IGNORED`` for those names), in one line naming both flags."""
-    known = specs(type(cfg))
-    rules = _IGNORED if given is None else [r for r in _FLAG_IGNORED if r[0] in given]
-    for name, needs, counts, words, why in rules:
-        value, other = getattr(cfg, name, None), getattr(cfg, needs, None)
-        if name in known and value != known[name].default and not counts(other):
-            use = f"--{_flag(needs)} {words}".rstrip()
-            raise UserError(f"--{_flag(name)} {_shown(value)} does nothing with --{_flag(needs)} {_shown(other)} "
-                            f"({why}); drop --{_flag(name)} or use {use}")  # fmt: skip
-
-
-def _shown(value) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(MPLConfig):
@@ -104,9 +57,10 @@ class TrainConfig(MPLConfig):
 
     dataset: str = option("digits", "data set: digits, cifar10, cifar100, svhn, fashion-mnist, folder or shards")
     data_dir: str | None = option(
-        None, "a data root, an ImageFolder tree or a .tar(.gz) of one, or a folder (or glob) of .tar shards for "
+        None,
+        "a data root, an ImageFolder tree or a .tar(.gz) of one, or a folder (or glob) of .tar shards for "
         "--dataset shards (written by metapl shards); none: the default root",
-    )  # fmt: skip
+    )
     download: bool = option(False, "let torchvision download cifar10, cifar100 or svhn into --data-dir")
     num_labeled: int = option(100, "size of the class-balanced labeled subset of the train split", ge=1)
     val_labeled: int = option(
@@ -125,71 +79,85 @@ class TrainConfig(MPLConfig):
         "with random-resized crops (needs --image-size); auto: stream folders over 8 GiB decoded; shards always stream",
     )
     per_rank_shards: bool = option(
-        False, "--dataset shards: each rank streams the unlabeled images of its own shards only (dealt round-robin by "
+        False,
+        "--dataset shards: each rank streams the unlabeled images of its own shards only (dealt round-robin by "
         "global rank), not a share of all of them; the labeled set stays global",
-    )  # fmt: skip
+    )
     expand_labels: bool = option(False, "repeat the labeled set so that one labeled epoch spans --eval-every steps")
     cache_dir: str | None = option(None, "decoded-image cache; none: $METAPL_CACHE_DIR or ~/.cache/metapl")
     skip_corrupt: bool = option(
-        False, "skip unreadable images with a warning instead of stopping (streamed folders and tar shards: every "
+        False,
+        "skip unreadable images with a warning instead of stopping (streamed folders and tar shards: every "
         "image is decoded once before training)",
-    )  # fmt: skip
+    )
     hflip: bool | None = option(None, "horizontal flips in both views; none: the data set's default")
     randaug_n: int = option(2, "RandAugment: operations per image", ge=0, le=14)
     randaug_m: int = option(10, "RandAugment: magnitude, on torchvision's 0-30 scale", ge=0, le=30)
     cutout: int | None = option(
-        None, "side of the Cutout square, in pixels, at most the image size; 0 = off; none: half the image size",
-        ge=0, le=4096,
-    )  # fmt: skip
+        None,
+        "side of the Cutout square, in pixels, at most the image size; 0 = off; none: half the image size",
+        ge=0,
+        le=4096,
+    )
     labeled_aug: Literal["weak", "strong"] = option(
         "weak", "augmentation of the labeled images: weak (flip + crop) or strong (+ RandAugment and Cutout)"
     )
     workers: int | None = option(
-        None, "data-loader worker processes; 0 loads in the training process; none: chosen from the free cores",
-        ge=0, le=256,
-    )  # fmt: skip
+        None,
+        "data-loader worker processes; 0 loads in the training process; none: chosen from the free cores",
+        ge=0,
+        le=256,
+    )
     threads: int | None = option(
-        None, "intra-op threads of the training process; none: $OMP_NUM_THREADS, else chosen from the free cores",
-        ge=1, le=1024,
-    )  # fmt: skip
+        None,
+        "intra-op threads of the training process; none: $OMP_NUM_THREADS, else chosen from the free cores",
+        ge=1,
+        le=1024,
+    )
     augment_on: Literal["loader", "device"] = option(
-        "loader", "where the views are augmented: loader (per image with Pillow, in the workers) or device (whole "
+        "loader",
+        "where the views are augmented: loader (per image with Pillow, in the workers) or device (whole "
         "batches on --device; the workers only copy uint8 images)",
-    )  # fmt: skip
+    )
 
     teacher: str = option(
         "small_cnn", "teacher network: a registered name (small_cnn, wrn28_2, ...), tv:NAME, timm:NAME"
     )
     student: str = option("small_cnn", "student network, named as --teacher")
     imports: str | None = option(
-        None, "Python modules to import before the models are built (comma-separated, e.g. mypkg.models): they "
+        None,
+        "Python modules to import before the models are built (comma-separated, e.g. mypkg.models): they "
         "register your own models with metapl.models.register_model; recorded in the run, so eval, predict, "
         "finetune and export import them again (also --import)",
-    )  # fmt: skip
+    )
     teacher_dropout: float = option(0.0, "dropout before the teacher's classifier", ge=0, lt=1)
     student_dropout: float = option(0.0, "dropout before the student's classifier", ge=0, lt=1)
     pretrained: Literal["none", "teacher", "student", "both"] = option(
-        "none", "start these models from their library's pretrained weights (torchvision: the torch hub cache; timm: "
+        "none",
+        "start these models from their library's pretrained weights (torchvision: the torch hub cache; timm: "
         "the Hugging Face cache); a head of another class count is replaced",
-    )  # fmt: skip
+    )
     teacher_weights: str | None = option(
-        None, "start the teacher from these weights: a metapl run folder (its finetuned or EMA student), a checkpoint "
+        None,
+        "start the teacher from these weights: a metapl run folder (its finetuned or EMA student), a checkpoint "
         "(.pt; add :student, :ema or :teacher to pick the network), a state_dict file or a .safetensors file",
-    )  # fmt: skip
+    )
     student_weights: str | None = option(None, "start the student from these weights, given as --teacher-weights")
     reduced_hidden: int = option(
-        64, "--method reduced-mpl: hidden units of the reduced teacher, a small network over the large teacher's "
+        64,
+        "--method reduced-mpl: hidden units of the reduced teacher, a small network over the large teacher's "
         "predicted distribution",
-        ge=1, le=65536,
-    )  # fmt: skip
+        ge=1,
+        le=65536,
+    )
 
     method: Literal["mpl", "supervised", "reduced-mpl", "distill"] = option(
-        "mpl", "mpl; supervised: the student on the labeled data alone (a baseline); reduced-mpl: Reduced Meta Pseudo "
+        "mpl",
+        "mpl; supervised: the student on the labeled data alone (a baseline); reduced-mpl: Reduced Meta Pseudo "
         "Labels (the paper's appendix E): --teacher with --teacher-weights (trained on your classes) is the large "
-        "teacher, "
-        "run once over the images, and a small reduced teacher over its predictions learns with the student; "
+        "teacher, run once over the images, and a small reduced teacher over its predictions learns with the student; "
         "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)",
-    )  # fmt: skip
+    )
     steps: int = option(1000, "training steps (one teacher and one student update each)", ge=1)
     batch_size: int = option(32, "labeled images per step, per process", ge=1, le=_BATCH)
     mu: int = option(7, "unlabeled images per labeled image in a step", ge=1, le=1024)
@@ -204,10 +172,11 @@ class TrainConfig(MPLConfig):
     ema: float = option(0.995, "EMA decay of the student's weights, per step; 0 = no EMA", ge=0, lt=1)
 
     uda_weight: float | None = option(
-        None, "weight of the teacher's UDA consistency loss; 0 = no UDA; none: 1 for --method mpl, 0 otherwise (a "
+        None,
+        "weight of the teacher's UDA consistency loss; 0 = no UDA; none: 1 for --method mpl, 0 otherwise (a "
         "reduced teacher reads one stored prediction per image, the same for both views: UDA cannot apply)",
         ge=0,
-    )  # fmt: skip
+    )
     uda_steps: int = option(0, "linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once", ge=0)
 
     finetune_steps: int | None = option(
@@ -235,14 +204,15 @@ class TrainConfig(MPLConfig):
     sync_bn: bool = option(False, "SyncBatchNorm under DDP (CUDA only; refused on the CPU)")
     tensorboard: bool = option(True, "write TensorBoard event files into the run directory")
     wandb: bool = option(
-        False, 'also log the metrics to Weights & Biases (pip install "metapl[wandb]"); a resumed run continues the '
+        False,
+        'also log the metrics to Weights & Biases (pip install "metapl[wandb]"); a resumed run continues the '
         "same W&B run; WANDB_MODE=offline keeps it in RUN_DIR/wandb",
-    )  # fmt: skip
+    )
     wandb_project: str | None = option(None, "W&B project of --wandb; none: $WANDB_PROJECT or W&B's default")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        check_options(self, UserError, lambda name: "--" + _flag(name))
+        check_options(self, UserError, lambda name: "--" + flag(name))
         if self.per_rank_shards and self.dataset != "shards":
             raise UserError("--per-rank-shards deals tar shards to ranks; use --dataset shards or drop the flag")
         if self.amp == "fp16" and self.mode == "soft":
@@ -304,11 +274,23 @@ class TrainConfig(MPLConfig):
 # Options that change where and how fast a run executes, never what it computes: they may differ when a run is
 # resumed (on another machine, with fewer workers) and are the flags --resume accepts, with --steps. Every other option
 # alters the math and is fixed for the run's life (metapl.engine.resume).
-RUNTIME_KEYS = frozenset({
-    "workers", "threads", "device", "progress", "cache_dir", "data_dir", "download", "tensorboard", "wandb",
-    "wandb_project",
-    "eval_batch_size", "log_every", "save_every",
-})  # fmt: skip
+RUNTIME_KEYS = frozenset(
+    {
+        "workers",
+        "threads",
+        "device",
+        "progress",
+        "cache_dir",
+        "data_dir",
+        "download",
+        "tensorboard",
+        "wandb",
+        "wandb_project",
+        "eval_batch_size",
+        "log_every",
+        "save_every",
+    }
+)
 
 
 def sections() -> list[tuple[str, list[str]]]:
@@ -322,70 +304,6 @@ def sections() -> list[tuple[str, list[str]]]:
         if f.name not in mpl:
             out[-1][1].append(f.name)
     return out
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _parse(spec: Spec, value):
-    """A flag's text or a YAML value as the option's type. Text that does not parse is returned unchanged, and the
-    check then refuses it with the option's range."""
-    if not isinstance(value, str):
-        is_whole = spec.kind is int and isinstance(value, float) and value.is_integer()
-        return int(value) if is_whole else value
-    text = value.strip().lower()
-    if spec.optional and text in ("none", "null", ""):
-        return None
-    if spec.kind is bool:
-        return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                "off": False}.get(text, value)  # fmt: skip
-    if spec.kind not in (int, float) or spec.choices:
-        return value
-    try:
-        return int(text) if spec.kind is int else float(text)
-    except ValueError:
-        pass
-    with contextlib.suppress(ValueError):
-        number = float(text)
-        if number.is_integer():
-            return int(number)  # an integer written as 1e3
-    return value
-
-
-def _help(spec: Spec) -> str:
-    """A flag's ``--help`` line: what the option does, what values fit, its default."""
-    text = f"{spec.help}; {spec.expected()}" if spec.kind in (int, float) else spec.help  # choices show in the usage
-    default = spec.default
-    shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
-    return f"{text} (default: {shown})".replace("%", "%%")
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The configs shipped inside the package (``metapl/configs/*.yaml``): name -> file."""
-    folder = Path(__file__).resolve().parents[1] / "configs"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-
-
-def find_config(name: str | Path) -> Path:
-    """The file ``--config`` names: a path as given, or a bare name (no folder, no extension) of a shipped config.
-
-    Args:
-        name: ``configs/my.yaml``, ``my.yaml`` or ``cifar10_4k``.
-
-    Returns:
-        The path to read (``load_yaml`` reports a path that does not exist).
-
-    Raises:
-        UserError: a bare name that is neither a file here nor a shipped config, listing the shipped names.
-    """
-    path = Path(name)
-    if path.exists() or path.suffix or len(path.parts) != 1:
-        return path
-    shipped = shipped_configs()
-    if str(name) in shipped:
-        return shipped[str(name)]
-    raise UserError(f"unknown config {str(name)!r}; the shipped configs are {', '.join(shipped)}, or pass a YAML file")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -416,7 +334,7 @@ def load_yaml(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, list(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see metapl train --help for the keys"
             raise UserError(f"unknown key {key!r} in config file {path}{hint}")
-        out[name] = _parse(known[name], value)
+        out[name] = parse_value(known[name], value)
         check_value(known[name], out[name], f"config file {path}: {name}", UserError)
     return out
 
@@ -430,9 +348,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for title, names in sections():
         group = parser.add_argument_group(title)
         for name in names:
-            spec, flag = known[name], "--" + _flag(name)
-            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": _help(spec)}
-            flags = (flag, *_ALIASES.get(name, ()))
+            spec = known[name]
+            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
+            flags = ("--" + flag(name), *_ALIASES.get(name, ()))
             if spec.kind is bool:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             elif spec.choices:
@@ -446,7 +364,7 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(find_config(args.config)) if getattr(args, "config", None) else {}
     for name, spec in specs(TrainConfig).items():
         if hasattr(args, name):
-            values[name] = _parse(spec, getattr(args, name))
+            values[name] = parse_value(spec, getattr(args, name))
     cfg = TrainConfig(**values)
     refuse_ignored(cfg, {name for name in specs(TrainConfig) if hasattr(args, name)})
     return cfg
@@ -454,7 +372,9 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 def given_options(args: argparse.Namespace) -> dict:
     """The ``TrainConfig`` options given as flags on the command line (not the defaults nor ``--config``), parsed."""
-    return {name: _parse(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)}
+    return {
+        name: parse_value(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)
+    }
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -32,16 +32,20 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers
     return {
         prefix: mdata.make_eval_loader(
             images, mean=data.mean, std=data.std, batch_size=batch_size, num_workers=mdata.eval_workers(images, workers)
-        )  # fmt: skip
+        )
         for prefix, images in sets.items()
     }
 
 
 @torch.no_grad()
 def evaluate(
-    models: dict[str, nn.Module], loader, device: torch.device, *, amp_dtype: torch.dtype | None = None,
+    models: dict[str, nn.Module],
+    loader,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Accuracy of each model in eval mode on every batch of ``loader``; train mode is restored afterwards.
 
     Args:
@@ -84,8 +88,14 @@ def evaluate(
     return out
 
 
-def evaluate_sets(models: dict[str, nn.Module], loaders: dict[str, object], device: torch.device, *,
-                  amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:  # fmt: skip
+def evaluate_sets(
+    models: dict[str, nn.Module],
+    loaders: dict[str, object],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """``evaluate`` on each of ``eval_loaders``' sets; each set's keys carry its prefix (``val_student_acc``).
 
     Args:
@@ -149,8 +159,9 @@ def evaluate_report(models: dict[str, nn.Module], loader, device: torch.device, 
     return out
 
 
-def class_report(pred: torch.Tensor, conf: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-                 topk_hits: torch.Tensor | None = None) -> dict:  # fmt: skip
+def class_report(
+    pred: torch.Tensor, conf: torch.Tensor, y: torch.Tensor, num_classes: int, *, topk_hits: torch.Tensor | None = None
+) -> dict:
     """Accuracy, top-5, ECE, per-class accuracy/precision/recall and the confusion matrix of one model's predictions.
 
     Per class c (all in %): ``accuracy`` and ``recall`` are the share of class c's images predicted as c (the same
@@ -179,8 +190,14 @@ def class_report(pred: torch.Tensor, conf: torch.Tensor, y: torch.Tensor, num_cl
     per_class = []
     for c in range(k):
         recall = pct(int(tp[c]), int(support[c]))
-        per_class.append({"accuracy": recall, "precision": pct(int(tp[c]), int(predicted[c])), "recall": recall,
-                          "support": int(support[c])})  # fmt: skip
+        per_class.append(
+            {
+                "accuracy": recall,
+                "precision": pct(int(tp[c]), int(predicted[c])),
+                "recall": recall,
+                "support": int(support[c]),
+            }
+        )
     report = {"acc": 100.0 * int(tp.sum()) / n}
     if topk_hits is not None:
         report["top5"] = 100.0 * int(topk_hits.sum()) / n

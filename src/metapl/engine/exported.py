@@ -57,9 +57,17 @@ def export_meta(ckpt: dict, role: str, source: str | Path) -> dict:
     shape = {key: int(ckpt[key]) for key in ("num_classes", "in_channels", "image_size")}
     meta = {"format": FORMAT, "version": VERSION, "architecture": name, "arguments": {**shape, "dropout": dropout}}
     meta.update(shape)
-    meta.update({"classes": [str(c) for c in ckpt["classes"]], "mean": [float(v) for v in ckpt["mean"]],
-                 "std": [float(v) for v in ckpt["std"]], "role": role, "source": str(source),
-                 "step": ckpt.get("step"), "method": cfg.method})  # fmt: skip
+    meta.update(
+        {
+            "classes": [str(c) for c in ckpt["classes"]],
+            "mean": [float(v) for v in ckpt["mean"]],
+            "std": [float(v) for v in ckpt["std"]],
+            "role": role,
+            "source": str(source),
+            "step": ckpt.get("step"),
+            "method": cfg.method,
+        }
+    )
     imports = getattr(cfg, "imports", None)
     if imports:
         meta["imports"] = imports
@@ -108,8 +116,10 @@ def read_exported(path: str | Path) -> tuple[nn.Module, dict]:
         raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:80]}); export the model again") from None
     problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
-        raise UserError(f"{path}: the weights do not fit {meta['architecture']} as {meta_file.name} describes it "
-                        f"({problem}); was one of the two files replaced?")  # fmt: skip
+        raise UserError(
+            f"{path}: the weights do not fit {meta['architecture']} as {meta_file.name} describes it "
+            f"({problem}); was one of the two files replaced?"
+        )
     model.load_state_dict(state)
     return model.eval(), meta
 

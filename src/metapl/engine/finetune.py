@@ -43,12 +43,13 @@ from metapl.engine.runtime import (
     seed_everything,
     select_device,
     stop_agreed,
-)  # fmt: skip
+)
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 
-def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | None = None,
-                     resume_command: str = "") -> dict:  # fmt: skip
+def finetune_student(
+    run, run_dir: Path, writer, log, *, stop: StopSignals | None = None, resume_command: str = ""
+) -> dict:
     """Finetune ``run.student`` for ``cfg.planned_finetune_steps()`` steps on shuffled labeled batches (weak views).
 
     A finetuning stopped by SIGINT/SIGTERM saves its progress (``finetune-progress.pt``: the student, the optimizer,
@@ -72,26 +73,15 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
     """
     cfg, device, data = run.cfg, run.device, run.data
     student = run.student  # DDP-wrapped under torchrun: the ranks stay in step
-    opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                   weight_decay=cfg.weight_decay, device=device)  # fmt: skip
+    opt = _finetune_optimizer(run)
     start = _restore_progress(run, run_dir, opt, log)
-    weak = mdata.weak_transform(data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std,
-                                crop=mdata.train_crop(data))  # fmt: skip
-    loader, _ = mdata.make_train_loaders(
-        data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=start,
-        num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    batches = iter(loader)
+    batches = _labeled_batches(run, start)
     loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
     student.train()
     losses, accs = [], {}
     steps = cfg.planned_finetune_steps()
     for i in range(start, steps):
-        x, y = (t.to(device, non_blocking=True) for t in next(batches))
-        out = supervised_step(student, opt, x, y, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
-                              amp_dtype=run.amp_dtype, scaler=None)  # fmt: skip
-        losses.append(out["loss/student"])
+        losses.append(_finetune_step(run, opt, batches))
         done = i + 1
         synced = done % cfg.log_every == 0
         if synced and run.dist.is_main:
@@ -99,14 +89,79 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
             losses = []
         # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
         if done % cfg.eval_every == 0 or done == steps:
-            _refuse_diverged(student, cfg)  # every rank: they hold the same weights and must stop together
-            if run.dist.is_main:
-                accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
-                writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
+            accs = _checked_accuracies(run, loaders, writer, done)
         if stop is not None and done < steps and stop_agreed(stop, run.dist, device, synced):
             raise _save_progress(run, run_dir, opt, done, stop, resume_command)
     if steps == 0 and run.dist.is_main:  # `metapl finetune --steps 0`: the student as it is, scored and saved
         accs = evaluate_sets({"finetuned": unwrap(student)}, loaders, device, amp_dtype=run.amp_dtype)
+    return _save_finetuned(run, run_dir, accs, steps, log)
+
+
+def _finetune_optimizer(run) -> torch.optim.Optimizer:
+    """A fresh SGD for the student: training's settings at ``--finetune-lr``."""
+    cfg = run.cfg
+    return make_sgd(
+        unwrap(run.student),
+        lr=cfg.finetune_lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        device=run.device,
+    )
+
+
+def _labeled_batches(run, start: int):
+    """The finetuning's batches from step ``start`` on: shuffled labeled images, weak views, per rank."""
+    cfg, data = run.cfg, run.data
+    weak = mdata.weak_transform(
+        data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std, crop=mdata.train_crop(data)
+    )
+    loader, _ = mdata.make_train_loaders(
+        data,
+        run.split,
+        batch_size=cfg.finetune_batch_size,
+        mu=1,
+        seed=cfg.seed + 1,
+        start_step=start,
+        num_workers=cfg.workers,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+        weak=weak,
+        strong=weak,
+        pin_memory=run.device.type == "cuda",
+    )
+    return iter(loader)
+
+
+def _finetune_step(run, opt, batches) -> torch.Tensor:
+    """One supervised step of the student on the next labeled batch; its loss (on the device, not synchronised)."""
+    cfg = run.cfg
+    x, y = (t.to(run.device, non_blocking=True) for t in next(batches))
+    out = supervised_step(
+        run.student,
+        opt,
+        x,
+        y,
+        label_smoothing=cfg.label_smoothing,
+        grad_clip=cfg.grad_clip,
+        amp_dtype=run.amp_dtype,
+        scaler=None,
+    )
+    return out["loss/student"]
+
+
+def _checked_accuracies(run, loaders: dict, writer, done: int) -> dict[str, float]:
+    """After finetuning step ``done``: refuse diverged weights, then evaluate and record them (main rank; {} else)."""
+    _refuse_diverged(run.student, run.cfg)  # every rank: they hold the same weights and must stop together
+    if not run.dist.is_main:
+        return {}
+    accs = evaluate_sets({"finetuned": unwrap(run.student)}, loaders, run.device, amp_dtype=run.amp_dtype)
+    writer.write(run.step + done, {f"eval/{k}": v for k, v in accs.items()})
+    return accs
+
+
+def _save_finetuned(run, run_dir: Path, accs: dict[str, float], steps: int, log) -> dict:
+    """Write ``finetuned.pt`` and drop the finetuning's progress file (main rank); ``finetune_student``'s result."""
     result = {"finetune_steps": steps}
     if run.dist.is_main:
         log(f"finetuned student: test accuracy {accs['finetuned_acc']:.2f}%")
@@ -124,8 +179,13 @@ def finetune_progress(run, run_dir: Path) -> dict | None:
         return None
     progress = load_checkpoint(path)
     cfg = run.cfg
-    plan = {"mpl_step": run.step, "steps": cfg.planned_finetune_steps(), "lr": cfg.finetune_lr,
-            "batch_size": cfg.finetune_batch_size, "world_size": run.dist.world_size}  # fmt: skip
+    plan = {
+        "mpl_step": run.step,
+        "steps": cfg.planned_finetune_steps(),
+        "lr": cfg.finetune_lr,
+        "batch_size": cfg.finetune_batch_size,
+        "world_size": run.dist.world_size,
+    }
     if any(progress.get(k) != v for k, v in plan.items()):
         return None  # another MPL step (an extended run) or other settings: finetune from the MPL checkpoint
     return progress
@@ -153,11 +213,21 @@ def _save_progress(run, run_dir: Path, opt, done: int, stop: StopSignals, resume
     path = run_dir / FINETUNE_PROGRESS
     if run.dist.is_main:
         cfg = run.cfg
-        atomic_save({
-            "config": cfg.to_dict(), "mpl_step": run.step, "steps": cfg.planned_finetune_steps(),
-            "lr": cfg.finetune_lr, "batch_size": cfg.finetune_batch_size, "world_size": run.dist.world_size,
-            "done": done, "student": unwrap(run.student).state_dict(), "opt": opt.state_dict(), "rng_ranks": ranks,
-        }, path)  # fmt: skip
+        atomic_save(
+            {
+                "config": cfg.to_dict(),
+                "mpl_step": run.step,
+                "steps": cfg.planned_finetune_steps(),
+                "lr": cfg.finetune_lr,
+                "batch_size": cfg.finetune_batch_size,
+                "world_size": run.dist.world_size,
+                "done": done,
+                "student": unwrap(run.student).state_dict(),
+                "opt": opt.state_dict(),
+                "rng_ranks": ranks,
+            },
+            path,
+        )
     barrier(run.dist)
     signum = stop.signum or signal.SIGTERM  # under torchrun another rank may have been the one signalled
     return Interrupted(
@@ -203,9 +273,12 @@ def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device:
     saved = load_run_config(run_dir)
     default = saved.planned_finetune_steps() or FINETUNE_STEPS_IF_NONE
     cfg = replace(
-        saved, out=str(run_dir), finetune_steps=steps if steps is not None else default,
-        finetune_lr=lr if lr is not None else saved.finetune_lr, device=device or saved.device,
-    )  # fmt: skip
+        saved,
+        out=str(run_dir),
+        finetune_steps=steps if steps is not None else default,
+        finetune_lr=lr if lr is not None else saved.finetune_lr,
+        device=device or saved.device,
+    )
     ckpt = load_checkpoint(run_dir / LATEST)
     check_resume(saved, ckpt, run_dir)  # an edited config.yaml would rebuild another run around these weights
     summary = read_summary(run_dir)  # read first: a damaged file is reported before minutes of work

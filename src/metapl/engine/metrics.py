@@ -75,6 +75,16 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+class NullWriter:
+    """What ranks other than 0 get in place of a ``MetricsWriter``: they write no files."""
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def require_wandb():
     """The ``wandb`` module, or a ``UserError`` saying how to install it (checked before a run writes anything)."""
     try:
@@ -98,9 +108,14 @@ def _start_wandb(run_dir: Path, config: dict):
         run_id = id_path.read_text().strip()
     try:  # console="off": train.log already keeps the terminal, and W&B's capture would wrap the progress bar's stream
         return wandb.init(
-            project=config.get("wandb_project"), dir=str(run_dir), config=config, name=run_dir.resolve().name,
-            id=run_id, resume="allow", settings=wandb.Settings(console="off"),
-        )  # fmt: skip
+            project=config.get("wandb_project"),
+            dir=str(run_dir),
+            config=config,
+            name=run_dir.resolve().name,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(console="off"),
+        )
     except wandb.errors.Error as e:  # not logged in, no network, a refused project
         raise UserError(f"--wandb: {str(e).splitlines()[0]}; run `wandb login`, or set WANDB_MODE=offline") from None
 

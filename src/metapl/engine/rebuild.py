@@ -53,9 +53,10 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
         raise UserError(f"{source} holds no {role} weights")
     method = ckpt["config"].get("method")
     if role == "teacher" and method in REDUCED_METHODS:  # its teacher reads stored predictions, not images
-        raise UserError(f"{source} is a --method {method} run: its teacher entry is not a "
-                        f"{ckpt['config'].get('teacher')} classifier of images; use the student, ema or finetuned "
-                        "model")  # fmt: skip
+        raise UserError(
+            f"{source} is a --method {method} run: its teacher entry is not a {ckpt['config'].get('teacher')} "
+            "classifier of images; use the student, ema or finetuned model"
+        )
     cfg = config_from_dict(ckpt["config"])
     import_modules(getattr(cfg, "imports", None))
     name, dropout = (cfg.teacher, cfg.teacher_dropout) if role == "teacher" else (cfg.student, cfg.student_dropout)

@@ -59,16 +59,22 @@ def large_teacher_predictions(cfg: TrainConfig, data, device: torch.device, d: D
     """
     teacher = start_model(cfg, "teacher", data, log, replace_head=False)
     key = {
-        "fingerprint": mdata.data_fingerprint(data), "teacher": cfg.teacher, "weights": weights_digest(teacher),
-        "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
-    }  # fmt: skip
+        "fingerprint": mdata.data_fingerprint(data),
+        "teacher": cfg.teacher,
+        "weights": weights_digest(teacher),
+        "image_size": data.image_size,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = (Path(cfg.cache_dir) if cfg.cache_dir else mdata.default_cache_dir()) / "predictions" / f"{digest}.npz"
     if d.is_main:
         preds = _read(path, data)
         if preds is None:
-            log(f"large teacher {cfg.teacher}: predicting {len(data.train)} training and {len(data.test)} test images "
-                f"once -> {path}")  # fmt: skip
+            log(
+                f"large teacher {cfg.teacher}: predicting {len(data.train)} training and {len(data.test)} test images "
+                f"once -> {path}"
+            )
             preds = _predict(teacher.to(device), data, device, cfg)
             _write(path, preds)
     del teacher
@@ -87,8 +93,13 @@ def _predict(teacher: nn.Module, data, device: torch.device, cfg: TrainConfig) -
         sets["extra"] = data.extra_unlabeled
     out = {"extra": None}
     for name, images in sets.items():
-        loader = mdata.make_eval_loader(images, mean=data.mean, std=data.std, batch_size=cfg.eval_batch_size,
-                                        num_workers=mdata.eval_workers(images, cfg.workers or 0))  # fmt: skip
+        loader = mdata.make_eval_loader(
+            images,
+            mean=data.mean,
+            std=data.std,
+            batch_size=cfg.eval_batch_size,
+            num_workers=mdata.eval_workers(images, cfg.workers or 0),
+        )
         rows = [torch.log_softmax(teacher(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
         out[name] = torch.cat(rows).numpy() if rows else np.zeros((0, data.num_classes), np.float32)
     return TeacherPredictions(**out)
@@ -121,8 +132,9 @@ def _write(path: Path, preds: TeacherPredictions) -> None:
 
 
 @torch.no_grad()
-def reduced_teacher_accuracy(teacher: nn.Module, preds: TeacherPredictions, data, split, device: torch.device,
-                             limit: int | None = None) -> dict[str, float]:  # fmt: skip
+def reduced_teacher_accuracy(
+    teacher: nn.Module, preds: TeacherPredictions, data, split, device: torch.device, limit: int | None = None
+) -> dict[str, float]:
     """Top-1 accuracy (%) of the reduced teacher over the large teacher's stored predictions: on the test images
     (``teacher_acc``) and, with a validation split, on it (``val_teacher_acc``); the first ``limit`` of each."""
     sets = {"": (preds.test, data.test.labels)}

@@ -20,7 +20,7 @@ from metapl.data.loader import mix_seed
 from metapl.engine.checkpoint import restore
 from metapl.engine.config import REDUCED_METHODS, TrainConfig
 from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions
-from metapl.engine.run_dir import LATEST, LOCK, RUN_FILES, SPLIT
+from metapl.engine.run_dir import LATEST, LOCK, RUN_FILES, SPLIT, load_run_split
 from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
 from metapl.engine.weights import start_model
 from metapl.errors import UserError, few, reporting_os_errors
@@ -70,12 +70,8 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     """
     cfg = _take_cpu_share(cfg, device, d, log)
     import_model_modules(cfg.imports)  # the user's own models, before any is built (metapl.models.plugins)
-    data = mdata.load_dataset(
-        cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size, unlabeled_dir=cfg.unlabeled_dir,
-        cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, log=log,
-        data_path=cfg.data_path,
-    )  # fmt: skip
-    split = _split(cfg, data, run_dir / SPLIT if ckpt is not None else None, log)
+    data = _load_data(cfg, log)
+    split = _split(cfg, data, run_dir if ckpt is not None else None, log)
     log(
         f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
         f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled, {len(data.test.labels)} test"
@@ -84,19 +80,14 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     teacher = teacher.to(device, memory_format=memory_format)
     student = student.to(device, memory_format=memory_format)
-    opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
-    t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
-    t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.t_warmup_steps)
-    # The baseline has no teacher to wait for: its student starts at once.
-    wait = cfg.s_wait_steps if cfg.method != "supervised" else 0
-    s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=wait)
+    optimizers = _optimizers(cfg, teacher, student, device)  # (t_opt, s_opt, t_sched, s_sched)
     ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
     dtype = amp_dtype(cfg.amp, device)
     scalers = (None, None)
     if dtype == torch.float16:
         scalers = (torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda"))
-    run = Run(cfg, device, d, data, split, teacher, student, t_opt, s_opt, t_sched, s_sched, ema, MPLState(),
-              *scalers, dtype, predictions=predictions)  # fmt: skip
+    run = Run(cfg, device, d, data, split, teacher, student, *optimizers, ema, MPLState(), *scalers, dtype)
+    run.predictions = predictions
     if ckpt is not None:
         if not restore(run, ckpt, run_dir / LATEST):
             seed_rank(cfg, d, run.step)  # another number of processes: no exact resume, but distinct streams
@@ -109,6 +100,33 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     if cfg.compile:
         run.teacher, run.student = torch.compile(run.teacher), torch.compile(run.student)
     return run
+
+
+def _load_data(cfg: TrainConfig, log):
+    """The run's data set (``metapl.data.load_dataset``), as its options describe it."""
+    return mdata.load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        download=cfg.download,
+        image_size=cfg.image_size,
+        unlabeled_dir=cfg.unlabeled_dir,
+        cache_dir=cfg.cache_dir,
+        skip_corrupt=cfg.skip_corrupt,
+        seed=cfg.seed,
+        log=log,
+        data_path=cfg.data_path,
+    )
+
+
+def _optimizers(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device) -> tuple:
+    """SGD for both models and their learning-rate schedules: ``(t_opt, s_opt, t_sched, s_sched)``."""
+    opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
+    t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
+    t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.t_warmup_steps)
+    # The baseline has no teacher to wait for: its student starts at once.
+    wait = cfg.s_wait_steps if cfg.method != "supervised" else 0
+    s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=wait)
+    return t_opt, s_opt, t_sched, s_sched
 
 
 def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
@@ -128,8 +146,10 @@ def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
     else:
         teacher, t_name = start_model(cfg, "teacher", data, log, load=not resuming), cfg.teacher
     student = start_model(cfg, "student", data, log, load=not resuming)
-    log(f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
-        f"student {cfg.student}: {count_parameters(student):,} parameters")  # fmt: skip
+    log(
+        f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
+        f"student {cfg.student}: {count_parameters(student):,} parameters"
+    )
     return predictions, teacher, student
 
 
@@ -139,22 +159,34 @@ def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
     share = plan_cpu_share(cfg.workers, cfg.threads, device, local_world, copy_only=cfg.augment_on == "device")
     torch.set_num_threads(share.threads)
     if cfg.workers is None or cfg.threads is None:
-        log(f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "
-            f"{share.threads} threads (set --workers / --threads to choose)")  # fmt: skip
+        log(
+            f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "
+            f"{share.threads} threads (set --workers / --threads to choose)"
+        )
     return replace(cfg, workers=share.workers, threads=share.threads)
 
 
-def _split(cfg: TrainConfig, data, saved: Path | None, log):
-    """The saved split of a resumed run (checked against the data), else a new one carrying the data's fingerprint."""
+def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
+    """The saved split of a resumed run (checked against the data), else a new one carrying the data's fingerprint.
+
+    Args:
+        run_dir: the folder of the run being resumed (its ``split.json``, read by ``run_dir.load_run_split``), or
+            None for a new run (``metapl.engine.train`` saves its split there with ``run_dir.save_run_split``).
+    """
     fingerprint = mdata.data_fingerprint(data)
-    if saved is not None and saved.exists():
-        split = mdata.load_split(saved)
-        mdata.check_fingerprint(split.fingerprint, fingerprint, saved)
+    if run_dir is not None and (run_dir / SPLIT).exists():
+        split = load_run_split(run_dir)
+        mdata.check_fingerprint(split.fingerprint, fingerprint, run_dir / SPLIT)
         return split
     split = mdata.make_split(
-        data.train.labels, cfg.num_labeled, data.num_classes, seed=cfg.seed, unlabeled=cfg.unlabeled,
-        val=cfg.val_labeled, log=log,
-    )  # fmt: skip
+        data.train.labels,
+        cfg.num_labeled,
+        data.num_classes,
+        seed=cfg.seed,
+        unlabeled=cfg.unlabeled,
+        val=cfg.val_labeled,
+        log=log,
+    )
     if cfg.method != "supervised" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
         raise UserError(
             f"--unlabeled rest leaves no unlabeled images: all {len(data.train)} training images are labeled or held "
@@ -232,7 +264,7 @@ def check_out_path(out: str) -> Path:
 
 
 def clear_run_files(run_dir: Path, log) -> None:
-    """Delete the files a run writes (``metapl.engine.checkpoint.RUN_FILES``) from ``run_dir``; other files stay."""
+    """Delete the files a run writes (``metapl.engine.run_dir.RUN_FILES``) from ``run_dir``; other files stay."""
     removed = []
     for name in RUN_FILES:
         path = run_dir / name

@@ -110,8 +110,9 @@ class CpuShare:
     threads: int
 
 
-def plan_cpu_share(workers: int | None, threads: int | None, device: torch.device, local_world: int = 1, *,
-                   copy_only: bool = False) -> CpuShare:  # fmt: skip
+def plan_cpu_share(
+    workers: int | None, threads: int | None, device: torch.device, local_world: int = 1, *, copy_only: bool = False
+) -> CpuShare:
     """Choose loader workers and intra-op threads from the cores actually free, where the user left them open.
 
     Oversubscribed cores are the expensive mistake: an intra-op thread pool waits at every parallel region for its

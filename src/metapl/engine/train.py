@@ -1,6 +1,7 @@
 """``metapl train``: the MPL training loop around ``metapl.core.mpl_update`` (and the labels-only baseline).
 
-A run's state and folder: ``metapl.engine.run``; its files and checkpoint format: ``metapl.engine.checkpoint``.
+A run's state and folder: ``metapl.engine.run``; its files and checkpoint format: ``metapl.engine.checkpoint``;
+its accuracies and ``summary.json``: ``metapl.engine.results``.
 Only finite weights are ever saved: a run that diverges stops with the last good checkpoint on disk. SIGINT (Ctrl-C)
 and SIGTERM stop it after the current step, with a checkpoint of that step.
 """
@@ -29,11 +30,12 @@ from metapl.engine.checkpoint import (
     rng_state,
 )
 from metapl.engine.config import TrainConfig
-from metapl.engine.evaluate import eval_loaders, evaluate_sets
+from metapl.engine.evaluate import eval_loaders
 from metapl.engine.finetune import finetune_progress, finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
-from metapl.engine.metrics import LogFile, MetricsWriter, require_wandb
-from metapl.engine.reduced import reduced_teacher_accuracy
+from metapl.engine.metrics import LogFile, MetricsWriter, NullWriter, require_wandb
+from metapl.engine.results import NO_BEST as NO_BEST  # summary["best"] without best.pt; was defined here
+from metapl.engine.results import eval_line, evaluate_run, run_summary
 from metapl.engine.resume import check_resume, replan_schedules
 from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files
 from metapl.engine.run_dir import BEST, LATEST, TRAIN_LOG, save_run_config, save_run_split, write_summary
@@ -46,11 +48,10 @@ from metapl.engine.runtime import (
     seed_everything,
     select_device,
     stop_agreed,
-)  # fmt: skip
+)
 from metapl.errors import Interrupted, UserError, reporting_os_errors
 
 LOSS_KEYS = ("loss/teacher", "loss/student")
-NO_BEST = "none (no --val-labeled: no model is chosen on the test set; the final model is kept)"  # summary["best"]
 
 
 class TrainingDiverged(UserError):
@@ -107,7 +108,7 @@ def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, res
         log.open(run_dir / TRAIN_LOG)
         save_run_config(cfg, run_dir)
         save_run_split(run.split, run_dir)
-    writer = _NoWriter()  # rank 0 alone writes the run's files; under torchrun the other ranks only train
+    writer = NullWriter()  # rank 0 alone writes the run's files; under torchrun the other ranks only train
     if d.is_main:
         resume_step = None
         if ckpt is not None:  # a stopped finetuning keeps the records it wrote
@@ -175,16 +176,6 @@ def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int)
         )
 
 
-class _NoWriter:
-    """What ranks other than 0 get in place of a ``MetricsWriter``: they write no files."""
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        """Drop the record."""
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -214,14 +205,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
             synced = run.step % cfg.log_every == 0 or do_eval or do_save
             if synced:
                 now = time.perf_counter()
-                values = _sync_metrics(run, keys, pending)  # the one host sync of this interval
-                n = len(pending)
-                pending = []
-                values.update({
-                    "lr/teacher": run.t_opt.param_groups[0]["lr"], "lr/student": run.s_opt.param_groups[0]["lr"],
-                    "time/step_ms": 1000 * (now - tick) / n, "time/images_per_s": images_per_step * n / (now - tick),
-                })  # fmt: skip
-                tick = now
+                values = _interval_metrics(run, keys, pending, now - tick, images_per_step)
+                pending, tick = [], now
                 writer.write(run.step, {f"train/{k}": v for k, v in values.items()})
                 last.update({"loss_t": values.get("loss/teacher"), "loss_s": values.get("loss/student")})
             if do_eval:
@@ -246,6 +231,23 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
     log(f"trained steps {start_step}..{run.step} in {run.seconds:.0f} s (total)")
 
 
+def _interval_metrics(
+    run: Run, keys: list[str], pending: list[torch.Tensor], seconds: float, images_per_step: int
+) -> dict[str, float]:
+    """The means of the ``pending`` steps' metrics (the one host sync of the interval), the learning rates and speed."""
+    values = _sync_metrics(run, keys, pending)
+    n = len(pending)
+    values.update(
+        {
+            "lr/teacher": run.t_opt.param_groups[0]["lr"],
+            "lr/student": run.s_opt.param_groups[0]["lr"],
+            "time/step_ms": 1000 * seconds / n,
+            "time/images_per_s": images_per_step * n / seconds,
+        }
+    )
+    return values
+
+
 def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
     """One update of the teacher and the student (or of the student alone), schedules and EMA included."""
     cfg, device = run.cfg, run.device
@@ -257,14 +259,29 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
         x_uw, x_us, y_u, *t_x_u = (t.to(device, non_blocking=True) for t in next(u_iter))
         # Reduced MPL: the teacher reads the large teacher's stored prediction of each image, the same for both views.
         t_x = (t_x_l[0], t_x_u[0], t_x_u[0]) if t_x_l else (None, None, None)
-        batch = Batch(x_l, y_l, x_uw.contiguous(memory_format=memory_format),
-                      x_us.contiguous(memory_format=memory_format), y_u, *t_x)  # fmt: skip
+        batch = Batch(
+            x_l,
+            y_l,
+            x_uw.contiguous(memory_format=memory_format),
+            x_us.contiguous(memory_format=memory_format),
+            y_u,
+            *t_x,
+        )
         uda_weight = linear_ramp(run.step, value=cfg.planned_uda_weight(), ramp_steps=cfg.uda_steps)
         metrics = mpl_update(
-            run.teacher, run.student, None if run.fixed_teacher else run.t_opt, run.s_opt, batch, cfg.mpl_config(),
-            run.state, uda_weight=uda_weight, amp_dtype=run.amp_dtype, t_scaler=run.t_scaler, s_scaler=run.s_scaler,
+            run.teacher,
+            run.student,
+            None if run.fixed_teacher else run.t_opt,
+            run.s_opt,
+            batch,
+            cfg.mpl_config(),
+            run.state,
+            uda_weight=uda_weight,
+            amp_dtype=run.amp_dtype,
+            t_scaler=run.t_scaler,
+            s_scaler=run.s_scaler,
             check_finite=False,  # no sync per step: the loop checks the weights when it syncs (TrainingDiverged)
-        )  # fmt: skip
+        )
         run.t_sched.step()
     else:
         metrics = _supervised_step(run, x_l, y_l)
@@ -285,11 +302,11 @@ def _evaluate_and_keep_best(run: Run, run_dir: Path, loaders: dict, writer: Metr
     and the final models (``checkpoint.pt``, ``finetuned.pt``) are the run's result.
     """
     _check_finite(run)
-    accs = _evaluate(run, loaders)
+    accs = evaluate_run(run, loaders)
     run.last_eval = (run.step, accs)
     if run.dist.is_main:
         writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
-        log(_eval_line(run.step, accs))
+        log(eval_line(run.step, accs))
         if "val_student_acc" not in accs:
             return accs
         score = accs.get("val_ema_acc", accs["val_student_acc"])
@@ -316,9 +333,15 @@ def _interrupted(run: Run, stop: StopSignals) -> Interrupted:
 def _supervised_step(run: Run, x_l: torch.Tensor, y_l: torch.Tensor) -> dict[str, torch.Tensor]:
     """The labels-only baseline: the student alone, cross-entropy on the labeled batch."""
     return supervised_step(
-        run.student, run.s_opt, x_l, y_l, label_smoothing=run.cfg.label_smoothing, grad_clip=run.cfg.grad_clip,
-        amp_dtype=run.amp_dtype, scaler=run.s_scaler,
-    )  # fmt: skip
+        run.student,
+        run.s_opt,
+        x_l,
+        y_l,
+        label_smoothing=run.cfg.label_smoothing,
+        grad_clip=run.cfg.grad_clip,
+        amp_dtype=run.amp_dtype,
+        scaler=run.s_scaler,
+    )
 
 
 def _sync_metrics(run: Run, keys: list[str], pending: list[torch.Tensor]) -> dict[str, float]:
@@ -336,40 +359,15 @@ def _sync_metrics(run: Run, keys: list[str], pending: list[torch.Tensor]) -> dic
     return {k: float(v) for k, v in zip(keys, mean.cpu().tolist())}
 
 
-def _evaluate(run: Run, loaders: dict[str, object]) -> dict[str, float]:
-    """Accuracies of teacher, student and EMA on each loader; validation keys carry a ``val_`` prefix."""
-    out = {}
-    if run.dist.is_main:
-        models = {"teacher": unwrap(run.teacher), "student": unwrap(run.student)}
-        if run.cfg.method != "mpl":  # no teacher, or one that reads stored predictions rather than images
-            models.pop("teacher")
-        if run.ema is not None:
-            models["ema"] = run.ema.module
-        out = evaluate_sets(models, loaders, run.device, amp_dtype=run.amp_dtype, channels_last=run.cfg.channels_last)
-        if run.predictions is not None:
-            out.update(reduced_teacher_accuracy(unwrap(run.teacher), run.predictions, run.data, run.split, run.device,
-                                                run.cfg.eval_limit))  # fmt: skip
-    barrier(run.dist)
-    return out
-
-
-def _eval_line(step: int, accs: dict[str, float]) -> str:
-    def listing(prefix: str) -> str:
-        return ", ".join(f"{k[len(prefix) : -4]} {v:.2f}%" for k, v in accs.items()
-                         if k.endswith("_acc") and k.startswith("val_") == (prefix == "val_"))  # fmt: skip
-
-    val = f"; validation accuracy {listing('val_')}" if "val_student_acc" in accs else ""
-    return f"step {step}: test accuracy {listing('')}{val}"
-
-
 def _progress(cfg: TrainConfig, run: Run, log):
     if not (cfg.progress and run.dist.is_main):
         return None
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in a log file (the per-evaluation lines remain).
-    return tqdm(total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False,
-                disable=None)  # fmt: skip
+    return tqdm(
+        total=cfg.steps, initial=run.step, desc="metapl", unit="step", dynamic_ncols=True, leave=False, disable=None
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,31 +379,10 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSigna
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
-        accs = _evaluate(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
+        accs = evaluate_run(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
     if _stop_agreed(run, stop, synced=True):  # signalled during the last evaluation: checkpoint.pt is of this step
         raise _interrupted(run, stop)
-    summary = {
-        "teacher_acc": accs.get("teacher_acc"),
-        "student_acc": accs.get("student_acc"),
-        "ema_acc": accs.get("ema_acc"),
-        "teacher_top5": accs.get("teacher_top5"),
-        "student_top5": accs.get("student_top5"),
-        "ema_top5": accs.get("ema_top5"),
-        **{k: v for k, v in accs.items() if k.startswith("val_") and k.endswith("_acc")},
-        "best_acc": run.best_acc if run.best_acc >= 0 else None,
-        "best": BEST if run.best_acc >= 0 else NO_BEST,
-        "steps": run.step,
-        "seconds": round(run.seconds, 2),
-        "method": cfg.method,
-        "mode": cfg.mode,
-        "feedback": cfg.feedback,
-        "feedback_sign": cfg.feedback_sign,
-        "dataset": cfg.dataset,
-        "num_labeled": len(run.split.labeled),
-        "seed": cfg.seed,
-    }
-    if run.predictions is not None:
-        summary["large_teacher_acc"] = run.predictions.test_accuracy(run.data.test.labels)
+    summary = run_summary(run, accs)
     if cfg.planned_finetune_steps() > 0:
         resume = f"metapl train --resume {shlex.quote(cfg.out)}"
         summary.update(finetune_student(run, run_dir, writer, log, stop=stop, resume_command=resume))

@@ -42,8 +42,10 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
     if obj.get(role) is None:
         raise UserError(f"{path} holds no {role} network; pick another with :student, :ema or :teacher")
     if role == "teacher" and obj["config"].get("method") in REDUCED_METHODS:
-        raise UserError(f"{path}'s teacher is a reduced teacher over stored predictions, not an image model; use "
-                        "its :student or :ema")  # fmt: skip
+        raise UserError(
+            f"{path}'s teacher is a reduced teacher over stored predictions, not an image model; "
+            "use its :student or :ema"
+        )
     refuse_nonfinite(obj, path, roles=(role,))
     return as_state_dict(obj[role], path), f"{path} ({role})"
 
@@ -56,8 +58,9 @@ def _path_and_role(source: str) -> tuple[Path, str | None]:
     return Path(source), None
 
 
-def start_model(cfg: TrainConfig, role: str, data, log=print, *, replace_head: bool = True,
-                load: bool = True) -> nn.Module:  # fmt: skip
+def start_model(
+    cfg: TrainConfig, role: str, data, log=print, *, replace_head: bool = True, load: bool = True
+) -> nn.Module:
     """The run's ``role`` network (``teacher`` or ``student``), built and started from its weights, if any.
 
     Args:
@@ -74,9 +77,14 @@ def start_model(cfg: TrainConfig, role: str, data, log=print, *, replace_head: b
     """
     name, dropout = (cfg.teacher, cfg.teacher_dropout) if role == "teacher" else (cfg.student, cfg.student_dropout)
     model = create_model(
-        name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, dropout=dropout,
-        pretrained=load and cfg.pretrained in (role, "both"), log=log,
-    )  # fmt: skip
+        name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        dropout=dropout,
+        pretrained=load and cfg.pretrained in (role, "both"),
+        log=log,
+    )
     source = cfg.teacher_weights if role == "teacher" else cfg.student_weights
     if source and load:
         state, where = read_weights(source)
@@ -91,8 +99,10 @@ def _refuse_other_classes(model: nn.Module, state: dict, where: str, num_classes
     head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     weight = state.get(f"{head[-1]}.weight") if head else None
     if weight is not None and weight.shape[0] != num_classes:
-        raise UserError(f"{where} predicts {weight.shape[0]} classes but the data has {num_classes}; a teacher that "
-                        "only predicts must have been trained on these classes")  # fmt: skip
+        raise UserError(
+            f"{where} predicts {weight.shape[0]} classes but the data has {num_classes}; a teacher that "
+            "only predicts must have been trained on these classes"
+        )
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -73,7 +73,9 @@ def load_entry_points() -> list[str]:
             ep.load()
         except Exception as e:
             reason = f"{type(e).__name__}: {str(e)[:120]}"
-            raise UserError(f"the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) fails to import "
-                            f"({reason}); reinstall or remove that package") from None  # fmt: skip
+            raise UserError(
+                f"the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) fails to import "
+                f"({reason}); reinstall or remove that package"
+            ) from None
         names.append(ep.name)
     return names

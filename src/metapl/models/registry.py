@@ -126,20 +126,28 @@ def create_model(
         from metapl.models.plugins import load_entry_points  # installed packages' models (metapl.models group)
 
         load_entry_points()
-    if name in _REGISTRY:
-        if pretrained:
-            raise UserError(f"metapl's own {name!r} has no pretrained weights; pass a file with --teacher-weights / "
-                            "--student-weights, or pick a torchvision or timm: model")  # fmt: skip
-        model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout, **kwargs)
-    elif name.startswith(_TIMM_PREFIX):
-        model = _create_timm(name[len(_TIMM_PREFIX) :], num_classes, in_channels, dropout, pretrained, **kwargs)
-    else:
-        tv_name = name[len(_TV_PREFIX) :] if name.startswith(_TV_PREFIX) else name
-        if tv_name not in _torchvision_names():
-            raise UserError(_unknown_name_message(name, tv_name))
-        model = _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
+    model = _build(name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
     _check_dry_forward(model, name, in_channels, image_size)
     return model
+
+
+def _build(
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
+) -> nn.Module:
+    """``create_model``'s model from the first place that knows ``name``: metapl's registry, timm or torchvision."""
+    if name in _REGISTRY:
+        if pretrained:
+            raise UserError(
+                f"metapl's own {name!r} has no pretrained weights; pass a file with --teacher-weights / "
+                "--student-weights, or pick a torchvision or timm: model"
+            )
+        return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout, **kwargs)
+    if name.startswith(_TIMM_PREFIX):
+        return _create_timm(name[len(_TIMM_PREFIX) :], num_classes, in_channels, dropout, pretrained, **kwargs)
+    tv_name = name[len(_TV_PREFIX) :] if name.startswith(_TV_PREFIX) else name
+    if tv_name not in _torchvision_names():
+        raise UserError(_unknown_name_message(name, tv_name))
+    return _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
 
 
 @functools.cache
@@ -158,8 +166,9 @@ def _unknown_name_message(name: str, bare_name: str) -> str:
     )
 
 
-def _create_torchvision(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log,
-                        **kwargs: object) -> nn.Module:  # fmt: skip
+def _create_torchvision(
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
+) -> nn.Module:
     builder_kwargs = {**_TV_DEFAULT_KWARGS.get(name, {}), **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **builder_kwargs)
     if pretrained:  # loaded while the stem is RGB, before any layer is replaced or inserted
@@ -212,8 +221,9 @@ def _set_submodule(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-def _create_timm(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool,
-                 **kwargs: object) -> nn.Module:  # fmt: skip
+def _create_timm(
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
+) -> nn.Module:
     try:
         timm = importlib.import_module("timm")
     except ImportError:

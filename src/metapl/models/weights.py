@@ -41,8 +41,10 @@ def read_file(path: str | Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn file, pickled code, or not a weights file at all
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read weights from {path} ({reason}); pass a state_dict saved with torch.save, a "
-                        ".safetensors file or a metapl checkpoint") from None  # fmt: skip
+        raise UserError(
+            f"cannot read weights from {path} ({reason}); pass a state_dict saved with torch.save, a "
+            ".safetensors file or a metapl checkpoint"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
     return obj
@@ -89,8 +91,10 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print
         old = state[head[0]].shape[0]
         for k in head:
             del state[k]
-        log(f"{source}: the classifier head has {old} classes, the data {expected[head[0]].shape[0]}; "
-            f"{head[0].rsplit('.', 1)[0]} is replaced by a new, randomly initialised layer")  # fmt: skip
+        log(
+            f"{source}: the classifier head has {old} classes, the data {expected[head[0]].shape[0]}; "
+            f"{head[0].rsplit('.', 1)[0]} is replaced by a new, randomly initialised layer"
+        )
     for key, tensor in list(state.items()):
         want = expected.get(key)
         rgb_into_grey = tensor.ndim == 4 and tensor.shape[1] == 3  # an RGB stem into a 1-channel model
@@ -99,8 +103,10 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print
             log(f"{source}: {key} summed over its 3 input channels for 1-channel images")
     problem = state_dict_mismatch({k: v for k, v in expected.items() if k in state or k not in head}, state)
     if problem:
-        raise UserError(f"{source} does not fit {type(model).__name__}: {problem}; are these weights of another "
-                        "architecture? pass the matching --teacher/--student name")  # fmt: skip
+        raise UserError(
+            f"{source} does not fit {type(model).__name__}: {problem}; are these weights of another "
+            "architecture? pass the matching --teacher/--student name"
+        )
     model.load_state_dict(state, strict=False)
 
 
