@@ -19,6 +19,11 @@ concatenated batches (BatchNorm aside: its batch statistics are per rank): in ha
 and h is averaged over ranks; in soft mode the DDP teacher averages its gradients and the student's gradient and the
 meta-gradient's student-side vector are all-reduced over the student's DDP process group (``metapl.core.soft``).
 
+``mpl_update`` returns detached scalar tensors: ``loss/teacher``, ``loss/teacher_l``, ``loss/teacher_uda``,
+``loss/teacher_mpl``, ``loss/student``, ``mpl/h`` (signed, before the baseline), ``mpl/baseline``,
+``mpl/s_loss_l_old``, ``mpl/s_loss_l_new``, ``mask_ratio``, ``pseudo/confidence`` and, when ``batch.y_u`` is given,
+``pseudo/acc`` (the fraction of correct pseudo labels among images whose label is known).
+
 This module knows nothing of files, data or the command line. It never calls ``.item()`` or ``.cuda()``: the device
 comes from the tensors, and the caller decides when to synchronise.
 """
@@ -114,39 +119,25 @@ def mpl_update(
     """Perform one Meta Pseudo Labels update: the student's step, then the teacher's.
 
     Both models must be in train mode. The student's step size η_S is read from ``s_optimizer``'s first parameter
-    group; when it is 0 (the recipe's "student waits" phase) the student's forward, backward and step are skipped
-    and h = 0. Under ``torch.distributed``: see the module docstring.
+    group; at 0 (the recipe's "student waits" phase) the student's step is skipped and h = 0.
 
     Args:
-        teacher: the teacher T (any module mapping (N, C, H, W) to (N, K) logits; may be DDP-wrapped).
-        student: the student S (may differ from the teacher in architecture; may be DDP-wrapped).
-        t_optimizer: the teacher's optimizer; stepped once. None: the teacher is fixed (distillation, the control
-            that isolates the feedback): it only labels, under ``torch.no_grad``, in the mode it is in; no teacher
-            loss, no feedback h is computed (the ``loss/teacher*``, ``mpl/*`` metrics are 0).
-        s_optimizer: the student's optimizer; stepped once (unless its learning rate is 0).
-        batch: the labeled and unlabeled images, see ``Batch``.
-        config: see ``MPLConfig``.
+        teacher, student: modules mapping (N, C, H, W) to (N, K) logits; they may differ; either may be DDP-wrapped.
+        t_optimizer: stepped once. None: a fixed teacher (distillation, the control that isolates the feedback): it
+            only labels, under ``torch.no_grad``, in its current mode; no teacher loss, no h (those metrics are 0).
+        s_optimizer: stepped once (unless its learning rate is 0). ``batch``, ``config``: see ``Batch``, ``MPLConfig``.
         state: carries the moving-average baseline of h; required when ``config.baseline_decay > 0``.
         uda_weight: weight of the teacher's UDA loss at this step (the caller ramps it up); 0 = no UDA.
-        amp_dtype: autocast dtype (``torch.bfloat16`` or ``torch.float16``) for the models' forwards, or None.
-            The feedback measurements of L_l always run in float32 or wider: h is a small difference of two losses.
-        t_scaler: gradient scaler for the teacher (float16 only).
-        s_scaler: gradient scaler for the student (float16 only).
+        amp_dtype: autocast dtype (bfloat16 or float16) for the forwards, or None; the feedback's L_l is measured in
+            float32 or wider (h is a small difference of two losses). t_scaler, s_scaler: float16 gradient scalers.
         generator: random generator for ``pseudo_label="sample"``.
-        check_finite: guard the update (``metapl.core.validate.guarded_update``: a failed update changes nothing).
-            Costs one copy of both models and optimizer states and one host sync per call; False skips both
-            (out-of-range labels are then trained as class 0: check them yourself).
+        check_finite: guard the update (``metapl.core.validate.guarded_update``: a failed update changes nothing);
+            costs a copy of both models and optimizer states and one host sync. False skips both (out-of-range
+            labels are then trained as class 0: check them yourself).
 
-    Raises:
-        MPLInputError: a ValueError naming the bad field or argument: checked before the update (shapes, lengths,
-            dtypes, devices, ``uda_weight``, learning rates; no sync) or by the guard after it (see ``check_finite``).
-        ValueError: options that do not go together.
-
-    Returns:
-        Named, detached scalar tensors: ``loss/teacher``, ``loss/teacher_l``, ``loss/teacher_uda``,
-        ``loss/teacher_mpl``, ``loss/student``, ``mpl/h`` (signed, before the baseline), ``mpl/baseline``,
-        ``mpl/s_loss_l_old``, ``mpl/s_loss_l_new``, ``mask_ratio``, ``pseudo/confidence`` and, when ``batch.y_u`` is
-        given, ``pseudo/acc`` (fraction of correct pseudo labels among images whose label is known).
+    Raises ``MPLInputError`` (a ValueError naming the bad field or argument: shapes, lengths, dtypes, devices,
+    ``uda_weight``, learning rates; checked without a sync, or by the guard) and ValueError for options that do not go
+    together. Returns named, detached scalar tensors, listed in the module docstring.
     """
     _check_arguments(batch, config, state, t_optimizer, s_optimizer, uda_weight, amp_dtype, s_scaler)
     step = hard_update if config.mode == "hard" else soft_update
