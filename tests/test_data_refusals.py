@@ -64,7 +64,7 @@ def test_shards_decodes_every_image_and_skip_corrupt_names_what_it_leaves_out(tm
 
 
 def test_skip_corrupt_on_streamed_shards_and_a_lone_test_shard(tmp_path):
-    from metapl.data.shards import _write_shard
+    from metapl.data.sources.shard_writer import _write_shard
 
     src = _tree(tmp_path / "tree", corrupt=True)
     entries = [(f"{c}/{i}.jpg", n) for n, c in enumerate("ab") for i in range(6)] + [("a/bad.jpg", 0)]

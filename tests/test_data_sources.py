@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CACHE, class_value, make_tar, write_image
-from metapl.data import imagetree, load_dataset
-from metapl.data import sources as sources_mod
-from metapl.data.sources import channel_stats, read_idx
+from metapl.data import load_dataset
+from metapl.data.sources import fashion_mnist, imagetree
+from metapl.data.sources.fashion_mnist import read_idx
+from metapl.data.sources.imagetree import channel_stats
 from metapl.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -40,7 +41,7 @@ def forbid_decoding(monkeypatch) -> None:
         raise AssertionError("an image was decoded although the cache holds it")
 
     monkeypatch.setattr(imagetree, "_decode_chunk", refuse)
-    monkeypatch.setattr(sources_mod, "read_idx", refuse)
+    monkeypatch.setattr(fashion_mnist, "read_idx", refuse)
 
 
 # -- named datasets --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""WebDataset-style tar shards (``metapl.data.shards``): written by ``metapl shards``, streamed like image folders.
+"""WebDataset-style tar shards (``metapl.data.sources.shards``): written by ``metapl shards``, streamed like image
+folders.
 
 One session-scoped tree of 90 small random JPEGs (plus one BMP, which the writer re-encodes as PNG) in 3 class
 folders, written once as 6 shards of up to 16 samples, serves every test.
@@ -22,14 +23,15 @@ from PIL import Image
 from conftest import write_noise_tree
 from metapl.commands.cli import main
 from metapl.data import (
+    BatchSpec,
     ItemsSampler,
     ResumableSampler,
     load_dataset,
     make_split,
-    make_train_loaders,
+    make_train_batches,
     rank_unlabeled_items,
-    strong_transform,
-    weak_transform,
+    strong_view,
+    weak_view,
     write_shards,
 )
 from metapl.engine.config import TrainConfig
@@ -90,7 +92,7 @@ def test_shards_read_as_the_folder_streams(sharded, tree):
         # The writer copies the JPEG bytes and stores the BMP as PNG: every eval view is the folder's, pixel for pixel.
         assert np.array_equal(a.images[:], b.images[:])
     bmp = int(np.flatnonzero(folder.train.labels == 1)[-1])
-    assert folder.train.images.file(bmp).name == "zz.bmp"
+    assert folder.train.file(bmp).name == "zz.bmp"
     assert torch.equal(folder.train.image(bmp), sharded.train.image(bmp))
     assert sharded.train.image(bmp).shape == (3, 20, 30)
     assert folder.mean == sharded.mean and folder.std == sharded.std
@@ -101,11 +103,9 @@ def test_shards_read_as_the_folder_streams(sharded, tree):
 
 def _batches(data, split, start_step: int, steps: int, workers: int, items=None):
     kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
-    weak, strong = weak_transform(SIZE, **kw), strong_transform(SIZE, cutout=4, **kw)
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=3, mu=2, seed=5, start_step=start_step, num_workers=workers, weak=weak, strong=strong,
-        persistent_workers=False, prefetch_factor=2, unlabeled_items=items,
-    )  # fmt: skip
+    weak, strong = weak_view(SIZE, **kw), strong_view(SIZE, cutout=4, **kw)
+    spec = BatchSpec(3, 5, weak, strong, mu=2, start_step=start_step, unlabeled_items=items, workers=workers)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     l_iter, u_iter = iter(labeled), iter(unlabeled)
     return [(*next(l_iter), *next(u_iter)) for _ in range(steps)]
 
@@ -124,7 +124,7 @@ def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(sharded):
 
 def test_each_rank_streams_only_its_own_shards(sharded):
     split = make_split(sharded.train.labels, 9, 3, seed=0, log=quiet)
-    shard_of = sharded.train.images.shard_of[split.unlabeled]
+    shard_of = sharded.train.shard_of[split.unlabeled]
     for world in (2, 4):  # 6 shards: 3 each, or 2, 2, 1, 1 (the first ranks own one more)
         owned = [rank_unlabeled_items(sharded, split.unlabeled, r, world) for r in range(world)]
         assert sorted(np.concatenate(owned).tolist()) == list(range(len(split.unlabeled)))  # disjoint, complete
@@ -150,14 +150,13 @@ def _rank_worker(rank: int, shard_dir: str, cache: str, store: str, out: str) ->
         split = make_split(data.train.labels, 9, 3, seed=0, log=quiet)
         own = rank_unlabeled_items(data, split.unlabeled, dist.get_rank(), dist.get_world_size())
         kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
-        _, unlabeled = make_train_loaders(
-            data, split, batch_size=3, mu=2, seed=5, num_workers=0, rank=rank, world_size=2,
-            weak=weak_transform(SIZE, **kw), strong=strong_transform(SIZE, **kw), unlabeled_items=own,
-        )  # fmt: skip
+        weak, strong = weak_view(SIZE, **kw), strong_view(SIZE, **kw)
+        spec = BatchSpec(3, 5, weak, strong, mu=2, rank=rank, world_size=2, unlabeled_items=own, workers=0)
+        _, unlabeled = make_train_batches(data, split, spec)
         sampler = unlabeled.sampler
         rows = [int(split.unlabeled[i]) for (i, _), _ in zip(sampler, range(sampler.per_rank))]
         seen = [None] * 2
-        dist.all_gather_object(seen, {"shards": data.train.images.shard_of[rows].tolist(), "rows": rows})
+        dist.all_gather_object(seen, {"shards": data.train.shard_of[rows].tolist(), "rows": rows})
         if rank == 0:
             torch.save(seen, out)
     finally:

@@ -22,8 +22,8 @@ from torch import nn
 
 from metapl import data as mdata
 from metapl.commands.eval_report import format_per_class, format_table, plot_confusion
-from metapl.data.imagetree import decode_image, is_split_tree
-from metapl.data.transforms import eval_transform
+from metapl.data.sources.imagetree import decode_image, is_split_tree
+from metapl.data.views.per_image import eval_transform
 from metapl.engine.checkpoint import (
     load_checkpoint,
     refuse_overwrite,

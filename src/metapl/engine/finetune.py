@@ -75,13 +75,12 @@ def finetune_student(run, run_dir: Path, writer, log, *, stop: StopSignals | Non
     opt = make_sgd(unwrap(student), lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, device=device)  # fmt: skip
     start = _restore_progress(run, run_dir, opt, log)
-    weak = mdata.weak_transform(data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std,
-                                crop=mdata.train_crop(data))  # fmt: skip
-    loader, _ = mdata.make_train_loaders(
-        data, run.split, batch_size=cfg.finetune_batch_size, mu=1, seed=cfg.seed + 1, start_step=start,
-        num_workers=cfg.workers, rank=run.dist.rank, world_size=run.dist.world_size, weak=weak, strong=weak,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    weak = mdata.weak_view(data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std,
+                           crop=mdata.train_crop(data))  # fmt: skip
+    loader, _ = mdata.make_train_batches(data, run.split, mdata.BatchSpec(
+        batch_size=cfg.finetune_batch_size, seed=cfg.seed + 1, weak=weak, start_step=start, rank=run.dist.rank,
+        world_size=run.dist.world_size, device=device, workers=cfg.workers,
+    ))  # fmt: skip
     batches = iter(loader)
     loaders = eval_loaders(data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
     student.train()
