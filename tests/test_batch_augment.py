@@ -52,8 +52,9 @@ def pillow_op(image: torch.Tensor, name: str, magnitude: float, fill: list[int])
     array = image.permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     # The transform's own op dispatch (private): exactly the code behind PILRandAugment's random draws.
-    out = np.array(ra._apply_image_or_video_transform(pil, name, magnitude, interpolation=ra.interpolation,
-                                                      fill=ra._fill))  # fmt: skip
+    out = np.array(
+        ra._apply_image_or_video_transform(pil, name, magnitude, interpolation=ra.interpolation, fill=ra._fill)
+    )
     return torch.from_numpy(out[None] if out.ndim == 2 else out.transpose(2, 0, 1).copy())
 
 
@@ -87,8 +88,9 @@ def test_every_op_equals_the_pillow_path_pixel_for_pixel(channels, size):
     # A @ (x + 0.5, y + 0.5)), computed in float64; it could only differ where that point lies within Pillow's 16.16
     # fixed-point rounding (~1e-5 px) of a pixel edge, which none of these magnitudes hits.
     fill = FILL3[:channels]
-    images = torch.cat([smooth_images(len(CASES), channels, size), torch.randint(0, 256, (len(CASES), channels, size,
-                        size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)])  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(0, 256, (len(CASES), channels, size, size), generator=g, dtype=torch.uint8)
+    images = torch.cat([smooth_images(len(CASES), channels, size), noise])
     ops = torch.tensor([OPS.index(name) for name, _ in CASES] * 2).view(1, -1)
     magnitudes = torch.tensor([m for _, m in CASES] * 2, dtype=torch.float64).view(1, -1)
     # One batch holding every op: checks the kernels and the sort-by-op / unsort of the batched dispatch.

@@ -47,8 +47,9 @@ def quiet(_line: str) -> None:
 @pytest.fixture(scope="session")
 def tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: 48x40 upscaled noise, and one ``bee/zz.bmp``."""
-    root = write_noise_tree(tmp_path_factory.mktemp("tree"), CLASSES, PER_CLASS, noise_hw=(5, 6), size=(48, 40),
-                            quality=90)  # fmt: skip
+    root = write_noise_tree(
+        tmp_path_factory.mktemp("tree"), CLASSES, PER_CLASS, noise_hw=(5, 6), size=(48, 40), quality=90
+    )
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "bee" / "zz.bmp")
     return root
@@ -63,8 +64,9 @@ def shard_dir(tree, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharded(shard_dir, tmp_path_factory):
-    return load_dataset("shards", str(shard_dir), image_size=SIZE, cache_dir=str(tmp_path_factory.mktemp("c")),
-                        log=quiet)  # fmt: skip
+    return load_dataset(
+        "shards", str(shard_dir), image_size=SIZE, cache_dir=str(tmp_path_factory.mktemp("c")), log=quiet
+    )
 
 
 def test_the_writer_records_shards_and_the_class_list(shard_dir, tree, tmp_path):
@@ -165,8 +167,9 @@ def _rank_worker(rank: int, shard_dir: str, cache: str, store: str, out: str) ->
 
 def test_two_ranks_stream_disjoint_shards(shard_dir, tmp_path):
     out = tmp_path / "seen.pt"
-    mp.spawn(_rank_worker, args=(str(shard_dir), str(tmp_path / "c"), str(tmp_path / "store"), str(out)), nprocs=2,
-             join=True)  # fmt: skip
+    mp.spawn(
+        _rank_worker, args=(str(shard_dir), str(tmp_path / "c"), str(tmp_path / "store"), str(out)), nprocs=2, join=True
+    )
     seen = torch.load(out)
     assert set(seen[0]["shards"]) == {0, 2, 4} and set(seen[1]["shards"]) == {1, 3, 5}
     assert not set(seen[0]["rows"]) & set(seen[1]["rows"])
@@ -175,10 +178,12 @@ def test_two_ranks_stream_disjoint_shards(shard_dir, tmp_path):
 
 def test_metapl_train_runs_on_shards(shard_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "shards", "--data-dir", str(shard_dir), "--image-size", str(SIZE),
-            "--per-rank-shards", "--num-labeled", "9", "--batch-size", "2", "--mu", "2", "--steps", "3",
-            "--workers", "0", "--eval-every", "3", "--log-every", "1", "--finetune-steps", "0", "--no-tensorboard",
-            "--no-progress", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    flags = (
+        "train --dataset shards --per-rank-shards --num-labeled 9 --batch-size 2 --mu 2 --steps 3 --workers 0 "
+        "--eval-every 3 --log-every 1 --finetune-steps 0 --no-tensorboard --no-progress --device cpu"
+    )
+    paths = ["--data-dir", str(shard_dir), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    args = [*flags.split(), "--image-size", str(SIZE), *paths]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["num_labeled"] == 9 and summary["student_acc"] is not None
@@ -196,8 +201,8 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
 
 def _refused(data_dir: Path | str, cache: Path, capsys, *extra: str) -> str:
     """The one-line error ``metapl train`` prints for shards at ``data_dir`` (exit status 2, no traceback)."""
-    args = ["train", "--dataset", "shards", "--data-dir", str(data_dir), "--image-size", str(SIZE), "--steps", "1",
-            "--cache-dir", str(cache), "--out", str(cache / "run"), *extra]  # fmt: skip
+    paths = ["--data-dir", str(data_dir), "--cache-dir", str(cache), "--out", str(cache / "run")]
+    args = ["train", "--dataset", "shards", "--image-size", str(SIZE), "--steps", "1", *paths, *extra]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -228,8 +233,8 @@ def test_bad_shards_get_one_line_errors(shard_dir, tmp_path, capsys):
     assert "not a class index" in _refused(broken, cache, capsys)
     _tar(shard, {"k1.jpg": jpeg.getvalue(), "k1.cls": b"9"})
     assert "class index 9" in _refused(broken, cache, capsys)
-    _tar(shard, {"k0.jpg": b"not a jpeg", "k0.cls": b"0", **{f"k{i}.{e}": v for i in range(1, 4)
-                 for e, v in (("jpg", jpeg.getvalue()), ("cls", str(i % 2).encode()))}})  # fmt: skip
+    good = {f"k{i}.{e}": v for i in range(1, 4) for e, v in (("jpg", jpeg.getvalue()), ("cls", str(i % 2).encode()))}
+    _tar(shard, {"k0.jpg": b"not a jpeg", "k0.cls": b"0", **good})
     with pytest.raises(UserError, match="cannot read image k0 in shard .*train-000002.tar"):
         data = load_dataset("shards", str(shard), image_size=SIZE, cache_dir=str(cache), log=quiet)
         [part.image(i) for part in (data.train, data.test) for i in range(len(part))]

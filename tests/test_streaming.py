@@ -45,8 +45,9 @@ def quiet(_line: str) -> None:
 @pytest.fixture(scope="session")
 def jpeg_tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: smooth random colour fields (a 20x15 noise image upscaled), 500x375, one tree."""
-    return write_noise_tree(tmp_path_factory.mktemp("jpegs"), CLASSES, PER_CLASS, noise_hw=(15, 20), size=(500, 375),
-                            quality=85)  # fmt: skip
+    return write_noise_tree(
+        tmp_path_factory.mktemp("jpegs"), CLASSES, PER_CLASS, noise_hw=(15, 20), size=(500, 375), quality=85
+    )
 
 
 def _stream(tree: Path, **kw):
@@ -95,8 +96,9 @@ def test_auto_streams_above_the_threshold(jpeg_tree, tmp_path):
 
 
 def test_the_seeded_split_is_the_cache_paths(streamed, jpeg_tree, tmp_path):
-    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path),
-                          log=quiet)  # fmt: skip
+    cached = load_dataset(
+        "folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path), log=quiet
+    )
     assert np.array_equal(cached.train.labels, streamed.train.labels)
     assert np.array_equal(cached.test.labels, streamed.test.labels) and cached.classes == streamed.classes
     a = make_split(cached.train.labels, 20, 4, seed=3, val=4, log=quiet)
@@ -129,10 +131,12 @@ def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(streamed):
 
 def test_metapl_train_runs_on_the_streaming_path(jpeg_tree, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "folder", "--data-dir", str(jpeg_tree), "--image-size", str(SIZE), "--data-path",
-            "stream", "--num-labeled", "8", "--val-labeled", "4", "--batch-size", "2", "--mu", "2", "--steps", "3",
-            "--workers", "0", "--eval-every", "3", "--log-every", "1", "--eval-limit", "8", "--finetune-steps", "0",
-            "--no-tensorboard", "--no-progress", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    flags = (
+        "train --dataset folder --data-path stream --num-labeled 8 --val-labeled 4 --batch-size 2 --mu 2 --steps 3 "
+        "--workers 0 --eval-every 3 --log-every 1 --eval-limit 8 --finetune-steps 0 --no-tensorboard --no-progress "
+        "--device cpu"
+    )
+    args = [*flags.split(), "--data-dir", str(jpeg_tree), "--image-size", str(SIZE), "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["num_labeled"] == 4  # 8 labels, 4 of them held out for validation
@@ -150,8 +154,9 @@ def test_a_streamed_eval_decodes_in_workers_with_the_same_accuracies(streamed, j
         assert [loader.num_workers for loader in loaders.values()] == [workers, workers]
         by_workers[workers] = evaluate_sets(models, loaders, torch.device("cpu"))
     assert by_workers[0] == by_workers[2] and set(by_workers[0]) >= {"student_acc", "val_student_acc"}
-    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path),
-                          log=quiet)  # fmt: skip
+    cached = load_dataset(
+        "folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path), log=quiet
+    )
     assert eval_loaders(cached, split, 7, workers=2)[""].num_workers == 0  # cached arrays: in the process
 
 

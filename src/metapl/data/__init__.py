@@ -20,7 +20,8 @@ Typical use::
     split = make_split(data.train.labels, 4000, data.num_classes, seed=0)
     kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
     weak, strong = weak_view(data.image_size, **kw), strong_view(data.image_size, **kw)
-    labeled, unlabeled = make_train_batches(data, split, BatchSpec(batch_size=64, mu=7, seed=0, weak=weak, strong=strong))
+    spec = BatchSpec(batch_size=64, seed=0, weak=weak, strong=strong, mu=7)
+    labeled, unlabeled = make_train_batches(data, split, spec)
 
 (``BatchSpec(..., augment_on="device", device="cuda")`` makes the same views on whole batches on the GPU.)
 """

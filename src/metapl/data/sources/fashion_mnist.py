@@ -75,8 +75,10 @@ def _check_fashion_shapes(arrays: dict[str, np.ndarray], files: dict[str, Path])
         want, other = (1, "labels") if key.endswith("labels") else (3, "images")
         if array.ndim != want:
             held = "labels" if array.ndim == 1 else f"{array.ndim}-D data" if array.ndim != 3 else "images"
-            raise UserError(f"{files[key]} holds {held} {tuple(array.shape)}, not the {key.split('_')[0]} {other}; "
-                            f"put the Fashion-MNIST {_FASHION_FILES[key]} file there")  # fmt: skip
+            raise UserError(
+                f"{files[key]} holds {held} {tuple(array.shape)}, not the {key.split('_')[0]} {other}; "
+                f"put the Fashion-MNIST {_FASHION_FILES[key]} file there"
+            )
 
 
 @register_source("fashion-mnist")

@@ -30,7 +30,10 @@ def read_folder(o: ReadOptions) -> SourceData:
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise UserError(f"data directory {path} does not exist; point --data-dir at an image folder or archive")
-    if archive_or_folder(path) == "folder" and o.data_path not in (None, "cache"):  # raises on a file that is not an archive
+    if archive_or_folder(path) == "folder" and o.data_path not in (
+        None,
+        "cache",
+    ):  # raises on a file that is not an archive
         classes, plan = plan_images(path)
         n = sum(len(entries) for entries in plan.values())
         cache_dir = o.cache_dir or cache.default_cache_dir()

@@ -16,8 +16,9 @@ from metapl.data.stores import open_rgb
 from metapl.errors import UserError, reporting_os_errors
 
 
-def write_shards(src: str | Path, out: str | Path, *, per_shard: int, skip_corrupt: bool = False,
-                 log: Callable[[str], None] = print) -> dict:  # fmt: skip
+def write_shards(
+    src: str | Path, out: str | Path, *, per_shard: int, skip_corrupt: bool = False, log: Callable[[str], None] = print
+) -> dict:
     """Write an image-folder tree as tar shards with a class list (``metapl shards``).
 
     Every image is decoded first: an unreadable one stops the command in one line naming it, before any shard is

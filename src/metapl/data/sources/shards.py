@@ -1,4 +1,4 @@
-"""WebDataset-style tar shards: the format, its index, its store (``ShardImages``) and its reader (``--dataset shards``).
+"""WebDataset-style tar shards: the format, its index, its store (``ShardImages``), its reader (``--dataset shards``).
 
 A shard folder holds uncompressed ``train-NNNNNN.tar`` (and ``test-NNNNNN.tar``) files and ``classes.json``. Each
 sample of a shard is two members sharing a key (the member name up to the first dot of its base name, WebDataset's
@@ -67,8 +67,10 @@ def find_shards(data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
     folder = Path(data_dir).expanduser()
     if folder.is_file():  # one shard
         if folder.name.startswith("test"):
-            raise UserError(f"{folder} is a test shard; point --data-dir at the shard folder (train-*.tar and "
-                            "test-*.tar) or at a train-*.tar")  # fmt: skip
+            raise UserError(
+                f"{folder} is a test shard; point --data-dir at the shard folder (train-*.tar and "
+                "test-*.tar) or at a train-*.tar"
+            )
         return folder.parent, {"all": [folder]}
     if not folder.is_dir():
         raise UserError(f"shard folder {folder} does not exist; point --data-dir at a folder of .tar shards")
@@ -107,7 +109,6 @@ def read_shards(o: ReadOptions) -> SourceData:
     return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
 
 
-
 def read_classes(folder: Path, labels: np.ndarray) -> list[str]:
     """The class names of a shard set: ``classes.json`` in ``folder``, else the indices as names.
 
@@ -127,8 +128,10 @@ def read_classes(folder: Path, labels: np.ndarray) -> list[str]:
     else:
         classes = [str(i) for i in range(int(labels.max()) + 1)]
     if len(labels) and labels.max() >= len(classes):
-        raise UserError(f"a shard holds class index {int(labels.max())} but {path} lists {len(classes)} classes; "
-                        "rewrite the shards and their class list together")  # fmt: skip
+        raise UserError(
+            f"a shard holds class index {int(labels.max())} but {path} lists {len(classes)} classes; "
+            "rewrite the shards and their class list together"
+        )
     return [str(c) for c in classes]
 
 
@@ -159,8 +162,10 @@ class ShardImages(StreamedImages):
             f.seek(int(self.offsets[i]))
             data = f.read(size)
         if len(data) != size:
-            raise UserError(f"shard {path} ends inside sample {self.keys[i]}: it changed after it was indexed; "
-                            "rewrite it (the index is rebuilt when its size or mtime change)")  # fmt: skip
+            raise UserError(
+                f"shard {path} ends inside sample {self.keys[i]}: it changed after it was indexed; "
+                "rewrite it (the index is rebuilt when its size or mtime change)"
+            )
         return data
 
     def open(self, i: int, min_side: int | None = None) -> Image.Image:
@@ -269,8 +274,13 @@ def _index_arrays(path: Path, samples: dict[str, dict[str, object]]) -> dict[str
         sizes.append(image[1])
         labels.append(int(text))
     keys = StringTable(list(samples))
-    return {"offsets": np.array(offsets, dtype=np.int64), "sizes": np.array(sizes, dtype=np.int64),
-            "labels": np.array(labels, dtype=np.int64), "key_offsets": keys.offsets, "key_blob": keys.blob}  # fmt: skip
+    return {
+        "offsets": np.array(offsets, dtype=np.int64),
+        "sizes": np.array(sizes, dtype=np.int64),
+        "labels": np.array(labels, dtype=np.int64),
+        "key_offsets": keys.offsets,
+        "key_blob": keys.blob,
+    }
 
 
 def rank_unlabeled_items(data, unlabeled: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -304,5 +314,3 @@ def rank_unlabeled_items(data, unlabeled: np.ndarray, rank: int, world_size: int
     if not len(own):
         raise UserError(f"rank {rank}'s shards hold no unlabeled images; use --unlabeled all or drop --per-rank-shards")
     return own
-
-

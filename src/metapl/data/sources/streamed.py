@@ -105,8 +105,10 @@ class FolderImages(StreamedImages):
         return FolderImages(self.root, self.paths.take(rows), self.labels[rows], self.size)
 
     def __repr__(self) -> str:
-        return (f"FolderImages({len(self)} files under {self.root}, views {self.size}x{self.size}x3, "
-                f"labels={self.labels.dtype}{self.labels.shape})")
+        return (
+            f"FolderImages({len(self)} files under {self.root}, views {self.size}x{self.size}x3, "
+            f"labels={self.labels.dtype}{self.labels.shape})"
+        )
 
 
 def sample_stats(images: EvalViews, samples: int = STATS_SAMPLES) -> tuple[tuple[float, ...], tuple[float, ...]]:

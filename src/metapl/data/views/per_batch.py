@@ -6,9 +6,9 @@ optional flip, reflect-padded random crop, then (strong) torchvision's RandAugme
 conversion and Normalize.
 
 Randomness: every draw (flips, crop offsets, RandAugment's ops, signs, Cutout centres) comes from the CPU
-``torch.Generator`` the caller passes (``batches.DeviceViews`` seeds it from the batch's sample seeds), so a view depends
-only on the batch and the seed, on the CPU and on CUDA alike, and the global generators are never touched. The
-draws are small ``(N,)`` tensors; only they, not per-pixel indices, travel to the device.
+``torch.Generator`` the caller passes (``batches.DeviceViews`` seeds it from the batch's sample seeds), so a view
+depends only on the batch and the seed, on the CPU and on CUDA alike, and the global generators are never touched.
+The draws are small ``(N,)`` tensors; only they, not per-pixel indices, travel to the device.
 
 RandAugment keeps torchvision's ``v2.RandAugment`` semantics: ``num_ops`` ops per image, each drawn uniformly from
 the 14 of ``OPS``; the magnitude is bin ``magnitude`` of 31; signed ops are negated with probability 1/2;
@@ -26,13 +26,35 @@ from metapl.data.views import kernels
 from metapl.data.views.spec import ViewSpec, reflect_index
 
 # torchvision's v2.RandAugment._AUGMENTATION_SPACE, in its order (the op index is the drawn integer).
-OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # fmt: skip
+OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
 SIGNED = torch.tensor([name in OPS[1:10] for name in OPS])  # ShearX .. Sharpness take a random sign
 _GEOMETRIC = (1, 6)  # OPS[1:6]: one affine gather for all of them
 _ENHANCE = (6, 7, 8, 9)  # parameter 1 + magnitude: Pillow's ImageEnhance factor
-_KERNELS = {6: kernels.brightness, 7: kernels.color, 8: kernels.contrast, 9: kernels.sharpness, 10: kernels.posterize,
-            11: kernels.solarize, 12: lambda x, _: kernels.autocontrast(x), 13: lambda x, _: kernels.equalize(x)}  # fmt: skip
+_KERNELS = {
+    6: kernels.brightness,
+    7: kernels.color,
+    8: kernels.contrast,
+    9: kernels.sharpness,
+    10: kernels.posterize,
+    11: kernels.solarize,
+    12: lambda x, _: kernels.autocontrast(x),
+    13: lambda x, _: kernels.equalize(x),
+}
 
 
 def op_magnitudes(magnitude: int, height: int, width: int, num_bins: int = 31) -> torch.Tensor:
@@ -110,9 +132,7 @@ def inverse_matrices(ops: torch.Tensor, magnitudes: torch.Tensor, height: int, w
         theta = -torch.deg2rad(m[rotate])
         cos, sin = theta.cos(), theta.sin()
         cx, cy = width / 2, height / 2
-        a[rotate] = torch.stack(
-            [cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], dim=1
-        )  # fmt: skip
+        a[rotate] = torch.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], dim=1)
     return a.view(-1, 2, 3)
 
 

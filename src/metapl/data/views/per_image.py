@@ -149,7 +149,7 @@ def per_image(spec: ViewSpec) -> v2.Compose:
         A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, spec.size, spec.size)``.
     """
     flip = [RandomFlip()] if spec.hflip else []
-    if spec.crop == "resized":  # images of any size (streamed files): a random area and aspect ratio, resized to the side
+    if spec.crop == "resized":  # images of any size (streamed): a random area and aspect ratio, resized to the side
         geometry = [v2.RandomResizedCrop(spec.size, scale=RESIZED_CROP_SCALE, antialias=True), *flip]
     else:
         geometry = [*flip, ReflectPadCrop(spec.size, padding=spec.padding)]
