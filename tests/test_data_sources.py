@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CACHE, class_value, make_tar, write_image
-from metapl.data import load_dataset
+from metapl.data import DATASETS, list_sources, load_dataset, register_source
 from metapl.data.sources import fashion_mnist, imagetree
 from metapl.data.sources.fashion_mnist import read_idx
 from metapl.data.sources.imagetree import channel_stats
@@ -308,3 +308,11 @@ def test_truncated_archive(make_tree, tmp_path, suffix):
         message = user_error(load_dataset, "folder", str(tmp_path / f"cut{i}{suffix}"), cache_dir=str(tmp_path))
         assert "cannot read archive" in message and f"cut{i}{suffix}" in message
     assert len(load_dataset("folder", str(archive), cache_dir=str(tmp_path), log=quiet).train) == 12
+
+
+def test_the_source_registry_refuses_a_second_reader_for_a_name():
+    expected = ["digits", "cifar10", "cifar100", "svhn", "fashion-mnist", "folder", "shards"]
+    assert list(DATASETS) == list_sources() == expected  # the order the refusal of an unknown name lists them in
+    with pytest.raises(ValueError, match="'cifar10' is already registered"):
+        register_source("cifar10")(lambda options: None)
+    assert list_sources() == list(DATASETS)

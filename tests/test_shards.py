@@ -24,6 +24,8 @@ from conftest import write_noise_tree
 from metapl.commands.cli import main
 from metapl.data import (
     BatchSpec,
+    ImageArrays,
+    ImageStore,
     ItemsSampler,
     ResumableSampler,
     load_dataset,
@@ -101,6 +103,16 @@ def test_shards_read_as_the_folder_streams(sharded, tree):
     a = make_split(folder.train.labels, 12, 3, seed=4, val=3, log=quiet)
     b = make_split(sharded.train.labels, 12, 3, seed=4, val=3, log=quiet)
     assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("labeled", "val", "unlabeled"))
+
+
+def test_arrays_streamed_files_and_shards_are_all_image_stores(sharded, tree):
+    folder = load_dataset("folder", str(tree), image_size=SIZE, data_path="stream", log=quiet)
+    arrays = ImageArrays(sharded.train.images[:4], sharded.train.labels[:4])
+    for store in (arrays, folder.train, sharded.train):
+        assert isinstance(store, ImageStore)
+        part = store.take(np.array([2, 0]))
+        assert type(part) is type(store) and part.labels.tolist() == store.labels[[2, 0]].tolist()
+        assert part.images[[1]].shape == (1, SIZE, SIZE, 3) and part.image(0).dtype == torch.uint8
 
 
 def _batches(data, split, start_step: int, steps: int, workers: int, items=None):
