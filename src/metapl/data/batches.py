@@ -105,26 +105,26 @@ def _loader_batches(data: SourceData, split: Split, spec: BatchSpec, side) -> tu
     """``make_train_batches`` with the views made per image, in the loader workers."""
     labeled_side = None if side is None else side[0]
     labeled_ds = LabeledDataset(data.train, split.labeled, per_image(spec.labeled or spec.weak), labeled_side)
-    labeled = stream_loader(labeled_ds, _labeled_sampler(len(labeled_ds), spec), spec.batch_size, spec)
+    labeled = _stream_loader(labeled_ds, _labeled_sampler(len(labeled_ds), spec), spec.batch_size, spec)
     if spec.strong is None:
         return labeled, None
     weak, strong = per_image(spec.weak), per_image(spec.strong)
     unlabeled_ds = UnlabeledDataset(data.train, split.unlabeled, weak, strong, extra=data.extra_unlabeled, side=side)
     sampler = _unlabeled_sampler(len(unlabeled_ds), spec)
-    return labeled, stream_loader(unlabeled_ds, sampler, spec.mu * spec.batch_size, spec)
+    return labeled, _stream_loader(unlabeled_ds, sampler, spec.mu * spec.batch_size, spec)
 
 
 def _device_batches(data: SourceData, split: Split, spec: BatchSpec, side) -> tuple[DeviceViews, DeviceViews | None]:
     """``make_train_batches`` with the views made per batch on ``spec.device``; the workers copy uint8 rows only."""
     labeled_ds = RawImages([(data.train, split.labeled)], None if side is None else side[:1])
-    loader = stream_loader(labeled_ds, _labeled_sampler(len(labeled_ds), spec), spec.batch_size, spec, whole_batch)
+    loader = _stream_loader(labeled_ds, _labeled_sampler(len(labeled_ds), spec), spec.batch_size, spec, whole_batch)
     labeled = DeviceViews(loader, spec.device, [BatchView(spec.labeled or spec.weak)])
     if spec.strong is None:
         return labeled, None
     extra = [(data.extra_unlabeled, np.arange(len(data.extra_unlabeled)))] if data.extra_unlabeled is not None else []
     unlabeled_ds = RawImages([(data.train, split.unlabeled), *extra], None if side is None else side[: 1 + len(extra)])
     sampler = _unlabeled_sampler(len(unlabeled_ds), spec)
-    loader = stream_loader(unlabeled_ds, sampler, spec.mu * spec.batch_size, spec, whole_batch)
+    loader = _stream_loader(unlabeled_ds, sampler, spec.mu * spec.batch_size, spec, whole_batch)
     return labeled, DeviceViews(loader, spec.device, [BatchView(spec.weak), BatchView(spec.strong)])
 
 
@@ -146,7 +146,7 @@ def _unlabeled_sampler(num_unlabeled: int, spec: BatchSpec) -> ResumableSampler 
     return ResumableSampler(num_unlabeled, seed=seed, start=start, rank=spec.rank, world_size=spec.world_size)
 
 
-def stream_loader(dataset, sampler, batch_size: int, spec: BatchSpec, collate_fn=None) -> DataLoader:
+def _stream_loader(dataset, sampler, batch_size: int, spec: BatchSpec, collate_fn=None) -> DataLoader:
     """A ``DataLoader`` of ``batch_size`` items from a sampler's endless stream, workers set up for it.
 
     Args:
@@ -239,7 +239,7 @@ def make_eval_loader(
         shuffle=False,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=torch.Generator(),  # see stream_loader: leave the global generator alone
+        generator=torch.Generator(),  # see _stream_loader: leave the global generator alone
     )
 
 

@@ -43,15 +43,15 @@ class LabeledDataset(Dataset):
     """Labeled images under a random ``transform``, fetched by ``(i, sample_seed)`` from a ``ResumableSampler``.
 
     Args:
-        arrays: the train arrays.
-        indices: which rows of ``arrays`` form this dataset (``split.labeled``); ``i`` indexes this list.
+        store: the train images.
+        indices: which rows of ``store`` form this dataset (``split.labeled``); ``i`` indexes this list.
         transform: uint8 ``(C, H, W)`` -> float tensor.
-        side: an array with one row per row of ``arrays`` (Reduced MPL: the large teacher's stored log-probabilities),
+        side: an array with one row per row of ``store`` (Reduced MPL: the large teacher's stored log-probabilities),
             whose row is appended to each item; None: items are ``(x, y)``.
     """
 
-    def __init__(self, arrays: ImageStore, indices: np.ndarray, transform: Callable, side: np.ndarray | None = None):
-        self.arrays, self.indices, self.transform = arrays, np.asarray(indices, dtype=np.int64), transform
+    def __init__(self, store: ImageStore, indices: np.ndarray, transform: Callable, side: np.ndarray | None = None):
+        self.store, self.indices, self.transform = store, np.asarray(indices, dtype=np.int64), transform
         self.side = side
 
     def __len__(self) -> int:
@@ -60,8 +60,8 @@ class LabeledDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         i, sample_seed = key
         row = int(self.indices[i])
-        x = _seeded(sample_seed, lambda: self.transform(self.arrays.image(row)))
-        item = (x, torch.tensor(int(self.arrays.labels[row]), dtype=torch.int64))
+        x = _seeded(sample_seed, lambda: self.transform(self.store.image(row)))
+        item = (x, torch.tensor(int(self.store.labels[row]), dtype=torch.int64))
         return item if self.side is None else (*item, torch.from_numpy(np.array(self.side[row])))
 
 
@@ -69,12 +69,12 @@ class UnlabeledDataset(Dataset):
     """Unlabeled images as a (weak, strong) pair of views of the same image, plus the hidden true label.
 
     Args:
-        arrays: the train arrays.
-        indices: rows of ``arrays`` used as unlabeled data (``split.unlabeled``).
+        store: the train images.
+        indices: rows of ``store`` used as unlabeled data (``split.unlabeled``).
         weak: the weak transform.
         strong: the strong transform.
         extra: extra images without classes, appended after ``indices``.
-        side: ``(rows of arrays, rows of extra)``, per-image arrays whose row is appended to each item (see
+        side: ``(rows of store, rows of extra)``, per-image arrays whose row is appended to each item (see
             ``LabeledDataset``); None: none.
 
     Items are ``(x_uw, x_us, y_true)``; ``y_true`` is -1 for extra images (only used to monitor pseudo-labels).
@@ -82,14 +82,14 @@ class UnlabeledDataset(Dataset):
 
     def __init__(
         self,
-        arrays: ImageStore,
+        store: ImageStore,
         indices: np.ndarray,
         weak: Callable,
         strong: Callable,
         extra: ImageStore | None = None,
         side: tuple[np.ndarray, np.ndarray | None] | None = None,
     ):
-        self.arrays, self.indices, self.weak, self.strong = arrays, np.asarray(indices, dtype=np.int64), weak, strong
+        self.store, self.indices, self.weak, self.strong = store, np.asarray(indices, dtype=np.int64), weak, strong
         self.extra, self.side = extra, side
 
     def __len__(self) -> int:
@@ -98,7 +98,7 @@ class UnlabeledDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         i, sample_seed = key
         from_extra = i >= len(self.indices)
-        source, row = (self.extra, i - len(self.indices)) if from_extra else (self.arrays, int(self.indices[i]))
+        source, row = (self.extra, i - len(self.indices)) if from_extra else (self.store, int(self.indices[i]))
         image = source.image(row)  # decoded here, in the worker, for streamed files
         x_uw, x_us = _seeded(sample_seed, lambda: (self.weak(image), self.strong(image)))
         item = (x_uw, x_us, torch.tensor(int(source.labels[row]), dtype=torch.int64))
@@ -110,21 +110,21 @@ class UnlabeledDataset(Dataset):
 class EvalDataset(Dataset):
     """Images under a deterministic transform, by plain integer index: ``(x, y)``."""
 
-    def __init__(self, arrays: ImageStore, transform: Callable):
-        self.arrays, self.transform = arrays, transform
+    def __init__(self, store: ImageStore, transform: Callable):
+        self.store, self.transform = store, transform
 
     def __len__(self) -> int:
-        return len(self.arrays)
+        return len(self.store)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(_image_tensor(self.arrays.images, i)), torch.tensor(int(self.arrays.labels[i]))
+        return self.transform(_image_tensor(self.store.images, i)), torch.tensor(int(self.store.labels[i]))
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # The DataLoader's batched fetch: the deterministic transform runs once on the whole (N, C, H, W) batch
         # instead of N times on single images.
         rows = np.asarray(indices, dtype=np.int64)
-        images = torch.from_numpy(np.array(self.arrays.images[rows])).permute(0, 3, 1, 2)
-        labels = torch.as_tensor(np.asarray(self.arrays.labels[rows]), dtype=torch.int64)
+        images = torch.from_numpy(np.array(self.store.images[rows])).permute(0, 3, 1, 2)
+        labels = torch.as_tensor(np.asarray(self.store.labels[rows]), dtype=torch.int64)
         return list(zip(self.transform(images).unbind(0), labels.unbind(0)))
 
 
@@ -133,12 +133,12 @@ class RawImages(Dataset):
 
     Args:
         sources: ``(store, rows)`` pairs of cached arrays; item ``i`` is the ``i``-th row of their concatenation.
-        sides: one per-image array per source, aligned with its ``arrays`` (Reduced MPL: the large teacher's stored
+        sides: one per-image array per source, aligned with its ``store`` (Reduced MPL: the large teacher's stored
             log-probabilities), whose rows end each batch; None: none.
     """
 
     def __init__(self, sources: Sequence[tuple[ImageStore, np.ndarray]], sides: Sequence[np.ndarray] | None = None):
-        self.sources = [(arrays, np.asarray(rows, dtype=np.int64)) for arrays, rows in sources]
+        self.sources = [(store, np.asarray(rows, dtype=np.int64)) for store, rows in sources]
         self.starts = np.cumsum([0] + [len(rows) for _, rows in self.sources])
         self.sides = sides
 
@@ -158,12 +158,12 @@ class RawImages(Dataset):
         images = np.empty((len(keys), *first.images.shape[1:]), dtype=np.uint8)  # (B, H, W, C)
         labels = np.empty(len(keys), dtype=np.int64)
         side = None if self.sides is None else np.empty((len(keys), *self.sides[0].shape[1:]), self.sides[0].dtype)
-        for s, ((arrays, rows), start, end) in enumerate(zip(self.sources, self.starts[:-1], self.starts[1:])):
+        for s, ((store, rows), start, end) in enumerate(zip(self.sources, self.starts[:-1], self.starts[1:])):
             mine = (index >= start) & (index < end)
             if mine.any():
                 picked = rows[index[mine] - start]
-                images[mine] = arrays.images[picked]  # one fancy index per source: a copy out of the memmap
-                labels[mine] = arrays.labels[picked]
+                images[mine] = store.images[picked]  # one fancy index per source: a copy out of the memmap
+                labels[mine] = store.labels[picked]
                 if side is not None:
                     side[mine] = self.sides[s][picked]
         batch = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), seeds)
