@@ -29,15 +29,15 @@ import yaml
 from common import available_cpus  # also puts src/ on sys.path in a bare checkout
 from loader_speed import time_steps
 from metapl.data import (
+    BatchSpec,
+    BatchView,
     ImageArrays,
     SourceData,
-    make_device_train_batches,
     make_split,
-    make_train_loaders,
-    strong_batch_view,
-    strong_transform,
-    weak_batch_view,
-    weak_transform,
+    make_train_batches,
+    per_image,
+    strong_view,
+    weak_view,
 )
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "src", "metapl", "configs")
@@ -118,8 +118,9 @@ def measure_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
     split = make_split(data.train.labels, min(cfg["num_labeled"], args.images // 2), 10, seed=0, log=lambda _: None)
     kw = {"hflip": True, "mean": data.mean, "std": data.std}
     strong_kw = {"randaug_n": cfg["randaug_n"], "randaug_m": cfg["randaug_m"], "cutout": cfg["cutout"]}
-    weak, strong = weak_transform(size, **kw), strong_transform(size, **kw, **strong_kw)
-    weak_b, strong_b = weak_batch_view(size, **kw), strong_batch_view(size, **kw, **strong_kw)
+    weak_s, strong_s = weak_view(size, **kw), strong_view(size, **kw, **strong_kw)
+    weak, strong = per_image(weak_s), per_image(strong_s)
+    weak_b, strong_b = BatchView(weak_s), BatchView(strong_s)
     images = torch.from_numpy(data.train.images[: b * (1 + mu)]).permute(0, 3, 1, 2).contiguous()
     x_l, x_u = images[:b], images[b:]
     on_device = images.to(device)
@@ -141,15 +142,15 @@ def measure_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
     seconds[ROWS[1]] = time_steps(device_views, args.warmup, args.steps)
 
     mpl_step = _mpl_step(channels, size, device)
-    loader = dict(batch_size=b, mu=mu, seed=0, start_step=0, num_workers=args.workers)
-    li, ui = make_device_train_batches(data, split, device=device, weak=weak_b, strong=strong_b, **loader)
+    loader = dict(batch_size=b, mu=mu, seed=0, weak=weak_s, strong=strong_s, workers=args.workers)
+    li, ui = make_train_batches(data, split, BatchSpec(**loader, augment_on="device", device=device))
     batch = (*next(li), *next(ui))  # one fixed batch, already on the device
     seconds[ROWS[2]] = time_steps(lambda: _sync(mpl_step(batch), device), args.warmup, args.steps)
-    labeled, unlabeled = make_train_loaders(data, split, weak=weak, strong=strong, **loader)
+    labeled, unlabeled = make_train_batches(data, split, BatchSpec(**loader))
     li, ui = iter(labeled), iter(unlabeled)
     seconds[ROWS[3]] = time_steps(lambda: _sync(mpl_step(_to(device, *next(li), *next(ui))), device), args.warmup,
                                   args.steps)  # fmt: skip
-    li, ui = make_device_train_batches(data, split, device=device, weak=weak_b, strong=strong_b, **loader)
+    li, ui = make_train_batches(data, split, BatchSpec(**loader, augment_on="device", device=device))
     seconds[ROWS[4]] = time_steps(lambda: _sync(mpl_step((*next(li), *next(ui))), device), args.warmup, args.steps)
     return seconds
 

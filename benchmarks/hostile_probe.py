@@ -167,7 +167,7 @@ def cli_cases(tmp: Path) -> dict:
     out["shards --skip-corrupt"] = (p.returncode == 0 and "bad.jpg" in p.stdout + p.stderr, f"exit {p.returncode}: "
                                     f"{(p.stderr.strip().splitlines() or [''])[-1][:100]}")  # fmt: skip
     # A shard with a corrupt image inside, written by the old packer: --skip-corrupt must let training go on.
-    from metapl.data.shards import _write_shard
+    from metapl.data.sources.shard_writer import _write_shard
 
     (tmp / "bad_shards").mkdir()
     entries = [(f"{c}/{i}.jpg", n) for n, c in enumerate("ab") for i in range(6)] + [("a/bad.jpg", 0)]

@@ -22,7 +22,7 @@ import time
 import torch
 
 from common import available_cpus  # also puts src/ on sys.path in a bare checkout
-from metapl.data import load_dataset, make_split, make_train_loaders, strong_transform, weak_transform
+from metapl.data import BatchSpec, load_dataset, make_split, make_train_batches, strong_view, weak_view
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
 
@@ -114,16 +114,15 @@ def main(args: argparse.Namespace) -> None:
     print(f"load_dataset: {time.perf_counter() - t0:.1f} s (a cache hit takes milliseconds)")
     split = make_split(data.train.labels, args.num_labeled, data.num_classes, seed=0, log=lambda _: None)
     kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
-    weak, strong = weak_transform(data.image_size, **kw), strong_transform(data.image_size, **kw)
+    weak, strong = weak_view(data.image_size, **kw), strong_view(data.image_size, **kw)
     b, mu = args.batch_size, args.mu
     views_per_step = b * (1 + 2 * mu)
 
     def measure(step_fn, start_step: int) -> float:
         # Fresh loaders per measurement; their workers stop when the iterators go out of scope on return.
-        labeled, unlabeled = make_train_loaders(
-            data, split, batch_size=b, mu=mu, seed=0, start_step=start_step, num_workers=args.workers,
-            weak=weak, strong=strong,
-        )  # fmt: skip
+        labeled, unlabeled = make_train_batches(data, split, BatchSpec(
+            batch_size=b, mu=mu, seed=0, start_step=start_step, workers=args.workers, weak=weak, strong=strong,
+        ))  # fmt: skip
         l_iter, u_iter = iter(labeled), iter(unlabeled)
         return time_steps(lambda: step_fn((*next(l_iter), *next(u_iter))), args.warmup, args.steps)
 
@@ -131,8 +130,8 @@ def main(args: argparse.Namespace) -> None:
     load_s = measure(lambda parts: parts, 0)
     # 2. MPL steps alone, on one fixed batch (no loading at all).
     mpl_step = build_mpl(args.model, data.num_classes, data.in_channels, data.image_size)
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=b, mu=mu, seed=0, num_workers=0, weak=weak, strong=strong
+    labeled, unlabeled = make_train_batches(
+        data, split, BatchSpec(batch_size=b, mu=mu, seed=0, workers=0, weak=weak, strong=strong)
     )
     batch = (*next(iter(labeled)), *next(iter(unlabeled)))
     mpl_s = time_steps(lambda: mpl_step(batch), args.warmup, args.steps)

@@ -19,19 +19,19 @@ from torchvision.transforms.v2 import functional as F
 import metapl.engine.train
 from metapl.commands.cli import main
 from metapl.data import (
+    BatchSpec,
+    BatchView,
+    Cutout,
     ImageArrays,
     SourceData,
-    make_device_train_batches,
     make_split,
-    make_train_loaders,
-    strong_batch_view,
-    strong_transform,
-    weak_batch_view,
-    weak_transform,
+    make_train_batches,
+    per_image,
+    strong_view,
+    weak_view,
 )
-from metapl.data import batch_ops as ops_
-from metapl.data.batch_augment import OPS, SIGNED, draw_ops, op_magnitudes, rand_augment
-from metapl.data.transforms import Cutout
+from metapl.data.views import kernels as ops_
+from metapl.data.views.per_batch import OPS, SIGNED, draw_ops, op_magnitudes, rand_augment
 from metapl.engine.checkpoint import load_checkpoint
 from metapl.engine.run_dir import LATEST
 
@@ -52,8 +52,9 @@ def pillow_op(image: torch.Tensor, name: str, magnitude: float, fill: list[int])
     array = image.permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     # The transform's own op dispatch (private): exactly the code behind PILRandAugment's random draws.
-    out = np.array(ra._apply_image_or_video_transform(pil, name, magnitude, interpolation=ra.interpolation,
-                                                      fill=ra._fill))  # fmt: skip
+    out = np.array(
+        ra._apply_image_or_video_transform(pil, name, magnitude, interpolation=ra.interpolation, fill=ra._fill)
+    )
     return torch.from_numpy(out[None] if out.ndim == 2 else out.transpose(2, 0, 1).copy())
 
 
@@ -87,8 +88,9 @@ def test_every_op_equals_the_pillow_path_pixel_for_pixel(channels, size):
     # A @ (x + 0.5, y + 0.5)), computed in float64; it could only differ where that point lies within Pillow's 16.16
     # fixed-point rounding (~1e-5 px) of a pixel edge, which none of these magnitudes hits.
     fill = FILL3[:channels]
-    images = torch.cat([smooth_images(len(CASES), channels, size), torch.randint(0, 256, (len(CASES), channels, size,
-                        size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)])  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(0, 256, (len(CASES), channels, size, size), generator=g, dtype=torch.uint8)
+    images = torch.cat([smooth_images(len(CASES), channels, size), noise])
     ops = torch.tensor([OPS.index(name) for name, _ in CASES] * 2).view(1, -1)
     magnitudes = torch.tensor([m for _, m in CASES] * 2, dtype=torch.float64).view(1, -1)
     # One batch holding every op: checks the kernels and the sort-by-op / unsort of the batched dispatch.
@@ -100,7 +102,7 @@ def test_every_op_equals_the_pillow_path_pixel_for_pixel(channels, size):
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_and_flip_equal_the_loader_geometry(flip):
     images = smooth_images(3, 3, 32)
-    view = weak_batch_view(32, hflip=True, mean=MEAN3, std=STD3)
+    view = BatchView(weak_view(32, hflip=True, mean=MEAN3, std=STD3))
     top, left = torch.tensor([0, 4, 8]), torch.tensor([8, 0, 3])  # corners and an inner offset of the 40x40 pad
     out = view._crop_flip(images, torch.full((3,), flip), top, left)
     for i in range(3):
@@ -126,7 +128,8 @@ def test_normalize_equals_to_normalized_float():
     images = smooth_images(2, 3, 8)
     mean = torch.tensor(MEAN3).view(-1, 1, 1)
     std = torch.tensor(STD3).view(-1, 1, 1)
-    expected = torch.stack([weak_transform(8, hflip=False, mean=MEAN3, std=STD3).transforms[-1](x) for x in images])
+    weak = per_image(weak_view(8, hflip=False, mean=MEAN3, std=STD3))
+    expected = torch.stack([weak.transforms[-1](x) for x in images])
     assert torch.equal(ops_.normalize(images, mean, std), expected)
 
 
@@ -163,11 +166,8 @@ def test_strong_and_weak_views_have_the_pillow_paths_pixel_statistics(channels, 
     n, pool = 1536, smooth_images(16, channels, size, seed=3)
     mean, std = (0.5,) * channels, (0.25,) * channels
     kw = {"hflip": True, "mean": mean, "std": std}
-    for pillow, device in (
-        (strong_transform(size, **kw, randaug_m=m, cutout=cutout), strong_batch_view(size, **kw, randaug_m=m,
-                                                                                     cutout=cutout)),
-        (weak_transform(size, **kw), weak_batch_view(size, **kw)),
-    ):  # fmt: skip
+    for spec in (strong_view(size, **kw, randaug_m=m, cutout=cutout), weak_view(size, **kw)):
+        pillow, device = per_image(spec), BatchView(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             a = torch.stack([pillow(pool[i % 16]) for i in range(n)])
@@ -180,7 +180,7 @@ def test_strong_and_weak_views_have_the_pillow_paths_pixel_statistics(channels, 
 
 
 def test_views_are_deterministic_under_a_seed_and_differ_across_seeds():
-    view = strong_batch_view(32, hflip=True, mean=MEAN3, std=STD3)
+    view = BatchView(strong_view(32, hflip=True, mean=MEAN3, std=STD3))
     images = smooth_images(8, 3, 32)
 
     def run(seed):
@@ -194,7 +194,7 @@ def test_views_are_deterministic_under_a_seed_and_differ_across_seeds():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_views_equal_cpu_views():
     for channels, size in ((3, 32), (1, 28)):
-        view = strong_batch_view(size, hflip=True, mean=MEAN3[:channels], std=STD3[:channels])
+        view = BatchView(strong_view(size, hflip=True, mean=MEAN3[:channels], std=STD3[:channels]))
         images = smooth_images(64, channels, size)
         cpu = view(images, torch.Generator().manual_seed(1))
         cuda = view(images.cuda(), torch.Generator().manual_seed(1))
@@ -216,10 +216,9 @@ def synthetic(channels: int = 3, size: int = 16) -> SourceData:
 
 def device_batches(data, split, steps, *, start_step=0, num_workers=0):
     kw = {"hflip": True, "mean": data.mean, "std": data.std}
-    labeled, unlabeled = make_device_train_batches(
-        data, split, batch_size=4, mu=3, seed=11, device="cpu", weak=weak_batch_view(16, **kw),
-        strong=strong_batch_view(16, **kw), start_step=start_step, num_workers=num_workers,
-    )  # fmt: skip
+    weak, strong = weak_view(16, **kw), strong_view(16, **kw)
+    spec = BatchSpec(4, 11, weak, strong, mu=3, start_step=start_step, augment_on="device", workers=num_workers)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     return [(*next(labeled), *next(unlabeled)) for _ in range(steps)]
 
 
@@ -240,10 +239,8 @@ def test_device_batches_draw_the_loader_paths_images_and_leave_the_global_rng_al
     data = synthetic()
     split = make_split(data.train.labels, 9, 3, seed=0, log=lambda _: None)
     kw = {"hflip": True, "mean": data.mean, "std": data.std}
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=4, mu=3, seed=11, num_workers=0, weak=weak_transform(16, **kw),
-        strong=strong_transform(16, **kw),
-    )  # fmt: skip
+    spec = BatchSpec(4, 11, weak_view(16, **kw), strong_view(16, **kw), mu=3, workers=0)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     torch.manual_seed(1)
     expected = torch.rand(4)
     torch.manual_seed(1)

@@ -10,6 +10,7 @@ import torch
 from torchvision.transforms import v2
 
 from metapl.data import (
+    BatchSpec,
     Cutout,
     ImageArrays,
     LabeledDataset,
@@ -20,11 +21,12 @@ from metapl.data import (
     load_dataset,
     make_eval_loader,
     make_split,
-    make_train_loaders,
-    strong_transform,
-    weak_transform,
+    make_train_batches,
+    per_image,
+    strong_view,
+    weak_view,
 )
-from metapl.data.transforms import PILRandAugment, RandomFlip, ReflectPadCrop, ToNormalizedFloat
+from metapl.data.views.per_image import PILRandAugment, RandomFlip, ReflectPadCrop, ToNormalizedFloat
 
 
 def take(iterable, n):
@@ -44,7 +46,7 @@ def synthetic(channels: int, size: int = 16, n: int = 60, classes: int = 3, seed
 
 def views(data: SourceData):
     kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
-    return weak_transform(data.image_size, **kw), strong_transform(data.image_size, **kw)
+    return weak_view(data.image_size, **kw), strong_view(data.image_size, **kw)
 
 
 # -- sampler ---------------------------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def test_start_resumes_the_uninterrupted_stream(start):
 def test_augmentation_depends_only_on_sample_seed():
     data = synthetic(3)
     weak, strong = views(data)
-    ds = UnlabeledDataset(data.train, np.arange(len(data.train)), weak, strong)
+    ds = UnlabeledDataset(data.train, np.arange(len(data.train)), per_image(weak), per_image(strong))
     torch.manual_seed(0)
     expected_next = torch.rand(3)
     torch.manual_seed(0)
@@ -113,8 +115,8 @@ def test_transforms_keep_shape_and_normalize(channels, size):
     image = torch.randint(0, 256, (channels, size, size), dtype=torch.uint8)
     mean, std = (0.4,) * channels, (0.2,) * channels
     for transform in (
-        weak_transform(size, hflip=True, mean=mean, std=std),
-        strong_transform(size, hflip=False, mean=mean, std=std),
+        per_image(weak_view(size, hflip=True, mean=mean, std=std)),
+        per_image(strong_view(size, hflip=False, mean=mean, std=std)),
     ):
         out = transform(image)
         assert out.shape == (channels, size, size) and out.dtype == torch.float32
@@ -199,10 +201,8 @@ def test_cutout_fills_one_square():
 
 def batches(data, split, steps, *, start_step=0, num_workers=0, batch_size=4, mu=3):
     weak, strong = views(data)
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=batch_size, mu=mu, seed=11, start_step=start_step, num_workers=num_workers,
-        weak=weak, strong=strong, persistent_workers=False,
-    )  # fmt: skip
+    spec = BatchSpec(batch_size, 11, weak, strong, mu=mu, start_step=start_step, workers=num_workers)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     return list(zip(take(labeled, steps), take(unlabeled, steps)))
 
 
@@ -244,9 +244,8 @@ def test_extra_unlabeled_and_expand_labels():
     data = synthetic(3)
     split = make_split(data.train.labels, 3, data.num_classes, seed=0, log=lambda _: None)
     weak, strong = views(data)
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=4, mu=5, seed=0, weak=weak, strong=strong, num_workers=0, expand_labels_to=30
-    )
+    spec = BatchSpec(batch_size=4, seed=0, weak=weak, strong=strong, mu=5, expand_labels_to=30, workers=0)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     assert labeled.sampler.repeat == 10 and len(unlabeled.dataset) == len(data.train) + 7
     seen = torch.cat([y for _, _, y in take(unlabeled, 14)])  # 280 draws from 67 items: all of them
     assert (seen == -1).sum() > 0 and (seen >= 0).sum() > 0
@@ -274,7 +273,7 @@ def test_digits_grayscale_loaders():
 
 
 def test_mix_seeds_equals_mix_seed_for_every_position():
-    from metapl.data.loader import mix_seed, mix_seeds
+    from metapl.data.sampling import mix_seed, mix_seeds
 
     last = np.array([0, 1, 2, 7, 12_345, 2**40 + 3, 2**62 - 1], dtype=np.int64)
     for lead in [(0,), (11, 3), (2**32 - 1, 0), (5, 2**31, 9)]:

@@ -23,12 +23,16 @@ def test_fashion_labels_file_in_place_of_the_images_file(tmp_path, swap):
     images, labels = tmp_path / "train-images-idx3-ubyte", tmp_path / "train-labels-idx1-ubyte"
     if swap == "labels as images":
         images.write_bytes(labels.read_bytes())
-        message = (f"{images} holds labels (30,), not the train images; put the Fashion-MNIST "
-                   "train-images-idx3-ubyte file there")  # fmt: skip
+        message = (
+            f"{images} holds labels (30,), not the train images; put the Fashion-MNIST "
+            "train-images-idx3-ubyte file there"
+        )
     else:
         labels.write_bytes(images.read_bytes())
-        message = (f"{labels} holds images (30, 28, 28), not the train labels; put the Fashion-MNIST "
-                   "train-labels-idx1-ubyte file there")  # fmt: skip
+        message = (
+            f"{labels} holds images (30, 28, 28), not the train labels; put the Fashion-MNIST "
+            "train-labels-idx1-ubyte file there"
+        )
     cache = tmp_path / "cache"
     with pytest.raises(UserError) as info:
         load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(cache), log=lambda _: None)
@@ -64,15 +68,15 @@ def test_shards_decodes_every_image_and_skip_corrupt_names_what_it_leaves_out(tm
 
 
 def test_skip_corrupt_on_streamed_shards_and_a_lone_test_shard(tmp_path):
-    from metapl.data.shards import _write_shard
+    from metapl.data.sources.shard_writer import _write_shard
 
     src = _tree(tmp_path / "tree", corrupt=True)
     entries = [(f"{c}/{i}.jpg", n) for n, c in enumerate("ab") for i in range(6)] + [("a/bad.jpg", 0)]
     (tmp_path / "old").mkdir()
     _write_shard(tmp_path / "old" / "train-000000.tar", src, entries, "train", 0)  # as the old packer wrote it
     lines = []
-    data = load_dataset("shards", str(tmp_path / "old"), image_size=16, cache_dir=str(tmp_path / "c"),
-                        skip_corrupt=True, log=lines.append)  # fmt: skip
+    kw = {"image_size": 16, "cache_dir": str(tmp_path / "c"), "skip_corrupt": True, "log": lines.append}
+    data = load_dataset("shards", str(tmp_path / "old"), **kw)
     assert len(data.train) + len(data.test) == 12
     warnings = [line for line in lines if line.startswith("warning")]
     shard = tmp_path / "old" / "train-000000.tar"
@@ -81,5 +85,7 @@ def test_skip_corrupt_on_streamed_shards_and_a_lone_test_shard(tmp_path):
     _write_shard(tmp_path / "test-000000.tar", src, entries[:-1], "test", 0)
     with pytest.raises(UserError) as info:
         load_dataset("shards", str(tmp_path / "test-000000.tar"), image_size=16, cache_dir=str(tmp_path / "c"))
-    assert str(info.value) == (f"{tmp_path / 'test-000000.tar'} is a test shard; point --data-dir at the shard folder "
-                               "(train-*.tar and test-*.tar) or at a train-*.tar")  # fmt: skip
+    assert str(info.value) == (
+        f"{tmp_path / 'test-000000.tar'} is a test shard; point --data-dir at the shard folder "
+        "(train-*.tar and test-*.tar) or at a train-*.tar"
+    )

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CACHE, class_value, make_tar, write_image
-from metapl.data import imagetree, load_dataset
-from metapl.data import sources as sources_mod
-from metapl.data.sources import channel_stats, read_idx
+from metapl.data import DATASETS, list_sources, load_dataset, register_source
+from metapl.data.sources import fashion_mnist, imagetree
+from metapl.data.sources.fashion_mnist import read_idx
+from metapl.data.sources.imagetree import channel_stats
 from metapl.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -40,7 +41,7 @@ def forbid_decoding(monkeypatch) -> None:
         raise AssertionError("an image was decoded although the cache holds it")
 
     monkeypatch.setattr(imagetree, "_decode_chunk", refuse)
-    monkeypatch.setattr(sources_mod, "read_idx", refuse)
+    monkeypatch.setattr(fashion_mnist, "read_idx", refuse)
 
 
 # -- named datasets --------------------------------------------------------------------------------------------------
@@ -307,3 +308,11 @@ def test_truncated_archive(make_tree, tmp_path, suffix):
         message = user_error(load_dataset, "folder", str(tmp_path / f"cut{i}{suffix}"), cache_dir=str(tmp_path))
         assert "cannot read archive" in message and f"cut{i}{suffix}" in message
     assert len(load_dataset("folder", str(archive), cache_dir=str(tmp_path), log=quiet).train) == 12
+
+
+def test_the_source_registry_refuses_a_second_reader_for_a_name():
+    expected = ["digits", "cifar10", "cifar100", "svhn", "fashion-mnist", "folder", "shards"]
+    assert list(DATASETS) == list_sources() == expected  # the order the refusal of an unknown name lists them in
+    with pytest.raises(ValueError, match="'cifar10' is already registered"):
+        register_source("cifar10")(lambda options: None)
+    assert list_sources() == list(DATASETS)

@@ -1,4 +1,5 @@
-"""WebDataset-style tar shards (``metapl.data.shards``): written by ``metapl shards``, streamed like image folders.
+"""WebDataset-style tar shards (``metapl.data.sources.shards``): written by ``metapl shards``, streamed like image
+folders.
 
 One session-scoped tree of 90 small random JPEGs (plus one BMP, which the writer re-encodes as PNG) in 3 class
 folders, written once as 6 shards of up to 16 samples, serves every test.
@@ -22,14 +23,17 @@ from PIL import Image
 from conftest import write_noise_tree
 from metapl.commands.cli import main
 from metapl.data import (
+    BatchSpec,
+    ImageArrays,
+    ImageStore,
     ItemsSampler,
     ResumableSampler,
     load_dataset,
     make_split,
-    make_train_loaders,
+    make_train_batches,
     rank_unlabeled_items,
-    strong_transform,
-    weak_transform,
+    strong_view,
+    weak_view,
     write_shards,
 )
 from metapl.engine.config import TrainConfig
@@ -45,8 +49,9 @@ def quiet(_line: str) -> None:
 @pytest.fixture(scope="session")
 def tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: 48x40 upscaled noise, and one ``bee/zz.bmp``."""
-    root = write_noise_tree(tmp_path_factory.mktemp("tree"), CLASSES, PER_CLASS, noise_hw=(5, 6), size=(48, 40),
-                            quality=90)  # fmt: skip
+    root = write_noise_tree(
+        tmp_path_factory.mktemp("tree"), CLASSES, PER_CLASS, noise_hw=(5, 6), size=(48, 40), quality=90
+    )
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "bee" / "zz.bmp")
     return root
@@ -61,8 +66,9 @@ def shard_dir(tree, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharded(shard_dir, tmp_path_factory):
-    return load_dataset("shards", str(shard_dir), image_size=SIZE, cache_dir=str(tmp_path_factory.mktemp("c")),
-                        log=quiet)  # fmt: skip
+    return load_dataset(
+        "shards", str(shard_dir), image_size=SIZE, cache_dir=str(tmp_path_factory.mktemp("c")), log=quiet
+    )
 
 
 def test_the_writer_records_shards_and_the_class_list(shard_dir, tree, tmp_path):
@@ -90,7 +96,7 @@ def test_shards_read_as_the_folder_streams(sharded, tree):
         # The writer copies the JPEG bytes and stores the BMP as PNG: every eval view is the folder's, pixel for pixel.
         assert np.array_equal(a.images[:], b.images[:])
     bmp = int(np.flatnonzero(folder.train.labels == 1)[-1])
-    assert folder.train.images.file(bmp).name == "zz.bmp"
+    assert folder.train.file(bmp).name == "zz.bmp"
     assert torch.equal(folder.train.image(bmp), sharded.train.image(bmp))
     assert sharded.train.image(bmp).shape == (3, 20, 30)
     assert folder.mean == sharded.mean and folder.std == sharded.std
@@ -99,13 +105,21 @@ def test_shards_read_as_the_folder_streams(sharded, tree):
     assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("labeled", "val", "unlabeled"))
 
 
+def test_arrays_streamed_files_and_shards_are_all_image_stores(sharded, tree):
+    folder = load_dataset("folder", str(tree), image_size=SIZE, data_path="stream", log=quiet)
+    arrays = ImageArrays(sharded.train.images[:4], sharded.train.labels[:4])
+    for store in (arrays, folder.train, sharded.train):
+        assert isinstance(store, ImageStore)
+        part = store.take(np.array([2, 0]))
+        assert type(part) is type(store) and part.labels.tolist() == store.labels[[2, 0]].tolist()
+        assert part.images[[1]].shape == (1, SIZE, SIZE, 3) and part.image(0).dtype == torch.uint8
+
+
 def _batches(data, split, start_step: int, steps: int, workers: int, items=None):
     kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
-    weak, strong = weak_transform(SIZE, **kw), strong_transform(SIZE, cutout=4, **kw)
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=3, mu=2, seed=5, start_step=start_step, num_workers=workers, weak=weak, strong=strong,
-        persistent_workers=False, prefetch_factor=2, unlabeled_items=items,
-    )  # fmt: skip
+    weak, strong = weak_view(SIZE, **kw), strong_view(SIZE, cutout=4, **kw)
+    spec = BatchSpec(3, 5, weak, strong, mu=2, start_step=start_step, unlabeled_items=items, workers=workers)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     l_iter, u_iter = iter(labeled), iter(unlabeled)
     return [(*next(l_iter), *next(u_iter)) for _ in range(steps)]
 
@@ -124,7 +138,7 @@ def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(sharded):
 
 def test_each_rank_streams_only_its_own_shards(sharded):
     split = make_split(sharded.train.labels, 9, 3, seed=0, log=quiet)
-    shard_of = sharded.train.images.shard_of[split.unlabeled]
+    shard_of = sharded.train.shard_of[split.unlabeled]
     for world in (2, 4):  # 6 shards: 3 each, or 2, 2, 1, 1 (the first ranks own one more)
         owned = [rank_unlabeled_items(sharded, split.unlabeled, r, world) for r in range(world)]
         assert sorted(np.concatenate(owned).tolist()) == list(range(len(split.unlabeled)))  # disjoint, complete
@@ -150,14 +164,13 @@ def _rank_worker(rank: int, shard_dir: str, cache: str, store: str, out: str) ->
         split = make_split(data.train.labels, 9, 3, seed=0, log=quiet)
         own = rank_unlabeled_items(data, split.unlabeled, dist.get_rank(), dist.get_world_size())
         kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
-        _, unlabeled = make_train_loaders(
-            data, split, batch_size=3, mu=2, seed=5, num_workers=0, rank=rank, world_size=2,
-            weak=weak_transform(SIZE, **kw), strong=strong_transform(SIZE, **kw), unlabeled_items=own,
-        )  # fmt: skip
+        weak, strong = weak_view(SIZE, **kw), strong_view(SIZE, **kw)
+        spec = BatchSpec(3, 5, weak, strong, mu=2, rank=rank, world_size=2, unlabeled_items=own, workers=0)
+        _, unlabeled = make_train_batches(data, split, spec)
         sampler = unlabeled.sampler
         rows = [int(split.unlabeled[i]) for (i, _), _ in zip(sampler, range(sampler.per_rank))]
         seen = [None] * 2
-        dist.all_gather_object(seen, {"shards": data.train.images.shard_of[rows].tolist(), "rows": rows})
+        dist.all_gather_object(seen, {"shards": data.train.shard_of[rows].tolist(), "rows": rows})
         if rank == 0:
             torch.save(seen, out)
     finally:
@@ -166,8 +179,9 @@ def _rank_worker(rank: int, shard_dir: str, cache: str, store: str, out: str) ->
 
 def test_two_ranks_stream_disjoint_shards(shard_dir, tmp_path):
     out = tmp_path / "seen.pt"
-    mp.spawn(_rank_worker, args=(str(shard_dir), str(tmp_path / "c"), str(tmp_path / "store"), str(out)), nprocs=2,
-             join=True)  # fmt: skip
+    mp.spawn(
+        _rank_worker, args=(str(shard_dir), str(tmp_path / "c"), str(tmp_path / "store"), str(out)), nprocs=2, join=True
+    )
     seen = torch.load(out)
     assert set(seen[0]["shards"]) == {0, 2, 4} and set(seen[1]["shards"]) == {1, 3, 5}
     assert not set(seen[0]["rows"]) & set(seen[1]["rows"])
@@ -176,10 +190,12 @@ def test_two_ranks_stream_disjoint_shards(shard_dir, tmp_path):
 
 def test_metapl_train_runs_on_shards(shard_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "shards", "--data-dir", str(shard_dir), "--image-size", str(SIZE),
-            "--per-rank-shards", "--num-labeled", "9", "--batch-size", "2", "--mu", "2", "--steps", "3",
-            "--workers", "0", "--eval-every", "3", "--log-every", "1", "--finetune-steps", "0", "--no-tensorboard",
-            "--no-progress", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    flags = (
+        "train --dataset shards --per-rank-shards --num-labeled 9 --batch-size 2 --mu 2 --steps 3 --workers 0 "
+        "--eval-every 3 --log-every 1 --finetune-steps 0 --no-tensorboard --no-progress --device cpu"
+    )
+    paths = ["--data-dir", str(shard_dir), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    args = [*flags.split(), "--image-size", str(SIZE), *paths]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["num_labeled"] == 9 and summary["student_acc"] is not None
@@ -197,8 +213,8 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
 
 def _refused(data_dir: Path | str, cache: Path, capsys, *extra: str) -> str:
     """The one-line error ``metapl train`` prints for shards at ``data_dir`` (exit status 2, no traceback)."""
-    args = ["train", "--dataset", "shards", "--data-dir", str(data_dir), "--image-size", str(SIZE), "--steps", "1",
-            "--cache-dir", str(cache), "--out", str(cache / "run"), *extra]  # fmt: skip
+    paths = ["--data-dir", str(data_dir), "--cache-dir", str(cache), "--out", str(cache / "run")]
+    args = ["train", "--dataset", "shards", "--image-size", str(SIZE), "--steps", "1", *paths, *extra]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -229,8 +245,8 @@ def test_bad_shards_get_one_line_errors(shard_dir, tmp_path, capsys):
     assert "not a class index" in _refused(broken, cache, capsys)
     _tar(shard, {"k1.jpg": jpeg.getvalue(), "k1.cls": b"9"})
     assert "class index 9" in _refused(broken, cache, capsys)
-    _tar(shard, {"k0.jpg": b"not a jpeg", "k0.cls": b"0", **{f"k{i}.{e}": v for i in range(1, 4)
-                 for e, v in (("jpg", jpeg.getvalue()), ("cls", str(i % 2).encode()))}})  # fmt: skip
+    good = {f"k{i}.{e}": v for i in range(1, 4) for e, v in (("jpg", jpeg.getvalue()), ("cls", str(i % 2).encode()))}
+    _tar(shard, {"k0.jpg": b"not a jpeg", "k0.cls": b"0", **good})
     with pytest.raises(UserError, match="cannot read image k0 in shard .*train-000002.tar"):
         data = load_dataset("shards", str(shard), image_size=SIZE, cache_dir=str(cache), log=quiet)
         [part.image(i) for part in (data.train, data.test) for i in range(len(part))]

@@ -1,4 +1,5 @@
-"""The streaming path for large image folders (``metapl.data.stream``): file lists decoded in the loader workers.
+"""The streaming path for large image folders (``metapl.data.sources.streamed``): file lists decoded in the loader
+workers.
 
 One session-scoped folder of 240 random 500x375 JPEGs in 4 class folders serves every test.
 """
@@ -17,15 +18,17 @@ import torch.multiprocessing as mp
 from conftest import write_noise_tree
 from metapl.commands.cli import main
 from metapl.data import (
+    BatchSpec,
+    FolderImages,
     ImageArrays,
-    ImageFiles,
     choose_data_path,
     load_dataset,
     make_eval_loader,
     make_split,
-    make_train_loaders,
-    strong_transform,
-    weak_transform,
+    make_train_batches,
+    per_image,
+    strong_view,
+    weak_view,
 )
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.errors import UserError
@@ -42,8 +45,9 @@ def quiet(_line: str) -> None:
 @pytest.fixture(scope="session")
 def jpeg_tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: smooth random colour fields (a 20x15 noise image upscaled), 500x375, one tree."""
-    return write_noise_tree(tmp_path_factory.mktemp("jpegs"), CLASSES, PER_CLASS, noise_hw=(15, 20), size=(500, 375),
-                            quality=85)  # fmt: skip
+    return write_noise_tree(
+        tmp_path_factory.mktemp("jpegs"), CLASSES, PER_CLASS, noise_hw=(15, 20), size=(500, 375), quality=85
+    )
 
 
 def _stream(tree: Path, **kw):
@@ -57,19 +61,19 @@ def streamed(jpeg_tree):
 
 def _views(data):
     kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
-    return weak_transform(SIZE, **kw), strong_transform(SIZE, cutout=8, **kw)
+    return weak_view(SIZE, **kw), strong_view(SIZE, cutout=8, **kw)
 
 
 def test_views_have_the_configured_size_and_dtype(streamed):
     data = streamed
-    assert isinstance(data.train, ImageFiles) and isinstance(data.test, ImageFiles)
+    assert isinstance(data.train, FolderImages) and isinstance(data.test, FolderImages)
     assert (len(data.train), len(data.test)) == (216, 24)  # the cache path's 10 % hold-out per class
     assert (data.image_size, data.in_channels, data.num_classes) == (SIZE, 3, 4)
     whole = data.train.image(0)
     assert whole.shape == (3, 375, 500) and whole.dtype == torch.uint8  # the training views crop the whole image
     assert data.train.images[3].shape == (SIZE, SIZE, 3) and data.train.images[[1, 2]].dtype == np.uint8
     weak, strong = _views(data)
-    for view in (weak, strong):
+    for view in (per_image(weak), per_image(strong)):
         x = view(whole)
         assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
     x, y = next(iter(make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=5)))
@@ -82,7 +86,7 @@ def test_auto_streams_above_the_threshold(jpeg_tree, tmp_path):
     assert choose_data_path("auto", 240, SIZE, tmp_path, threshold=decoded - 1) == "stream"
     assert choose_data_path("auto", 240, None, tmp_path, threshold=0) == "cache"  # no crop size: cannot stream
     kw = dict(image_size=SIZE, data_path="auto", cache_dir=str(tmp_path), log=quiet)
-    assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded - 1, **kw).train, ImageFiles)
+    assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded - 1, **kw).train, FolderImages)
     assert not list(tmp_path.iterdir())  # streamed: nothing was written to the cache
     assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded, **kw).train, ImageArrays)
     with pytest.raises(UserError, match="--image-size"):
@@ -92,8 +96,9 @@ def test_auto_streams_above_the_threshold(jpeg_tree, tmp_path):
 
 
 def test_the_seeded_split_is_the_cache_paths(streamed, jpeg_tree, tmp_path):
-    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path),
-                          log=quiet)  # fmt: skip
+    cached = load_dataset(
+        "folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path), log=quiet
+    )
     assert np.array_equal(cached.train.labels, streamed.train.labels)
     assert np.array_equal(cached.test.labels, streamed.test.labels) and cached.classes == streamed.classes
     a = make_split(cached.train.labels, 20, 4, seed=3, val=4, log=quiet)
@@ -104,10 +109,8 @@ def test_the_seeded_split_is_the_cache_paths(streamed, jpeg_tree, tmp_path):
 
 def _batches(data, split, start_step: int, steps: int, workers: int, rank: int = 0, world: int = 1):
     weak, strong = _views(data)
-    labeled, unlabeled = make_train_loaders(
-        data, split, batch_size=3, mu=2, seed=5, start_step=start_step, num_workers=workers, rank=rank,
-        world_size=world, weak=weak, strong=strong, persistent_workers=False, prefetch_factor=2,
-    )  # fmt: skip
+    spec = BatchSpec(3, 5, weak, strong, mu=2, start_step=start_step, rank=rank, world_size=world, workers=workers)
+    labeled, unlabeled = make_train_batches(data, split, spec)
     out, l_iter, u_iter = [], iter(labeled), iter(unlabeled)
     for _ in range(steps):
         out.append((*next(l_iter), *next(u_iter)))
@@ -128,10 +131,12 @@ def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(streamed):
 
 def test_metapl_train_runs_on_the_streaming_path(jpeg_tree, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "folder", "--data-dir", str(jpeg_tree), "--image-size", str(SIZE), "--data-path",
-            "stream", "--num-labeled", "8", "--val-labeled", "4", "--batch-size", "2", "--mu", "2", "--steps", "3",
-            "--workers", "0", "--eval-every", "3", "--log-every", "1", "--eval-limit", "8", "--finetune-steps", "0",
-            "--no-tensorboard", "--no-progress", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    flags = (
+        "train --dataset folder --data-path stream --num-labeled 8 --val-labeled 4 --batch-size 2 --mu 2 --steps 3 "
+        "--workers 0 --eval-every 3 --log-every 1 --eval-limit 8 --finetune-steps 0 --no-tensorboard --no-progress "
+        "--device cpu"
+    )
+    args = [*flags.split(), "--data-dir", str(jpeg_tree), "--image-size", str(SIZE), "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["num_labeled"] == 4  # 8 labels, 4 of them held out for validation
@@ -149,8 +154,9 @@ def test_a_streamed_eval_decodes_in_workers_with_the_same_accuracies(streamed, j
         assert [loader.num_workers for loader in loaders.values()] == [workers, workers]
         by_workers[workers] = evaluate_sets(models, loaders, torch.device("cpu"))
     assert by_workers[0] == by_workers[2] and set(by_workers[0]) >= {"student_acc", "val_student_acc"}
-    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path),
-                          log=quiet)  # fmt: skip
+    cached = load_dataset(
+        "folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path), log=quiet
+    )
     assert eval_loaders(cached, split, 7, workers=2)[""].num_workers == 0  # cached arrays: in the process
 
 
@@ -162,8 +168,8 @@ def _rank_worker(rank: int, tree: str, store: str, out: str) -> None:
         split = make_split(data.train.labels, 8, 4, seed=0, log=quiet)
         batches = _batches(data, split, 0, 1, workers=0, rank=rank, world=WORLD)
         weak, strong = _views(data)
-        _, unlabeled = make_train_loaders(data, split, batch_size=3, mu=2, seed=5, num_workers=0, rank=rank,
-                                          world_size=WORLD, weak=weak, strong=strong)  # fmt: skip
+        spec = BatchSpec(3, 5, weak, strong, mu=2, rank=rank, world_size=WORLD, workers=0)
+        _, unlabeled = make_train_batches(data, split, spec)
         sampler = unlabeled.sampler
         first_epoch = [i for i, _ in zip(sampler, range(sampler.per_rank))]
         seen = [None] * WORLD

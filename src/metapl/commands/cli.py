@@ -266,7 +266,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _shards(args: argparse.Namespace) -> None:
-    from metapl.data.shards import write_shards
+    from metapl.data.sources.shard_writer import write_shards
 
     write_shards(args.src_dir, args.out_dir, per_shard=args.per_shard, skip_corrupt=args.skip_corrupt)
 

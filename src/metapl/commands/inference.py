@@ -3,9 +3,9 @@
 Everything needed to rebuild the networks (model names, dropout, class count, channels, image size, normalisation,
 class names) is read from the checkpoint, so neither command takes training options. ``eval`` reloads the run's own
 test split through the saved config; ``predict`` reads arbitrary image files with the training data's decoder
-(``data.imagetree.decode_image``: channels converted, JPEG draft, shorter side resized and centre-cropped with bicubic
-filtering) and the eval transform (``data.transforms.eval_transform`` with the run's mean/std), so that a prediction
-is what ``eval`` scored.
+(``data.sources.imagetree.decode_image``: channels converted, JPEG draft, shorter side resized and centre-cropped
+with bicubic filtering) and the eval transform (``data.views.per_image.eval_transform`` with the run's mean/std), so
+that a prediction is what ``eval`` scored.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import nn
 
 from metapl import data as mdata
 from metapl.commands.eval_report import format_per_class, format_table, plot_confusion
-from metapl.data.imagetree import decode_image, is_split_tree
-from metapl.data.transforms import eval_transform
+from metapl.data.sources.imagetree import decode_image, is_split_tree
+from metapl.data.views.per_image import eval_transform
 from metapl.engine.checkpoint import (
     load_checkpoint,
     refuse_overwrite,
@@ -385,7 +385,7 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _read_image(path: Path, mode: str, size: int) -> torch.Tensor:
-    """Decode one image as the training data was decoded (``data.imagetree.decode_image``): uint8 (C, H, W)."""
+    """Decode one image as the training data was decoded (``data.sources.imagetree.decode_image``): uint8 (C, H, W)."""
     try:
         array = decode_image(path, size, mode)  # (H, W, C)
     except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"

@@ -196,9 +196,15 @@ def check_fingerprint(saved: dict | None, current: dict, where: str | os.PathLik
     """
     if saved is None or saved == current:
         return
-    names = {"train_images": "training images", "test_images": "test images", "extra_unlabeled": "extra unlabeled "
-             "images", "image_shape": "image shape", "class_counts": "images per class",
-             "labels_sha256": "labels", "images_sample_sha256": "image content"}  # fmt: skip
+    names = {
+        "train_images": "training images",
+        "test_images": "test images",
+        "extra_unlabeled": "extra unlabeled images",
+        "image_shape": "image shape",
+        "class_counts": "images per class",
+        "labels_sha256": "labels",
+        "images_sample_sha256": "image content",
+    }
     key = next((k for k in names if saved.get(k) != current.get(k)), None)
     change = f"{names[key]}: {saved.get(key)} then, {current.get(key)} now" if key else "its fingerprint"
     if key and key.endswith("sha256"):

@@ -19,7 +19,7 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers
         batch_size: images per evaluation batch.
         limit: evaluate on the first ``limit`` images of each set only (quick checks); None = all.
         workers: the run's loader workers; streamed sets are decoded in that many workers, cached ones in the
-            process (``data.stream.eval_workers``).
+            process (``data.batches.eval_workers``).
 
     Returns:
         prefix -> ``DataLoader``.

@@ -113,23 +113,20 @@ def _finetune_optimizer(run) -> torch.optim.Optimizer:
 def _labeled_batches(run, start: int):
     """The finetuning's batches from step ``start`` on: shuffled labeled images, weak views, per rank."""
     cfg, data = run.cfg, run.data
-    weak = mdata.weak_transform(
+    weak = mdata.weak_view(
         data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std, crop=mdata.train_crop(data)
     )
-    loader, _ = mdata.make_train_loaders(
-        data,
-        run.split,
+    spec = mdata.BatchSpec(
         batch_size=cfg.finetune_batch_size,
-        mu=1,
         seed=cfg.seed + 1,
+        weak=weak,
         start_step=start,
-        num_workers=cfg.workers,
         rank=run.dist.rank,
         world_size=run.dist.world_size,
-        weak=weak,
-        strong=weak,
-        pin_memory=run.device.type == "cuda",
+        device=run.device,
+        workers=cfg.workers,
     )
+    loader, _ = mdata.make_train_batches(data, run.split, spec)
     return iter(loader)
 
 

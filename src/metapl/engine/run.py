@@ -16,7 +16,7 @@ from torch import nn
 
 from metapl import data as mdata
 from metapl.core import ModelEMA, MPLState
-from metapl.data.loader import mix_seed
+from metapl.data.sampling import mix_seed
 from metapl.engine.checkpoint import restore
 from metapl.engine.config import REDUCED_METHODS, TrainConfig
 from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions

@@ -1,7 +1,8 @@
 """Decoding an ImageFolder tree (a directory or a tar of one) into uint8 arrays, in parallel where it pays.
 
-Split from ``sources.py``: that file maps each data set name to a reader; this one is the folder/tar reader's
-machinery (listing, planning the class layout, streaming tars, decoding with Pillow, resizing) and ``channel_stats``.
+The folder reader (``folder.py``) and CIFAR's image trees use this machinery: listing, planning the class layout,
+streaming tars, decoding with Pillow, resizing, and ``channel_stats``; ``decode_image`` is also ``metapl predict``'s
+decoder.
 """
 
 from __future__ import annotations
@@ -211,19 +212,25 @@ def decode_tree(
             f"images in {path} are {images.shape[1]}x{images.shape[2]}, not square; pass --image-size N to crop them"
         )
     labels = np.array([label for _, label in entries], dtype=np.int64)
-    arrays, offset = {}, 0
-    for split, split_entries in plan.items():
-        part = slice(offset, offset + len(split_entries))
-        keep = ok[part] if skipped else slice(None)  # a view, not a copy, when nothing was skipped
-        arrays[f"{split}_images"] = images[part][keep]
-        arrays[f"{split}_labels"] = labels[part][keep]
-        offset += len(split_entries)
+    arrays = _per_split(plan, images, labels, ok if skipped else None)
     meta = {"classes": classes, "skipped": skipped}
     if "train_images" in arrays and "test_images" not in arrays:  # train/ without test/: hold out like one tree
         arrays["all_images"], arrays["all_labels"] = arrays.pop("train_images"), arrays.pop("train_labels")
     if "train_images" in arrays:
         meta["mean"], meta["std"] = channel_stats(arrays["train_images"])
     return arrays, meta
+
+
+def _per_split(plan: dict, images: np.ndarray, labels: np.ndarray, ok: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``<split>_images`` and ``<split>_labels`` of each split of ``plan``, the decoded rows where ``ok`` is set."""
+    arrays, offset = {}, 0
+    for split, split_entries in plan.items():
+        part = slice(offset, offset + len(split_entries))
+        keep = ok[part] if ok is not None else slice(None)  # a view, not a copy, when nothing was skipped
+        arrays[f"{split}_images"] = images[part][keep]
+        arrays[f"{split}_labels"] = labels[part][keep]
+        offset += len(split_entries)
+    return arrays
 
 
 def _decode_entries(path, names, image_size, force_mode, skip_corrupt):

@@ -1,40 +1,60 @@
-"""Weak and strong views of whole uint8 batches on the training device: the batched twin of ``transforms.py``.
+"""The per-batch backend of the views: a ``ViewSpec`` run on whole uint8 batches on the training device.
 
-``transforms.weak_transform`` / ``strong_transform`` augment one image at a time in the loader workers; the views
-here take a uint8 ``(N, C, H, W)`` batch on any device (CPU or CUDA) and apply the same chain with every image's own
-random draws: optional flip, reflect-padded random crop, then (strong) torchvision's RandAugment and Cutout, then the
-float conversion and Normalize.
+``per_image.per_image`` augments one image at a time in the loader workers; ``BatchView`` takes a uint8
+``(N, C, H, W)`` batch on any device (CPU or CUDA) and applies the same chain with every image's own random draws:
+optional flip, reflect-padded random crop, then (strong) torchvision's RandAugment and Cutout, then the float
+conversion and Normalize.
 
 Randomness: every draw (flips, crop offsets, RandAugment's ops, signs, Cutout centres) comes from the CPU
-``torch.Generator`` the caller passes (``device_batches`` seeds it from the batch's sample seeds), so a view depends
-only on the batch and the seed, on the CPU and on CUDA alike, and the global generators are never touched. The
-draws are small ``(N,)`` tensors; only they, not per-pixel indices, travel to the device.
+``torch.Generator`` the caller passes (``batches.DeviceViews`` seeds it from the batch's sample seeds), so a view
+depends only on the batch and the seed, on the CPU and on CUDA alike, and the global generators are never touched.
+The draws are small ``(N,)`` tensors; only they, not per-pixel indices, travel to the device.
 
 RandAugment keeps torchvision's ``v2.RandAugment`` semantics: ``num_ops`` ops per image, each drawn uniformly from
 the 14 of ``OPS``; the magnitude is bin ``magnitude`` of 31; signed ops are negated with probability 1/2;
 rotations, shears and translations are nearest-neighbour and paint ``fill``. The pixel kernels
-(``metapl.data.batch_ops``) reproduce the Pillow path's arithmetic. Each op runs once per op slot on the images
+(``kernels.py``) reproduce the Pillow path's arithmetic. Each op runs once per op slot on the images
 that drew it: the batch is sorted by op, so each op works on one contiguous slice (the five geometric ops share one
 gather), and the sort is undone at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from metapl.data import batch_ops as ops_
-from metapl.data.transforms import fill_colour, reflect_index
+from metapl.data.views import kernels
+from metapl.data.views.spec import ViewSpec, reflect_index
 
 # torchvision's v2.RandAugment._AUGMENTATION_SPACE, in its order (the op index is the drawn integer).
-OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # fmt: skip
+OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
 SIGNED = torch.tensor([name in OPS[1:10] for name in OPS])  # ShearX .. Sharpness take a random sign
 _GEOMETRIC = (1, 6)  # OPS[1:6]: one affine gather for all of them
 _ENHANCE = (6, 7, 8, 9)  # parameter 1 + magnitude: Pillow's ImageEnhance factor
-_KERNELS = {6: ops_.brightness, 7: ops_.color, 8: ops_.contrast, 9: ops_.sharpness, 10: ops_.posterize,
-            11: ops_.solarize, 12: lambda x, _: ops_.autocontrast(x), 13: lambda x, _: ops_.equalize(x)}  # fmt: skip
+_KERNELS = {
+    6: kernels.brightness,
+    7: kernels.color,
+    8: kernels.contrast,
+    9: kernels.sharpness,
+    10: kernels.posterize,
+    11: kernels.solarize,
+    12: lambda x, _: kernels.autocontrast(x),
+    13: lambda x, _: kernels.equalize(x),
+}
 
 
 def op_magnitudes(magnitude: int, height: int, width: int, num_bins: int = 31) -> torch.Tensor:
@@ -112,9 +132,7 @@ def inverse_matrices(ops: torch.Tensor, magnitudes: torch.Tensor, height: int, w
         theta = -torch.deg2rad(m[rotate])
         cos, sin = theta.cos(), theta.sin()
         cx, cy = width / 2, height / 2
-        a[rotate] = torch.stack(
-            [cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], dim=1
-        )  # fmt: skip
+        a[rotate] = torch.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], dim=1)
     return a.view(-1, 2, 3)
 
 
@@ -150,7 +168,7 @@ def _apply_slot(images: torch.Tensor, ops: torch.Tensor, magnitudes: torch.Tenso
     lo, hi = starts[_GEOMETRIC[0]], ends[_GEOMETRIC[1] - 1]
     if hi > lo:
         inverse = inverse_matrices(ops[lo:hi], magnitudes[lo:hi], height, width)
-        chunks.append(ops_.affine_nearest(x[lo:hi], inverse.to(device, non_blocking=True), fill))
+        chunks.append(kernels.affine_nearest(x[lo:hi], inverse.to(device, non_blocking=True), fill))
     for k, kernel in _KERNELS.items():
         if ends[k] > starts[k]:
             chunks.append(kernel(x[starts[k] : ends[k]], params[starts[k] : ends[k]]))
@@ -160,28 +178,21 @@ def _apply_slot(images: torch.Tensor, ops: torch.Tensor, magnitudes: torch.Tenso
 
 
 class BatchView:
-    """One view (weak or strong) of uint8 ``(N, C, H, W)`` batches: flip, reflect-pad crop, [RandAugment, Cutout],
-    Normalize; the batched twin of ``transforms.weak_transform`` / ``strong_transform``.
+    """A ``ViewSpec`` run on uint8 ``(N, C, H, W)`` batches: flip, reflect-pad crop, [RandAugment, Cutout], Normalize.
 
     Args:
-        image_size: side of the (square) output; the input is at least this size minus twice the padding.
-        hflip: flip left-right with probability 1/2.
-        mean: per-channel mean in [0, 1] units (its uint8 colour fills rotations, shears and Cutout).
-        std: per-channel std in [0, 1] units.
-        randaug_n: RandAugment ops per image; 0 = none (the weak view).
-        randaug_m: RandAugment magnitude bin (0 .. 30).
-        cutout: side of the Cutout square; 0 = none.
+        spec: the view; its crop must be ``"pad"`` (the batches are the cache's arrays, all of one size).
     """
 
-    def __init__(self, image_size: int, *, hflip: bool, mean: Sequence[float], std: Sequence[float],
-                 randaug_n: int = 0, randaug_m: int = 0, cutout: int = 0):  # fmt: skip
-        self.size, self.hflip = int(image_size), bool(hflip)
-        self.padding = round(0.125 * self.size)  # as transforms._weak_geometry: 4 px at 32 px
-        self.randaug_n, self.randaug_m, self.cutout = int(randaug_n), int(randaug_m), int(cutout)
+    def __init__(self, spec: ViewSpec):
+        if spec.crop != "pad":
+            raise ValueError(f"batched views take reflect-padded crops of cached arrays, not {spec.crop!r} crops")
+        self.spec = spec
+        self.size, self.hflip, self.padding = spec.size, spec.hflip, spec.padding
+        self.randaug_n, self.randaug_m, self.cutout = spec.randaug_n, spec.randaug_m, spec.cutout
         self._magnitudes = op_magnitudes(self.randaug_m, self.size, self.size)  # RandAugment sees the crop
-        self._stats = (torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1),
-                       torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1),
-                       torch.tensor(fill_colour(mean), dtype=torch.uint8))  # fmt: skip
+        mean, std = (torch.tensor(list(v), dtype=torch.float32).view(-1, 1, 1) for v in (spec.mean, spec.std))
+        self._stats = (mean, std, torch.tensor(spec.fill, dtype=torch.uint8))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _device_stats(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -212,8 +223,8 @@ class BatchView:
         x = rand_augment(x, ops, signed, fill)
         if centre is not None:
             cy, cx = centre.to(images.device, non_blocking=True)
-            x = ops_.cutout(x, cy, cx, self.cutout, fill)
-        return ops_.normalize(x, mean, std)
+            x = kernels.cutout(x, cy, cx, self.cutout, fill)
+        return kernels.normalize(x, mean, std)
 
     def _crop_flip(self, images: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
         """Flip, then crop the reflect-padded image: one gather, as ``RandomFlip`` + ``ReflectPadCrop``."""
@@ -227,44 +238,7 @@ class BatchView:
         cols = torch.where(flip.view(-1, 1), width - 1 - cols, cols)
         rows = rows.to(device, non_blocking=True).view(n, -1, 1).expand(n, self.size, self.size)
         cols = cols.to(device, non_blocking=True).view(n, 1, -1).expand(n, self.size, self.size)
-        return ops_.gather_pixels(images, rows, cols)
+        return kernels.gather_pixels(images, rows, cols)
 
     def __repr__(self) -> str:
-        return (f"BatchView(size={self.size}, hflip={self.hflip}, padding={self.padding}, randaug_n={self.randaug_n}, "
-                f"randaug_m={self.randaug_m}, cutout={self.cutout})")  # fmt: skip
-
-
-def weak_batch_view(image_size: int, *, hflip: bool, mean: Sequence[float], std: Sequence[float]) -> BatchView:
-    """The weak view of ``transforms.weak_transform`` on batches: flip, reflect-padded crop, Normalize.
-
-    Args:
-        image_size: side of the (square) input and output.
-        hflip: whether to flip horizontally with probability 0.5.
-        mean: per-channel mean in [0, 1] units.
-        std: per-channel std in [0, 1] units.
-
-    Returns:
-        A ``BatchView``.
-    """
-    return BatchView(image_size, hflip=hflip, mean=mean, std=std)
-
-
-def strong_batch_view(image_size: int, *, hflip: bool, mean: Sequence[float], std: Sequence[float],
-                      randaug_n: int = 2, randaug_m: int = 10, cutout: int | None = None) -> BatchView:  # fmt: skip
-    """The strong view of ``transforms.strong_transform`` on batches: weak geometry, RandAugment, Cutout, Normalize.
-
-    Args:
-        image_size: side of the (square) input and output.
-        hflip: whether to flip horizontally with probability 0.5.
-        mean: per-channel mean in [0, 1] units (also the fill colour).
-        std: per-channel std in [0, 1] units.
-        randaug_n: RandAugment's number of ops per image.
-        randaug_m: RandAugment's magnitude (0..30).
-        cutout: side of the Cutout square; ``None`` means ``image_size // 2``, 0 turns it off.
-
-    Returns:
-        A ``BatchView``.
-    """
-    side = image_size // 2 if cutout is None else cutout
-    return BatchView(image_size, hflip=hflip, mean=mean, std=std, randaug_n=randaug_n, randaug_m=randaug_m,
-                     cutout=side)  # fmt: skip
+        return f"BatchView({self.spec!r})"

@@ -1,68 +1,32 @@
-"""Readers of the fixed-format named data sets: ``digits`` (bundled with scikit-learn) and torchvision's
-``cifar10`` / ``cifar100`` / ``svhn`` files, plus what every named reader shares (``ReadOptions``, the known
-normalisation constants). ``sources.py`` maps each data set name to its reader.
+"""Readers of the fixed-format named data sets, each beside its constants: ``digits`` (bundled with scikit-learn) and
+torchvision's ``cifar10`` / ``cifar100`` / ``svhn`` files (CIFAR also reads an ImageFolder tree or a tar of one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from metapl.data import cache
-from metapl.data.arrays import ImageArrays, SourceData
-from metapl.data.imagetree import resize_arrays
+from metapl.data.sources import cache
+from metapl.data.sources.imagetree import archive_or_folder, is_split_tree, resize_arrays
+from metapl.data.sources.registry import (
+    DEFAULT_DATA_DIR,
+    DatasetStats,
+    ReadOptions,
+    cached_source,
+    get_reader,
+    register_source,
+)
+from metapl.data.stores import ImageArrays, SourceData
 from metapl.errors import UserError
-
-DEFAULT_DATA_DIR = "data"  # torchvision downloads go here when --data-dir is not given
-
-# Per-channel mean and std in [0, 1] units, and whether a horizontal flip keeps the label (digits and house
-# numbers are not mirror-symmetric). Folders compute their statistics from their own train images.
-KNOWN_STATS = {
-    "digits": ((0.3053,), (0.3759,), False),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
-    "fashion-mnist": ((0.2860,), (0.3530,), True),
-}
-_PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "fashion-mnist": "Fashion-MNIST"}
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """What ``load_dataset`` passes every reader (see its arguments); a reader uses the fields it needs."""
-
-    data_dir: str | None
-    download: bool
-    image_size: int | None
-    test_fraction: float
-    cache_dir: str | None
-    skip_corrupt: bool
-    seed: int
-    log: Callable[[str], None]
-    data_path: str = "cache"  # auto, cache or stream (folders only): stream.choose_data_path
-    stream_above: int | None = None  # decoded bytes above which auto streams; None: stream.STREAM_ABOVE_BYTES
-
-
-def from_cached(name: str, arrays: dict, classes: list[str]) -> SourceData:
-    """A named data set's ``SourceData`` from its cached ``{train,test}_{images,labels}`` arrays."""
-    mean, std, hflip = KNOWN_STATS[name]
-    return SourceData(
-        train=ImageArrays(arrays["train_images"], arrays["train_labels"]),
-        test=ImageArrays(arrays["test_images"], arrays["test_labels"]),
-        extra_unlabeled=None,
-        classes=classes,
-        mean=mean,
-        std=std,
-        hflip=hflip,
-    )
-
 
 # -- digits: bundled with scikit-learn, needs no files -----------------------------------------------------------------
 
+DIGITS = DatasetStats((0.3053,), (0.3759,), hflip=False)
 
+
+@register_source("digits")
 def read_digits(o: ReadOptions) -> SourceData:
     """scikit-learn's 8x8 digits: a seeded, stratified 500-image test set; ``o.data_dir`` must be None."""
     data_dir, image_size = o.data_dir, o.image_size
@@ -82,16 +46,59 @@ def read_digits(o: ReadOptions) -> SourceData:
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     if image_size is not None and image_size != 8:
         images = resize_arrays(images, image_size)
-    mean, std, hflip = KNOWN_STATS["digits"]
     return SourceData(
         train=ImageArrays(images[train_idx], labels[train_idx]),
         test=ImageArrays(images[test_idx], labels[test_idx]),
         extra_unlabeled=None,
         classes=[str(c) for c in bunch.target_names],
-        mean=mean,
-        std=std,
-        hflip=hflip,
+        mean=DIGITS.mean,
+        std=DIGITS.std,
+        hflip=DIGITS.hflip,
     )
+
+
+# -- CIFAR-10, CIFAR-100, SVHN: torchvision's files -------------------------------------------------------------------
+
+CIFAR10 = DatasetStats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True)
+CIFAR100 = DatasetStats((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True)
+SVHN = DatasetStats((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), hflip=False)
+_PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
+
+
+@register_source("cifar10")
+def read_cifar10(o: ReadOptions) -> SourceData:
+    """CIFAR-10 from torchvision's files, or from an image tree (or a tar of one) of 10 classes."""
+    return _read_cifar("cifar10", 10, CIFAR10, o)
+
+
+@register_source("cifar100")
+def read_cifar100(o: ReadOptions) -> SourceData:
+    """CIFAR-100 from torchvision's files, or from an image tree (or a tar of one) of 100 classes."""
+    return _read_cifar("cifar100", 100, CIFAR100, o)
+
+
+@register_source("svhn")
+def read_svhn(o: ReadOptions) -> SourceData:
+    """SVHN's train and test ``.mat`` files from torchvision."""
+    return read_torchvision("svhn", SVHN, o)
+
+
+def _read_cifar(name: str, num_classes: int, stats: DatasetStats, o: ReadOptions) -> SourceData:
+    if not (o.data_dir and _is_image_tree(o.data_dir)):
+        return read_torchvision(name, stats, o)
+    data = get_reader("folder")(o)
+    if data.num_classes != num_classes:
+        raise UserError(
+            f"{o.data_dir} has {data.num_classes} class folders but {name} has {num_classes}; "
+            "use --dataset folder for other image trees"
+        )
+    data.mean, data.std, data.hflip = stats
+    return data
+
+
+def _is_image_tree(data_dir: str) -> bool:
+    path = Path(data_dir)
+    return (path.is_file() and archive_or_folder(path) == "archive") or is_split_tree(path)
 
 
 def _tv_files(name: str, root: Path) -> list[Path]:
@@ -110,7 +117,7 @@ def _tv_dataset(name: str, root: Path, train: bool, download: bool):
     return cls(str(root), train=train, download=download)
 
 
-def read_torchvision(name: str, o: ReadOptions) -> SourceData:
+def read_torchvision(name: str, stats: DatasetStats, o: ReadOptions) -> SourceData:
     """CIFAR-10, CIFAR-100 or SVHN from torchvision's files under ``o.data_dir`` (downloaded when ``o.download``)."""
     image_size, log = o.image_size, o.log
     root = Path(o.data_dir or DEFAULT_DATA_DIR).expanduser()
@@ -145,4 +152,4 @@ def read_torchvision(name: str, o: ReadOptions) -> SourceData:
 
     parts = {"source": [cache.fingerprint(p) for p in _tv_files(name, root)], "image_size": image_size}
     arrays, meta = cache.load_or_build(o.cache_dir, name, parts, build, log)
-    return from_cached(name, arrays, meta["classes"])
+    return cached_source(arrays, meta["classes"], stats)

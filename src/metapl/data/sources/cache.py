@@ -116,7 +116,14 @@ def load_or_build(
         except _Damaged as e:
             log(f"cache entry {final} is damaged ({e}); rebuilding it")
 
-    arrays, meta = build()
+    _write_entry(final, key, *build())
+    log(f"cached decoded arrays in {final} (delete the folder to clear it)")
+    return _open_checked(final, key)
+
+
+def _write_entry(final: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write an entry in a temporary folder next to ``final``, then rename it into place (``_replace_entry``)."""
+    root = final.parent
     with reporting_os_errors(root, "write the data cache in", "pass --cache-dir DIR or set METAPL_CACHE_DIR"):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
@@ -134,8 +141,6 @@ def load_or_build(
             _replace_entry(tmp, final, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"cached decoded arrays in {final} (delete the folder to clear it)")
-    return _open_checked(final, key)
 
 
 class _Damaged(Exception):

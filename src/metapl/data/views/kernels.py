@@ -1,8 +1,8 @@
 """Pixel kernels on uint8 ``(N, C, H, W)`` batches (C = 1 or 3), each image with its own parameters.
 
-The device path of the augmentation (``metapl.data.batch_augment``) is built from these. Each kernel reproduces the
-pixel arithmetic of the Pillow path that ``transforms.strong_transform`` runs (torchvision's RandAugment on a Pillow
-image), so the two paths give the same views for the same random draws:
+The per-batch backend of the views (``per_batch.py``) is built from these. Each kernel reproduces the pixel arithmetic
+of the Pillow path that the per-image backend (``per_image.py``) runs (torchvision's RandAugment on a Pillow image), so
+the two paths give the same views for the same random draws:
 
 - geometry: Pillow samples output pixel ``(x, y)`` at the source point ``A @ (x + 0.5, y + 0.5, 1)`` of the inverse
   affine matrix ``A`` and takes the pixel that contains it (nearest), painting ``fill`` outside the image;
@@ -181,7 +181,7 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
 def cutout(images: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int, fill: torch.Tensor) -> torch.Tensor:
     """Fill a ``size``-sided square centred at ``(cy, cx)`` (``(N,)`` each), clipped at the borders, with ``fill``.
 
-    The square spans rows ``[cy - size // 2, cy - size // 2 + size)``, as ``transforms.Cutout``.
+    The square spans rows ``[cy - size // 2, cy - size // 2 + size)``, as ``per_image.Cutout``.
 
     Args:
         images: uint8 ``(N, C, H, W)``.

@@ -1,6 +1,7 @@
-"""Weak, strong and evaluation views, with torchvision.transforms.v2 on uint8 ``(C, H, W)`` tensors (C = 1 or 3).
+"""The per-image backend of the views: a ``ViewSpec`` run in the loader workers on uint8 ``(C, H, W)`` tensors (C = 1
+or 3), composed with torchvision.transforms.v2; and the evaluation view, ``eval_transform``.
 
-Every random choice draws from torch's global CPU generator, which ``loader.py`` seeds per sample, so a view depends
+Every random choice draws from torch's global CPU generator, which ``datasets.py`` seeds per sample, so a view depends
 only on the sample's seed.
 
 The flip, the reflect-padded crop and the float conversion are small plain callables instead of their v2
@@ -12,13 +13,14 @@ of the image: its rotate/shear/translate take ~30 us there against ~380 us on a 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+
+from metapl.data.views.spec import RESIZED_CROP_SCALE, ViewSpec, reflect_index
 
 
 class Cutout:
@@ -58,27 +60,6 @@ class RandomFlip:
 
     def __repr__(self) -> str:
         return "RandomFlip()"
-
-
-@functools.lru_cache(maxsize=64)
-def reflect_index(length: int, padding: int) -> torch.Tensor:
-    """The source index of each position of an axis of ``length`` reflect-padded by ``padding`` on both sides.
-
-    "Reflect" does not repeat the edge pixel; a padding longer than the axis reflects again.
-
-    Args:
-        length: pixels along the axis.
-        padding: pixels added on each side.
-
-    Returns:
-        int64 ``(length + 2 * padding,)``, shared between calls (cached): index with it, never write to it.
-    """
-    pos = torch.arange(-padding, length + padding)
-    if length == 1:
-        return torch.zeros_like(pos)
-    period = 2 * (length - 1)
-    pos = pos.remainder(period)
-    return torch.where(pos >= length, period - pos, pos)
 
 
 class ReflectPadCrop:
@@ -158,90 +139,24 @@ class PILRandAugment:
         return f"PILRandAugment({self.randaugment!r})"
 
 
-def fill_colour(mean: Sequence[float]) -> list[int]:
-    """The dataset's mean colour as uint8 values: what geometric ops and Cutout paint, ~0 after Normalize.
+def per_image(spec: ViewSpec) -> v2.Compose:
+    """The view ``spec`` as a callable on one image.
 
     Args:
-        mean: per-channel mean in [0, 1] units.
+        spec: the view.
 
     Returns:
-        One uint8 value per channel.
+        A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, spec.size, spec.size)``.
     """
-    return [round(255 * m) for m in mean]
-
-
-# Area range of the "resized" crop. Not the supervised ImageNet recipe's (0.08, 1): the weak view is also what the
-# teacher's pseudo labels and UDA targets are read from, and a crop of under a quarter of the image often misses the
-# object, so its target is noise (or masked out by the UDA threshold, a wasted image). (0.25, 1) keeps the scale and
-# aspect jitter that large-image training needs while most crops still show the object.
-RESIZED_CROP_SCALE = (0.25, 1.0)
-CROPS = ("pad", "resized")
-
-
-def _weak_geometry(image_size: int, hflip: bool, crop: str = "pad") -> list:
-    flip = [RandomFlip()] if hflip else []
-    if crop == "resized":  # images of any size (streamed files): a random area and aspect ratio, resized to the side
-        return [v2.RandomResizedCrop(image_size, scale=RESIZED_CROP_SCALE, antialias=True), *flip]
-    if crop != "pad":
-        raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
-    # Pad-and-crop translates by up to 12.5% of the side, as in the paper's CIFAR setup (4 px at 32 px).
-    return [*flip, ReflectPadCrop(image_size, padding=round(0.125 * image_size))]
-
-
-def weak_transform(
-    image_size: int, *, hflip: bool, mean: Sequence[float], std: Sequence[float], crop: str = "pad"
-) -> v2.Compose:
-    """The weak view: optional horizontal flip, a random crop, then float and Normalize.
-
-    Args:
-        image_size: side of the (square) output; with ``crop="pad"`` also of the input.
-        hflip: whether to flip horizontally with probability 0.5.
-        mean: per-channel mean in [0, 1] units.
-        std: per-channel std in [0, 1] units.
-        crop: ``"pad"``: reflect-padded random crop of a square input (the paper's CIFAR views); ``"resized"``:
-            RandomResizedCrop of an input of any size (``RESIZED_CROP_SCALE``; streamed image files).
-
-    Returns:
-        A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
-    """
-    return v2.Compose([*_weak_geometry(image_size, hflip, crop), ToNormalizedFloat(mean, std)])
-
-
-def strong_transform(
-    image_size: int,
-    *,
-    hflip: bool,
-    mean: Sequence[float],
-    std: Sequence[float],
-    randaug_n: int = 2,
-    randaug_m: int = 10,
-    cutout: int | None = None,
-    crop: str = "pad",
-) -> v2.Compose:
-    """The strong view: the weak geometry, torchvision's RandAugment, Cutout, then float and Normalize.
-
-    Args:
-        image_size: side of the (square) output; with ``crop="pad"`` also of the input.
-        hflip: whether to flip horizontally with probability 0.5.
-        mean: per-channel mean in [0, 1] units (also the fill colour of rotations, shears and Cutout).
-        std: per-channel std in [0, 1] units.
-        randaug_n: RandAugment's number of ops per image.
-        randaug_m: RandAugment's magnitude (0..30 on torchvision's 31-bin scale).
-        cutout: side of the Cutout square in pixels; ``None`` means ``image_size // 2``, 0 turns it off.
-        crop: the weak geometry's crop, as in ``weak_transform``.
-
-    Returns:
-        A callable mapping uint8 ``(C, H, W)`` to normalized float32 ``(C, H, W)``.
-    """
-    fill = fill_colour(mean)
-    return v2.Compose(
-        [
-            *_weak_geometry(image_size, hflip, crop),
-            PILRandAugment(randaug_n, randaug_m, fill),
-            Cutout(image_size // 2 if cutout is None else cutout, fill),
-            ToNormalizedFloat(mean, std),
-        ]
-    )
+    flip = [RandomFlip()] if spec.hflip else []
+    if spec.crop == "resized":  # images of any size (streamed): a random area and aspect ratio, resized to the side
+        geometry = [v2.RandomResizedCrop(spec.size, scale=RESIZED_CROP_SCALE, antialias=True), *flip]
+    else:
+        geometry = [*flip, ReflectPadCrop(spec.size, padding=spec.padding)]
+    # RandAugment with no ops and Cutout of side 0 would leave the image as it is and draw nothing: left out.
+    randaugment = [PILRandAugment(spec.randaug_n, spec.randaug_m, spec.fill)] if spec.randaug_n > 0 else []
+    cutout = [Cutout(spec.cutout, spec.fill)] if spec.cutout > 0 else []
+    return v2.Compose([*geometry, *randaugment, *cutout, ToNormalizedFloat(spec.mean, spec.std)])
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

@@ -1,4 +1,4 @@
-"""WebDataset-style tar shards: the format, its index, its reader (``ShardImages``) and its writer (``write_shards``).
+"""WebDataset-style tar shards: the format, its index, its store (``ShardImages``), its reader (``--dataset shards``).
 
 A shard folder holds uncompressed ``train-NNNNNN.tar`` (and ``test-NNNNNN.tar``) files and ``classes.json``. Each
 sample of a shard is two members sharing a key (the member name up to the first dot of its base name, WebDataset's
@@ -9,9 +9,9 @@ rule): ``<key>.jpg`` (or ``.jpeg`` / ``.png``) and ``<key>.cls``, the class inde
 Each shard is indexed once (a pass over its tar headers; the ``.cls`` members are read) and the index, the byte offset
 and size of every image and its label, is kept in the decoded-image cache (``cache.py``) under the shard's path, size
 and mtime. A loader worker then reads an image with one seek and one read and decodes it with Pillow: the shards stream
-through the same ``stream.ImageFiles`` as image folders, so the seeded split, the views, ``loader.ResumableSampler``
-and exact resume work unchanged. ``rank_unlabeled_items`` gives each rank the unlabeled images of its own shards
-(``--per-rank-shards``).
+like image folders (``stores.StreamedImages``), so the seeded split, the views, ``sampling.ResumableSampler`` and exact
+resume work unchanged. ``rank_unlabeled_items`` gives each rank the unlabeled images of its own shards
+(``--per-rank-shards``); ``shard_writer.write_shards`` writes shards from an image folder (``metapl shards``).
 """
 
 from __future__ import annotations
@@ -20,18 +20,17 @@ import glob
 import io
 import json
 import os
-import posixpath
 import re
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from metapl.data import cache
-from metapl.data.imagetree import plan_images
-from metapl.data.stream import StreamedImages, StringTable, open_rgb
+from metapl.data.sources import cache, streamed
+from metapl.data.sources.folder import check_test_fraction, holdout
+from metapl.data.sources.registry import ReadOptions, register_source
+from metapl.data.stores import SourceData, StreamedImages, StringTable, open_rgb
 from metapl.errors import UserError, reporting_os_errors
 
 CLASSES_FILE = "classes.json"
@@ -68,8 +67,10 @@ def find_shards(data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
     folder = Path(data_dir).expanduser()
     if folder.is_file():  # one shard
         if folder.name.startswith("test"):
-            raise UserError(f"{folder} is a test shard; point --data-dir at the shard folder (train-*.tar and "
-                            "test-*.tar) or at a train-*.tar")  # fmt: skip
+            raise UserError(
+                f"{folder} is a test shard; point --data-dir at the shard folder (train-*.tar and "
+                "test-*.tar) or at a train-*.tar"
+            )
         return folder.parent, {"all": [folder]}
     if not folder.is_dir():
         raise UserError(f"shard folder {folder} does not exist; point --data-dir at a folder of .tar shards")
@@ -81,6 +82,31 @@ def find_shards(data_dir: str) -> tuple[Path, dict[str, list[Path]]]:
     if train and test:
         return folder, {"train": train, "test": test}
     return folder, {"all": train or tars}
+
+
+@register_source("shards", streams=True)
+def read_shards(o: ReadOptions) -> SourceData:
+    """WebDataset-style tar shards (see the module docstring), always streamed; without test shards, the test set is
+    held out as for image folders (so shards written from a folder give the folder's split)."""
+    if not o.data_dir:
+        raise UserError("--dataset shards needs --data-dir: a folder of .tar shards (`metapl shards` writes one)")
+    if o.image_size is None:
+        raise UserError("--dataset shards needs --image-size (the side of the streamed crops), e.g. --image-size 224")
+    if o.data_path == "cache":
+        raise UserError("tar shards are always streamed; drop --data-path cache, or extract them into an image folder")
+    folder, found = find_shards(o.data_dir)
+    sets = {split: load_shards(paths, o.image_size, o.cache_dir) for split, paths in found.items()}
+    classes = read_classes(folder, np.concatenate([s.labels for s in sets.values()]))
+    images, shards = sum(map(len, sets.values())), sum(map(len, found.values()))
+    o.log(f"streaming {images} images from {shards} tar shards in {folder}: decoded in the loader workers")
+    if "all" in sets:
+        check_test_fraction(o.test_fraction)
+        train_idx, test_idx = holdout(sets["all"].labels, o.test_fraction, o.seed)
+        sets = {"train": sets["all"].take(train_idx), "test": sets["all"].take(test_idx)}
+    if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable image
+        sets = {split: streamed.drop_unreadable(images, o.log) for split, images in sets.items()}
+    mean, std = streamed.sample_stats(sets["train"].images)
+    return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
 
 
 def read_classes(folder: Path, labels: np.ndarray) -> list[str]:
@@ -102,13 +128,15 @@ def read_classes(folder: Path, labels: np.ndarray) -> list[str]:
     else:
         classes = [str(i) for i in range(int(labels.max()) + 1)]
     if len(labels) and labels.max() >= len(classes):
-        raise UserError(f"a shard holds class index {int(labels.max())} but {path} lists {len(classes)} classes; "
-                        "rewrite the shards and their class list together")  # fmt: skip
+        raise UserError(
+            f"a shard holds class index {int(labels.max())} but {path} lists {len(classes)} classes; "
+            "rewrite the shards and their class list together"
+        )
     return [str(c) for c in classes]
 
 
 class ShardImages(StreamedImages):
-    """Images stored in tar shards, read by offset (see ``StreamedImages`` and the module docstring).
+    """Images stored in tar shards and their labels, read by offset (see ``StreamedImages`` and the module docstring).
 
     Args:
         shards: the shard paths.
@@ -116,16 +144,15 @@ class ShardImages(StreamedImages):
         offsets: ``(N,)`` byte offset of each image's data in its shard.
         sizes: ``(N,)`` byte size of each image.
         keys: each image's sample key, for error messages.
+        labels: ``(N,)`` int64 class indices.
         size: side of the evaluation view.
     """
 
-    def __init__(self, shards: list[str], shard_of, offsets, sizes, keys: StringTable, size: int):
+    def __init__(self, shards: list[str], shard_of, offsets, sizes, keys: StringTable, labels, size: int):
         self.shards, self.keys, self.size = [str(p) for p in shards], keys, int(size)
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
+        self.labels = np.asarray(labels, dtype=np.int64)
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of image ``i``: one seek and one read in its shard."""
@@ -135,8 +162,10 @@ class ShardImages(StreamedImages):
             f.seek(int(self.offsets[i]))
             data = f.read(size)
         if len(data) != size:
-            raise UserError(f"shard {path} ends inside sample {self.keys[i]}: it changed after it was indexed; "
-                            "rewrite it (the index is rebuilt when its size or mtime change)")  # fmt: skip
+            raise UserError(
+                f"shard {path} ends inside sample {self.keys[i]}: it changed after it was indexed; "
+                "rewrite it (the index is rebuilt when its size or mtime change)"
+            )
         return data
 
     def open(self, i: int, min_side: int | None = None) -> Image.Image:
@@ -144,17 +173,20 @@ class ShardImages(StreamedImages):
         name = f"{self.keys[i]} in shard {self.shards[self.shard_of[i]]}"
         return open_rgb(io.BytesIO(self.read(i)), min_side, name=name)
 
-    def take(self, rows: np.ndarray) -> ShardImages:
+    def take(self, rows) -> ShardImages:
         rows = np.asarray(rows, dtype=np.int64)
-        return ShardImages(self.shards, self.shard_of[rows], self.offsets[rows], self.sizes[rows],
-                           self.keys.take(rows), self.size)  # fmt: skip
+        picked = (self.shard_of[rows], self.offsets[rows], self.sizes[rows], self.keys.take(rows), self.labels[rows])
+        return ShardImages(self.shards, *picked, self.size)
 
     def __repr__(self) -> str:
-        return f"ShardImages({len(self)} images in {len(self.shards)} shards, views {self.size}x{self.size}x3)"
+        return (
+            f"ShardImages({len(self)} images in {len(self.shards)} shards, views {self.size}x{self.size}x3, "
+            f"labels={self.labels.dtype}{self.labels.shape})"
+        )
 
 
-def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> tuple[ShardImages, np.ndarray]:
-    """The images and labels of ``paths``, in shard then member order, from each shard's cached index.
+def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> ShardImages:
+    """The images of ``paths`` with their labels, in shard then member order, from each shard's cached index.
 
     Args:
         paths: the shards.
@@ -162,22 +194,28 @@ def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> tuple[Sh
         cache_dir: where the indexes are cached (None: ``cache.default_cache_dir()``).
 
     Returns:
-        ``(images, labels)``.
+        The ``ShardImages``.
     """
     parts = []
     for path in paths:
         # Keyed by the shard's path, size and mtime: a rewritten shard is indexed again.
-        arrays, _ = cache.load_or_build(cache_dir, "shard-index", {"source": cache.fingerprint(path)},
-                                        lambda path=path: index_shard(path), log=lambda _: None)  # fmt: skip
+        key = {"source": cache.fingerprint(path)}
+        arrays, _ = cache.load_or_build(cache_dir, "shard-index", key, lambda path=path: index_shard(path), log=_quiet)
         parts.append(arrays)
     counts = [len(a["labels"]) for a in parts]
     starts = np.cumsum([0] + [len(a["key_blob"]) for a in parts[:-1]])  # each shard's keys, after the earlier ones'
-    keys = StringTable.from_arrays(np.concatenate([[0]] + [a["key_offsets"][1:] + s for a, s in zip(parts, starts)]),
-                                   np.concatenate([a["key_blob"] for a in parts]))  # fmt: skip
-    images = ShardImages(paths, np.repeat(np.arange(len(paths)), counts),
-                         np.concatenate([a["offsets"] for a in parts]), np.concatenate([a["sizes"] for a in parts]),
-                         keys, size)  # fmt: skip
-    return images, np.concatenate([np.asarray(a["labels"]) for a in parts])
+    key_offsets = np.concatenate([[0]] + [a["key_offsets"][1:] + s for a, s in zip(parts, starts)])
+    keys = StringTable.from_arrays(key_offsets, np.concatenate([a["key_blob"] for a in parts]))
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(a[name]) for a in parts])
+
+    shard_of = np.repeat(np.arange(len(paths)), counts)
+    return ShardImages(paths, shard_of, joined("offsets"), joined("sizes"), keys, joined("labels"), size)
+
+
+def _quiet(_line: str) -> None:
+    """Indexing a shard says nothing: a run may read thousands of them."""
 
 
 def index_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -236,8 +274,13 @@ def _index_arrays(path: Path, samples: dict[str, dict[str, object]]) -> dict[str
         sizes.append(image[1])
         labels.append(int(text))
     keys = StringTable(list(samples))
-    return {"offsets": np.array(offsets, dtype=np.int64), "sizes": np.array(sizes, dtype=np.int64),
-            "labels": np.array(labels, dtype=np.int64), "key_offsets": keys.offsets, "key_blob": keys.blob}  # fmt: skip
+    return {
+        "offsets": np.array(offsets, dtype=np.int64),
+        "sizes": np.array(sizes, dtype=np.int64),
+        "labels": np.array(labels, dtype=np.int64),
+        "key_offsets": keys.offsets,
+        "key_blob": keys.blob,
+    }
 
 
 def rank_unlabeled_items(data, unlabeled: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -257,97 +300,17 @@ def rank_unlabeled_items(data, unlabeled: np.ndarray, rank: int, world_size: int
     Returns:
         Positions in the ``UnlabeledDataset`` (``unlabeled`` first, then the extra images), sorted.
     """
-    images = data.train.images
-    if not isinstance(images, ShardImages):
+    store = data.train
+    if not isinstance(store, ShardImages):
         raise UserError("--per-rank-shards deals tar shards to ranks; use --dataset shards or drop --per-rank-shards")
-    if len(images.shards) < world_size:
+    if len(store.shards) < world_size:
         raise UserError(
-            f"--per-rank-shards needs a shard per rank: {len(images.shards)} training shards for {world_size} "
+            f"--per-rank-shards needs a shard per rank: {len(store.shards)} training shards for {world_size} "
             "ranks; write smaller shards (metapl shards --per-shard) or use fewer ranks"
         )
-    own = np.flatnonzero(images.shard_of[np.asarray(unlabeled, dtype=np.int64)] % world_size == rank)
+    own = np.flatnonzero(store.shard_of[np.asarray(unlabeled, dtype=np.int64)] % world_size == rank)
     if data.extra_unlabeled is not None:
         own = np.concatenate([own, len(unlabeled) + np.arange(rank, len(data.extra_unlabeled), world_size)])
     if not len(own):
         raise UserError(f"rank {rank}'s shards hold no unlabeled images; use --unlabeled all or drop --per-rank-shards")
     return own
-
-
-# -- writing -----------------------------------------------------------------------------------------------------------
-
-
-def write_shards(src: str | Path, out: str | Path, *, per_shard: int, skip_corrupt: bool = False,
-                 log: Callable[[str], None] = print) -> dict:  # fmt: skip
-    """Write an image-folder tree as tar shards with a class list (``metapl shards``).
-
-    Every image is decoded first: an unreadable one stops the command in one line naming it, before any shard is
-    written, or with ``skip_corrupt`` is left out with a warning line naming it.
-
-    Args:
-        src: an ImageFolder tree (``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*``).
-        out: the shard folder to write; it must not hold shards yet.
-        per_shard: samples per shard.
-        skip_corrupt: leave unreadable images out (named) instead of stopping.
-        log: receives one line per split and per skipped image.
-
-    Returns:
-        ``{"classes": [...], "train": images, "test": images}`` (``test`` only for a tree with ``test/``), as written
-        to ``out/classes.json``.
-    """
-    src, out = Path(src).expanduser(), Path(out).expanduser()
-    if per_shard < 1:
-        raise UserError(f"--per-shard {per_shard} must be at least 1")
-    if not src.is_dir():
-        raise UserError(f"{src} is not a folder; point SRC_DIR at an extracted image-folder tree")
-    if out.is_dir() and (any(out.glob(SHARD_GLOB)) or (out / CLASSES_FILE).exists()):
-        raise UserError(f"{out} already holds shards; choose an empty OUT_DIR or delete its .tar files")
-    classes, plan = plan_images(src)
-    plan = {split: _readable(src, entries, skip_corrupt, log) for split, entries in plan.items()}
-    with reporting_os_errors(out, "create"):
-        out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"classes": classes}
-    for split, entries in plan.items():
-        name = "test" if split == "test" else "train"  # a tree without test/ is all training data
-        starts = range(0, len(entries), per_shard)
-        for s, start in enumerate(starts):
-            _write_shard(out / shard_name(name, s), src, entries[start : start + per_shard], name, start)
-        summary[name] = len(entries)
-        log(f"{name}: {len(entries)} images in {len(starts)} shards of up to {per_shard} in {out}")
-    with reporting_os_errors(out / CLASSES_FILE):  # written last: its presence marks a complete shard folder
-        (out / CLASSES_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
-
-
-def _readable(src: Path, entries: list[tuple[str, int]], skip_corrupt: bool, log) -> list[tuple[str, int]]:
-    """The entries whose image decodes; an unreadable one is a one-line error, or a warning with ``skip_corrupt``."""
-    kept = []
-    for name, label in entries:
-        try:
-            open_rgb(src / name, name=str(src / name))
-        except UserError as e:
-            if not skip_corrupt:
-                raise UserError(f"{e}, or pass --skip-corrupt to leave it out") from None
-            log("warning: skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
-            continue
-        kept.append((name, label))
-    return kept
-
-
-def _write_shard(path: Path, src: Path, entries: list[tuple[str, int]], split: str, first: int) -> None:
-    """One shard of ``entries``; JPEG and PNG bytes are copied as they are, other formats re-encoded as PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with reporting_os_errors(tmp), tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        for n, (name, label) in enumerate(entries):
-            key = f"{split}_{first + n:08d}"  # no dots: WebDataset splits key and extension at the first one
-            ext = posixpath.splitext(name)[1].lower().lstrip(".")
-            with reporting_os_errors(src / name, "read"):
-                data = (src / name).read_bytes()
-            if ext not in IMAGE_EXTS:
-                buffer = io.BytesIO()
-                open_rgb(src / name).save(buffer, format="PNG")  # lossless: the pixels stay the folder's
-                data, ext = buffer.getvalue(), "png"
-            for member, payload in ((f"{key}.{ext}", data), (f"{key}.{LABEL_EXT}", str(label).encode())):
-                info = tarfile.TarInfo(member)
-                info.size, info.mode = len(payload), 0o644  # mtime 0: the same tree gives byte-identical shards
-                tf.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, path)
