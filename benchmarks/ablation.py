@@ -16,9 +16,9 @@ each labels-only row trains ``steps + finetune_steps`` steps, so every final mod
 optimizer steps. A finished run (its ``summary.json`` exists) is skipped; a killed one is started again, so the
 table is built in pieces, one run per command if wanted, and resumed at will:
 
-    python benchmarks/ablation.py --protocol fashion --rows labels-only --seeds 0
-    python benchmarks/ablation.py --protocol fashion --rows core --seeds 0,1,2
-    python benchmarks/ablation.py --protocol fashion --report --png benchmarks/results/ablation_fashion.png
+    python -m benchmarks.ablation --protocol fashion --rows labels-only --seeds 0
+    python -m benchmarks.ablation --protocol fashion --rows core --seeds 0,1,2
+    python -m benchmarks.ablation --protocol fashion --report --png benchmarks/results/ablation/fashion.png
 
 The report gives, per row, the final test accuracy of the model a user keeps (the finetuned student, or the
 labels-only student) and the median of its last (up to) five evaluations (never the best-on-test), mean ± std over
@@ -34,22 +34,30 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
+from benchmarks.harness import (
+    add_run_arguments,
+    kept_model,
+    last_evaluations,
+    mean_sd,
+    paired_lines,
+    read_metrics,
+    record,
+    resolve_data_dir,
+    run_rows,
+    set_data_root,
+    shipped_recipe,
+    train_once,
+)
 
-from common import REPO, last_evaluations, train_once
-from metapl.engine.compare import kept_model, mean_sd, paired_interval
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-# Each protocol is a shipped config file (one home for the recipe), plus where the data is. The Fashion-MNIST recipe
-# was chosen with benchmarks/sweep.py on validation images carved from the labeled set (benchmarks/README.md, "The
-# ablation"); the test set played no part.
-CONFIGS = {"fashion": ("fashion_100_cpu.yaml", "fashion-mnist"), "cifar10": ("cifar10_cpu.yaml", "cifar10-jpeg.tar.gz")}
+# Each protocol is a shipped config (one home for the recipe), read through the config layer with its checks, plus
+# the data's name under the data root (benchmarks.harness). The Fashion-MNIST recipe was chosen with
+# benchmarks/sweep.py on validation images carved from the labeled set (benchmarks/README.md, "The ablation"); the
+# test set played no part.
+CONFIGS = {"fashion": ("fashion_100_cpu", "fashion-mnist"), "cifar10": ("cifar10_cpu", "cifar10-jpeg.tar.gz")}
 PROTOCOLS = {
-    name: {**yaml.safe_load((REPO / "src" / "metapl" / "configs" / config).read_text()), "data_dir": str(SHARED / data),
-           "save_every": 100_000}
+    name: {**shipped_recipe(config), "data_dir": data, "save_every": 100_000}
     for name, (config, data) in CONFIGS.items()
-}  # fmt: skip
+}
 # Twice the budget, chosen on validation (benchmarks/sweep.py --grid fashion-long-100: the UDA student's lead over
 # labels-only grew from ~2 to ~4 points on the validation images at 6,000 + 600 steps).
 PROTOCOLS["fashion-long"] = {**PROTOCOLS["fashion"], "steps": 6000, "finetune_steps": 600, "eval_every": 500}
@@ -80,31 +88,48 @@ ROWS = {
 GROUPS = {
     "core": ["labels-only", "uda-distill", "uda-mpl"],
     "paper": ["labels-only", "labels-mpl", "randaug-labels-only", "randaug-mpl", "uda-distill", "uda-mpl"],
-    "feedback": ["uda-mpl-dot", "uda-mpl-cosine", "uda-mpl-reversed", "uda-mpl-dot-reversed",
-                 "uda-mpl-cosine-reversed", "uda-distill-soft", "uda-mpl-soft", "uda-mpl-soft-reversed"],
-}  # fmt: skip
+    "feedback": [
+        "uda-mpl-dot",
+        "uda-mpl-cosine",
+        "uda-mpl-reversed",
+        "uda-mpl-dot-reversed",
+        "uda-mpl-cosine-reversed",
+        "uda-distill-soft",
+        "uda-mpl-soft",
+        "uda-mpl-soft-reversed",
+    ],
+}
 # (row, partner): a pseudo-label row against the labels-only row with the same augmentation.
-PAIRS = [("uda-distill-lstrong", "labels-only"), ("uda-mpl-lstrong", "labels-only"),
-         ("uda-distill-lstrong", "randaug-labels-only"),
-         ("labels-mpl", "labels-only"), ("randaug-mpl", "randaug-labels-only"), ("uda-distill", "labels-only"),
-         ("uda-mpl", "labels-only"), ("uda-mpl-cosine", "labels-only"),
-         # the strongest labels-only baseline: RandAugment on the labels, against plain labels and against UDA
-         ("randaug-labels-only", "labels-only"), ("uda-distill", "randaug-labels-only")]  # fmt: skip
+PAIRS = [
+    ("uda-distill-lstrong", "labels-only"),
+    ("uda-mpl-lstrong", "labels-only"),
+    ("uda-distill-lstrong", "randaug-labels-only"),
+    ("labels-mpl", "labels-only"),
+    ("randaug-mpl", "randaug-labels-only"),
+    ("uda-distill", "labels-only"),
+    ("uda-mpl", "labels-only"),
+    ("uda-mpl-cosine", "labels-only"),
+    # the strongest labels-only baseline: RandAugment on the labels, against plain labels and against UDA
+    ("randaug-labels-only", "labels-only"),
+    ("uda-distill", "randaug-labels-only"),
+]
 # (row, its h = 0 control): the feedback effect.
-FEEDBACK = [(row, next((f"uda-distill-{kind}" for kind in ("soft", "lstrong") if kind in row), "uda-distill"))
-            for row in ROWS if row.startswith("uda-mpl")]  # fmt: skip
+FEEDBACK = [
+    (row, next((f"uda-distill-{kind}" for kind in ("soft", "lstrong") if kind in row), "uda-distill"))
+    for row in ROWS
+    if row.startswith("uda-mpl")
+]
 
 
 def run_values(protocol: str, row: str, seed: int, steps: int | None = None) -> dict:
     """The flat ``TrainConfig`` values of one run: the protocol's recipe, the row's changes, the seed."""
     # The CPU unless the protocol names a device (benchmarks/gpu_ablation.py's does).
-    values = {"device": "cpu", **PROTOCOLS[protocol], **ROWS[row], "seed": seed, "progress": False,
-              "tensorboard": False}  # fmt: skip
+    values = {"device": "cpu", **resolve_data_dir(PROTOCOLS[protocol]), **ROWS[row], "seed": seed}
+    values.update(progress=False, tensorboard=False)
     if steps is not None:  # smoke tests: a few steps, a proportional finetune
         finetune = max(1, steps // 2)
-        values.update(steps=steps, finetune_steps=finetune, eval_every=steps, log_every=1, save_every=steps + finetune,
-                      s_wait_steps=0, s_warmup_steps=0, t_warmup_steps=0, uda_steps=0, workers=0,
-                      eval_limit=200)  # fmt: skip
+        values.update(steps=steps, finetune_steps=finetune, eval_every=steps, log_every=1, save_every=steps + finetune)
+        values.update(s_wait_steps=0, s_warmup_steps=0, t_warmup_steps=0, uda_steps=0, workers=0, eval_limit=200)
     # The same optimizer-step count as pseudo labels + finetuning: labels-only rows, and rows that skip finetuning
     # (fold_finetune), train steps + finetune_steps steps.
     supervised = values.get("method") == "supervised"
@@ -133,7 +158,9 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
         for path in sorted((root / protocol / row).glob("seed*/summary.json")):
             summary = json.loads(path.read_text())
             who = final_model(summary)
-            curve = [(r["step"], r["eval/ema_acc"]) for r in _read(path.parent) if r.get("eval/ema_acc") is not None]
+            curve = [
+                (r["step"], r["eval/ema_acc"]) for r in read_metrics(path.parent) if r.get("eval/ema_acc") is not None
+            ]
             out.setdefault(row, {})[summary["seed"]] = {
                 "final": summary[f"{who}_acc"],
                 "median5": statistics.median(last_evaluations(path.parent, f"{who}_acc")),
@@ -145,23 +172,22 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
     return out
 
 
-def _read(run: Path) -> list[dict]:
-    from metapl.engine.metrics import read_metrics
-
-    return read_metrics(run)
-
-
 def report(root: Path, protocol: str, png: Path | None = None) -> str:
     """Three Markdown tables (rows; paired gains; feedback effect) and optionally a PNG of EMA accuracy."""
     runs = collect(root, protocol)
-    lines = ["| row | seeds | final model acc (%) | median of last 5 evals (%) | teacher (%) | student before "
-             "finetuning (%) | s / run |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| row | seeds | final model acc (%) | median of last 5 evals (%) | teacher (%) | student before "
+        "finetuning (%) | s / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row, seeds in runs.items():
         col = {k: [v[k] for v in seeds.values() if v[k] is not None] for k in ("final", "median5", "teacher")}
         before = [] if row.endswith("labels-only") else [v["student"] for v in seeds.values()]
         wall = statistics.mean(v["seconds"] for v in seeds.values())
-        lines.append(f"| {row} | {len(seeds)} | {mean_sd(col['final'])} | {mean_sd(col['median5'])} | "
-                     f"{mean_sd(col['teacher'])} | {mean_sd(before)} | {wall:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {row} | {len(seeds)} | {mean_sd(col['final'])} | {mean_sd(col['median5'])} | "
+            f"{mean_sd(col['teacher'])} | {mean_sd(before)} | {wall:.0f} |"
+        )
     lines += [
         "",
         "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
@@ -175,55 +201,43 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def paired_lines(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]]) -> list[str]:
-    """Markdown rows of the paired differences row − partner with 95 % intervals, for the final models and again for
-    the students before finetuning (a labels-only partner has no finetuning: its final model is its student)."""
-    lines = []
-    for key, suffix in (("final", ""), ("student", " (before finetuning)")):
-        for row, partner in pairs:
-            if row not in runs or partner not in runs:
-                continue
-            other = "final" if partner.endswith("labels-only") else key
-            stats = paired_interval({s: v[key] for s, v in runs[row].items()},
-                                    {s: v[other] for s, v in runs[partner].items()})  # fmt: skip
-            if stats is not None:
-                mean, half, n = stats
-                lines.append(f"| {row} − {partner}{suffix} | {n} | {mean:+.2f} | "
-                             f"[{mean - half:+.2f}, {mean + half:+.2f}] |")  # fmt: skip
-    return lines
-
-
-def run_rows(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: dict, groups: dict, run) -> None:
-    """Train ``args.rows`` (names or groups) for each of ``args.seeds``, seed by seed: ``run(row, seed)``."""
-    names = [r for item in args.rows.split(",") for r in groups.get(item, [item])]
-    unknown = [r for r in names if r not in rows]
-    if unknown:
-        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(rows)} or a group ({', '.join(groups)})")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for row in dict.fromkeys(names):
-            run(row, seed)
-
-
 def feedback_stats(root: Path, protocol: str) -> list[str]:
     """How much the feedback term weighs: per MPL row, over all seeds' logged 50-step means after step 100, the median
     |h|, the median |MPL term| against the median labeled loss, and how often h was positive."""
-    lines = ["| row | median abs h | median abs MPL term | median labeled loss | MPL / labeled | h > 0 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| row | median abs h | median abs MPL term | median labeled loss | MPL / labeled | h > 0 |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in (r for r in ROWS if r.startswith("uda-mpl")):
-        records = [r for run in sorted((root / protocol / row).glob("seed*")) if (run / "metrics.jsonl").exists()
-                   for r in _read(run) if "train/mpl/h" in r and r["step"] > 100]  # fmt: skip
+        records = [
+            r
+            for run in sorted((root / protocol / row).glob("seed*"))
+            if (run / "metrics.jsonl").exists()
+            for r in read_metrics(run)
+            if "train/mpl/h" in r and r["step"] > 100
+        ]
         if not records:
             continue
         h = [r["train/mpl/h"] for r in records]
         term = statistics.median(abs(r["train/loss/teacher_mpl"]) for r in records)
         labeled = statistics.median(r["train/loss/teacher_l"] for r in records)
-        lines.append(f"| {row} | {statistics.median(abs(v) for v in h):.2g} | {term:.2g} | {labeled:.3f} | "
-                     f"{100 * term / labeled:.2f} % | {100 * sum(v > 0 for v in h) / len(h):.0f} % |")  # fmt: skip
+        lines.append(
+            f"| {row} | {statistics.median(abs(v) for v in h):.2g} | {term:.2g} | {labeled:.3f} | "
+            f"{100 * term / labeled:.2f} % | {100 * sum(v > 0 for v in h) / len(h):.0f} % |"
+        )
     return lines
 
 
-PAPER_PANEL = ["labels-only", "labels-mpl", "randaug-labels-only", "randaug-mpl", "uda-distill", "uda-mpl",
-               "uda-distill-lstrong", "uda-mpl-lstrong"]  # fmt: skip
+PAPER_PANEL = [
+    "labels-only",
+    "labels-mpl",
+    "randaug-labels-only",
+    "randaug-mpl",
+    "uda-distill",
+    "uda-mpl",
+    "uda-distill-lstrong",
+    "uda-mpl-lstrong",
+]
 
 
 def _plot(runs: dict, protocol: str, png: Path) -> None:
@@ -246,8 +260,15 @@ def _plot(runs: dict, protocol: str, png: Path) -> None:
                 continue
             n = min(len(c) for c in curves)
             mean = [statistics.mean(c[j][1] for c in curves) for j in range(n)]
-            ax.plot([s for s, _ in curves[0][:n]], mean, marker="o", ms=2, label=row, color=f"C{i % 10}",
-                    ls="-" if i < 10 else "--")  # fmt: skip
+            ax.plot(
+                [s for s, _ in curves[0][:n]],
+                mean,
+                marker="o",
+                ms=2,
+                label=row,
+                color=f"C{i % 10}",
+                ls="-" if i < 10 else "--",
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step (MPL phase; finetuning not shown)")
         ax.grid(alpha=0.3)
@@ -265,30 +286,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
     p.add_argument("--rows", default="core", help=f"comma list of rows or groups ({', '.join(GROUPS)})")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--root", default="runs/ablation", help="where the runs go")
-    p.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: metapl's)")
-    p.add_argument("--report", action="store_true", help="print the tables of the finished runs instead")
+    add_run_arguments(p, root="runs/ablation")
     p.add_argument("--png", default=None, help="with --report: write the accuracy plot here")
-    p.add_argument("--json", default=None, help="with --report: write every run's figures (per seed) here")
     args = p.parse_args(argv)
     root = Path(args.root)
+    set_data_root(args.data_root)
     if args.report:
         print(report(root, args.protocol, Path(args.png) if args.png else None))
         if args.json:
-            runs = {row: {seed: {k: v for k, v in run.items() if k != "curve"} for seed, run in seeds.items()}
-                    for row, seeds in collect(root, args.protocol).items()}  # fmt: skip
-            Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
+            runs = collect(root, args.protocol)
+            record(
+                args.json,
+                {row: {seed: _without_curve(run) for seed, run in seeds.items()} for row, seeds in runs.items()},
+            )
         return 0
-    run_rows(
-        p,
-        args,
-        ROWS,
-        GROUPS,
-        lambda row, seed: run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir),
-    )
+
+    def run(row: str, seed: int) -> dict:
+        return run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir)
+
+    run_rows(p, args, ROWS, GROUPS, run)
     return 0
+
+
+def _without_curve(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "curve"}
 
 
 if __name__ == "__main__":

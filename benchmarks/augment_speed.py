@@ -4,30 +4,30 @@ For each shape (32x32x3 with src/metapl/configs/cifar10_cpu.yaml's batch and Ran
 src/metapl/configs/fashion_100_cpu.yaml's), on synthetic uint8 images of that shape:
 
 1. views alone: one step's views (``B`` labeled weak, ``mu*B`` unlabeled weak + strong) by the Pillow path
-   (``transforms.weak_transform`` / ``strong_transform``, one image at a time, in this process) and by the device path
-   (``batch_augment`` views on whole batches, on ``--device``);
-2. hard-MPL steps of two ``small_cnn`` models on one fixed batch (no data work at all);
-3. the same steps fed by ``make_train_loaders`` (``--augment-on loader``) and by ``make_device_train_batches``
-   (``--augment-on device``), as the trainer runs them.
+   (``per_image(weak_view(...))`` / ``per_image(strong_view(...))``, one image at a time, in this process) and by the
+   device path (``BatchView`` of the same specs on whole batches, on ``--device``);
+2. hard-MPL steps of two ``small_cnn`` models on one fixed batch (no data work at all), the library's update as
+   ``benchmarks.steps.small_update`` builds it;
+3. the same steps fed by ``make_train_batches`` with ``augment_on="loader"`` and with ``augment_on="device"``, as
+   the trainer runs them.
 
 "views/s" counts ``B * (1 + 2*mu)`` per step, the count the trainer logs.
 
-    .venv/bin/python benchmarks/augment_speed.py                  # CPU, both shapes, 1 worker per loader
-    .venv/bin/python benchmarks/augment_speed.py --device cuda --workers 4
-    .venv/bin/python benchmarks/augment_speed.py --tiny           # smoke test: a few steps
+    python -m benchmarks.augment_speed                  # CPU, both shapes, 1 worker per loader
+    python -m benchmarks.augment_speed --device cuda --workers 4
+    python -m benchmarks.augment_speed --tiny           # smoke test: a few steps
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 import torch
-import yaml
 
-from common import available_cpus  # also puts src/ on sys.path in a bare checkout
-from loader_speed import time_steps
+from benchmarks.harness import available_cpus, shipped_recipe
+from benchmarks.loader_speed import time_steps
+from benchmarks.steps import small_update
 from metapl.data import (
     BatchSpec,
     BatchView,
@@ -40,10 +40,14 @@ from metapl.data import (
     weak_view,
 )
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "src", "metapl", "configs")
-SHAPES = {"cifar10": ((32, 3), "cifar10_cpu.yaml"), "fashion": ((28, 1), "fashion_100_cpu.yaml")}
-ROWS = ("views, Pillow path (per image)", "views, device path (batched)", "MPL step alone",
-        "step fed by the loader path", "step fed by the device path")  # fmt: skip
+SHAPES = {"cifar10": ((32, 3), "cifar10_cpu"), "fashion": ((28, 1), "fashion_100_cpu")}
+ROWS = (
+    "views, Pillow path (per image)",
+    "views, device path (batched)",
+    "MPL step alone",
+    "step fed by the loader path",
+    "step fed by the device path",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,17 +69,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def shape_config(name: str) -> tuple[int, int, str, dict]:
-    """A shape's image side, channels, config file name and that config's values.
+    """A shape's image side, channels, shipped config name and that config's values (read by the config layer).
 
     Args:
         name: a key of ``SHAPES``.
 
     Returns:
-        ``(size, channels, config file name, config dict)``.
+        ``(size, channels, config name, config dict)``.
     """
     (size, channels), config = SHAPES[name]
-    with open(os.path.join(CONFIGS, config)) as f:
-        return size, channels, config, yaml.safe_load(f)
+    return size, channels, config, shipped_recipe(config)
 
 
 def synthetic_data(size: int, channels: int, n: int, seed: int = 0) -> SourceData:
@@ -140,16 +143,24 @@ def measure_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
     seconds = {ROWS[0]: time_steps(pillow_views, args.warmup, args.steps)}
     torch.set_num_threads(threads)
     seconds[ROWS[1]] = time_steps(device_views, args.warmup, args.steps)
+    return seconds | _fed_steps(data, split, (weak_s, strong_s), (b, mu, channels, size), device, args)
 
-    mpl_step = _mpl_step(channels, size, device)
-    loader = dict(batch_size=b, mu=mu, seed=0, weak=weak_s, strong=strong_s, workers=args.workers)
+
+def _fed_steps(data, split, views: tuple, shape: tuple, device: torch.device, args: argparse.Namespace) -> dict:
+    """Seconds per MPL step alone, fed by the loader path and fed by the device path (``ROWS[2:]``)."""
+    b, mu, channels, size = shape
+    weak, strong = views
+    seconds = {}
+    mpl_step = small_update(channels, size, device)
+    loader = dict(batch_size=b, mu=mu, seed=0, weak=weak, strong=strong, workers=args.workers)
     li, ui = make_train_batches(data, split, BatchSpec(**loader, augment_on="device", device=device))
     batch = (*next(li), *next(ui))  # one fixed batch, already on the device
     seconds[ROWS[2]] = time_steps(lambda: _sync(mpl_step(batch), device), args.warmup, args.steps)
     labeled, unlabeled = make_train_batches(data, split, BatchSpec(**loader))
     li, ui = iter(labeled), iter(unlabeled)
-    seconds[ROWS[3]] = time_steps(lambda: _sync(mpl_step(_to(device, *next(li), *next(ui))), device), args.warmup,
-                                  args.steps)  # fmt: skip
+    seconds[ROWS[3]] = time_steps(
+        lambda: _sync(mpl_step(_to(device, *next(li), *next(ui))), device), args.warmup, args.steps
+    )
     li, ui = make_train_batches(data, split, BatchSpec(**loader, augment_on="device", device=device))
     seconds[ROWS[4]] = time_steps(lambda: _sync(mpl_step((*next(li), *next(ui))), device), args.warmup, args.steps)
     return seconds
@@ -163,20 +174,6 @@ def _sync(out, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out
-
-
-def _mpl_step(channels: int, size: int, device: torch.device):
-    """Hard-MPL steps of two ``small_cnn`` models on ``device``, as ``loader_speed.build_mpl`` on the CPU config."""
-    from metapl.core import Batch, MPLConfig, MPLState, mpl_update
-    from metapl.models import create_model
-
-    def make():
-        net = create_model("small_cnn", num_classes=10, in_channels=channels, image_size=size).to(device)
-        return net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-
-    (teacher, t_opt), (student, s_opt) = make(), make()
-    config, state = MPLConfig(mode="hard"), MPLState()
-    return lambda parts: mpl_update(teacher, student, t_opt, s_opt, Batch(*parts), config, state)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -194,9 +191,11 @@ def main(args: argparse.Namespace) -> None:
         b, mu = cfg["batch_size"], cfg["mu"]
         views = b * (1 + 2 * mu)
         seconds = measure_shape(name, args)
-        print(f"\n== {size}x{size}x{channels} (src/metapl/configs/{config}: B={b}, mu={mu}, m={cfg['randaug_m']}, "
-              f"cutout={cfg['cutout']}), device {args.device}, {args.workers} workers/loader, torch threads "
-              f"{torch.get_num_threads()}, {available_cpus()} CPUs, {args.steps} timed steps")  # fmt: skip
+        print(
+            f"\n== {size}x{size}x{channels} (src/metapl/configs/{config}.yaml: B={b}, mu={mu}, m={cfg['randaug_m']}, "
+            f"cutout={cfg['cutout']}), device {args.device}, {args.workers} workers/loader, torch threads "
+            f"{torch.get_num_threads()}, {available_cpus()} CPUs, {args.steps} timed steps"
+        )
         print(f"{'measurement':<34}{'ms/step':>10}{'views/s':>10}")
         for row in ROWS:
             print(f"{row:<34}{1000 * seconds[row]:>10.2f}{views / seconds[row]:>10.0f}")

@@ -5,7 +5,7 @@ layer's running mean and variance on clean (unaugmented) training images — a c
 ``--batches`` batches, weights untouched. A large gain would mean the strong views' statistics, not the weights,
 cost the accuracy (benchmarks/README.md, 3.2):
 
-    python benchmarks/bn_recalibrate.py runs/sweep/cifar10-lstrong-4k/randaug-labels-only/seed0 --roles student
+    python -m benchmarks.bn_recalibrate runs/sweep/cifar10-lstrong-4k/randaug-labels-only/seed0 --roles student
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 
-import common  # noqa: F401  (puts src/ on the path in a bare checkout)
 from metapl import data as mdata
 from metapl.engine.checkpoint import load_checkpoint
 from metapl.engine.evaluate import evaluate
 from metapl.engine.rebuild import build_model
+from metapl.engine.run_dir import load_run_config
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:
@@ -50,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = Path(args.run)
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    data = mdata.load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg.get("image_size"),
-                              cache_dir=cfg.get("cache_dir"), seed=cfg["seed"], log=lambda *_: None)  # fmt: skip
+    cfg = load_run_config(run)  # the run's config, through the config layer and its checks
+    quiet = dict(cache_dir=cfg.cache_dir, seed=cfg.seed, log=lambda *_: None)
+    data = mdata.load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, **quiet)
     test = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=500, num_workers=0)
     # Shuffled: training images may be stored class by class (the CIFAR-10 JPEG tar is).
     clean = mdata.EvalDataset(data.train, mdata.eval_transform(ckpt["mean"], ckpt["std"]))
@@ -61,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(ckpt, role)
         before = accuracy(model, test)
         reestimate_batchnorm(model, train, args.batches)
-        print(f"{role}: test accuracy as trained {before:.2f} %, BatchNorm re-estimated on clean training images "
-              f"{accuracy(model, test):.2f} %")  # fmt: skip
+        print(
+            f"{role}: test accuracy as trained {before:.2f} %, BatchNorm re-estimated on clean training images "
+            f"{accuracy(model, test):.2f} %"
+        )
     return 0
 
 

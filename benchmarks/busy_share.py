@@ -7,8 +7,8 @@ Each measurement is a fresh process (the free-core measurement is cached per pro
 Python busy loop first and stops it after. Issue target: busy ≤ 2 × idle with ``auto``. Needs an otherwise quiet
 machine.
 
-    python benchmarks/busy_share.py                      # 4 demos, ~5 min on 2 cores
-    python benchmarks/busy_share.py --steps 10 --conditions idle-auto     # smoke test
+    python -m benchmarks.busy_share                      # 4 demos, ~5 min on 2 cores
+    python -m benchmarks.busy_share --steps 10 --conditions idle-auto     # smoke test
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from common import REPO, SRC
+from benchmarks.harness import REPO, child_env
 
 POLICIES = {"auto": (None, None), "fixed": (2, 2)}
 CONDITIONS = ("idle-auto", "busy-auto", "busy-fixed", "idle-fixed")
@@ -34,8 +34,7 @@ def time_demo(policy: str, busy: bool, steps: int | None, out: str) -> float:
         f"d.DEMO = replace(d.DEMO, workers={workers}, threads={threads}); "
         f"d.demo(out={out!r}, steps={steps}, log=lambda *a, **k: None)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the policy decides the threads
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}  # the policy decides the threads
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         if hog is not None:

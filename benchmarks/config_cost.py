@@ -1,37 +1,41 @@
 """What one MPL step of a shipped config costs: time per step and peak memory, on synthetic tensors of its shape.
 
-Builds the config's teacher and student (``create_model``), its optimizers, its MPL settings and its autocast /
-channels-last choices, then times ``metapl.core.mpl_update`` plus the schedule-free rest of a trainer step (EMA) on
-random batches of B labeled and μB unlabeled images (two views each) at the config's image size. No data loading:
+Builds the config's teacher and student (``create_model``), its optimizers (``make_sgd``), its MPL settings and its
+autocast / channels-last choices (``benchmarks.steps.config_step``), then times ``metapl.core.mpl_update`` plus the
+schedule-free rest of a trainer step (EMA) on random batches of B labeled and μB unlabeled images (two views each) at
+the config's image size. No data loading:
 this is the step alone, the number that fills a config's "expected GPU memory and time per step" header line.
 ``--batch-scale`` shrinks B (CPU checks of big configs); peak memory is measured as in ``step_speed.py``
 (``step_timing.PeakMemory``: CUDA allocator peak, or the CPU's resident-set high-water mark, above the baseline
 taken once models and inputs exist; so it counts activations, gradients and optimizer state, not the weights).
 
-    .venv/bin/python benchmarks/config_cost.py src/metapl/configs/svhn_1k.yaml --batch-scale 0.125     # CPU
-    python3 benchmarks/config_cost.py src/metapl/configs/imagenet_10pct.yaml --device cuda --steps 10  # GPU, its B
-    .venv/bin/python benchmarks/config_cost.py src/metapl/configs/svhn_1k.yaml --tiny                   # smoke test
+    python -m benchmarks.config_cost svhn_1k --batch-scale 0.125                  # CPU; a shipped name or a file
+    python -m benchmarks.config_cost imagenet_10pct --device cuda --steps 10      # GPU, its B
+    python -m benchmarks.config_cost src/metapl/configs/svhn_1k.yaml --tiny       # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
 import torch
 
-from common import median  # first: it puts src/ on sys.path when metapl is not installed
-from metapl.core import Batch, ModelEMA, MPLState, mpl_update
-from metapl.engine.config import TrainConfig, load_yaml
-from metapl.engine.runtime import amp_dtype, make_sgd, select_device
-from metapl.models import count_parameters, create_model
-from step_timing import PeakMemory
+from benchmarks.harness import median, record
+from benchmarks.step_timing import PeakMemory
+from benchmarks.steps import config_step
+from metapl.engine.config import TrainConfig, find_config, load_yaml
+from metapl.engine.runtime import select_device
 
 # dataset -> (classes, native image side, channels); folders take --num-classes and the config's --image-size.
-SHAPES = {"digits": (10, 8, 1), "cifar10": (10, 32, 3), "cifar100": (100, 32, 3), "svhn": (10, 32, 3),
-          "fashion-mnist": (10, 28, 1)}  # fmt: skip
+SHAPES = {
+    "digits": (10, 8, 1),
+    "cifar10": (10, 32, 3),
+    "cifar100": (100, 32, 3),
+    "svhn": (10, 32, 3),
+    "fashion-mnist": (10, 28, 1),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         The parser.
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", help="a YAML config, e.g. src/metapl/configs/svhn_1k.yaml")
+    p.add_argument("config", help="a shipped config's name (svhn_1k) or a YAML file")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the config's amp applies on CUDA only)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply the config's labeled batch by this")
     p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
@@ -73,45 +77,6 @@ def step_shape(cfg: TrainConfig, args: argparse.Namespace) -> dict:
     return {"classes": classes, "channels": channels, "size": size, "batch": batch, "mu": mu}
 
 
-def build_step(cfg: TrainConfig, shape: dict, device: torch.device):
-    """Models, optimizers and one batch as the trainer builds them; returns ``(step, info)``.
-
-    Args:
-        cfg: the config.
-        shape: ``step_shape``'s dict.
-        device: where to run.
-
-    Returns:
-        A zero-argument callable running one step, and a dict of parameter counts.
-    """
-    torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
-    kw = dict(num_classes=shape["classes"], in_channels=shape["channels"], image_size=shape["size"])
-    teacher = create_model(cfg.teacher, dropout=cfg.teacher_dropout, **kw).to(device, memory_format=memory_format)
-    student = create_model(cfg.student, dropout=cfg.student_dropout, **kw).to(device, memory_format=memory_format)
-    opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
-    t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
-    ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
-    b, n_u, c, s = shape["batch"], shape["batch"] * shape["mu"], shape["channels"], shape["size"]
-
-    def images(n: int) -> torch.Tensor:  # (n, C, S, S)
-        return torch.randn(n, c, s, s, device=device).contiguous(memory_format=memory_format)
-
-    batch = Batch(images(b), torch.randint(shape["classes"], (b,), device=device), images(n_u), images(n_u))
-    dtype = amp_dtype(cfg.amp, device) if device.type == "cuda" else None
-    mpl_cfg, state = cfg.mpl_config(), MPLState()
-    if dtype == torch.float16:
-        raise SystemExit("fp16 needs GradScalers: measure with amp bf16 or none")
-
-    def step() -> None:
-        mpl_update(teacher, student, t_opt, s_opt, batch, mpl_cfg, state, uda_weight=cfg.uda_weight, amp_dtype=dtype)
-        if ema is not None:
-            ema.update(student)
-
-    info = {"teacher_params": count_parameters(teacher), "student_params": count_parameters(student)}
-    return step, info
-
-
 def measure(cfg: TrainConfig, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps after ``args.warmup`` and take the peak memory over them.
 
@@ -124,7 +89,7 @@ def measure(cfg: TrainConfig, args: argparse.Namespace) -> dict:
     """
     device = select_device(args.device)
     shape = step_shape(cfg, args)
-    step, info = build_step(cfg, shape, device)
+    step, info = config_step(cfg, shape, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     memory.start()
@@ -139,9 +104,15 @@ def measure(cfg: TrainConfig, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     ms = 1000 * median(times)
     images = shape["batch"] * (1 + 2 * shape["mu"])
-    return {**shape, **info, "device": str(device), "amp": cfg.amp if device.type == "cuda" else "none",
-            "ms_per_step": round(ms, 2), "images_per_s": round(1000 * images / ms, 1),
-            "peak_mb": None if memory.peak_mb() is None else round(memory.peak_mb(), 1)}  # fmt: skip
+    return {
+        **shape,
+        **info,
+        "device": str(device),
+        "amp": cfg.amp if device.type == "cuda" else "none",
+        "ms_per_step": round(ms, 2),
+        "images_per_s": round(1000 * images / ms, 1),
+        "peak_mb": None if memory.peak_mb() is None else round(memory.peak_mb(), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -156,17 +127,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(**load_yaml(args.config))
+    cfg = TrainConfig(**load_yaml(find_config(args.config)))
     if args.tiny:
         args.steps, args.warmup = 1, 0
     result = {"config": args.config, **measure(cfg, args)}
-    print(f"== {args.config}: {cfg.teacher} / {cfg.student}, B={result['batch']} mu={result['mu']} at "
-          f"{result['size']} px on {result['device']} (amp {result['amp']})")  # fmt: skip
+    print(
+        f"== {args.config}: {cfg.teacher} / {cfg.student}, B={result['batch']} mu={result['mu']} at "
+        f"{result['size']} px on {result['device']} (amp {result['amp']})"
+    )
     for key in ("teacher_params", "student_params", "ms_per_step", "images_per_s", "peak_mb"):
         print(f"{key:>15}: {result[key]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        record(args.json, result)
     return result
 
 

@@ -7,12 +7,13 @@ labels-only run 2,500 steps). The decoded-image cache is filled once before the 
 itself within ``--budget-s`` (default 540 s: 9 minutes): runs still going then are interrupted (they save a
 checkpoint) and the table shows what finished. Downloads nothing.
 
-    python3 benchmarks/gpu_ablation.py                                   # data: .devdata/cifar10-jpeg.tar.gz
-    run(command="python3 benchmarks/gpu_ablation.py", carry=[".devdata/cifar10-jpeg.tar.gz"], timeout_s=600)
-    .venv/bin/python benchmarks/gpu_ablation.py --tiny                   # CPU smoke test: digits, 2 steps
+    PYTHONPATH=src python3 -m benchmarks.gpu_ablation           # data: .devdata/cifar10-jpeg.tar.gz
+    run(command="PYTHONPATH=src python3 -m benchmarks.gpu_ablation", carry=[".devdata/cifar10-jpeg.tar.gz"],
+        timeout_s=600)
+    python -m benchmarks.gpu_ablation --tiny                    # CPU smoke test: digits, 2 steps
 
 Writes each run under ``--root`` (default ``$OUT/gpu_ablation`` or ``runs/gpu_ablation``) and the table to
-``table.md`` there; the table is ``benchmarks/ablation.py``'s report, so it reads the same as the CPU tables.
+``table.md`` there; the table is ``benchmarks.ablation``'s report, so it reads the same as the CPU tables.
 """
 
 from __future__ import annotations
@@ -26,25 +27,66 @@ from pathlib import Path
 
 import yaml
 
-import ablation
-from common import REPO, available_cpus, child_env
+from benchmarks import ablation
+from benchmarks.harness import REPO, available_cpus, child_env
 
 ROWS = ("labels-only", "uda-distill", "uda-mpl")
 PROTOCOL = "cifar10-gpu"
 # The cifar10_4k config's recipe, at a budget that fits three concurrent runs into 9 minutes on an H200; the
 # warm-up, wait and ramp lengths are scaled down with the step count.
 GPU_RECIPE = dict(
-    dataset="cifar10", num_labeled=4000, teacher="wrn28_2", student="wrn28_2", teacher_dropout=0.2,
-    student_dropout=0.2, steps=2000, finetune_steps=500, finetune_lr=0.01, finetune_batch_size=64, batch_size=64, mu=7,
-    t_lr=0.05, s_lr=0.05, weight_decay=5e-4, t_warmup_steps=100, s_wait_steps=100, s_warmup_steps=100,
-    label_smoothing=0.15, uda_weight=8.0, uda_steps=500, uda_temperature=0.7, uda_threshold=0.6, randaug_n=2,
-    randaug_m=16, cutout=16, ema=0.995, eval_every=250, save_every=5000, log_every=50, amp="bf16",
-    channels_last=True, device="cuda", progress=False, tensorboard=False,
-)  # fmt: skip
+    dataset="cifar10",
+    num_labeled=4000,
+    teacher="wrn28_2",
+    student="wrn28_2",
+    teacher_dropout=0.2,
+    student_dropout=0.2,
+    steps=2000,
+    finetune_steps=500,
+    finetune_lr=0.01,
+    finetune_batch_size=64,
+    batch_size=64,
+    mu=7,
+    t_lr=0.05,
+    s_lr=0.05,
+    weight_decay=5e-4,
+    t_warmup_steps=100,
+    s_wait_steps=100,
+    s_warmup_steps=100,
+    label_smoothing=0.15,
+    uda_weight=8.0,
+    uda_steps=500,
+    uda_temperature=0.7,
+    uda_threshold=0.6,
+    randaug_n=2,
+    randaug_m=16,
+    cutout=16,
+    ema=0.995,
+    eval_every=250,
+    save_every=5000,
+    log_every=50,
+    amp="bf16",
+    channels_last=True,
+    device="cuda",
+    progress=False,
+    tensorboard=False,
+)
 TINY_RECIPE = dict(
-    dataset="digits", num_labeled=50, teacher="small_cnn", student="small_cnn", steps=2, finetune_steps=1,
-    batch_size=8, mu=2, eval_every=1, save_every=10, log_every=1, device="cpu", progress=False, tensorboard=False,
-)  # fmt: skip
+    dataset="digits",
+    num_labeled=50,
+    teacher="small_cnn",
+    student="small_cnn",
+    steps=2,
+    finetune_steps=1,
+    batch_size=8,
+    mu=2,
+    eval_every=1,
+    save_every=10,
+    log_every=1,
+    device="cpu",
+    progress=False,
+    tensorboard=False,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,14 +99,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=None, help="finetuning steps (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole check")
-    p.add_argument("--tiny", action="store_true", default=os.environ.get("TINY") == "1",
-                   help="CPU smoke test: digits, small_cnn, 2 steps")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        default=os.environ.get("TINY") == "1",
+        help="CPU smoke test: digits, small_cnn, 2 steps",
+    )
     return p
 
 
 def recipe(args: argparse.Namespace) -> dict:
     """The protocol's values for this invocation (tiny or GPU; step overrides applied)."""
-    values = dict(TINY_RECIPE if args.tiny else {**GPU_RECIPE, "data_dir": args.data})
+    # An absolute path: a relative data_dir in a benchmark recipe would name a file under the data root.
+    values = dict(TINY_RECIPE if args.tiny else {**GPU_RECIPE, "data_dir": str(Path(args.data).resolve())})
     values["cache_dir"] = args.cache_dir
     values["workers"] = 0 if args.tiny else max(1, (available_cpus() - len(ROWS)) // len(ROWS))
     for key in ("steps", "finetune_steps"):
@@ -80,8 +127,9 @@ def launch(root: Path, row: str, seed: int) -> subprocess.Popen:
     config = run_dir.parent / f"seed{seed}.yaml"
     config.write_text(yaml.safe_dump(ablation.run_values(PROTOCOL, row, seed) | {"out": str(run_dir)}))
     cmd = [sys.executable, "-m", "metapl", "train", "--config", str(config)]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=open(run_dir.parent / f"seed{seed}.log", "w"),
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=child_env(), stdout=open(run_dir.parent / f"seed{seed}.log", "w"), stderr=subprocess.STDOUT
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tiny and not Path(args.data).exists():
         print(f"CIFAR-10 not found at {args.data}: copy ../shared/data/cifar10-jpeg.tar.gz there (and carry it)")
         return 1
-    sys.path.insert(0, str(REPO / "src"))
     from metapl.data import load_dataset
 
     cfg = ablation.PROTOCOLS[PROTOCOL]

@@ -2,22 +2,23 @@
 the paper's full 300k-step protocol. Runs in under 8 minutes on one H100 and downloads nothing.
 
 One command, from the repository root of a CUDA machine (PyTorch, torchvision, PyYAML, scikit-learn, Pillow, tqdm and
-tensorboard must be importable; ``metapl`` itself need not be installed, ``src/`` is put on the path):
+tensorboard must be importable; ``metapl`` itself need not be installed when ``src`` is on ``PYTHONPATH``):
 
-    python3 benchmarks/gpu_check.py                       # data: .devdata/cifar10-jpeg.tar.gz
-    python3 benchmarks/gpu_check.py --data PATH --steps 2000 --eval-every 1000
+    PYTHONPATH=src python3 -m benchmarks.gpu_check                       # data: .devdata/cifar10-jpeg.tar.gz
+    PYTHONPATH=src python3 -m benchmarks.gpu_check --data PATH --steps 2000 --eval-every 1000
 
 With the device tool, after ``mkdir -p .devdata && cp ../shared/data/cifar10-jpeg.tar.gz .devdata/`` (git-ignored; carry
 the archive alone, not .devdata/cache, whose decoded arrays exceed the 64 MiB that travels):
 
-    run(command="python3 benchmarks/gpu_check.py", carry=[".devdata/cifar10-jpeg.tar.gz"], timeout_s=600)
+    run(command="PYTHONPATH=src python3 -m benchmarks.gpu_check", carry=[".devdata/cifar10-jpeg.tar.gz"], timeout_s=600)
 
-Smoke test on the CPU (digits data set, small_cnn, 2 steps): ``.venv/bin/python benchmarks/gpu_check.py --tiny`` or
-``TINY=1 .venv/bin/python benchmarks/gpu_check.py``.
+Smoke test on the CPU (digits data set, small_cnn, 2 steps): ``python -m benchmarks.gpu_check --tiny`` or
+``TINY=1 python -m benchmarks.gpu_check``.
 
 What it does:
   (a) prints the GPU's name (``nvidia-smi``);
-  (b) ``step_speed.py --device cuda --amp bf16 --channels-last --models wrn28_2 --shapes paper`` (all variants);
+  (b) ``python -m benchmarks.step_speed --device cuda --amp bf16 --channels-last --models wrn28_2 --shapes paper``
+      (hard-taylor, hard-dot, soft and the ideal floor);
   (c) ``python -m metapl train --config cifar10_4k`` for ``--steps`` steps (default 2000) on CIFAR-10 with
       bf16, channels_last, 8 loader workers and the views made on the GPU (``--augment-on device``; ``--augment-on
       loader`` for the Pillow path, ``--compile`` to add torch.compile), ``--s-wait-steps 0`` so that every step
@@ -40,7 +41,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,19 +48,11 @@ import threading
 import time
 from pathlib import Path
 
-from common import REPO, child_env, median
+from benchmarks.harness import REPO, Log, median, stamp, stream
 
 PROTOCOL_STEPS = 300_000
 CONFIG = "cifar10_4k"  # the shipped src/metapl/configs/cifar10_4k.yaml, by name
 DEFAULT_DATA = ".devdata/cifar10-jpeg.tar.gz"
-# The recipe of src/metapl/configs/cifar10_4k.yaml, passed explicitly when that file is missing.
-RECIPE_FLAGS = [
-    "--num-labeled", "4000", "--unlabeled", "all", "--teacher-dropout", "0.2", "--student-dropout", "0.2",
-    "--t-lr", "0.05", "--s-lr", "0.05", "--momentum", "0.9", "--nesterov", "--weight-decay", "0.0005",
-    "--t-warmup-steps", "5000", "--s-warmup-steps", "5000", "--label-smoothing", "0.15", "--mode", "hard",
-    "--feedback", "taylor", "--uda-weight", "8", "--uda-steps", "5000", "--uda-temperature", "0.7",
-    "--uda-threshold", "0.6", "--randaug-n", "2", "--randaug-m", "16", "--cutout", "16", "--ema", "0.995",
-]  # fmt: skip
 SUMMARY_MARGIN_S = 20  # kept back from the budget for copying files and the summary
 
 
@@ -76,74 +68,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 2000)), help="training steps ($STEPS)")
     p.add_argument("--eval-every", type=int, default=1000, help="evaluate (and checkpoint) every this many steps")
     p.add_argument("--workers", type=int, default=8, help="data-loader worker processes")
-    p.add_argument("--augment-on", default="device", choices=("loader", "device"),
-                   help="where the training run makes its views (device: batched on the GPU, issue 13)")  # fmt: skip
+    p.add_argument(
+        "--augment-on",
+        default="device",
+        choices=("loader", "device"),
+        help="where the training run makes its views (device: batched on the GPU, issue 13)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both models in the training run")
     p.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant of step_speed.py")
-    p.add_argument("--variants", default="hard-taylor,hard-dot,soft,naive,ideal", help="step_speed.py variants")
+    p.add_argument("--variants", default="hard-taylor,hard-dot,soft,ideal", help="step_speed variants")
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole check")
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu_check_out)")
-    p.add_argument("--tiny", action="store_true", default=os.environ.get("TINY") == "1",
-                   help="CPU smoke test: small_cnn, digits, 2 steps ($TINY=1)")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        default=os.environ.get("TINY") == "1",
+        help="CPU smoke test: small_cnn, digits, 2 steps ($TINY=1)",
+    )
     return p
-
-
-class Log:
-    """Prints lines and appends them to a file."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "a")  # noqa: SIM115 - held for the check's life, closed by close()
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        """Close the file."""
-        self.file.close()
-
-
-def stream(cmd: list[str], log: Log, *, timeout_s: float | None, on_line=None) -> tuple[int, bool]:
-    """Run ``cmd`` from the repository root, logging its output line by line; interrupt it after ``timeout_s``.
-
-    Args:
-        cmd: the command.
-        log: where its output goes.
-        timeout_s: seconds until it is sent SIGINT (then killed 20 s later if still running); None = no limit.
-        on_line: called with each output line (without its newline) as it arrives.
-
-    Returns:
-        (exit status, whether it was interrupted for the time limit).
-    """
-    log("$ " + " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)  # fmt: skip
-    stopped = threading.Event()
-
-    def interrupt():
-        if proc.poll() is None:
-            stopped.set()
-            proc.send_signal(signal.SIGINT)  # the trainer stops cleanly; metrics.jsonl keeps what was logged
-            _daemon_timer(20, lambda: proc.poll() is None and proc.kill())
-
-    timer = _daemon_timer(timeout_s, interrupt) if timeout_s is not None else None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        log(line)
-        if on_line is not None:
-            on_line(line)
-    rc = proc.wait()
-    if timer is not None:
-        timer.cancel()
-    return rc, stopped.is_set()
-
-
-def _daemon_timer(seconds: float, fn) -> threading.Timer:
-    timer = threading.Timer(seconds, fn)
-    timer.daemon = True  # a pending timer must not keep the check alive after its command ended
-    timer.start()
-    return timer
 
 
 class GpuMemoryPoller(threading.Thread):
@@ -179,36 +121,77 @@ def _nvidia_smi(args: list[str]) -> str | None:
 
 
 def bench_command(args: argparse.Namespace, out: Path) -> list[str]:
-    """The step_speed.py command line of this check."""
+    """The step_speed command line of this check."""
     json_out = str(out / "step_speed.json")
-    cmd = [sys.executable, "benchmarks/step_speed.py", "--variants", args.variants, "--json", json_out]
+    cmd = [sys.executable, "-m", "benchmarks.step_speed", "--variants", args.variants, "--json", json_out]
     if args.tiny:
         # One thread: on 6 images, a second thread only adds synchronisation (and the smoke test runs on 2 cores).
         return cmd + ["--tiny", "--device", "cpu", "--models", "small_cnn", "--threads", "1"]
-    return cmd + ["--device", "cuda", "--amp", "bf16", "--channels-last", "--models", "wrn28_2", "--shapes", "paper",
-                  "--steps", str(args.bench_steps), "--warmup", "5"]  # fmt: skip
+    gpu = [
+        "--device",
+        "cuda",
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--models",
+        "wrn28_2",
+        "--shapes",
+        "paper",
+        "--warmup",
+        "5",
+    ]
+    return cmd + gpu + ["--steps", str(args.bench_steps)]
+
+
+# The CPU smoke test's run: digits, small_cnn, 2 steps.
+TINY_TRAIN = [
+    "--dataset",
+    "digits",
+    "--teacher",
+    "small_cnn",
+    "--student",
+    "small_cnn",
+    "--num-labeled",
+    "50",
+    "--batch-size",
+    "4",
+    "--mu",
+    "1",
+    "--steps",
+    "2",
+    "--eval-every",
+    "1",
+    "--log-every",
+    "1",
+    "--save-every",
+    "2",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--amp",
+    "none",
+    "--uda-weight",
+    "8",
+    "--no-tensorboard",
+]
+# The GPU run: the shipped recipe with the paper's model and batch, bf16, channels_last. Every step runs the whole MPL
+# update (--s-wait-steps 0): in the recipe the student waits its first 3k steps.
+GPU_TRAIN = (
+    f"--config {CONFIG} --dataset cifar10 --teacher wrn28_2 --student wrn28_2 --batch-size 64 --mu 7 --device cuda "
+    "--amp bf16 --channels-last --log-every 100 --s-wait-steps 0"
+).split()
 
 
 def train_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """The ``metapl train`` command line of this check."""
     cmd = [sys.executable, "-m", "metapl", "train", "--out", str(run_dir), "--finetune-steps", "0", "--no-progress"]
     if args.tiny:
-        return cmd + [
-            "--dataset", "digits", "--teacher", "small_cnn", "--student", "small_cnn", "--num-labeled", "50",
-            "--batch-size", "4", "--mu", "1", "--steps", "2", "--eval-every", "1", "--log-every", "1",
-            "--save-every", "2", "--workers", "0", "--device", "cpu", "--amp", "none", "--uda-weight", "8",
-            "--no-tensorboard",
-        ]  # fmt: skip
-    shipped = REPO / "src" / "metapl" / "configs" / f"{CONFIG}.yaml"
-    recipe = ["--config", CONFIG] if shipped.is_file() else RECIPE_FLAGS
-    return cmd + recipe + [
-        "--dataset", "cifar10", "--data-dir", args.data, "--cache-dir", args.cache_dir, "--teacher", "wrn28_2",
-        "--student", "wrn28_2", "--batch-size", "64", "--mu", "7", "--device", "cuda", "--amp", "bf16",
-        "--channels-last", "--workers", str(args.workers), "--steps", str(args.steps), "--eval-every",
-        str(args.eval_every), "--save-every", str(args.eval_every), "--log-every", "100",
-        # Every step runs the whole MPL update: in the recipe the student waits its first 3k steps.
-        "--s-wait-steps", "0", "--augment-on", args.augment_on,
-    ] + (["--compile"] if args.compile else [])  # fmt: skip
+        return cmd + TINY_TRAIN
+    run = ["--data-dir", args.data, "--cache-dir", args.cache_dir, "--workers", str(args.workers)]
+    run += ["--steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every", str(args.eval_every)]
+    run += ["--augment-on", args.augment_on] + (["--compile"] if args.compile else [])
+    return cmd + GPU_TRAIN + run
 
 
 def summarize_training(records: list[dict], eval_times: list[tuple[int, float]]) -> dict:
@@ -259,21 +242,8 @@ def main(args: argparse.Namespace) -> int:
     summary["gpu"] = gpu
     log(f"GPU: {'none (CPU smoke test)' if args.tiny else gpu or 'nvidia-smi found no GPU'}")
 
-    # (b) The step-speed benchmark.
-    log("\n== step_speed.py ==")
-    rc, _ = stream(bench_command(args, out), log, timeout_s=None if args.tiny else 200)
-    ok &= rc == 0
-    bench_path = out / "step_speed.json"
-    if bench_path.is_file():
-        bench = json.loads(bench_path.read_text())
-        summary["step_speed"] = {
-            "rows": [{k: r.get(k) for k in ("model", "shape", "variant", "ms_per_step", "images_per_s", "peak_mb")}
-                     for r in bench["results"]],
-            "targets": bench["targets"],
-        }  # fmt: skip
-
-    # (c) The short training.
-    log("\n== training ==")
+    ok &= _bench(args, out, log, summary)  # (b) the step-speed benchmark
+    log("\n== training ==")  # (c) the short training
     if not Path(args.data).exists() and (REPO / args.data).exists():
         args.data = str(REPO / args.data)  # the trainer runs from the repository root; the path may be relative
     data_ok = args.tiny or Path(args.data).exists()
@@ -288,10 +258,26 @@ def main(args: argparse.Namespace) -> int:
         ok &= _train(args, out, log, summary, remaining)
 
     summary["runtime_s"] = time.perf_counter() - started
+    summary["stamp"] = stamp()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, log)
     log.close()
     return 0 if ok else 1
+
+
+def _bench(args: argparse.Namespace, out: Path, log: Log, summary: dict) -> bool:
+    """Run step_speed, keep its rows and targets in ``summary``; whether it succeeded."""
+    log("\n== step_speed ==")
+    rc, _ = stream(bench_command(args, out), log, timeout_s=None if args.tiny else 200)
+    bench_path = out / "step_speed.json"
+    if bench_path.is_file():
+        bench = json.loads(bench_path.read_text())
+        keys = ("model", "shape", "variant", "ms_per_step", "images_per_s", "peak_mb")
+        summary["step_speed"] = {
+            "rows": [{k: r.get(k) for k in keys} for r in bench["results"]],
+            "targets": bench["targets"],
+        }
+    return rc == 0
 
 
 def _train(args: argparse.Namespace, out: Path, log: Log, summary: dict, time_limit_s: float) -> bool:
@@ -318,9 +304,15 @@ def _train(args: argparse.Namespace, out: Path, log: Log, summary: dict, time_li
         shutil.copy(run_dir / "config.yaml", out / "train_config.yaml")
     shutil.rmtree(run_dir.parent, ignore_errors=True)  # checkpoints: not wanted in $OUT (size limits)
     figures = summarize_training(records, eval_times)
-    figures.update({"exit_status": rc, "stopped_by_budget": interrupted, "steps_asked": 2 if args.tiny else args.steps,
-                    "eval_every": 1 if args.tiny else args.eval_every,
-                    "peak_gpu_memory_mib": poller.peak_mib if poller is not None else None})  # fmt: skip
+    figures.update(
+        {
+            "exit_status": rc,
+            "stopped_by_budget": interrupted,
+            "steps_asked": 2 if args.tiny else args.steps,
+            "eval_every": 1 if args.tiny else args.eval_every,
+            "peak_gpu_memory_mib": poller.peak_mib if poller is not None else None,
+        }
+    )
     summary["training"] = figures
     return (rc == 0 or interrupted) and bool(records)
 
@@ -336,22 +328,28 @@ def _print_summary(summary: dict, log: Log) -> None:
     if bench:
         log("step_speed (ms/step, images/s, peak MB):")
         for r in bench["rows"]:
-            log(f"  {r['model']} @ {r['shape']} {r['variant']:<13} {_fmt(r['ms_per_step'], '9.1f')} "
-                f"{_fmt(r['images_per_s'], '10.1f')} {_fmt(r['peak_mb'], '9.1f')}")  # fmt: skip
+            log(
+                f"  {r['model']} @ {r['shape']} {r['variant']:<13} {_fmt(r['ms_per_step'], '9.1f')} "
+                f"{_fmt(r['images_per_s'], '10.1f')} {_fmt(r['peak_mb'], '9.1f')}"
+            )
         for t in bench["targets"]:
             log(f"  {t['name']:<38} {t['value']:6.2f} {t['op']} {t['limit']:.2f} {'PASS' if t['passed'] else 'MISS'}")
     tr = summary.get("training")
     if tr:
         stop = ", stopped by the time budget" if tr["stopped_by_budget"] else ""
         log(f"training: {tr['steps_done']} of {tr['steps_asked']} steps{stop} (exit status {tr['exit_status']})")
-        log(f"  ms/step {_fmt(tr['ms_per_step'], '.1f')}, images/s {_fmt(tr['images_per_s'], '.0f')} "
-            f"(median of {tr['log_intervals']} log intervals after the first)")  # fmt: skip
+        log(
+            f"  ms/step {_fmt(tr['ms_per_step'], '.1f')}, images/s {_fmt(tr['images_per_s'], '.0f')} "
+            f"(median of {tr['log_intervals']} log intervals after the first)"
+        )
         acc = tr["ema_acc"]
         log(f"  EMA-student test accuracy at step {tr['eval_step']}: {_fmt(acc, '.2f', '%')}")
         log(f"  peak GPU memory (nvidia-smi memory.used, whole GPU): {_fmt(tr['peak_gpu_memory_mib'], '.0f', ' MiB')}")
-        log(f"  projected {PROTOCOL_STEPS:,} steps: {_fmt(tr['projected_steps_h'], '.2f', ' h')} of steps alone; "
+        log(
+            f"  projected {PROTOCOL_STEPS:,} steps: {_fmt(tr['projected_steps_h'], '.2f', ' h')} of steps alone; "
             f"{_fmt(tr['projected_with_eval_h'], '.2f', ' h')} with evaluation + checkpoint every "
-            f"{tr['eval_every']} steps (finetuning and the student's cheaper 3k wait steps not counted)")  # fmt: skip
+            f"{tr['eval_every']} steps (finetuning and the student's cheaper 3k wait steps not counted)"
+        )
     log(f"runtime {summary['runtime_s']:.0f} s (budget {summary['budget_s']:.0f} s)")
 
 

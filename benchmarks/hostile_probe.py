@@ -4,7 +4,7 @@ corrupt shards, swapped IDX files). Not a test: it counts the clean cases, befor
 A case is clean when it ends in one ``ValueError`` (library) or one ``metapl: error:`` line with exit 2 (command line),
 or does the right thing; never a traceback, an error from inside torch, or non-finite weights left in a model.
 
-    PYTHONPATH=src python benchmarks/hostile_probe.py [--no-cli]
+    python -m benchmarks.hostile_probe [--no-cli]
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.harness import data_path
 from metapl.core import Batch, MPLConfig, MPLState, mpl_update
+from metapl.engine.runtime import make_sgd
 
 K = 4
-FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
 
 
 def _models():
@@ -39,9 +40,13 @@ def _models():
 
 def _batch(**change):
     g = torch.Generator().manual_seed(1)
-    b = Batch(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, K, (4,), generator=g),
-              torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g),
-              torch.randint(0, K, (8,)))  # fmt: skip
+    b = Batch(
+        torch.randn(4, 3, 8, 8, generator=g),
+        torch.randint(0, K, (4,), generator=g),
+        torch.randn(8, 3, 8, 8, generator=g),
+        torch.randn(8, 3, 8, 8, generator=g),
+        torch.randint(0, K, (8,)),
+    )
     return b._replace(**change)
 
 
@@ -50,15 +55,18 @@ def _update(batch, mode="hard", s_lr=0.1, t_lr=0.1, uda_weight=1.0, must_raise=T
     weights finite)."""
     teacher, student = _models()
     before = [copy.deepcopy(m.state_dict()) for m in (teacher, student)]
-    t_opt = torch.optim.SGD(teacher.parameters(), lr=t_lr, momentum=0.9)
-    s_opt = torch.optim.SGD(student.parameters(), lr=s_lr, momentum=0.9)
+    sgd = dict(momentum=0.9, nesterov=False, weight_decay=0.0, device=torch.device("cpu"))
+    t_opt, s_opt = make_sgd(teacher, lr=t_lr, **sgd), make_sgd(student, lr=s_lr, **sgd)
     try:
         mpl_update(
             teacher, student, t_opt, s_opt, batch, MPLConfig(mode=mode, **cfg), MPLState(), uda_weight=uda_weight
         )
     except ValueError as e:
-        same = all(torch.equal(a, b) for m, s in zip((teacher, student), before) for a, b in
-                   zip(m.state_dict().values(), s.values()))  # fmt: skip
+        same = all(
+            torch.equal(a, b)
+            for m, s in zip((teacher, student), before)
+            for a, b in zip(m.state_dict().values(), s.values())
+        )
         return same, f"ValueError: {str(e)[:90]}" + ("" if same else " (models changed)")
     except Exception as e:
         return False, f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
@@ -131,9 +139,34 @@ def _one_line(p):
     return ok, f"exit {p.returncode}: {(err or [''])[-1][:110]}"
 
 
-TINY = ["--dataset", "digits", "--num-labeled", "40", "--batch-size", "8", "--mu", "2", "--workers", "0",
-        "--eval-every", "2", "--log-every", "2", "--save-every", "2", "--no-tensorboard", "--no-progress",
-        "--device", "cpu", "--steps", "2", "--finetune-steps", "0", "--eval-limit", "40"]  # fmt: skip
+TINY = [
+    "--dataset",
+    "digits",
+    "--num-labeled",
+    "40",
+    "--batch-size",
+    "8",
+    "--mu",
+    "2",
+    "--workers",
+    "0",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "2",
+    "--save-every",
+    "2",
+    "--no-tensorboard",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--steps",
+    "2",
+    "--finetune-steps",
+    "0",
+    "--eval-limit",
+    "40",
+]
 
 
 def _image_tree(root: Path, corrupt: bool) -> Path:
@@ -149,6 +182,11 @@ def _image_tree(root: Path, corrupt: bool) -> Path:
 
 
 def cli_cases(tmp: Path) -> dict:
+    """The command-line cases: name -> (clean, note)."""
+    return {**_run_cases(tmp), **_shard_cases(tmp), **_fashion_cases(tmp)}
+
+
+def _run_cases(tmp: Path) -> dict:
     out = {}
     p = _cli(["train", *TINY, "--out", "run"], tmp)
     p = _cli(["finetune", "run", "--steps", "0"], tmp)
@@ -156,16 +194,24 @@ def cli_cases(tmp: Path) -> dict:
     out["finetune --steps 0"] = (done == 0, f"exit {p.returncode}: finetune_steps {done}")
     p = _cli(["demo", "--steps", "0", "--out", "demo"], tmp)
     out["demo --steps 0"] = (_one_line(p)[0] or (p.returncode == 0 and "500" not in p.stdout), _one_line(p)[1])
-    out["train --mode soft --feedback cosine"] = _one_line(_cli(["train", *TINY, "--out", "r2", "--mode", "soft",
-                                                                 "--feedback", "cosine"], tmp))  # fmt: skip
+    out["train --mode soft --feedback cosine"] = _one_line(
+        _cli(["train", *TINY, "--out", "r2", "--mode", "soft", "--feedback", "cosine"], tmp)
+    )
     p = _cli(["train", *TINY, "--out", "r3", "--method", "supervised", "--uda-weight", "3"], tmp)
     out["train --method supervised --uda-weight 3"] = _one_line(p)
+    return out
+
+
+def _shard_cases(tmp: Path) -> dict:
+    out = {}
     src = _image_tree(tmp / "tree", corrupt=True)
     p = _cli(["shards", str(src), "sh"], tmp)
     out["shards with a corrupt jpeg"] = (_one_line(p)[0] and "bad.jpg" in p.stderr, _one_line(p)[1])
     p = _cli(["shards", str(src), "sh2", "--skip-corrupt"], tmp)
-    out["shards --skip-corrupt"] = (p.returncode == 0 and "bad.jpg" in p.stdout + p.stderr, f"exit {p.returncode}: "
-                                    f"{(p.stderr.strip().splitlines() or [''])[-1][:100]}")  # fmt: skip
+    out["shards --skip-corrupt"] = (
+        p.returncode == 0 and "bad.jpg" in p.stdout + p.stderr,
+        f"exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:100]}",
+    )
     # A shard with a corrupt image inside, written by the old packer: --skip-corrupt must let training go on.
     from metapl.data.sources.shard_writer import _write_shard
 
@@ -180,22 +226,59 @@ def cli_cases(tmp: Path) -> dict:
         f"exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:100]}",
     )
     _write_shard(tmp / "test-000000.tar", src, entries[:-1], "test", 0)
-    p = _cli(["train", "--dataset", "shards", "--data-dir", "test-000000.tar", "--image-size", "16", "--num-labeled",
-              "4", *rest, "--out", "r5"], tmp)  # fmt: skip
+    p = _cli(
+        [
+            "train",
+            "--dataset",
+            "shards",
+            "--data-dir",
+            "test-000000.tar",
+            "--image-size",
+            "16",
+            "--num-labeled",
+            "4",
+            *rest,
+            "--out",
+            "r5",
+        ],
+        tmp,
+    )
     out["a lone test-*.tar as --data-dir"] = _one_line(p)
-    if FASHION.is_dir():
+    return out
+
+
+def _fashion_cases(tmp: Path) -> dict:
+    out = {}
+    fashion = data_path("fashion-mnist")
+    rest = TINY[4:]
+    if fashion.is_dir():
         swapped = tmp / "fashion"
         swapped.mkdir()
-        for f in FASHION.glob("*.gz"):
+        for f in fashion.glob("*.gz"):
             shutil.copy(f, swapped / f.name)
-        shutil.copy(FASHION / "train-labels-idx1-ubyte.gz", swapped / "train-images-idx3-ubyte.gz")
+        shutil.copy(fashion / "train-labels-idx1-ubyte.gz", swapped / "train-images-idx3-ubyte.gz")
         cache = tmp / "cache"
-        p = _cli(["train", "--dataset", "fashion-mnist", "--data-dir", str(swapped), "--cache-dir", str(cache),
-                  *rest, "--out", "r6"], tmp)  # fmt: skip
+        p = _cli(
+            [
+                "train",
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(swapped),
+                "--cache-dir",
+                str(cache),
+                *rest,
+                "--out",
+                "r6",
+            ],
+            tmp,
+        )
         entries = [e for e in cache.rglob("*") if e.is_file()] if cache.exists() else []
         ok, note = _one_line(p)
-        out["fashion: labels file as images file"] = (ok and not entries and "train-images" in p.stderr,
-                                                      note + f" ({len(entries)} cache files)")  # fmt: skip
+        out["fashion: labels file as images file"] = (
+            ok and not entries and "train-images" in p.stderr,
+            note + f" ({len(entries)} cache files)",
+        )
     return out
 
 

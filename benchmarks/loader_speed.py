@@ -2,29 +2,30 @@
 
 Measures, on the real CIFAR-10 copy (decoded once into the cache first):
 
-1. loaders alone: labeled (weak view) + unlabeled (weak + strong views) batches from ``make_train_loaders``;
-2. MPL alone: hard-MPL steps (``metapl.core.mpl_update``) of two ``small_cnn`` models on one fixed batch;
+1. loaders alone: labeled (weak view) + unlabeled (weak + strong views) batches from ``make_train_batches``;
+2. MPL alone: hard-MPL steps (``metapl.core.mpl_update``, built by ``benchmarks.steps.small_update``) of two
+   ``small_cnn`` models on one fixed batch;
 3. both together, as training runs them: the workers prefetch while the main process steps.
 
 One step holds ``B`` labeled and ``mu*B`` unlabeled images; "views/s" counts ``B * (1 + 2*mu)`` per step (the
 unlabeled images are seen weak and strong), the same count the trainer logs.
 
-    .venv/bin/python benchmarks/loader_speed.py                 # CPU config: B=32, mu=7, 2 workers
-    .venv/bin/python benchmarks/loader_speed.py --tiny          # smoke test: a few steps
+    python -m benchmarks.loader_speed                 # CPU config: B=32, mu=7, 2 workers
+    python -m benchmarks.loader_speed --tiny          # smoke test: a few steps
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from common import available_cpus  # also puts src/ on sys.path in a bare checkout
+from benchmarks.harness import available_cpus, data_path
+from benchmarks.steps import small_update
 from metapl.data import BatchSpec, load_dataset, make_split, make_train_batches, strong_view, weak_view
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
+DEFAULT_DATA = "cifar10-jpeg.tar.gz"  # under the data root (benchmarks.harness)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         The parser.
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.path.normpath(DEFAULT_DATA), help="CIFAR-10 tar, folder or torchvision root")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="CIFAR-10 tar, folder or torchvision root (relative: under the "
+        "data root, $METAPL_DATA_ROOT or ../shared/data)",
+    )
     p.add_argument("--dataset", default="cifar10", help="dataset name passed to load_dataset")
     p.add_argument(
         "--cache-dir", default=None, help="decoded-array cache (default $METAPL_CACHE_DIR or ~/.cache/metapl)"
@@ -70,35 +76,6 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def build_mpl(model: str, num_classes: int, in_channels: int, image_size: int):
-    """Teacher, student, their SGD optimizers and an MPL step function, as in the CPU config.
-
-    Args:
-        model: architecture name for ``metapl.models.create_model``.
-        num_classes: logits per image.
-        in_channels: image channels.
-        image_size: image side.
-
-    Returns:
-        ``step(batch) -> metrics``.
-    """
-    from metapl.core import Batch, MPLConfig, MPLState, mpl_update
-    from metapl.models import create_model
-
-    def make():
-        net = create_model(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-        return net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-
-    (teacher, t_opt), (student, s_opt) = make(), make()
-    config, state = MPLConfig(mode="hard"), MPLState()
-
-    def step(parts):
-        x_l, y_l, x_uw, x_us, y_u = parts
-        return mpl_update(teacher, student, t_opt, s_opt, Batch(x_l, y_l, x_uw, x_us, y_u), config, state)
-
-    return step
-
-
 def main(args: argparse.Namespace) -> None:
     """Run the three measurements and print a table.
 
@@ -110,47 +87,52 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = load_dataset(args.dataset, args.data, cache_dir=args.cache_dir, log=lambda line: print(f"  {line}"))
+    log = lambda line: print(f"  {line}")  # noqa: E731
+    data = load_dataset(args.dataset, str(data_path(args.data)), cache_dir=args.cache_dir, log=log)
     print(f"load_dataset: {time.perf_counter() - t0:.1f} s (a cache hit takes milliseconds)")
-    split = make_split(data.train.labels, args.num_labeled, data.num_classes, seed=0, log=lambda _: None)
-    kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
-    weak, strong = weak_view(data.image_size, **kw), strong_view(data.image_size, **kw)
+    seconds = measure(data, args)
     b, mu = args.batch_size, args.mu
     views_per_step = b * (1 + 2 * mu)
+    print()
+    print(
+        f"{args.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, B={b}, mu={mu}, "
+        f"{args.workers} workers/loader, {args.model}, torch threads {torch.get_num_threads()}, "
+        f"{available_cpus()} CPUs, {args.steps} timed steps"
+    )
+    print(f"{'measurement':<34}{'steps/s':>10}{'views/s':>10}{'ms/step':>10}")
+    for name, sec in seconds.items():
+        print(f"{name:<34}{1 / sec:>10.2f}{views_per_step / sec:>10.0f}{1000 * sec:>10.1f}")
+    load_s, mpl_s, _ = seconds.values()
+    verdict = "keep up with" if load_s <= mpl_s else "are slower than"
+    print(f"\nthe loaders {verdict} the MPL step ({mpl_s / load_s:.1f}x its rate)")
 
-    def measure(step_fn, start_step: int) -> float:
+
+def measure(data, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step: the loaders alone, the MPL step alone, the step fed by the loaders."""
+    split = make_split(data.train.labels, args.num_labeled, data.num_classes, seed=0, log=lambda _: None)
+    kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
+    views = {"weak": weak_view(data.image_size, **kw), "strong": strong_view(data.image_size, **kw)}
+    batches = dict(batch_size=args.batch_size, mu=args.mu, seed=0, **views)
+
+    def fed(step_fn, start_step: int) -> float:
         # Fresh loaders per measurement; their workers stop when the iterators go out of scope on return.
-        labeled, unlabeled = make_train_batches(data, split, BatchSpec(
-            batch_size=b, mu=mu, seed=0, start_step=start_step, workers=args.workers, weak=weak, strong=strong,
-        ))  # fmt: skip
+        spec = BatchSpec(start_step=start_step, workers=args.workers, **batches)
+        labeled, unlabeled = make_train_batches(data, split, spec)
         l_iter, u_iter = iter(labeled), iter(unlabeled)
         return time_steps(lambda: step_fn((*next(l_iter), *next(u_iter))), args.warmup, args.steps)
 
-    # 1. Loaders alone.
-    load_s = measure(lambda parts: parts, 0)
+    load_s = fed(lambda parts: parts, 0)  # 1. the loaders alone
     # 2. MPL steps alone, on one fixed batch (no loading at all).
-    mpl_step = build_mpl(args.model, data.num_classes, data.in_channels, data.image_size)
-    labeled, unlabeled = make_train_batches(
-        data, split, BatchSpec(batch_size=b, mu=mu, seed=0, workers=0, weak=weak, strong=strong)
-    )
+    mpl_step = small_update(data.in_channels, data.image_size, torch.device("cpu"), data.num_classes, args.model)
+    labeled, unlabeled = make_train_batches(data, split, BatchSpec(workers=0, **batches))
     batch = (*next(iter(labeled)), *next(iter(unlabeled)))
     mpl_s = time_steps(lambda: mpl_step(batch), args.warmup, args.steps)
-    # 3. Both, as the trainer runs them: workers prefetch while the main process computes.
-    both_s = measure(mpl_step, 1000)
-
-    print()
-    print(f"{args.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, B={b}, mu={mu}, "
-          f"{args.workers} workers/loader, {args.model}, torch threads {torch.get_num_threads()}, "
-          f"{available_cpus()} CPUs, {args.steps} timed steps")  # fmt: skip
-    print(f"{'measurement':<34}{'steps/s':>10}{'views/s':>10}{'ms/step':>10}")
-    for name, seconds in (
-        ("loaders alone (delivered)", load_s),
-        ("hard-MPL step alone (consumed)", mpl_s),
-        ("MPL step fed by the loaders", both_s),
-    ):
-        print(f"{name:<34}{1 / seconds:>10.2f}{views_per_step / seconds:>10.0f}{1000 * seconds:>10.1f}")
-    verdict = "keep up with" if load_s <= mpl_s else "are slower than"
-    print(f"\nthe loaders {verdict} the MPL step ({mpl_s / load_s:.1f}x its rate)")
+    both_s = fed(mpl_step, 1000)  # 3. both, as the trainer runs them: workers prefetch while the main process computes
+    return {
+        "loaders alone (delivered)": load_s,
+        "hard-MPL step alone (consumed)": mpl_s,
+        "MPL step fed by the loaders": both_s,
+    }
 
 
 if __name__ == "__main__":

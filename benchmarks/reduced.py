@@ -15,8 +15,8 @@ same initial student):
 Every pseudo-label row is followed by the protocol's finetuning of the student on the labels. A finished run is
 skipped, a killed one redone; one run per command if wanted:
 
-    python benchmarks/reduced.py --protocol fashion --rows teacher,labels-only,distill --seeds 0
-    python benchmarks/reduced.py --protocol fashion --report --json benchmarks/results/reduced_fashion.json
+    python -m benchmarks.reduced --protocol fashion --rows teacher,labels-only,distill --seeds 0
+    python -m benchmarks.reduced --protocol fashion --report --json benchmarks/results/reduced/fashion.json
 
 The report gives each row's final test accuracy (mean ± std over seeds), its CPU time with the teacher's training
 included, the student's gain over labels-only and the feedback effect (Reduced MPL − distill) with 95 % t-intervals.
@@ -30,10 +30,18 @@ import statistics
 import sys
 from pathlib import Path
 
-from ablation import PROTOCOLS as ABLATION
-from ablation import final_model, paired_lines, run_rows
-from common import train_once
-from metapl.engine.compare import mean_sd
+from benchmarks.ablation import PROTOCOLS as ABLATION
+from benchmarks.harness import (
+    add_run_arguments,
+    kept_model,
+    mean_sd,
+    paired_lines,
+    record,
+    resolve_data_dir,
+    run_rows,
+    set_data_root,
+    train_once,
+)
 
 # The ablation's recipes (chosen on validation there), with the views made on the training device (the same pixels as
 # the Pillow path, faster on two cores). The reduced teacher's own settings (64 hidden units, the protocol's teacher
@@ -63,11 +71,12 @@ FEEDBACK = [(row, "distill") for row in GROUPS["reduced"]] + [("full-mpl", "dist
 
 def run_values(protocol: str, row: str, seed: int, root: Path, steps: int | None = None) -> dict:
     """The flat ``TrainConfig`` values of one run: the protocol's recipe, the row's changes, the seed."""
-    values = {"device": "cpu", **PROTOCOLS[protocol], "seed": seed, "progress": False, "tensorboard": False}
+    values = {"device": "cpu", **resolve_data_dir(PROTOCOLS[protocol]), "seed": seed}
+    values.update(progress=False, tensorboard=False)
     values.update(TEACHERS[protocol] if row == "teacher" else ROWS[row])
     if steps is not None:  # smoke tests: a few steps, a proportional finetune
-        values.update(steps=steps, finetune_steps=max(1, steps // 2), eval_every=steps, log_every=1, s_wait_steps=0,
-                      s_warmup_steps=0, t_warmup_steps=0, uda_steps=0, eval_limit=200)  # fmt: skip
+        values.update(steps=steps, finetune_steps=max(1, steps // 2), eval_every=steps, log_every=1)
+        values.update(s_wait_steps=0, s_warmup_steps=0, t_warmup_steps=0, uda_steps=0, eval_limit=200)
     if values["method"] == "supervised":  # the same optimizer-step count as pseudo labels + finetuning
         if row != "teacher" or steps is not None:
             values["steps"] = values["steps"] + values["finetune_steps"]
@@ -101,7 +110,7 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
     for row in ROWS:
         for path in sorted((root / protocol / row).glob("seed*/summary.json")):
             s = json.loads(path.read_text())
-            who = "ema" if row == "teacher" else final_model(s)
+            who = "ema" if row == "teacher" else kept_model(s)
             own = s.get("wall_seconds", s["seconds"])
             big = teacher.get(s["seed"], {})
             out.setdefault(row, {})[s["seed"]] = {
@@ -116,15 +125,23 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
 def report(root: Path, protocol: str) -> str:
     """Markdown: the rows, the gains over labels-only, the feedback effects."""
     runs = collect(root, protocol)
-    lines = ["| row | seeds | final model (%) | (reduced) teacher (%) | student before finetuning (%) | CPU min, "
-             "teacher's training included |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| row | seeds | final model (%) | (reduced) teacher (%) | student before finetuning (%) | CPU min, "
+        "teacher's training included |",
+        "|---|---|---|---|---|---|",
+    ]
     for row, seeds in runs.items():
         col = {k: [v[k] for v in seeds.values() if v[k] is not None] for k in ("final", "teacher", "student")}
         minutes = statistics.mean(v["seconds"] for v in seeds.values()) / 60
-        lines.append(f"| {row} | {len(seeds)} | {mean_sd(col['final'])} | {mean_sd(col['teacher'])} | "
-                     f"{mean_sd(col['student'])} | {minutes:.1f} |")  # fmt: skip
-    lines += ["", "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
-              "|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {row} | {len(seeds)} | {mean_sd(col['final'])} | {mean_sd(col['teacher'])} | "
+            f"{mean_sd(col['student'])} | {minutes:.1f} |"
+        )
+    lines += [
+        "",
+        "| comparison (paired by seed) | seeds | mean difference (points) | 95 % interval |",
+        "|---|---|---|---|",
+    ]
     lines += paired_lines(runs, [(row, "labels-only") for row in USES_TEACHER] + FEEDBACK)
     return "\n".join(lines)
 
@@ -133,26 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
     p.add_argument("--rows", default="all", help=f"comma list of rows or groups ({', '.join(GROUPS)})")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--root", default="runs/reduced", help="where the runs go")
-    p.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: metapl's)")
-    p.add_argument("--report", action="store_true", help="print the tables of the finished runs instead")
-    p.add_argument("--json", default=None, help="with --report: write every run's figures (per seed) here")
+    add_run_arguments(p, root="runs/reduced")
     args = p.parse_args(argv)
     root = Path(args.root)
+    set_data_root(args.data_root)
     if args.report:
         print(report(root, args.protocol))
-        if args.json:
-            Path(args.json).write_text(json.dumps(collect(root, args.protocol), indent=1) + "\n")
+        if args.json:  # the same shape as ever (row -> seed -> figures); the command goes to command.txt beside it
+            record(args.json, collect(root, args.protocol))
         return 0
-    run_rows(
-        p,
-        args,
-        ROWS,
-        GROUPS,
-        lambda row, seed: run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir),
-    )
+
+    def run(row: str, seed: int) -> dict:
+        return run_one(root, args.protocol, row, seed, steps=args.steps, cache_dir=args.cache_dir)
+
+    run_rows(p, args, ROWS, GROUPS, run)
     return 0
 
 

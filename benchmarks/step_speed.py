@@ -2,17 +2,13 @@
 
 Times ``metapl.core.mpl_update`` (hard pseudo labels with the ``taylor`` and ``dot`` feedback estimators, and soft
 labels with the exact meta-gradient) on synthetic random batches: no data loading, this measures the step alone.
-Two references are measured in the same run:
-
-* ``ideal``: the sum of the passes the update cannot avoid, each timed alone (median of its own runs):
+One reference is measured in the same run, **ideal**: the sum of the passes the update cannot avoid, each timed
+alone (median of its own runs):
   taylor = T(x_uw) no-grad + S(x_us) fwd+bwd + S step + 2 × S(x_l) no-grad + T(cat(x_l, x_us)) fwd+bwd + T step;
   dot    = the same with one S(x_l) fwd+bwd in place of the two no-grad S(x_l) forwards.
-  The S(x_l) passes run in float32 in feedback mode, as the core runs them (h is a small difference of two losses).
-* ``naive``: the step of the most-used public PyTorch port (kekmodel/MPL-pytorch), re-implemented here: one teacher
-  forward with a graph over cat(x_l, x_uw, x_us), one student forward with a graph over cat(x_l, x_us) (L_old read
-  off that mixed batch), the student's backward and step while the teacher's graph is still alive, a no-grad student
-  forward on x_l (L_new), then the teacher's loss (labeled CE + UDA + (L_new - L_old) · CE) and its backward and
-  step; default-implementation SGD and one ``.item()`` per logged loss, as the port has them.
+The S(x_l) passes run in float32 in feedback mode, as the core runs them (h is a small difference of two losses).
+Every step is built by ``benchmarks.steps`` from the library (``mpl_update``, ``make_sgd``). The ``naive`` variant of
+earlier revisions (a hand-written copy of a public port's step) is retired: its figures are historical (report).
 
 A step holds B labeled and μB unlabeled images, the unlabeled ones in a weak and a strong view: B(1 + 2μ) images,
 the count that images/s uses. Shapes: ``paper`` B=64 μ=7, ``cpu`` B=32 μ=7 (the cifar10_cpu config), ``tiny`` B=2
@@ -24,39 +20,35 @@ libraries but run no tensor work); its peak RSS over the steps (the kernel's hig
 optimizers and inputs are built) minus its RSS at that point. Both count the step's activations, gradients and
 optimizer state, not the weights.
 
-    .venv/bin/python benchmarks/step_speed.py                                   # CPU: both models, both shapes
-    .venv/bin/python benchmarks/step_speed.py --models small_cnn --json out.json
-    python3 benchmarks/step_speed.py --device cuda --amp bf16 --channels-last --models wrn28_2 --shapes paper
-    .venv/bin/python benchmarks/step_speed.py --tiny --models small_cnn         # smoke test
+    python -m benchmarks.step_speed                                   # CPU: both models, both shapes
+    python -m benchmarks.step_speed --models small_cnn --json out.json
+    python -m benchmarks.step_speed --device cuda --amp bf16 --channels-last --models wrn28_2 --shapes paper
+    python -m benchmarks.step_speed --tiny --models small_cnn         # smoke test
+    python -m benchmarks.step_speed --profile --models wrn28_2 --shapes paper --top 14   # where soft's time goes
 
-This file holds the command line, the targets and the report; the steps (variants and references) are in
-``step_variants.py``, the timing and memory harness in ``step_timing.py``.
+This file holds the command line, the targets and the report; the steps are built in ``benchmarks.steps``, timed
+and measured in ``benchmarks.step_timing`` (which also holds ``--profile``: an operator profile of soft vs hard).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
-from common import available_cpus  # first: it puts src/ on sys.path when metapl is not installed
+from benchmarks.harness import available_cpus, record, stamp
+from benchmarks.step_timing import MEMORY_STEPS, measure_group, profile_table
+from benchmarks.steps import DROPOUT, IDEAL, LABEL_SMOOTHING, LR, MOMENTUM, SHAPES, UDA_WEIGHT, VARIANTS, WEIGHT_DECAY
 from metapl.engine.runtime import amp_dtype as resolve_amp
 from metapl.engine.runtime import select_device
 from metapl.errors import UserError
-from step_timing import MEMORY_STEPS, measure_group
-from step_variants import DROPOUT, IDEAL, LABEL_SMOOTHING, LR, MOMENTUM, SHAPES, UDA_WEIGHT, VARIANTS, WEIGHT_DECAY
 
 # (name, numerator variant, denominator variant, measure, comparison, limit)
 TARGETS = (
-    ("speed-up of hard-taylor over naive", "naive", "hard-taylor", "ms_per_step", ">=", 1.25),
-    ("speed-up of hard-dot over naive", "naive", "hard-dot", "ms_per_step", ">=", 1.25),
     ("hard-taylor time / ideal-taylor", "hard-taylor", "ideal-taylor", "ms_per_step", "<=", 1.10),
     ("hard-dot time / ideal-dot", "hard-dot", "ideal-dot", "ms_per_step", "<=", 1.10),
-    ("hard-taylor peak memory / naive", "hard-taylor", "naive", "peak_mb", "<=", 0.75),
-    ("hard-dot peak memory / naive", "hard-dot", "naive", "peak_mb", "<=", 0.75),
     ("soft time / hard-taylor", "soft", "hard-taylor", "ms_per_step", "<=", 2.5),
     *(
         (f"{v} time / distill", v, "distill", "ms_per_step", "<=", 1.15)
@@ -84,6 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="smoke test: shape tiny (B=2, μ=1), 2 steps after 1 warm-up")
     p.add_argument("--json", metavar="OUT", default=None, help="write every figure to this JSON file")
+    p.add_argument("--profile", action="store_true", help="instead: an operator profile of one soft and one hard step")
+    p.add_argument("--top", type=int, default=12, help="with --profile: operators listed")
     return p
 
 
@@ -114,21 +108,10 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def _bound(name: str, num: str, den: str, by_variant: dict) -> str:
     ms = {k: v.get("ms_per_step") for k, v in by_variant.items()}
-    if name.startswith("speed-up"):
-        ideal = ms.get("ideal-" + den.removeprefix("hard-"))
-        if ideal:
-            return (f"the unavoidable passes alone would give naive/ideal = {ms['naive'] / ideal:.2f}: "
-                    "the floor is the compute of the passes the update must run")  # fmt: skip
-        return "run --variants ideal too to see the floor"
     if "ideal" in name:
         return (
             f"{ms[num] - ms[den]:.1f} ms/step beyond the passes timed alone: glue (losses, feedback_mode, "
             "cat/slices, the dot product's gradient copy) and passes that do not overlap on this device"
-        )
-    if "memory" in name:
-        return (
-            "the step must hold the teacher's graph over cat(x_l, x_us) (and the student's over x_us first); "
-            "on the CPU, RSS also counts pages the allocator keeps after freeing them"
         )
     if den == "distill":
         return (
@@ -156,8 +139,9 @@ def print_table(rows: list[dict], targets: list[dict], header: str) -> None:
     for r in rows:
         if "components_ms" in r:
             counts = IDEAL[r["variant"]]
-            parts = " + ".join(f"{k} {v:.1f}" + (f" x{counts[k]}" if counts[k] > 1 else "")
-                               for k, v in r["components_ms"].items())  # fmt: skip
+            parts = " + ".join(
+                f"{k} {v:.1f}" + (f" x{counts[k]}" if counts[k] > 1 else "") for k, v in r["components_ms"].items()
+            )
             print(f"  {r['variant']} = {parts} (ms)")
     if targets:
         print(f"{'target':<38} {'value':>6}  {'goal':<7} result")
@@ -169,7 +153,7 @@ def print_table(rows: list[dict], targets: list[dict], header: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run every (model, shape, variant), print a table per (model, shape), write ``--json``.
+    """Run every (model, shape, variant), print a table per (model, shape), write ``--json``; or ``--profile``.
 
     Args:
         args: parsed flags of ``get_args_parser()``.
@@ -184,8 +168,11 @@ def main(args: argparse.Namespace) -> int:
     steps, warmup = (2, 1) if args.tiny else (args.steps, args.warmup)
     bad = [s for s in shapes if s not in SHAPES] + [v for v in variants if v not in VARIANTS]
     if bad or steps < 1 or warmup < 0:
-        print(f"step_speed: unknown shape/variant {bad} or bad --steps/--warmup; shapes: {', '.join(SHAPES)}; "
-              f"variants: {', '.join(VARIANTS)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"step_speed: unknown shape/variant {bad} or bad --steps/--warmup; shapes: {', '.join(SHAPES)}; "
+            f"variants: {', '.join(VARIANTS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         device = select_device(args.device)
@@ -195,13 +182,30 @@ def main(args: argparse.Namespace) -> int:
         return 2
     threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
+    if args.profile:
+        for model in models:
+            for shape in shapes:
+                print(profile_table(model, shape, device, args.top))
+        return 0
+    args = argparse.Namespace(**{**vars(args), "steps": steps, "warmup": warmup})  # --tiny's sizes win
+    report = measure_all(models, shapes, variants, args, device, threads)
+    report["runtime_s"] = time.perf_counter() - started
+    print(f"\nruntime {report['runtime_s']:.1f} s")
+    if args.json:
+        record(args.json, report)
+    return 0
+
+
+def measure_all(models, shapes, variants, args: argparse.Namespace, device: torch.device, threads: int) -> dict:
+    """Every (model, shape): measured, printed as a table; returns the JSON report (figures, settings, stamp)."""
     device_name, memory_method = _describe(device, threads)
     fmt = "channels_last" if args.channels_last else "contiguous"
-    print(f"device {device_name}; torch {torch.__version__}; amp {args.amp}; {fmt}; timing: {steps} rounds after "
-          f"{warmup} warm-up, each round one step of every variant and one run of every ideal pass (median "
-          f"reported); peak memory: {memory_method}", flush=True)  # fmt: skip
-
-    args = argparse.Namespace(**{**vars(args), "steps": steps, "warmup": warmup})  # --tiny's sizes win
+    print(
+        f"device {device_name}; torch {torch.__version__}; amp {args.amp}; {fmt}; timing: {args.steps} rounds after "
+        f"{args.warmup} warm-up, each round one step of every variant and one run of every ideal pass (median "
+        f"reported); peak memory: {memory_method}",
+        flush=True,
+    )
     results, targets = [], []
     for model in models:
         for shape in shapes:
@@ -212,27 +216,31 @@ def main(args: argparse.Namespace) -> int:
             print_table(group, group_targets, header)
             results += group
             targets += group_targets
-
-    runtime = time.perf_counter() - started
-    print(f"\nruntime {runtime:.1f} s")
-    if args.json:
-        report = {
-            "command": [sys.executable, *sys.argv], "device": str(device), "device_name": device_name,
-            "torch": torch.__version__, "threads": threads, "amp": args.amp, "channels_last": args.channels_last,
-            "steps": steps, "warmup": warmup, "memory_method": memory_method, "runtime_s": runtime,
-            "results": results, "targets": targets, "config": _job_config(),
-        }  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return 0
+    return {
+        "command": [sys.executable, *sys.argv],
+        **stamp(),
+        "device": str(device),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": threads,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory_method": memory_method,
+        "results": results,
+        "targets": targets,
+        "config": _job_config(),
+    }
 
 
 def _describe(device: torch.device, threads: int) -> tuple[str, str]:
     """The device's name and how peak memory is measured on it, for the header and the JSON."""
     if device.type == "cuda":
-        memory_method = (f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} steps of the variant alone minus "
-                         "torch.cuda.memory_allocated before them")  # fmt: skip
+        memory_method = (
+            f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} steps of the variant alone minus "
+            "torch.cuda.memory_allocated before them"
+        )
         return torch.cuda.get_device_name(device), memory_method
     memory_method = (
         f"peak RSS over {MEMORY_STEPS} steps of a fresh process per variant (kernel high-water mark, reset via "
@@ -242,9 +250,9 @@ def _describe(device: torch.device, threads: int) -> tuple[str, str]:
 
 
 def _job_config() -> dict:
-    return {"shapes": {k: {"batch_size": b, "mu": mu} for k, (b, mu) in SHAPES.items()}, "lr": LR,
-            "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "label_smoothing": LABEL_SMOOTHING,
-            "uda_weight": UDA_WEIGHT, "dropout": DROPOUT, "ideal": IDEAL}  # fmt: skip
+    shapes = {k: {"batch_size": b, "mu": mu} for k, (b, mu) in SHAPES.items()}
+    recipe = {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "label_smoothing": LABEL_SMOOTHING}
+    return {"shapes": shapes, **recipe, "uda_weight": UDA_WEIGHT, "dropout": DROPOUT, "ideal": IDEAL}
 
 
 if __name__ == "__main__":

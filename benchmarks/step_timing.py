@@ -1,4 +1,4 @@
-"""The timing and memory harness of ``step_speed.py``: one ``Job`` (a model at a batch shape) runs in a fresh process
+"""The timing and memory measurement of ``step_speed``: one ``Job`` (a model at a batch shape) runs in a fresh process
 on the CPU (its peak RSS then belongs to it alone) or in this one on CUDA, and ``measure_group`` turns its figures into
 result rows.
 """
@@ -13,13 +13,14 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from common import median  # first: it puts src/ on sys.path when metapl is not installed
+from benchmarks.harness import median
+from benchmarks.steps import IDEAL, SHAPES, build
 from metapl.engine.runtime import amp_dtype as resolve_amp
 from metapl.engine.runtime import select_device
-from step_variants import IDEAL, SHAPES, build
 
 MIB = 2**20
 MEMORY_STEPS = 2  # step 1 allocates gradients and optimizer state; step 2 runs with them in place (the steady state)
@@ -99,6 +100,24 @@ def time_interleaved(calls: dict, *, warmup: int, steps: int, sync) -> dict[str,
             if i >= warmup:
                 out[name].append(time.perf_counter() - start)
     return out
+
+
+def _rows(variant: str, base: dict, seconds: dict[str, list[float]], peak: dict) -> dict[str, dict]:
+    """The result rows of one timed variant (``ideal``: one row per ``IDEAL`` sum, from its passes' medians)."""
+    per_step = base["images_per_step"]
+    if variant != "ideal":
+        ms_steps = [1000 * s for s in seconds[variant]]
+        ms = median(ms_steps)
+        times = {"ms_per_step": ms, "ms_min": min(ms_steps), "ms_steps": ms_steps, "images_per_s": 1000 * per_step / ms}
+        memory = {"peak_mb": peak.get("peak_mb"), "peak_error": peak.get("error")}
+        return {variant: {**base, "variant": variant, **times, **memory}}
+    rows = {}
+    for name, counts in IDEAL.items():
+        components = {c: 1000 * median(seconds[c]) for c in counts}
+        ms = sum(components[c] * n for c, n in counts.items())
+        times = {"ms_per_step": ms, "ms_min": None, "ms_steps": None, "images_per_s": 1000 * per_step / ms}
+        rows[name] = {**base, "variant": name, **times, "peak_mb": None, "components_ms": components}
+    return rows
 
 
 class PeakMemory:
@@ -227,39 +246,74 @@ def measure_group(model: str, shape: str, variants: list[str], args: argparse.Na
     timed = [v for v in variants if v not in rows]
     run = run_in_process if device.type == "cuda" else run_isolated
 
-    def job(vs: list[str], memory: bool) -> Job:
-        return Job(model, shape, tuple(vs), memory, str(device), args.amp, args.channels_last, args.steps,
-                   args.warmup, threads, args.seed)  # fmt: skip
-
+    job = partial(Job, model, shape, device=str(device), amp=args.amp, channels_last=args.channels_last)
+    job = partial(job, steps=args.steps, warmup=args.warmup, threads=threads, seed=args.seed)
     peaks = {}
     for v in timed:
         if v != "ideal":
             tick = time.perf_counter()
-            peaks[v] = run(job([v], True))
-            print(f"  {model} @ {shape}: peak memory of {v} ({MEMORY_STEPS} steps) {time.perf_counter() - tick:.1f} s",
-                  flush=True)  # fmt: skip
+            peaks[v] = run(job((v,), True))
+            took = time.perf_counter() - tick
+            print(f"  {model} @ {shape}: peak memory of {v} ({MEMORY_STEPS} steps) {took:.1f} s", flush=True)
     tick = time.perf_counter()
-    timing = run(job(timed, False))
-    print(f"  {model} @ {shape}: {args.warmup} + {args.steps} interleaved rounds of {', '.join(timed)} "
-          f"{time.perf_counter() - tick:.1f} s", flush=True)  # fmt: skip
-
+    timing = run(job(tuple(timed), False))
+    took = time.perf_counter() - tick
+    rounds = f"{args.warmup} + {args.steps} interleaved rounds of {', '.join(timed)}"
+    print(f"  {model} @ {shape}: {rounds} {took:.1f} s", flush=True)
     for v in timed:
         if "error" in timing:
             rows[v] = {**base, "variant": v, "error": timing["error"]}
-            continue
-        seconds = timing["seconds"]
-        if v == "ideal":
-            for name, counts in IDEAL.items():
-                components = {c: 1000 * median(seconds[c]) for c in counts}
-                ms = sum(components[c] * n for c, n in counts.items())
-                rows[name] = {**base, "variant": name, "ms_per_step": ms, "ms_min": None, "ms_steps": None,
-                              "images_per_s": 1000 * base["images_per_step"] / ms, "peak_mb": None,
-                              "components_ms": components}  # fmt: skip
-            continue
-        ms_steps = [1000 * s for s in seconds[v]]
-        ms = median(ms_steps)
-        rows[v] = {**base, "variant": v, "ms_per_step": ms, "ms_min": min(ms_steps), "ms_steps": ms_steps,
-                   "images_per_s": 1000 * base["images_per_step"] / ms, "peak_mb": peaks[v].get("peak_mb"),
-                   "peak_error": peaks[v].get("error")}  # fmt: skip
+        else:
+            rows.update(_rows(v, base, timing["seconds"], peaks.get(v, {})))
     order = [n for v in variants for n in ((*IDEAL,) if v == "ideal" else (v,))]
     return [rows[n] for n in order if n in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --profile: where the soft update's time goes, operator by operator (soft / hard is a target; this explains it)
+
+PROFILED = ("hard-taylor", "soft")
+
+
+def profile_step(variant: str, model: str, shape: str, device: torch.device) -> tuple[float, dict[str, float]]:
+    """One profiled step of ``variant`` after an unprofiled warm-up step, on ``build``'s batch and models.
+
+    Returns:
+        ``(wall ms of the profiled step, {operator name: self time in ms})`` (CPU self time, or device self time on a
+        GPU).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    b, mu = SHAPES[shape]
+    step = build(variant, model, b, mu, None, device, torch.contiguous_format)[variant]
+    step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        sync()
+        wall_ms = 1e3 * (time.perf_counter() - start)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return wall_ms, {e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()}
+
+
+def profile_table(model: str, shape: str, device: torch.device, top: int) -> str:
+    """A title line and the Markdown table of the ``top`` operators that add most to the soft step over the hard one."""
+    torch.manual_seed(0)
+    (hard_ms, hard), (soft_ms, soft) = (profile_step(v, model, shape, device) for v in PROFILED)
+    b, mu = SHAPES[shape]
+    extra = {k: soft.get(k, 0.0) - hard.get(k, 0.0) for k in set(hard) | set(soft)}
+    total = sum(extra.values())
+    lines = [
+        f"{model}, shape {shape} (B {b}, μ {mu}), {device}, {torch.get_num_threads()} threads: hard-taylor "
+        f"{hard_ms:.0f} ms, soft {soft_ms:.0f} ms (×{soft_ms / hard_ms:.2f}, profiled step)",
+        "| operator | hard ms | soft ms | soft − hard ms | share of the difference |",
+        "|---|---|---|---|---|",
+    ]
+    for k in sorted(extra, key=extra.get, reverse=True)[:top]:
+        share = f"{100 * extra[k] / total:.0f} %"
+        lines.append(f"| `{k}` | {hard.get(k, 0.0):.0f} | {soft.get(k, 0.0):.0f} | {extra[k]:+.0f} | {share} |")
+    lines.append(f"| all operators | {sum(hard.values()):.0f} | {sum(soft.values()):.0f} | {total:+.0f} | |")
+    return "\n".join(lines)

@@ -6,9 +6,9 @@ Each grid is a base config plus named variants; each (grid, variant, seed) is on
 table of validation accuracy (final and median of the last five evaluations) per variant; test accuracy is shown
 only for the record, never used to choose.
 
-    python benchmarks/sweep.py --grid fashion-teacher --lane 0/2 &
-    python benchmarks/sweep.py --grid fashion-teacher --lane 1/2
-    python benchmarks/sweep.py --grid fashion-teacher --report
+    python -m benchmarks.sweep --grid fashion-teacher --lane 0/2 &
+    python -m benchmarks.sweep --grid fashion-teacher --lane 1/2
+    python -m benchmarks.sweep --grid fashion-teacher --report
 """
 
 from __future__ import annotations
@@ -19,17 +19,28 @@ import statistics
 import sys
 from pathlib import Path
 
-from ablation import PROTOCOLS as ABLATION_PROTOCOLS
-from common import last_evaluations, train_once
-from metapl.engine.metrics import read_metrics
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from benchmarks.ablation import PROTOCOLS as ABLATION_PROTOCOLS
+from benchmarks.harness import last_evaluations, read_metrics, set_data_root, train_once
 
 _FASHION = dict(
-    dataset="fashion-mnist", data_dir=str(SHARED / "fashion-mnist"), teacher="small_cnn", student="small_cnn",
-    batch_size=16, mu=4, t_lr=0.05, s_lr=0.05, t_warmup_steps=50, label_smoothing=0.1, randaug_m=9, ema=0.99,
-    workers=1, log_every=50, tensorboard=False, progress=False, device="cpu",
-)  # fmt: skip
+    dataset="fashion-mnist",
+    data_dir="fashion-mnist",
+    teacher="small_cnn",
+    student="small_cnn",
+    batch_size=16,
+    mu=4,
+    t_lr=0.05,
+    s_lr=0.05,
+    t_warmup_steps=50,
+    label_smoothing=0.1,
+    randaug_m=9,
+    ema=0.99,
+    workers=1,
+    log_every=50,
+    tensorboard=False,
+    progress=False,
+    device="cpu",
+)
 
 
 def _teacher_only(train_labels: int) -> dict:
@@ -52,16 +63,27 @@ def _teacher_only(train_labels: int) -> dict:
 
 # The shipped CIFAR-10 CPU recipe as the ablation reads it (the cifar10_cpu config and the data), on the device
 # augmentation path, without progress output.
-_CIFAR10 = {**ABLATION_PROTOCOLS["cifar10"], "tensorboard": False, "progress": False, "device": "cpu",
-            "augment_on": "device", "threads": 1, "workers": 0}  # fmt: skip
+_CIFAR10 = {
+    **ABLATION_PROTOCOLS["cifar10"],
+    "tensorboard": False,
+    "progress": False,
+    "device": "cpu",
+    "augment_on": "device",
+    "threads": 1,
+    "workers": 0,
+}
 LABELS_ONLY = dict(method="supervised", s_wait_steps=0)
 GRIDS = {
     "fashion-teacher": dict(
         base=_teacher_only(1000),
         variants={
-            "labels-only": LABELS_ONLY, "uda": {}, "uda-joint": dict(teacher_batch="joint"),
-            "uda-w4": dict(uda_weight=4.0), "uda-mu7": dict(mu=7),
-            "uda-sharp": dict(uda_temperature=0.4, uda_threshold=0.8), "uda-cut8": dict(cutout=8),
+            "labels-only": LABELS_ONLY,
+            "uda": {},
+            "uda-joint": dict(teacher_batch="joint"),
+            "uda-w4": dict(uda_weight=4.0),
+            "uda-mu7": dict(mu=7),
+            "uda-sharp": dict(uda_temperature=0.4, uda_threshold=0.8),
+            "uda-cut8": dict(cutout=8),
             "uda-cut0": dict(cutout=0),
         },
     ),
@@ -70,14 +92,29 @@ GRIDS = {
     ),
     "fashion-teacher-100": dict(
         base=_teacher_only(100),
-        variants={"labels-only": LABELS_ONLY, "uda": {}, "uda-cut8": dict(cutout=8),
-                  "uda-w3-cut8": dict(cutout=8, uda_weight=3.0)},
+        variants={
+            "labels-only": LABELS_ONLY,
+            "uda": {},
+            "uda-cut8": dict(cutout=8),
+            "uda-w3-cut8": dict(cutout=8, uda_weight=3.0),
+        },
     ),
     # Full MPL runs (teacher, student, finetuning) at 100 training labels: how far the student trails, and when.
     "fashion-mpl-100": dict(
-        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 3000, "eval_every": 250,
-              "save_every": 3000, "s_wait_steps": 50, "s_warmup_steps": 50, "uda_weight": 1.0, "uda_steps": 200,
-              "finetune_steps": 300, "finetune_batch_size": 16},
+        base={
+            **_FASHION,
+            "num_labeled": 1100,
+            "val_labeled": 1000,
+            "steps": 3000,
+            "eval_every": 250,
+            "save_every": 3000,
+            "s_wait_steps": 50,
+            "s_warmup_steps": 50,
+            "uda_weight": 1.0,
+            "uda_steps": 200,
+            "finetune_steps": 300,
+            "finetune_batch_size": 16,
+        },
         variants={
             "uda-mpl": {},
             "uda-mpl-wait1000": dict(s_wait_steps=1000),
@@ -87,9 +124,21 @@ GRIDS = {
     ),
     # Twice the budget at 100 labels (validation): does the UDA teacher's lead over labels-only grow with steps?
     "fashion-long-100": dict(
-        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 6000, "eval_every": 500,
-              "save_every": 2000, "s_wait_steps": 50, "s_warmup_steps": 50, "uda_weight": 1.0, "uda_steps": 200,
-              "cutout": 8, "finetune_steps": 600, "finetune_batch_size": 16},
+        base={
+            **_FASHION,
+            "num_labeled": 1100,
+            "val_labeled": 1000,
+            "steps": 6000,
+            "eval_every": 500,
+            "save_every": 2000,
+            "s_wait_steps": 50,
+            "s_warmup_steps": 50,
+            "uda_weight": 1.0,
+            "uda_steps": 200,
+            "cutout": 8,
+            "finetune_steps": 600,
+            "finetune_batch_size": 16,
+        },
         variants={
             "labels-only": dict(method="supervised", steps=6600, finetune_steps=0),
             "uda-distill": dict(mpl_weight=0.0),
@@ -98,9 +147,22 @@ GRIDS = {
     # RandAugment on the labeled images helps labels-only (ablation row randaug-labels-only): does it help the UDA
     # teacher too? The recipe's budget (3,000 + 300 steps), h = 0, validation.
     "fashion-lstrong-100": dict(
-        base={**_FASHION, "num_labeled": 1100, "val_labeled": 1000, "steps": 3000, "eval_every": 250,
-              "save_every": 3000, "s_wait_steps": 50, "s_warmup_steps": 50, "uda_weight": 1.0, "uda_steps": 200,
-              "cutout": 8, "mpl_weight": 0.0, "finetune_steps": 300, "finetune_batch_size": 16},
+        base={
+            **_FASHION,
+            "num_labeled": 1100,
+            "val_labeled": 1000,
+            "steps": 3000,
+            "eval_every": 250,
+            "save_every": 3000,
+            "s_wait_steps": 50,
+            "s_warmup_steps": 50,
+            "uda_weight": 1.0,
+            "uda_steps": 200,
+            "cutout": 8,
+            "mpl_weight": 0.0,
+            "finetune_steps": 300,
+            "finetune_batch_size": 16,
+        },
         variants={
             "uda-distill": {},
             "uda-distill-lstrong": dict(labeled_aug="strong"),
@@ -112,8 +174,16 @@ GRIDS = {
     # finetuning (every row 6,000 optimizer steps): does the Fashion-MNIST recipe (RandAugment'd labels for the UDA
     # teacher, h = 0) beat labels-only here too? Augmentation on the device path (one process per run).
     "cifar10-lstrong-4k": dict(
-        base={**_CIFAR10, "num_labeled": 5000, "val_labeled": 1000, "steps": 6000, "eval_every": 500,
-              "save_every": 6000, "finetune_steps": 0, "mpl_weight": 0.0},
+        base={
+            **_CIFAR10,
+            "num_labeled": 5000,
+            "val_labeled": 1000,
+            "steps": 6000,
+            "eval_every": 500,
+            "save_every": 6000,
+            "finetune_steps": 0,
+            "mpl_weight": 0.0,
+        },
         variants={
             "labels-only": dict(method="supervised", s_wait_steps=0),
             "randaug-labels-only": dict(method="supervised", s_wait_steps=0, labeled_aug="strong"),
@@ -126,11 +196,19 @@ GRIDS = {
     # Does the UDA teacher's gap to labels-only on CIFAR-10 (4.0 points at 3,000 steps, 2.6 at 6,000) close with
     # steps? The weak-view rows of cifar10-lstrong-4k at 12,000 steps.
     "cifar10-long-4k": dict(
-        base={**_CIFAR10, "num_labeled": 5000, "val_labeled": 1000, "steps": 12000, "eval_every": 1000,
-              "save_every": 12000, "finetune_steps": 0, "mpl_weight": 0.0},
+        base={
+            **_CIFAR10,
+            "num_labeled": 5000,
+            "val_labeled": 1000,
+            "steps": 12000,
+            "eval_every": 1000,
+            "save_every": 12000,
+            "finetune_steps": 0,
+            "mpl_weight": 0.0,
+        },
         variants={"labels-only": dict(method="supervised", s_wait_steps=0), "uda-distill": {}},
     ),
-}  # fmt: skip
+}
 
 
 def run_one(root: Path, grid: str, variant: str, seed: int, cache_dir: str | None) -> dict:
@@ -144,8 +222,10 @@ def report(root: Path, grid: str) -> str:
     """Markdown table: per variant and model (teacher, student, EMA, finetuned student), validation accuracy, final
     and median of the last five evaluations, mean over seeds; test accuracy only for the record. Read from each
     run's metrics.jsonl, so a run that stopped after its MPL phase still reports it."""
-    lines = ["| variant | model | seeds | val acc final (%) | val acc median last 5 (%) | test acc final (%) | "
-             "s / run |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| variant | model | seeds | val acc final (%) | val acc median last 5 (%) | test acc final (%) | s / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant in GRIDS[grid]["variants"]:
         base = {**GRIDS[grid]["base"], **GRIDS[grid]["variants"][variant]}
         student_trained = base.get("method") == "supervised" or base["s_wait_steps"] < base["steps"]
@@ -163,8 +243,9 @@ def report(root: Path, grid: str) -> str:
             if rows:
                 mean = [statistics.mean(col) for col in zip(*rows)]
                 wall = "–" if mean[3] != mean[3] else f"{mean[3]:.0f}"
-                lines.append(f"| {label} | {who} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | "
-                             f"{wall} |")  # fmt: skip
+                lines.append(
+                    f"| {label} | {who} | {len(rows)} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {wall} |"
+                )
     return "\n".join(lines)
 
 
@@ -176,9 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lane", default="0/1", help="I/N: run every N-th variant starting at I (parallel lanes)")
     p.add_argument("--root", default="runs/sweep")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--data-root", default=None, help="where the data sets are (default $METAPL_DATA_ROOT or ../shared/data)"
+    )
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     root = Path(args.root)
+    set_data_root(args.data_root)
     if args.report:
         print(report(root, args.grid))
         return 0

@@ -1,13 +1,15 @@
-"""Smoke tests of the benchmark scripts: the step-speed benchmark end to end at its tiny size, the loader benchmark
-and the accuracy table (2-step runs, on the real data in ../shared/data; skipped where it is absent), and the GPU
+"""Smoke tests of the benchmarks package (``python -m benchmarks.NAME`` from the repository root): the step-speed
+benchmark end to end at its tiny size and its operator profile, the loader benchmark and the accuracy tables (2-step
+runs, on the real data in ../shared/data; skipped where it is absent), the harness's resumable runs, and the GPU
 check's pieces that need no GPU (its TINY mode runs the trainer too and takes over 30 s on 2 busy cores, so it is
-checked by its parts here and by hand with ``TINY=1 .venv/bin/python benchmarks/gpu_check.py``)."""
+checked by its parts here and by hand with ``TINY=1 python -m benchmarks.gpu_check``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +20,30 @@ import yaml
 from metapl.engine.config import TrainConfig, shipped_configs
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks"
-VARIANT_ROWS = {"hard-taylor", "hard-dot", "soft", "naive", "ideal-taylor", "ideal-dot", "distill", "reduced-taylor",
-                "reduced-dot", "reduced-cosine"}  # fmt: skip
+VARIANT_ROWS = {
+    "hard-taylor",
+    "hard-dot",
+    "soft",
+    "ideal-taylor",
+    "ideal-dot",
+    "distill",
+    "reduced-taylor",
+    "reduced-dot",
+    "reduced-cosine",
+}
 
 
 def _load(name: str):
-    """Import benchmarks/NAME.py (the folder is no package; its scripts import ``common`` as a sibling)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The module ``benchmarks.NAME``."""
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def _bench(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.NAME ARGS`` from the repository root, as the report documents it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +58,9 @@ def gpu_check():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One ``step_speed.py --tiny`` run over every variant, as a subprocess (the CPU path forks per variant)."""
+    """One ``step_speed --tiny`` run over every variant, as a subprocess (the CPU path forks per variant)."""
     out = tmp_path_factory.mktemp("step_speed") / "out.json"
-    cmd = [sys.executable, str(BENCH / "step_speed.py"), "--tiny", "--models", "small_cnn", "--threads", "1",
-           "--json", str(out)]  # fmt: skip
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    res = _bench("step_speed", "--tiny", "--models", "small_cnn", "--threads", "1", "--json", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout, json.loads(out.read_text())
 
@@ -63,8 +73,11 @@ def test_step_speed_tiny_prints_a_table_per_model_and_shape(tiny_run):
     assert lines[header].split() == ["variant", "ms/step", "fastest", "images/s", "peak", "MB"]
     printed = {line.split()[0] for line in lines[header + 1 : header + 1 + len(VARIANT_ROWS)]}
     assert printed == VARIANT_ROWS
-    for name in ("speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "soft time / hard-taylor",
-                 "reduced-taylor time / distill"):  # fmt: skip
+    for name in (
+        "hard-taylor time / ideal-taylor",
+        "soft time / hard-taylor",
+        "reduced-taylor time / distill",
+    ):
         target = next(line for line in lines if line.startswith(name))
         assert target.split()[-1] in ("PASS", "MISS")
     assert "runtime" in lines[-1]
@@ -90,7 +103,8 @@ def test_step_speed_tiny_json_holds_every_figure(tiny_run):
     assert ideal["ms_per_step"] == pytest.approx(
         sum(ms * (2 if k == "student_fwd_nograd_l_fp32" else 1) for k, ms in ideal["components_ms"].items())
     )
-    assert len(report["targets"]) == 10
+    assert len(report["targets"]) == 6
+    assert {"date", "machine", "revision", "command"} <= set(report)  # the stamp
     for t in report["targets"]:
         assert {"model", "shape", "name", "value", "op", "limit", "passed"} <= set(t)
         assert ("bound" in t) == (not t["passed"])
@@ -105,21 +119,27 @@ def test_step_speed_rejects_unknown_variant(step_speed, capsys):
 def test_check_targets_compares_ratios_with_the_issue_goals(step_speed):
     rows = [
         {"variant": "hard-taylor", "ms_per_step": 100.0, "peak_mb": 50.0},
-        {"variant": "naive", "ms_per_step": 120.0, "peak_mb": 100.0},
         {"variant": "ideal-taylor", "ms_per_step": 95.0, "peak_mb": None},
         {"variant": "soft", "ms_per_step": 300.0, "peak_mb": 80.0},
+        {"variant": "distill", "ms_per_step": 50.0, "peak_mb": 40.0},
+        {"variant": "reduced-dot", "ms_per_step": 55.0, "peak_mb": 41.0},
     ]
     targets = {t["name"]: t for t in step_speed.check_targets(rows)}
-    assert set(targets) == {
-        "speed-up of hard-taylor over naive", "hard-taylor time / ideal-taylor", "hard-taylor peak memory / naive",
-        "soft time / hard-taylor",
-    }  # fmt: skip
-    speed = targets["speed-up of hard-taylor over naive"]
-    assert speed["value"] == pytest.approx(1.2) and not speed["passed"]
-    assert "naive/ideal = 1.26" in speed["bound"]
+    assert set(targets) == {"hard-taylor time / ideal-taylor", "soft time / hard-taylor", "reduced-dot time / distill"}
     assert targets["hard-taylor time / ideal-taylor"]["passed"]
-    assert targets["hard-taylor peak memory / naive"]["value"] == pytest.approx(0.5)
-    assert not targets["soft time / hard-taylor"]["passed"]
+    assert targets["reduced-dot time / distill"]["value"] == pytest.approx(1.1)
+    assert targets["reduced-dot time / distill"]["passed"]
+    soft = targets["soft time / hard-taylor"]
+    assert soft["value"] == pytest.approx(3.0) and not soft["passed"] and "JVP" in soft["bound"]
+
+
+def test_no_benchmark_builds_an_mpl_step_or_an_optimizer_by_hand():
+    """Every timed step is the library's (``mpl_update``, ``make_sgd``), built in ``benchmarks.steps``."""
+    for path in (REPO / "benchmarks").glob("*.py"):
+        text = path.read_text()
+        assert "torch.optim.SGD(" not in text and "sys.path" not in text, path.name
+        if path.name != "steps.py":
+            assert "mpl_update(" not in text or path.name == "hostile_probe.py", path.name
 
 
 def test_gpu_check_commands(gpu_check, tmp_path):
@@ -129,9 +149,20 @@ def test_gpu_check_commands(gpu_check, tmp_path):
     for flag in ("--device cuda", "--amp bf16", "--channels-last", "--models wrn28_2", "--shapes paper"):
         assert flag in " ".join(bench)
     train = " ".join(gpu_check.train_command(args, tmp_path / "run"))
-    for flag in ("-m metapl train", "--dataset cifar10", "--data-dir cifar.tar.gz", "--cache-dir .devdata/cache",
-                 "--amp bf16", "--channels-last", "--workers 8", "--steps 1500", "--eval-every 1000",
-                 "--s-wait-steps 0", "--finetune-steps 0", "--augment-on device"):  # fmt: skip
+    for flag in (
+        "-m metapl train",
+        "--dataset cifar10",
+        "--data-dir cifar.tar.gz",
+        "--cache-dir .devdata/cache",
+        "--amp bf16",
+        "--channels-last",
+        "--workers 8",
+        "--steps 1500",
+        "--eval-every 1000",
+        "--s-wait-steps 0",
+        "--finetune-steps 0",
+        "--augment-on device",
+    ):
         assert flag in train
     assert "--compile" not in train
     compiled = gpu_check.get_args_parser().parse_args(["--compile", "--augment-on", "loader"])
@@ -162,10 +193,25 @@ def test_gpu_check_projects_the_protocol_from_the_metrics(gpu_check):
 
 
 def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
-    cmd = [sys.executable, str(BENCH / "loader_speed.py"), "--tiny", "--data", str(cifar10_tar), "--cache-dir",
-           str(cifar10_cache_dir), "--num-labeled", "40", "--batch-size", "4", "--mu", "2", "--workers", "1",
-           "--threads", "1"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = _bench(
+        "loader_speed",
+        "--tiny",
+        "--data",
+        str(cifar10_tar),
+        "--cache-dir",
+        str(cifar10_cache_dir),
+        "--num-labeled",
+        "40",
+        "--batch-size",
+        "4",
+        "--mu",
+        "2",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {}
     for line in res.stdout.splitlines():
@@ -195,16 +241,20 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
     assert labels_only["steps"] == 3 and "finetuned_acc" not in labels_only
     assert distilled["steps"] == 2 and distilled["finetune_steps"] == 1
     # Seeds are paired: the same labeled split for every row of a seed.
-    splits = {row: json.loads((root / "fashion" / row / "seed1" / "split.json").read_text())["labeled"]
-              for row in ("labels-only", "uda-distill")}  # fmt: skip
+    splits = {
+        row: json.loads((root / "fashion" / row / "seed1" / "split.json").read_text())["labeled"]
+        for row in ("labels-only", "uda-distill")
+    }
     assert splits["labels-only"] == splits["uda-distill"]
 
     png = tmp_path / "ablation.png"
     table = ablation.report(root, "fashion", png)
     runs = ablation.collect(root, "fashion")
     assert runs["uda-distill"][0]["final"] == distilled["finetuned_acc"]
-    assert runs["labels-only"][1]["final"] == json.loads(
-        (root / "fashion" / "labels-only" / "seed1" / "summary.json").read_text())["student_acc"]  # fmt: skip
+    assert (
+        runs["labels-only"][1]["final"]
+        == json.loads((root / "fashion" / "labels-only" / "seed1" / "summary.json").read_text())["student_acc"]
+    )
     diffs = [runs["uda-distill"][s]["final"] - runs["labels-only"][s]["final"] for s in (0, 1)]
     mean = sum(diffs) / 2
     assert f"| uda-distill − labels-only | 2 | {mean:+.2f} |" in table
@@ -217,7 +267,9 @@ def test_ablation_and_reduced_take_their_statistics_from_the_library():
     from metapl.engine import compare
 
     ablation, reduced = _load("ablation"), _load("reduced")
-    assert ablation.paired_interval is compare.paired_interval and reduced.paired_lines.__module__ == "ablation"
+    harness = _load("harness")
+    assert harness.paired_interval is compare.paired_interval and ablation.paired_lines is reduced.paired_lines
+    assert reduced.paired_lines.__module__ == "benchmarks.harness" and ablation.run_rows is harness.run_rows
     assert ablation.mean_sd is reduced.mean_sd is compare.mean_sd and ablation.final_model is compare.kept_model
 
 
@@ -225,8 +277,7 @@ def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, 
     gpu_ablation = _load("gpu_ablation")
     assert gpu_ablation.main(["--tiny", "--root", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
     runs = tmp_path / "cifar10-gpu"
-    steps = {row: json.loads((runs / row / "seed0" / "summary.json").read_text())["steps"]
-             for row in gpu_ablation.ROWS}  # fmt: skip
+    steps = {row: json.loads((runs / row / "seed0" / "summary.json").read_text())["steps"] for row in gpu_ablation.ROWS}
     assert steps == {"labels-only": 3, "uda-distill": 2, "uda-mpl": 2}  # 2 MPL steps + 1 finetuning step each
     table = (tmp_path / "table.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == list(gpu_ablation.ROWS)
@@ -238,9 +289,8 @@ def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, 
     assert (values["device"], values["teacher"], values["amp"], values["steps"]) == ("cuda", "wrn28_2", "bf16", 2000)
 
 
-def test_soft_profile_tiny_lists_what_the_soft_step_adds():
-    cmd = [sys.executable, str(BENCH / "soft_profile.py"), "--model", "small_cnn", "--shape", "tiny", "--top", "3"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_step_speed_profile_tiny_lists_what_the_soft_step_adds():
+    res = _bench("step_speed", "--profile", "--models", "small_cnn", "--shapes", "tiny", "--top", "3", "--threads", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert lines[0].startswith("small_cnn, shape tiny (B 2, μ 1), cpu") and "soft" in lines[0]
@@ -249,11 +299,10 @@ def test_soft_profile_tiny_lists_what_the_soft_step_adds():
 
 
 def test_busy_share_times_a_demo_in_a_fresh_process():
-    cmd = [sys.executable, str(BENCH / "busy_share.py"), "--steps", "2", "--conditions", "idle-fixed"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    res = _bench("busy_share", "--steps", "2", "--conditions", "idle-fixed")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("idle-fixed: ") and res.stdout.rstrip().endswith(" s")
-    bad = subprocess.run([*cmd[:2], "--conditions", "noisy-auto"], cwd=REPO, capture_output=True, text=True)
+    bad = _bench("busy_share", "--conditions", "noisy-auto")
     assert bad.returncode == 2 and "unknown condition(s) ['noisy-auto']" in bad.stderr
 
 
@@ -266,12 +315,12 @@ def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
     assert (result["batch"], result["mu"], result["size"], result["classes"]) == (1, 1, 32, 10)
     assert result["teacher_params"] == result["student_params"] == 1_467_610  # WRN-28-2, 10 classes
     assert result["ms_per_step"] > 0 and json.loads(out.read_text()) == result
+    assert (tmp_path / "command.txt").read_text().startswith("cost.json: ")  # the command, stamped, beside it
     assert "== " in capsys.readouterr().out
 
 
 def test_augment_speed_tiny_prints_both_paths_for_both_config_shapes():
-    cmd = [sys.executable, str(BENCH / "augment_speed.py"), "--tiny", "--threads", "1", "--workers", "0"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = _bench("augment_speed", "--tiny", "--threads", "1", "--workers", "0", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     augment_speed = _load("augment_speed")
     tables = res.stdout.split("\n== ")[1:]
@@ -305,8 +354,7 @@ def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
     bn = _load("bn_recalibrate")
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
-    batches = [(3.0 + 2.0 * torch.randn(8, 2, 4, 4, generator=gen), torch.zeros(8, dtype=torch.long))
-               for _ in range(5)]  # fmt: skip
+    batches = [(3.0 + 2.0 * torch.randn(8, 2, 4, 4, generator=gen), torch.zeros(8, dtype=torch.long)) for _ in range(5)]
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 3))
     weights = [p.detach().clone() for p in model.parameters()]
     bn.reestimate_batchnorm(model, batches, batches=4)  # the fifth batch is not used
@@ -331,6 +379,44 @@ def test_shipped_strong_recipe_is_the_ablation_row_it_reports():
     assert {k: v for k, v in shipped.items() if k not in bookkeeping} == {
         k: measured[k] for k in shipped if k not in bookkeeping
     }
+
+
+def test_harness_skips_finished_runs_and_redoes_killed_ones(tmp_path, monkeypatch):
+    harness = _load("harness")
+    trained = []
+
+    def fake_train_row(cfg, *, fresh=False, log=print):
+        trained.append((cfg.out, fresh))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)  # what the trainer's run folder would be
+        return {"seed": cfg.seed, "student_acc": 50.0}, "new"
+
+    monkeypatch.setattr("metapl.engine.compare.train_row", fake_train_row)
+    values = dict(dataset="digits", num_labeled=20, steps=2, seed=3, device="cpu")
+    out = tmp_path / "row" / "seed3"
+    first = harness.train_once(out, values)
+    assert trained == [(str(out), False)] and first["wall_seconds"] >= 0
+    assert harness.train_once(out, values) == first  # finished: read back, not trained again
+    assert len(trained) == 1
+    (out / "summary.json").unlink()  # killed before its summary: trained again from scratch
+    harness.train_once(out, values)
+    assert trained[-1] == (str(out), True)
+    with pytest.raises(Exception, match="steps"):  # the config layer's checks apply before anything runs
+        harness.train_once(tmp_path / "bad", {**values, "steps": -1})
+
+
+def test_harness_resolves_the_data_root_in_one_place(tmp_path, monkeypatch):
+    harness = _load("harness")
+    monkeypatch.setattr(harness, "_data_root", None)
+    monkeypatch.delenv(harness.DATA_ENV, raising=False)
+    assert harness.data_path("fashion-mnist") == REPO.parent / "shared" / "data" / "fashion-mnist"
+    monkeypatch.setenv(harness.DATA_ENV, str(tmp_path))
+    assert harness.resolve_data_dir({"data_dir": "cifar10-jpeg.tar.gz"}) == {
+        "data_dir": str(tmp_path / "cifar10-jpeg.tar.gz")
+    }
+    harness.set_data_root(tmp_path / "flag")  # --data-root wins over the variable
+    assert harness.data_path("x") == tmp_path / "flag" / "x" and harness.data_path("/abs/x") == Path("/abs/x")
+    stamp = harness.stamp()
+    assert stamp["date"] and stamp["machine"] and "revision" in stamp
 
 
 def test_reduced_protocol_trains_the_teacher_once_and_reports_with_its_time(fashion_dir, tmp_path):

@@ -3,9 +3,7 @@ line, options that do nothing in the chosen mode are refused, and every shipped 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -113,14 +111,8 @@ def test_every_shipped_config_loads(path):
 
 
 def test_every_ablation_row_loads():
-    bench = str(REPO / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_ablation_rows", REPO / "benchmarks" / "ablation.py")
-        ablation = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ablation)
-    finally:
-        sys.path.remove(bench)
+    from benchmarks import ablation
+
     for protocol in ablation.PROTOCOLS:
         for row in ablation.ROWS:
             for steps in (None, 4):

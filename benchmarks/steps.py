@@ -1,13 +1,21 @@
-"""The steps that ``step_speed.py`` times: the MPL update's variants and the two references, ideal and naive.
+"""The library's own update, built in one place for every timing benchmark: no benchmark writes an MPL step.
 
-* ``hard-taylor``, ``hard-dot``, ``soft``: ``metapl.core.mpl_update`` with the CIFAR recipe's losses.
-* ``ideal``: the passes a hard update cannot avoid (``IDEAL``), each a callable timed alone.
-* ``naive``: the step of the most-used public PyTorch port (kekmodel/MPL-pytorch), re-implemented in ``naive_step``.
+Every step here is ``metapl.core.mpl_update`` (hard or soft; soft runs ``metapl.core.soft``) with optimizers from
+``metapl.engine.runtime.make_sgd``, the ones the trainer builds, on synthetic batches (no data loading):
+
+* ``hard-taylor``, ``hard-dot``, ``soft``: with the CIFAR recipe's losses (``build``).
+* ``ideal``: the passes a hard update cannot avoid (``IDEAL``), each a callable timed alone: a floor to compare the
+  update with, not an update.
 * ``distill``, ``reduced-taylor``, ``reduced-dot``, ``reduced-cosine``: Reduced MPL (``mpl_update`` with a
   ``ReducedTeacher`` reading stored log-probabilities, ``Batch.t_x_*``) and its control, a fixed teacher; no image
   teacher exists in these variants (the large teacher predicted beforehand), and no UDA (it does not apply there).
 
+* ``config_step``: a shipped config's update as the trainer builds it (models, optimizers, MPL settings, EMA).
+* ``small_update``: the hard update of two ``small_cnn`` models fed real loader batches (loader and augmentation
+  benchmarks).
+
 Every builder makes fresh models, optimizers and a synthetic batch; ``build`` returns name -> zero-argument callable.
+The naive re-implementation of a public port's step that earlier revisions timed here is retired (see the report).
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import common  # noqa: F401 - first: it puts src/ on sys.path when metapl is not installed
 from metapl.core import Batch, MPLConfig, MPLState, feedback_mode, mpl_update
 from metapl.engine.runtime import make_sgd
 from metapl.models import create_model
@@ -23,10 +30,10 @@ from metapl.models.reduced import ReducedTeacher
 
 SHAPES = {"paper": (64, 7), "cpu": (32, 7), "recipe": (16, 4), "tiny": (2, 1)}  # (B labeled, μ); recipe: CPU configs
 REDUCED_VARIANTS = {"distill": None, "reduced-taylor": "taylor", "reduced-dot": "dot", "reduced-cosine": "cosine"}
-VARIANTS = ("hard-taylor", "hard-dot", "soft", "naive", "ideal", *REDUCED_VARIANTS)
+VARIANTS = ("hard-taylor", "hard-dot", "soft", "ideal", *REDUCED_VARIANTS)
 MPL_VARIANTS = {"hard-taylor": ("hard", "taylor"), "hard-dot": ("hard", "dot"), "soft": ("soft", "taylor")}
 NUM_CLASSES, IMAGE_SIZE, DROPOUT = 10, 32, 0.2
-# The CIFAR recipe's settings (src/metapl/configs/cifar10_4k.yaml); the naive step uses the same ones.
+# The CIFAR recipe's settings (src/metapl/configs/cifar10_4k.yaml).
 LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.05, 0.9, 5e-4, 0.15
 UDA_WEIGHT, UDA_TEMPERATURE, UDA_THRESHOLD = 8.0, 0.7, 0.6
 
@@ -70,25 +77,41 @@ def build(variant: str, model: str, b: int, mu: int, amp, device: torch.device, 
     scalers = (None, None)
     if amp == torch.float16:
         scalers = (torch.amp.GradScaler(device.type), torch.amp.GradScaler(device.type))
-    if variant == "naive":
-        t_opt, s_opt = _port_sgd(teacher), _port_sgd(student)
-        return {"naive": lambda: naive_step(teacher, student, t_opt, s_opt, batch, amp_dtype=amp,
-                                            t_scaler=scalers[0], s_scaler=scalers[1])}  # fmt: skip
     mode, feedback = MPL_VARIANTS[variant]
-    config = MPLConfig(mode=mode, feedback=feedback, label_smoothing=LABEL_SMOOTHING,
-                       uda_temperature=UDA_TEMPERATURE, uda_threshold=UDA_THRESHOLD)  # fmt: skip
+    config = MPLConfig(
+        mode=mode,
+        feedback=feedback,
+        label_smoothing=LABEL_SMOOTHING,
+        uda_temperature=UDA_TEMPERATURE,
+        uda_threshold=UDA_THRESHOLD,
+    )
     t_opt, s_opt = (_sgd(m, device) for m in (teacher, student))
     state = MPLState()
-    return {variant: lambda: mpl_update(teacher, student, t_opt, s_opt, batch, config, state, uda_weight=UDA_WEIGHT,
-                                        amp_dtype=amp, t_scaler=scalers[0], s_scaler=scalers[1],
-                                        check_finite=False)}  # fmt: skip
+    return {
+        variant: lambda: mpl_update(
+            teacher,
+            student,
+            t_opt,
+            s_opt,
+            batch,
+            config,
+            state,
+            uda_weight=UDA_WEIGHT,
+            amp_dtype=amp,
+            t_scaler=scalers[0],
+            s_scaler=scalers[1],
+            check_finite=False,
+        )
+    }
 
 
 def _reduced(variant: str, student, batch: Batch, device: torch.device) -> dict:
     """A Reduced MPL step (or, for ``distill``, its fixed-teacher control) over stored log-probabilities."""
     g = torch.Generator().manual_seed(0)
-    stored = [torch.log_softmax(3 * torch.randn(n, NUM_CLASSES, generator=g), 1).to(device)
-              for n in (batch.x_l.shape[0], batch.x_uw.shape[0])]  # fmt: skip
+    stored = [
+        torch.log_softmax(3 * torch.randn(n, NUM_CLASSES, generator=g), 1).to(device)
+        for n in (batch.x_l.shape[0], batch.x_uw.shape[0])
+    ]
     batch = batch._replace(t_x_l=stored[0], t_x_uw=stored[1], t_x_us=stored[1])
     teacher = ReducedTeacher(NUM_CLASSES).to(device)
     feedback = REDUCED_VARIANTS[variant]
@@ -103,7 +126,7 @@ def _sgd(model, device: torch.device) -> torch.optim.SGD:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The references
+# The floor: the passes alone
 
 
 def ideal_passes(teacher, student, batch: Batch, amp, device: torch.device) -> dict:
@@ -149,81 +172,63 @@ def ideal_passes(teacher, student, batch: Batch, amp, device: torch.device) -> d
     }
 
 
-def _port_sgd(model) -> torch.optim.SGD:
-    """The port's optimizer: decay on everything but biases and BatchNorm, PyTorch's default implementation."""
-    decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bn", "bias"))]
-    no_decay = [p for n, p in model.named_parameters() if any(k in n for k in ("bn", "bias"))]
-    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, nesterov=True)
+# ----------------------------------------------------------------------------------------------------------------
+# A shipped config's update, and the small update the data benchmarks feed
 
 
-def naive_step(teacher, student, t_opt, s_opt, batch: Batch, *, amp_dtype=None, t_scaler=None, s_scaler=None):
-    """One MPL step the way the most-used public PyTorch port writes it (our re-implementation, for reference).
+def config_step(cfg, shape: dict, device: torch.device):
+    """A config's models, optimizers and one synthetic batch as the trainer builds them; returns ``(step, info)``.
 
     Args:
-        teacher: the teacher.
-        student: the student.
-        t_opt: the teacher's optimizer.
-        s_opt: the student's optimizer.
-        batch: labeled and unlabeled images.
-        amp_dtype: autocast dtype or None.
-        t_scaler: the teacher's gradient scaler (float16) or None.
-        s_scaler: the student's gradient scaler (float16) or None.
+        cfg: a ``TrainConfig``.
+        shape: ``{"classes", "channels", "size", "batch", "mu"}``.
+        device: where to run.
 
     Returns:
-        The logged losses as Python floats (the port reads each with ``.item()`` every step).
+        A zero-argument callable running one ``mpl_update`` plus the EMA update, and the parameter counts.
     """
-    x_l, y_l, x_uw, x_us = batch.x_l, batch.y_l, batch.x_uw, batch.x_us
-    n_l = x_l.shape[0]
-    autocast = torch.autocast(device_type=x_l.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    with autocast:
-        # One teacher forward with a graph over all three batches: the weak view's activations stay alive too.
-        t_logits = teacher(torch.cat([x_l, x_uw, x_us])).float()  # (B + 2μB, K)
-        t_logits_l = t_logits[:n_l]
-        t_logits_uw, t_logits_us = t_logits[n_l:].chunk(2)
-        t_loss_l = F.cross_entropy(t_logits_l, y_l, label_smoothing=LABEL_SMOOTHING)
+    from metapl.core import ModelEMA
+    from metapl.engine.runtime import amp_dtype
+    from metapl.models import count_parameters
 
-        # UDA on the teacher; the sharpened weak-view distribution also gives the student's hard labels.
-        soft_pseudo_label = F.softmax(t_logits_uw.detach() / UDA_TEMPERATURE, dim=-1)
-        max_probs, hard_pseudo_label = soft_pseudo_label.max(dim=-1)
-        mask = max_probs.ge(UDA_THRESHOLD).float()
-        t_loss_u = (-(soft_pseudo_label * F.log_softmax(t_logits_us, dim=-1)).sum(dim=-1) * mask).mean()
-        t_loss_uda = t_loss_l + UDA_WEIGHT * t_loss_u
+    torch.manual_seed(cfg.seed)
+    fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
+    kw = dict(num_classes=shape["classes"], in_channels=shape["channels"], image_size=shape["size"])
+    teacher = create_model(cfg.teacher, dropout=cfg.teacher_dropout, **kw).to(device, memory_format=fmt)
+    student = create_model(cfg.student, dropout=cfg.student_dropout, **kw).to(device, memory_format=fmt)
+    opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
+    t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
+    ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
+    b, n_u, c, s = shape["batch"], shape["batch"] * shape["mu"], shape["channels"], shape["size"]
 
-        # Student forward with a graph over labeled + strong images; L_old comes from this mixed batch.
-        s_logits = student(torch.cat([x_l, x_us])).float()  # (B + μB, K)
-        s_logits_l, s_logits_us = s_logits[:n_l], s_logits[n_l:]
-        s_loss_l_old = F.cross_entropy(s_logits_l.detach(), y_l)
-        s_loss = F.cross_entropy(s_logits_us, hard_pseudo_label, label_smoothing=LABEL_SMOOTHING)
+    def images(n: int) -> torch.Tensor:  # (n, C, S, S)
+        return torch.randn(n, c, s, s, device=device).contiguous(memory_format=fmt)
 
-    _scaled(s_loss, s_scaler).backward()
-    _port_step(s_opt, s_scaler)
+    batch = Batch(images(b), torch.randint(shape["classes"], (b,), device=device), images(n_u), images(n_u))
+    dtype = amp_dtype(cfg.amp, device) if device.type == "cuda" else None
+    if dtype == torch.float16:
+        raise SystemExit("fp16 needs GradScalers: measure with amp bf16 or none")
+    mpl_cfg, state = cfg.mpl_config(), MPLState()
 
-    # L_new on the labeled batch alone, then the port's feedback (new - old) and the teacher's step.
-    with autocast:
-        with torch.no_grad():
-            s_logits_l = student(x_l)
-        s_loss_l_new = F.cross_entropy(s_logits_l.detach().float(), y_l)
-        dot_product = s_loss_l_new - s_loss_l_old
-        hard_pseudo_label_us = t_logits_us.detach().argmax(dim=-1)
-        t_loss_mpl = dot_product * F.cross_entropy(t_logits_us, hard_pseudo_label_us)
-        t_loss = t_loss_uda + t_loss_mpl
+    def step() -> None:
+        mpl_update(teacher, student, t_opt, s_opt, batch, mpl_cfg, state, uda_weight=cfg.uda_weight, amp_dtype=dtype)
+        if ema is not None:
+            ema.update(student)
 
-    _scaled(t_loss, t_scaler).backward()
-    _port_step(t_opt, t_scaler)
-    teacher.zero_grad()
-    student.zero_grad()
-    return {"s_loss": s_loss.item(), "t_loss": t_loss.item(), "t_loss_l": t_loss_l.item(),
-            "t_loss_u": t_loss_u.item(), "t_loss_mpl": t_loss_mpl.item(), "mask": mask.mean().item()}  # fmt: skip
+    return step, {"teacher_params": count_parameters(teacher), "student_params": count_parameters(student)}
 
 
-def _scaled(loss, scaler):
-    return scaler.scale(loss) if scaler is not None else loss
+def small_update(channels: int, size: int, device: torch.device, classes: int = 10, model: str = "small_cnn"):
+    """The hard update of two fresh models on batches given per call: ``step((x_l, y_l, x_uw, x_us, y_u))``.
 
+    The data benchmarks' step: SGD as the trainer builds it (``make_sgd``; learning rate 0.05, Nesterov momentum 0.9,
+    no weight decay) and the core's default hard-mode settings.
+    """
 
-def _port_step(optimizer, scaler) -> None:
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    def make():
+        net = create_model(model, num_classes=classes, in_channels=channels, image_size=size).to(device)
+        return net, make_sgd(net, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=0.0, device=device)
+
+    (teacher, t_opt), (student, s_opt) = make(), make()
+    config, state = MPLConfig(mode="hard"), MPLState()
+    return lambda parts: mpl_update(teacher, student, t_opt, s_opt, Batch(*parts), config, state)
