@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -237,3 +240,19 @@ def copy_of(base_run, tmp_path):
         return Path(shutil.copytree(base_run, tmp_path / name))
 
     return make
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name: str):
+    """The module ``benchmarks.NAME`` (the repository root is on pytest's path: pyproject.toml)."""
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.NAME ARGS`` from the repository root, as benchmarks/README.md documents it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,25 +1,18 @@
 """Smoke tests of the benchmarks package (``python -m benchmarks.NAME`` from the repository root): the step-speed
-benchmark end to end at its tiny size and its operator profile, the loader benchmark and the accuracy tables (2-step
-runs, on the real data in ../shared/data; skipped where it is absent), the harness's resumable runs, and the GPU
+benchmark end to end at its tiny size and its operator profile, the loader and augmentation benchmarks, and the GPU
 check's pieces that need no GPU (its TINY mode runs the trainer too and takes over 30 s on 2 busy cores, so it is
 checked by its parts here and by hand with ``TINY=1 python -m benchmarks.gpu_check``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from metapl.engine.config import TrainConfig, shipped_configs
+from conftest import REPO, benchmark_module, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANT_ROWS = {
     "hard-taylor",
     "hard-dot",
@@ -33,34 +26,21 @@ VARIANT_ROWS = {
 }
 
 
-def _load(name: str):
-    """The module ``benchmarks.NAME``."""
-    return importlib.import_module(f"benchmarks.{name}")
-
-
-def _bench(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m benchmarks.NAME ARGS`` from the repository root, as the report documents it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", f"benchmarks.{name}", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
 def step_speed():
-    return _load("step_speed")
+    return benchmark_module("step_speed")
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    return _load("gpu_check")
+    return benchmark_module("gpu_check")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One ``step_speed --tiny`` run over every variant, as a subprocess (the CPU path forks per variant)."""
     out = tmp_path_factory.mktemp("step_speed") / "out.json"
-    res = _bench("step_speed", "--tiny", "--models", "small_cnn", "--threads", "1", "--json", str(out))
+    res = run_benchmark("step_speed", "--tiny", "--models", "small_cnn", "--threads", "1", "--json", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout, json.loads(out.read_text())
 
@@ -193,7 +173,7 @@ def test_gpu_check_projects_the_protocol_from_the_metrics(gpu_check):
 
 
 def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
-    res = _bench(
+    res = run_benchmark(
         "loader_speed",
         "--tiny",
         "--data",
@@ -225,72 +205,9 @@ def test_loader_speed_tiny_on_the_real_cifar10(cifar10_cache_dir, cifar10_tar):
     assert "x its rate" in res.stdout and "3 timed steps" in res.stdout
 
 
-def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
-    ablation = _load("ablation")
-    root, cache = tmp_path / "runs", tmp_path / "cache"
-    common = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(cache)]
-    assert ablation.main([*common, "--rows", "labels-only,uda-distill", "--seeds", "0,1"]) == 0
-    first = root / "fashion" / "labels-only" / "seed0" / "summary.json"
-    stamp = first.stat().st_mtime_ns
-    assert ablation.main([*common, "--rows", "labels-only", "--seeds", "0"]) == 0  # finished: not trained again
-    assert first.stat().st_mtime_ns == stamp
-
-    labels_only = json.loads(first.read_text())
-    distilled = json.loads((root / "fashion" / "uda-distill" / "seed0" / "summary.json").read_text())
-    # Every final model gets the same optimizer-step count: 2 MPL steps + 1 finetuning step vs 3 labels-only steps.
-    assert labels_only["steps"] == 3 and "finetuned_acc" not in labels_only
-    assert distilled["steps"] == 2 and distilled["finetune_steps"] == 1
-    # Seeds are paired: the same labeled split for every row of a seed.
-    splits = {
-        row: json.loads((root / "fashion" / row / "seed1" / "split.json").read_text())["labeled"]
-        for row in ("labels-only", "uda-distill")
-    }
-    assert splits["labels-only"] == splits["uda-distill"]
-
-    png = tmp_path / "ablation.png"
-    table = ablation.report(root, "fashion", png)
-    runs = ablation.collect(root, "fashion")
-    assert runs["uda-distill"][0]["final"] == distilled["finetuned_acc"]
-    assert (
-        runs["labels-only"][1]["final"]
-        == json.loads((root / "fashion" / "labels-only" / "seed1" / "summary.json").read_text())["student_acc"]
-    )
-    diffs = [runs["uda-distill"][s]["final"] - runs["labels-only"][s]["final"] for s in (0, 1)]
-    mean = sum(diffs) / 2
-    assert f"| uda-distill − labels-only | 2 | {mean:+.2f} |" in table
-    assert png.stat().st_size > 10_000
-    with pytest.raises(SystemExit):
-        ablation.main([*common, "--rows", "mpl-nope"])
-
-
-def test_ablation_and_reduced_take_their_statistics_from_the_library():
-    from metapl.engine import compare
-
-    ablation, reduced = _load("ablation"), _load("reduced")
-    harness = _load("harness")
-    assert harness.paired_interval is compare.paired_interval and ablation.paired_lines is reduced.paired_lines
-    assert reduced.paired_lines.__module__ == "benchmarks.harness" and ablation.run_rows is harness.run_rows
-    assert ablation.mean_sd is reduced.mean_sd is compare.mean_sd and ablation.final_model is compare.kept_model
-
-
-def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, capsys):
-    gpu_ablation = _load("gpu_ablation")
-    assert gpu_ablation.main(["--tiny", "--root", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
-    runs = tmp_path / "cifar10-gpu"
-    steps = {row: json.loads((runs / row / "seed0" / "summary.json").read_text())["steps"] for row in gpu_ablation.ROWS}
-    assert steps == {"labels-only": 3, "uda-distill": 2, "uda-mpl": 2}  # 2 MPL steps + 1 finetuning step each
-    table = (tmp_path / "table.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == list(gpu_ablation.ROWS)
-    assert table in capsys.readouterr().out
-    # The real recipe runs on the GPU with the paper's model: the ablation's CPU default must not override it.
-    gpu = gpu_ablation.recipe(gpu_ablation.get_args_parser().parse_args([]))
-    gpu_ablation.ablation.PROTOCOLS["gpu-check"] = gpu
-    values = gpu_ablation.ablation.run_values("gpu-check", "uda-mpl", 0)
-    assert (values["device"], values["teacher"], values["amp"], values["steps"]) == ("cuda", "wrn28_2", "bf16", 2000)
-
-
 def test_step_speed_profile_tiny_lists_what_the_soft_step_adds():
-    res = _bench("step_speed", "--profile", "--models", "small_cnn", "--shapes", "tiny", "--top", "3", "--threads", "1")
+    args = ("--profile", "--models", "small_cnn", "--shapes", "tiny", "--top", "3", "--threads", "1")
+    res = run_benchmark("step_speed", *args)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert lines[0].startswith("small_cnn, shape tiny (B 2, μ 1), cpu") and "soft" in lines[0]
@@ -299,15 +216,15 @@ def test_step_speed_profile_tiny_lists_what_the_soft_step_adds():
 
 
 def test_busy_share_times_a_demo_in_a_fresh_process():
-    res = _bench("busy_share", "--steps", "2", "--conditions", "idle-fixed")
+    res = run_benchmark("busy_share", "--steps", "2", "--conditions", "idle-fixed")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("idle-fixed: ") and res.stdout.rstrip().endswith(" s")
-    bad = _bench("busy_share", "--conditions", "noisy-auto")
+    bad = run_benchmark("busy_share", "--conditions", "noisy-auto")
     assert bad.returncode == 2 and "unknown condition(s) ['noisy-auto']" in bad.stderr
 
 
 def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
-    config_cost = _load("config_cost")
+    config_cost = benchmark_module("config_cost")
     out = tmp_path / "cost.json"
     result = config_cost.main(
         [str(REPO / "src" / "metapl" / "configs" / "svhn_1k.yaml"), "--tiny", "--threads", "1", "--json", str(out)]
@@ -320,9 +237,9 @@ def test_config_cost_tiny_times_a_shipped_config(tmp_path, capsys):
 
 
 def test_augment_speed_tiny_prints_both_paths_for_both_config_shapes():
-    res = _bench("augment_speed", "--tiny", "--threads", "1", "--workers", "0", timeout=300)
+    res = run_benchmark("augment_speed", "--tiny", "--threads", "1", "--workers", "0", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    augment_speed = _load("augment_speed")
+    augment_speed = benchmark_module("augment_speed")
     tables = res.stdout.split("\n== ")[1:]
     assert [t.split(" (")[0] for t in tables] == ["32x32x3", "28x28x1"]
     for table, views in zip(tables, (16 * (1 + 2 * 4), 16 * (1 + 2 * 4))):  # B=16, mu=4 in both CPU configs
@@ -337,21 +254,8 @@ def test_augment_speed_tiny_prints_both_paths_for_both_config_shapes():
         assert "device path / Pillow path views/s:" in table and "2 timed steps" in table
 
 
-def test_rows_without_finetuning_get_its_steps_and_their_own_h0_control():
-    ablation = _load("ablation")
-    recipe = ablation.PROTOCOLS["fashion"]
-    for row in ("uda-distill-lstrong", "uda-mpl-lstrong", "labels-only"):
-        values = ablation.run_values("fashion", row, 0)
-        assert (values["steps"], values["finetune_steps"]) == (recipe["steps"] + recipe["finetune_steps"], 0), row
-        assert "fold_finetune" not in values  # not a TrainConfig field
-    assert ablation.run_values("fashion", "uda-mpl", 0)["finetune_steps"] == recipe["finetune_steps"]
-    controls = dict(ablation.FEEDBACK)
-    assert controls["uda-mpl-lstrong"] == "uda-distill-lstrong" and controls["uda-mpl-soft"] == "uda-distill-soft"
-    assert controls["uda-mpl-dot-reversed"] == "uda-distill" and controls["uda-mpl-soft-reversed"] == "uda-distill-soft"
-
-
 def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
-    bn = _load("bn_recalibrate")
+    bn = benchmark_module("bn_recalibrate")
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     batches = [(3.0 + 2.0 * torch.randn(8, 2, 4, 4, generator=gen), torch.zeros(8, dtype=torch.long)) for _ in range(5)]
@@ -368,77 +272,3 @@ def test_bn_recalibrate_replaces_running_statistics_by_the_data_average():
     labels = model.eval()(batches[0][0]).argmax(1)
     assert bn.accuracy(model, [(batches[0][0], labels)]) == 100.0
     assert bn.accuracy(model, [(batches[0][0], (labels + 1) % 3)]) == 0.0
-
-
-def test_shipped_strong_recipe_is_the_ablation_row_it_reports():
-    """The shipped fashion_100_strong_cpu config is what the README's +3 row trained: a drift would falsify it."""
-    ablation = _load("ablation")
-    shipped = yaml.safe_load(shipped_configs()["fashion_100_strong_cpu"].read_text())
-    measured = ablation.run_values("fashion", "uda-distill-lstrong", 0)
-    bookkeeping = {"save_every", "workers"}  # where and how often files are written, not the recipe
-    assert {k: v for k, v in shipped.items() if k not in bookkeeping} == {
-        k: measured[k] for k in shipped if k not in bookkeeping
-    }
-
-
-def test_harness_skips_finished_runs_and_redoes_killed_ones(tmp_path, monkeypatch):
-    harness = _load("harness")
-    trained = []
-
-    def fake_train_row(cfg, *, fresh=False, log=print):
-        trained.append((cfg.out, fresh))
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)  # what the trainer's run folder would be
-        return {"seed": cfg.seed, "student_acc": 50.0}, "new"
-
-    monkeypatch.setattr("metapl.engine.compare.train_row", fake_train_row)
-    values = dict(dataset="digits", num_labeled=20, steps=2, seed=3, device="cpu")
-    out = tmp_path / "row" / "seed3"
-    first = harness.train_once(out, values)
-    assert trained == [(str(out), False)] and first["wall_seconds"] >= 0
-    assert harness.train_once(out, values) == first  # finished: read back, not trained again
-    assert len(trained) == 1
-    (out / "summary.json").unlink()  # killed before its summary: trained again from scratch
-    harness.train_once(out, values)
-    assert trained[-1] == (str(out), True)
-    with pytest.raises(Exception, match="steps"):  # the config layer's checks apply before anything runs
-        harness.train_once(tmp_path / "bad", {**values, "steps": -1})
-
-
-def test_harness_resolves_the_data_root_in_one_place(tmp_path, monkeypatch):
-    harness = _load("harness")
-    monkeypatch.setattr(harness, "_data_root", None)
-    monkeypatch.delenv(harness.DATA_ENV, raising=False)
-    assert harness.data_path("fashion-mnist") == REPO.parent / "shared" / "data" / "fashion-mnist"
-    monkeypatch.setenv(harness.DATA_ENV, str(tmp_path))
-    assert harness.resolve_data_dir({"data_dir": "cifar10-jpeg.tar.gz"}) == {
-        "data_dir": str(tmp_path / "cifar10-jpeg.tar.gz")
-    }
-    harness.set_data_root(tmp_path / "flag")  # --data-root wins over the variable
-    assert harness.data_path("x") == tmp_path / "flag" / "x" and harness.data_path("/abs/x") == Path("/abs/x")
-    stamp = harness.stamp()
-    assert stamp["date"] and stamp["machine"] and "revision" in stamp
-
-
-def test_reduced_protocol_trains_the_teacher_once_and_reports_with_its_time(fashion_dir, tmp_path):
-    reduced = _load("reduced")
-    root, cache = tmp_path / "runs", tmp_path / "cache"
-    common = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(cache)]
-    assert reduced.main([*common, "--rows", "labels-only,distill,reduced-taylor", "--seeds", "0"]) == 0
-    teacher = root / "fashion" / "teacher" / "seed0"
-    stamp = (teacher / "summary.json").stat().st_mtime_ns
-    assert reduced.main([*common, "--rows", "reduced-dot", "--seeds", "0"]) == 0  # the same teacher, not retrained
-    assert (teacher / "summary.json").stat().st_mtime_ns == stamp
-    config = yaml.safe_load((root / "fashion" / "reduced-dot" / "seed0" / "config.yaml").read_text())
-    assert config["method"] == "reduced-mpl" and config["teacher_weights"] == str(teacher)
-    summary = json.loads((root / "fashion" / "distill" / "seed0" / "summary.json").read_text())
-    big = json.loads((teacher / "summary.json").read_text())
-    # The fixed reduced teacher is the identity: the large teacher (its EMA) on the same 200 test images.
-    assert summary["teacher_acc"] == big["ema_acc"]
-    runs = reduced.collect(root, "fashion")
-    assert runs["distill"][0]["seconds"] == summary["wall_seconds"] + big["wall_seconds"]
-    table = reduced.report(root, "fashion")  # one seed: the rows, no intervals (paired_lines: the ablation's test)
-    assert f"| distill | 1 | {summary['finetuned_acc']:.2f} ± 0.00 | {summary['teacher_acc']:.2f} ± 0.00 |" in table
-    for protocol in reduced.PROTOCOLS:  # every row of every protocol is a valid config, at full budget too
-        for row in reduced.ROWS:
-            for steps in (None, 4):
-                TrainConfig(**reduced.run_values(protocol, row, 0, root, steps))
