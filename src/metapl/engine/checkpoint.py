@@ -129,6 +129,8 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
         state = {"baseline": state["baseline"].to(run.device)}
     run.state.load_state_dict(state)
     run.step, run.seconds, run.best_acc = ckpt["step"], ckpt["seconds"], ckpt["best_acc"]
+    if run.ema is not None:
+        run.ema.updates = run.step  # the EMA is updated once per step: its warm-up continues where it stopped
     # Each rank resumes its own generators (see metapl.engine.train._save); a single process takes rank 0's.
     ranks = ckpt.get("rng_ranks")
     if not run.dist.enabled:
