@@ -56,6 +56,10 @@ VARIANTS = {
     "base-mu3": lambda b: {**scaled(b), "mu": 3},
     "base-uda3": lambda b: {**scaled(b), "uda_weight": 3.0},
     "base-h0": lambda b: {**scaled(b), "mpl_weight": 0.0},
+    "base-thr95": lambda b: {**scaled(b), "uda_threshold": 0.95},
+    "base-joint": lambda b: {**scaled(b), "teacher_batch": "joint"},
+    "base-ramp50": lambda b: scaled(b, uda=0.5),
+    "base-udaw03": lambda b: {**scaled(b), "uda_weight": 0.3},
     "defaults": lambda b: {},
 }
 

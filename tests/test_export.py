@@ -1,5 +1,5 @@
 """``metapl export``: safetensors / ONNX / TorchScript files computing what the run's model computes; checkpoints that
-load with ``weights_only=True``; slim ``best.pt`` / ``finetuned.pt``; honest model selection (no best-on-test file)."""
+load with ``weights_only=True``; a slim ``finetuned.pt``; the run's result is what export takes by default."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ TRAIN = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A 2-step digits run with a validation split (so best.pt exists) and 2 finetuning steps."""
+    """A 2-step digits run with a validation split and 2 finetuning steps."""
     tmp = tmp_path_factory.mktemp("export")
     out = tmp / "run"
     argv = [*TRAIN, "--val-labeled", "10", "--finetune-steps", "2", "--out", str(out), "--cache-dir", str(tmp / "c")]
@@ -39,19 +39,16 @@ def _batch(seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).normal(size=(6, 1, 8, 8)).astype(np.float32))
 
 
-def test_checkpoints_load_weights_only_and_best_finetuned_are_slim(run_dir):
-    for name in ("checkpoint.pt", "best.pt", "finetuned.pt"):
+def test_checkpoints_load_weights_only_and_finetuned_is_slim(run_dir):
+    for name in ("checkpoint.pt", "finetuned.pt"):
         ckpt = torch.load(run_dir / name, map_location="cpu", weights_only=True)  # no pickled Python objects
-        # best.pt: step 1's EMA scored 10.00% on validation and step 2's did not beat it
-        assert ckpt["step"] == (1 if name == "best.pt" else 2) and ckpt["student"]
+        assert ckpt["step"] == 2 and ckpt["student"]
+    assert not (run_dir / "best.pt").exists()  # one result per run, no best-of-time file beside it
     full = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert set(RESUME_KEYS) <= set(full)
-    for name in ("best.pt", "finetuned.pt"):
-        slim = torch.load(run_dir / name, weights_only=True)
-        assert not {"t_opt", "s_opt", "t_sched", "s_sched", "t_scaler", "s_scaler", "mpl_state", "rng"} & set(slim)
-        assert {"config", "classes", "mean", "std", "image_size", "teacher", "student", "ema"} <= set(slim)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["best"] == "best.pt" and summary["best_acc"] == summary["val_ema_acc"]
+    slim = torch.load(run_dir / "finetuned.pt", weights_only=True)
+    assert not {"t_opt", "s_opt", "t_sched", "s_sched", "t_scaler", "s_scaler", "mpl_state", "rng"} & set(slim)
+    assert {"config", "classes", "mean", "std", "image_size", "teacher", "student", "ema"} <= set(slim)
 
 
 def test_old_checkpoint_with_a_numpy_rng_state_still_loads(tmp_path):
@@ -97,10 +94,11 @@ def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_pa
     assert [r["top_k"] for r in from_export] == [r["top_k"] for r in from_run]
 
 
-def test_default_export_is_the_finetuned_student_into_the_run_folder(run_dir, capsys):
+def test_default_export_is_the_runs_result_into_the_run_folder(run_dir, capsys):
+    role = json.loads((run_dir / "summary.json").read_text())["result"]["role"]
     assert main(["export", str(run_dir)]) == 0
-    assert (run_dir / "export" / "finetuned.safetensors").is_file()
-    assert json.loads((run_dir / "export" / "finetuned.json").read_text())["role"] == "finetuned"
+    assert (run_dir / "export" / f"{role}.safetensors").is_file()
+    assert json.loads((run_dir / "export" / f"{role}.json").read_text())["role"] == role
     assert "wrote " in capsys.readouterr().out
 
 

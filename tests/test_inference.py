@@ -19,6 +19,7 @@ from metapl.data import load_dataset, make_eval_loader
 from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.config import TrainConfig
 from metapl.engine.rebuild import build_model
+from metapl.engine.run_dir import save_config
 from metapl.errors import UserError
 from metapl.models import create_model
 
@@ -32,7 +33,8 @@ def _small(num_classes: int, seed: int):
 
 
 def write_fake_run(run_dir, *, num_classes=10, weights_classes=None, ema=True, method="mpl"):
-    """A run directory with a real checkpoint of three small_cnn models for scikit-learn's 8x8 digits."""
+    """A finished run directory with a real checkpoint of three small_cnn models for scikit-learn's 8x8 digits, its
+    config and a summary whose result is the EMA student (the student without an EMA)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(
         dataset="digits", out=str(run_dir), cache_dir=str(run_dir / "cache"), ema=0.995 if ema else 0.0, method=method
@@ -58,6 +60,10 @@ def write_fake_run(run_dir, *, num_classes=10, weights_classes=None, ema=True, m
         "ema": ema_model.state_dict() if ema else None,
     }
     atomic_save(ckpt, run_dir / "checkpoint.pt")
+    save_config(cfg, run_dir / "config.yaml")
+    role = "ema" if ema else "student"
+    result = {"role": role, "file": "checkpoint.pt", "network": role, "chosen_by": "rule", "val_acc": None}
+    (run_dir / "summary.json").write_text(json.dumps({"result": {**result, "test_acc": None}}))
     return {"teacher": teacher.eval(), "student": student.eval(), "ema": ema_model.eval()}
 
 
@@ -129,8 +135,8 @@ def test_eval_of_a_trained_run_matches_its_summary(tmp_path):
     # predict on the same run, via the CLI, with its real class names and normalisation
     paths, _ = write_images(tmp_path / "imgs", 2)
     out = tmp_path / "pred.csv"
-    # No --val-labeled: no best.pt chosen on the test set; the run folder's final model is what predict uses.
-    assert not (run / "best.pt").exists() and summary["best"].startswith("none (no --val-labeled")
+    # eval's headline and predict's default are the run's result (here the rule's: no validation images).
+    assert result["result"] == summary["result"]["role"] == "ema"
     assert main(["predict", str(run), str(tmp_path / "imgs"), "--output", str(out)]) == 0
     rows = read_csv(out)
     assert [r["path"] for r in rows] == [str(p) for p in paths]
@@ -303,7 +309,8 @@ def test_predict_ema_falls_back_to_student_with_a_warning(tmp_path):
     models = write_fake_run(tmp_path / "run", ema=False)
     _, arrays = write_images(tmp_path / "imgs", 1)
     lines = []
-    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], output=tmp_path / "p.csv", device="cpu", log=lines.append)
+    out = tmp_path / "p.csv"
+    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], model="ema", output=out, device="cpu", log=lines.append)
     assert any("warning" in line and "student" in line for line in lines)
     assert rows[0]["probability"] == pytest.approx(float(expected_probs(models["student"], arrays[0]).max()), abs=1e-5)
 

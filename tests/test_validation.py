@@ -1,5 +1,5 @@
 """``--val-labeled``: a validation split carved from the labeled images, evaluated beside the test set, choosing
-``best.pt`` (never the test set), and carried into finetuning."""
+the model the run hands back (never the test set), and carried into finetuning."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ TINY = [
 ]
 
 
-def test_validation_split_is_evaluated_and_chooses_the_best_checkpoint(tmp_path, capsys):
+def test_validation_split_is_evaluated_and_chooses_the_result(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
     split = json.loads((out / "split.json").read_text())
@@ -32,8 +32,12 @@ def test_validation_split_is_evaluated_and_chooses_the_best_checkpoint(tmp_path,
     evals = [r for r in read_metrics(out) if "eval/val_ema_acc" in r and r["step"] <= 6]
     assert [r["step"] for r in evals] == [2, 4, 6]
     summary = json.loads((out / "summary.json").read_text())
-    # best.pt follows the validation accuracy of the EMA student, whatever the test accuracy did.
-    assert summary["best_acc"] == max(r["eval/val_ema_acc"] for r in evals)
+    # The result is the final model with the best validation accuracy (a tie to the earlier of finetuned, ema,
+    # student, teacher), whatever the test accuracies say.
+    vals = {role: summary[f"val_{role}_acc"] for role in ("finetuned", "ema", "student", "teacher")}
+    expected = next(role for role, acc in vals.items() if acc == max(vals.values()))
+    assert summary["result"]["role"] == expected and summary["result"]["val_acc"] == max(vals.values())
+    assert summary["result"]["chosen_by"] == "validation accuracy on 20 images"
     assert summary["val_teacher_acc"] == evals[-1]["eval/val_teacher_acc"]
     assert "validation accuracy teacher" in capsys.readouterr().out
     # --eval-limit 40: test accuracies are counts out of the first 40 test images.

@@ -118,7 +118,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         choices=("finetuned", "ema", "student", "teacher"),
         default=None,
-        help="default: finetuned if finetuned.pt exists, else ema, else student",
+        help="default: a run folder's result (the model the run handed back: summary.json's 'result'); a checkpoint "
+        "file's finetuned student if finetuned.pt is beside it, else ema, else student",
     )
     p.add_argument("--format", dest="fmt", choices=("safetensors", "onnx", "torchscript"), default="safetensors")
     p.add_argument(
@@ -131,7 +132,13 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a run directory, a .pt checkpoint or an exported .safetensors")
     p.add_argument("paths", metavar="PATH", nargs="+")
-    p.add_argument("--model", choices=("ema", "student", "teacher", "finetuned"), default="ema")
+    p.add_argument(
+        "--model",
+        choices=("ema", "student", "teacher", "finetuned"),
+        default=None,
+        help="the network that predicts (default: a run folder's result, the model the run handed back; a checkpoint "
+        "file's EMA student)",
+    )
     p.add_argument("--output", default="predictions.csv", help="CSV file (default: predictions.csv)")
     p.add_argument("--top-k", type=int, default=3)
     _add_device(p)

@@ -73,7 +73,7 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
     """Train every (row, seed) that is not finished, then write and print the table and the recommendation.
 
     Args:
-        base: the recipe; ``val_labeled`` 0 becomes a fifth of ``num_labeled`` (at least 1).
+        base: the recipe; ``val_labeled`` 0 or unset becomes a fifth of ``num_labeled`` (at least 1).
         out: the folder of the runs, ``compare.json`` and ``compare.md``.
         seeds: the seeds, paired across rows.
         rows: names from ``metapl.engine.compare.ROWS`` (default: ``default_rows``; labels-only is always added).
@@ -82,7 +82,7 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
     Returns:
         What ``compare.json`` holds.
     """
-    if base.val_labeled == 0:
+    if not base.val_labeled:
         base = replace(base, val_labeled=max(1, round(VAL_SHARE * base.num_labeled)))
     rows = [LABELS_ONLY, *(r for r in rows or default_rows(base) if r != LABELS_ONLY)]
     unknown = [r for r in rows if r not in ROWS]

@@ -21,6 +21,7 @@ from metapl.engine.checkpoint import load_checkpoint
 from metapl.engine.config import config_from_dict
 from metapl.engine.exported import SUFFIX, example_input, export_meta, meta_path, safetensors_bytes, write_files
 from metapl.engine.rebuild import build_model, checkpoint_file
+from metapl.engine.result import read_result
 from metapl.engine.run_dir import EXPORT_DIR, FINETUNED
 from metapl.errors import UserError
 
@@ -35,8 +36,9 @@ def run_export(
 
     Args:
         path: a run directory (its ``checkpoint.pt``, and ``finetuned.pt`` if there) or a ``.pt`` checkpoint.
-        model: ``finetuned``, ``ema``, ``student`` or ``teacher``; None: the finetuned student when ``finetuned.pt``
-            exists, else the EMA student, else the student.
+        model: ``finetuned``, ``ema``, ``student`` or ``teacher``; None: a run folder's result
+            (``metapl.engine.result``); a checkpoint file's finetuned student when ``finetuned.pt`` is beside it, else
+            its EMA student, else its student.
         fmt: ``safetensors``, ``onnx`` or ``torchscript``.
         output: the model file; default ``RUN_DIR/export/<model><suffix>``. The JSON goes beside it
             (``meta_path``).
@@ -53,6 +55,8 @@ def run_export(
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose {', '.join(FORMATS)}")
     ckpt_path = checkpoint_file(path)
+    if model is None and Path(path).is_dir():
+        model = read_result(path, log).role
     ckpt = load_checkpoint(ckpt_path)
     which, source = _choose(ckpt, ckpt_path, model)
     if source != ckpt_path:

@@ -32,7 +32,8 @@ from metapl.engine.config import TrainConfig, config_from_dict
 from metapl.engine.evaluate import evaluate_report
 from metapl.engine.exported import read_exported
 from metapl.engine.rebuild import build_model, checkpoint_file
-from metapl.engine.run_dir import EVAL_JSON, FINETUNED, RUN_FILES
+from metapl.engine.result import read_result
+from metapl.engine.run_dir import EVAL_JSON, FINETUNED, RUN_FILES, read_summary
 from metapl.engine.runtime import plan_cpu_share, select_device
 from metapl.errors import UserError, few, reporting_os_errors
 
@@ -61,7 +62,7 @@ def run_eval(
             ``--dataset folder`` run, a tree with ``train/`` and ``test/`` gives its test split and a flat
             ``<class>/*`` folder is scored whole (every image is a test image).
         output: JSON file for the results; default ``RUN_DIR/eval.json``, or ``<name>.eval.json`` beside a ``.pt``
-            (so that evaluating ``best.pt`` does not overwrite the result of ``checkpoint.pt``).
+            (so that evaluating ``finetuned.pt`` does not overwrite the result of ``checkpoint.pt``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         image_size: resize the images to this size; default the run's (``--data-dir`` of a folder run: the size
             the checkpoint was trained at).
@@ -88,6 +89,7 @@ def run_eval(
     loader, num_test, where = _test_loader(cfg, ckpt, ckpt_path, data_dir, image_size, dev, log)
     reports = evaluate_report({name: m.to(dev) for name, m in models.items()}, loader, dev, int(ckpt["num_classes"]))
     result = _eval_result(ckpt, ckpt_path, cfg, data_dir, num_test, reports)
+    result["result"] = _headline_model(path, reports)
     _log_eval(result, ckpt_path, where, log)
     _write_eval(result, output, plot, log)
     return result
@@ -131,8 +133,8 @@ def _log_eval(result: dict, ckpt_path: Path, where: str, log) -> None:
     reports, classes = result["models"], result["classes"]
     log(f"{ckpt_path} (step {result['step']}) on {where}, {result['num_test']} images:")
     log(format_table(result))
-    main = next(name for name in ("finetuned", "ema", "student") if name in reports)
-    log(f"per class ({main}; ECE: 15 equal-width confidence bins):")
+    main = result["result"]
+    log(f"per class ({main}, the run's result; ECE: 15 equal-width confidence bins):")
     log(format_per_class(reports[main], classes))
 
 
@@ -145,6 +147,14 @@ def _write_eval(result: dict, output: Path, plot: bool, log) -> None:
     if plot:
         png = plot_confusion(result["models"], result["classes"], output.with_name(f"{output.stem}.confusion.png"))
         log(f"wrote {png}")
+
+
+def _headline_model(path: Path, reports: dict) -> str:
+    """The model eval puts first: a run folder's result, else the finetuned, EMA or plain student of a checkpoint."""
+    entry = read_summary(path).get("result") if path.is_dir() else None
+    if isinstance(entry, dict) and entry.get("role") in reports:
+        return entry["role"]
+    return next(name for name in ("finetuned", "ema", "student") if name in reports)
 
 
 def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
@@ -228,7 +238,7 @@ def run_predict(
     checkpoint: str | Path,
     paths: Iterable[str | Path],
     *,
-    model: str = "ema",
+    model: str | None = None,
     output: str | Path = "predictions.csv",
     top_k: int = 3,
     device: str = "auto",
@@ -241,7 +251,8 @@ def run_predict(
             ``metapl export`` with its JSON beside it (``model`` is then the exported one).
         paths: image files (any format Pillow reads) and folders.
         model: ``ema`` (the EMA student; the student when the run kept no EMA), ``student``, ``teacher`` or
-            ``finetuned`` (the student in ``finetuned.pt`` beside the checkpoint).
+            ``finetuned`` (the student in ``finetuned.pt`` beside the checkpoint); None: a run folder's result
+            (``metapl.engine.result``), a checkpoint file's EMA student.
         output: the CSV file, columns ``path,class,probability,top_k``; ``top_k`` reads ``cat:0.8100;dog:0.1200``.
         top_k: how many classes ``top_k`` lists (capped at the number of classes).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -258,6 +269,8 @@ def run_predict(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     ckpt_path = checkpoint_file(checkpoint)
+    if model is None:
+        model = read_result(checkpoint, log).role if Path(checkpoint).is_dir() else "ema"
     net, ckpt, model = _predictor(ckpt_path, model, log)
     files = find_images(paths)
     inputs = (

@@ -172,7 +172,7 @@ def data_fingerprint(data) -> dict:
     rows = np.unique(np.linspace(0, len(images) - 1, num=min(FINGERPRINT_SAMPLES, len(images))).astype(np.int64))
     sample = np.ascontiguousarray(images[rows]) if len(images) else np.zeros(0, dtype=np.uint8)
     extra = data.extra_unlabeled
-    return {
+    fingerprint = {
         "train_images": int(len(images)),
         "test_images": int(len(data.test)),
         "extra_unlabeled": int(len(extra)) if extra is not None else 0,
@@ -181,6 +181,9 @@ def data_fingerprint(data) -> dict:
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "images_sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
     }
+    if getattr(data, "val", None) is not None:  # only then: the fingerprints of data without val/ stay as they were
+        fingerprint["val_images"] = int(len(data.val))
+    return fingerprint
 
 
 def check_fingerprint(saved: dict | None, current: dict, where: str | os.PathLike) -> None:
@@ -204,6 +207,7 @@ def check_fingerprint(saved: dict | None, current: dict, where: str | os.PathLik
         "class_counts": "images per class",
         "labels_sha256": "labels",
         "images_sample_sha256": "image content",
+        "val_images": "validation images",
     }
     key = next((k for k in names if saved.get(k) != current.get(k)), None)
     change = f"{names[key]}: {saved.get(key)} then, {current.get(key)} now" if key else "its fingerprint"

@@ -252,6 +252,8 @@ class SourceData:
         mean: per-channel mean in [0, 1] units, for ``Normalize``.
         std: per-channel standard deviation in [0, 1] units.
         hflip: whether the weak view should flip horizontally by default.
+        val: labeled validation images of their own (a folder's ``val/`` beside its ``test/``), or None: the run
+            then carves its validation images out of the labeled draw (``--val-labeled``).
     """
 
     train: ImageStore
@@ -261,6 +263,7 @@ class SourceData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool
+    val: ImageStore | None = None
 
     @property
     def num_classes(self) -> int:

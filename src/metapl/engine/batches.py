@@ -43,7 +43,7 @@ def train_batches(run: Run):
         start_step=run.step,
         rank=run.dist.rank,
         world_size=run.dist.world_size,
-        expand_labels_to=cfg.eval_every * cfg.batch_size if cfg.expand_labels else None,
+        expand_labels_to=cfg.schedule().eval_every * cfg.batch_size if cfg.expand_labels else None,
         unlabeled_items=own,
         augment_on=cfg.augment_on,
         device=run.device,

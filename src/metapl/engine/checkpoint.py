@@ -9,8 +9,8 @@ of integers, were pickled into every checkpoint and never read back).
 
 Checkpoints are written atomically and only with finite weights (``nonfinite_weights``), so the newest file on disk is
 always one a run can resume from. Every entry is a tensor or a plain Python value (the random generators' states
-included), so checkpoints load with ``torch.load(weights_only=True)``: reading one runs no pickled code. ``best.pt`` and
-``finetuned.pt`` are slim (``inference_state``): the models and what rebuilds them, no optimizer or generator state.
+included), so checkpoints load with ``torch.load(weights_only=True)``: reading one runs no pickled code.
+``finetuned.pt`` is slim (``inference_state``): the models and what rebuilds them, no optimizer or generator state.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from metapl.core import unwrap
-from metapl.engine.run_dir import BEST, CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
+from metapl.engine.run_dir import CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models.weights import state_dict_mismatch
 
@@ -33,7 +33,7 @@ ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema an
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.
 MODEL_KEYS = ("config", "num_classes", "classes", "in_channels", "image_size", "mean", "std", "student")
 RESUME_KEYS = MODEL_KEYS + (
-    *("step", "seconds", "best_acc", "teacher", "ema", "t_opt", "s_opt", "t_sched", "s_sched"),
+    *("step", "seconds", "teacher", "ema", "t_opt", "s_opt", "t_sched", "s_sched"),
     *("t_scaler", "s_scaler", "mpl_state", "rng"),
 )
 
@@ -52,7 +52,6 @@ def checkpoint_state(run, *, with_training_state: bool = True) -> dict:
         "config": run.cfg.to_dict(),
         "step": run.step,
         "seconds": run.seconds,
-        "best_acc": run.best_acc,
         "num_classes": run.data.num_classes,
         "classes": list(run.data.classes),
         "in_channels": run.data.in_channels,
@@ -79,7 +78,7 @@ def checkpoint_state(run, *, with_training_state: bool = True) -> dict:
 
 
 def inference_state(run, *, student=None) -> dict:
-    """What ``best.pt`` and ``finetuned.pt`` keep of a run: the models and what rebuilds them (config, data shape,
+    """What ``finetuned.pt`` keeps of a run: the models and what rebuilds them (config, data shape,
     normalisation, classes), the step and the split's digest; no optimizer, scheduler, scaler or generator state.
 
     Args:
@@ -87,7 +86,7 @@ def inference_state(run, *, student=None) -> dict:
         student: the student network to store in place of ``run.student`` (the finetuned one), or None.
 
     Returns:
-        A checkpoint dict with ``MODEL_KEYS``, ``step``, ``seconds``, ``best_acc``, ``teacher``, ``ema`` and
+        A checkpoint dict with ``MODEL_KEYS``, ``step``, ``seconds``, ``teacher``, ``ema`` and
         ``split_sha256``.
     """
     full = checkpoint_state(run, with_training_state=False)
@@ -128,7 +127,7 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
     if state["baseline"] is not None:
         state = {"baseline": state["baseline"].to(run.device)}
     run.state.load_state_dict(state)
-    run.step, run.seconds, run.best_acc = ckpt["step"], ckpt["seconds"], ckpt["best_acc"]
+    run.step, run.seconds = ckpt["step"], ckpt["seconds"]
     if run.ema is not None:
         run.ema.updates = run.step  # the EMA is updated once per step: its warm-up continues where it stopped
     # Each rank resumes its own generators (see metapl.engine.train._save); a single process takes rank 0's.
@@ -205,7 +204,7 @@ def refuse_nonfinite(ckpt: dict, source: str | Path, roles: tuple[str, ...] = RO
     if bad:
         raise UserError(
             f"{source} holds non-finite (NaN/inf) {' and '.join(bad)} weights: the run diverged before it was saved; "
-            f"use an earlier checkpoint such as {BEST}, or train again with lower learning rates"
+            "train again with lower learning rates (--t-lr, --s-lr, --finetune-lr) or --grad-clip"
         )
 
 

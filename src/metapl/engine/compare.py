@@ -74,7 +74,11 @@ def mean_sd(values: list[float]) -> str:
 
 
 def kept_model(summary: dict) -> str:
-    """Which model a user keeps from a run: ``"finetuned"`` (the finetuned student) or ``"student"`` (labels-only)."""
+    """Which model a user keeps from a run: its result (``metapl.engine.result``); for a summary written before runs
+    chose one, ``"finetuned"`` (the finetuned student) or ``"student"`` (labels-only)."""
+    result = summary.get("result")
+    if isinstance(result, dict):
+        return result["role"]
     return "finetuned" if summary.get("finetuned_acc") is not None else "student"
 
 

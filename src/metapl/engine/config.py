@@ -50,6 +50,50 @@ _ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 FINETUNE_STEPS_IF_NONE = 1000  # metapl finetune's steps when neither --steps nor the run's plan gives any
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
+# Defaults that scale with the budget (docs/algorithm.md, "Defaults that scale with the budget"): a step-count option
+# left unset is this fraction of --steps, so 300 and 30,000 steps each get a sensible run. Chosen on validation images
+# of the visible data sets (benchmarks.defaults_sweep).
+BUDGET_FRACTIONS = {
+    "t_warmup_steps": 0.05,
+    "s_wait_steps": 0.1,
+    "s_warmup_steps": 0.05,
+    "uda_steps": 0.2,
+    "finetune_steps": 0.1,
+}
+EVALUATIONS_PER_RUN = 10
+MAX_EVAL_EVERY = 1000
+# The automatic validation carve-out: with at least this many labels in every class, a tenth of each class's labels
+# choose the run's result (metapl.engine.result); with fewer, the result is chosen by rule.
+AUTO_VAL_MIN_PER_CLASS = 50
+AUTO_VAL_FRACTION = 0.1
+
+
+def _fraction(name: str) -> str:
+    """An unset step-count option's rule, in words for its --help line: ``5 % of --steps``."""
+    return f"{BUDGET_FRACTIONS[name]:.0%} of --steps".replace("%", " %")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step counts a run uses: the options' values or, where left unset, derived from ``--steps``."""
+
+    t_warmup_steps: int
+    s_wait_steps: int
+    s_warmup_steps: int
+    uda_steps: int
+    finetune_steps: int
+    eval_every: int
+    save_every: int
+
+
+def auto_val_count(num_labeled: int, num_classes: int) -> int:
+    """The automatic carve-out (``--val-labeled none``): a tenth of each class's labels when every class has at
+    least ``AUTO_VAL_MIN_PER_CLASS``, else 0. Class-balanced draws give each class ``num_labeled // num_classes``."""
+    per_class = num_labeled // num_classes
+    if per_class < AUTO_VAL_MIN_PER_CLASS:
+        return 0
+    return int(per_class * AUTO_VAL_FRACTION) * num_classes
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(MPLConfig):
@@ -63,8 +107,12 @@ class TrainConfig(MPLConfig):
     )
     download: bool = option(False, "let torchvision download cifar10, cifar100 or svhn into --data-dir")
     num_labeled: int = option(100, "size of the class-balanced labeled subset of the train split", ge=1)
-    val_labeled: int = option(
-        0, "of the labeled images, hold out this many (class-balanced) as a validation set; 0 = none", ge=0
+    val_labeled: int | None = option(
+        None,
+        "of the labeled images, hold out this many (class-balanced) as validation images, which choose the model the "
+        "run hands back; 0 = none; none: automatic (a tenth of each class's labels when every class has at least "
+        f"{AUTO_VAL_MIN_PER_CLASS} and the run trains more than one model, else none)",
+        ge=0,
     )
     unlabeled: Literal["all", "rest"] = option(
         "all", "all: the whole train split is unlabeled data (the paper); rest: only the images left unlabeled"
@@ -166,10 +214,27 @@ class TrainConfig(MPLConfig):
     momentum: float = option(0.9, "SGD momentum of both models", ge=0, lt=1)
     nesterov: bool = option(True, "Nesterov momentum (ignored when --momentum is 0)")
     weight_decay: float = option(5e-4, "SGD weight decay, not applied to biases and normalisation weights", ge=0, lt=1)
-    t_warmup_steps: int = option(0, "teacher's linear learning-rate warmup, in steps", ge=0)
-    s_wait_steps: int = option(0, "student's learning rate is 0 (and its work skipped) for these first steps", ge=0)
-    s_warmup_steps: int = option(0, "student's linear learning-rate warmup after the wait, in steps", ge=0)
-    ema: float = option(0.995, "EMA decay of the student's weights, per step; 0 = no EMA", ge=0, lt=1)
+    t_warmup_steps: int | None = option(
+        None, f"teacher's linear learning-rate warmup, in steps; none: {_fraction('t_warmup_steps')}", ge=0
+    )
+    s_wait_steps: int | None = option(
+        None,
+        "student's learning rate is 0 (and its work skipped) for these first steps while the teacher learns; none: "
+        f"{_fraction('s_wait_steps')} (0 for --method supervised)",
+        ge=0,
+    )
+    s_warmup_steps: int | None = option(
+        None,
+        f"student's linear learning-rate warmup after the wait, in steps; none: {_fraction('s_warmup_steps')}",
+        ge=0,
+    )
+    ema: float = option(
+        0.995,
+        "EMA decay of the student's weights, per step, reached after a warm-up (min(decay, (t+1)/(t+10)) at step t, "
+        "as the official release); 0 = no EMA",
+        ge=0,
+        lt=1,
+    )
 
     uda_weight: float | None = option(
         None,
@@ -177,11 +242,16 @@ class TrainConfig(MPLConfig):
         "reduced teacher reads one stored prediction per image, the same for both views: UDA cannot apply)",
         ge=0,
     )
-    uda_steps: int = option(0, "linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once", ge=0)
+    uda_steps: int | None = option(
+        None,
+        f"linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once; none: {_fraction('uda_steps')}",
+        ge=0,
+    )
 
     finetune_steps: int | None = option(
         None,
-        "student finetuning steps after MPL; 0 = none; none: a tenth of --steps (none for --method supervised)",
+        f"student finetuning steps after MPL; 0 = none; none: {_fraction('finetune_steps')} (none for --method "
+        "supervised); the finetuned student is handed back only where validation images show it better",
         ge=0,
     )
     finetune_lr: float = option(0.01, "finetuning learning rate (constant)", gt=0)
@@ -189,9 +259,16 @@ class TrainConfig(MPLConfig):
 
     out: str = option("runs/mpl", "run directory: config, split, metrics, checkpoints")
     seed: int = option(0, "seed of the labeled split, the initialisation and the data order", ge=0, le=2**32 - 1)
-    eval_every: int = option(100, "evaluate on the test split every this many steps", ge=1)
+    eval_every: int | None = option(
+        None,
+        f"evaluate on the test (and validation) images every this many steps; none: {EVALUATIONS_PER_RUN} times a run, "
+        f"at most every {MAX_EVAL_EVERY} steps",
+        ge=1,
+    )
     log_every: int = option(10, "log training metrics every this many steps", ge=1)
-    save_every: int = option(500, "write a checkpoint every this many steps", ge=1)
+    save_every: int | None = option(
+        None, "write a checkpoint every this many steps; none: every second evaluation", ge=1
+    )
     eval_batch_size: int = option(512, "images per evaluation batch", ge=1, le=_BATCH)
     eval_limit: int | None = option(
         None, "evaluate on the first N test (and validation) images only, for quick checks; none: all", ge=1
@@ -228,6 +305,32 @@ class TrainConfig(MPLConfig):
         except ValueError as e:
             raise UserError(str(e)) from None
         object.__setattr__(self, "_mpl_config", mpl)  # frozen: not a field, so not in eq, repr, asdict or replace
+        object.__setattr__(self, "_schedule", self._plan_schedule())
+
+    def _plan_schedule(self) -> Schedule:
+        """``schedule()``: each step-count option as given, or its budget rule (``BUDGET_FRACTIONS``)."""
+        supervised = self.method == "supervised"
+
+        def steps_of(name: str, zero_if_supervised: bool = False) -> int:
+            value = getattr(self, name)
+            if value is not None:
+                return value
+            return 0 if zero_if_supervised and supervised else int(BUDGET_FRACTIONS[name] * self.steps)
+
+        eval_every = self.eval_every or min(MAX_EVAL_EVERY, max(1, round(self.steps / EVALUATIONS_PER_RUN)))
+        return Schedule(
+            t_warmup_steps=steps_of("t_warmup_steps"),
+            s_wait_steps=steps_of("s_wait_steps", zero_if_supervised=True),
+            s_warmup_steps=steps_of("s_warmup_steps"),
+            uda_steps=steps_of("uda_steps"),
+            finetune_steps=steps_of("finetune_steps", zero_if_supervised=True),
+            eval_every=eval_every,
+            save_every=self.save_every or 2 * eval_every,
+        )
+
+    def schedule(self) -> Schedule:
+        """The run's step counts, resolved once in ``__post_init__`` (``Schedule``)."""
+        return self._schedule
 
     def _check_starting_weights(self) -> None:
         """Refuse the weight and Reduced-MPL options where they cannot take effect."""
@@ -254,11 +357,8 @@ class TrainConfig(MPLConfig):
         return 1.0 if self.method == "mpl" else 0.0
 
     def planned_finetune_steps(self) -> int:
-        """``finetune_steps``, with its default resolved: a tenth of ``steps`` after MPL, none after a labels-only run
-        (the recipe's last phase: benchmarks/README.md, "The ablation")."""
-        if self.finetune_steps is not None:
-            return self.finetune_steps
-        return self.steps // 10 if self.method != "supervised" else 0
+        """``finetune_steps``, with its default resolved (``schedule()``): none after a labels-only run."""
+        return self._schedule.finetune_steps
 
     def mpl_config(self) -> MPLConfig:
         """The core's view of these settings: the values of ``MPLConfig``'s fields, built once in ``__post_init__``

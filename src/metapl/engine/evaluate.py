@@ -9,13 +9,23 @@ from torch import nn
 from metapl import data as mdata
 
 
+def validation_images(data, split, limit: int | None = None):
+    """The run's validation images: a folder's own ``val/`` (``SourceData.val``), else the labeled images the split
+    held out (``--val-labeled``), else None; the first ``limit`` of them when given."""
+    if data.val is not None:
+        return data.val if limit is None else data.val.take(np.arange(min(limit, len(data.val))))
+    if len(split.val):
+        return data.train.take(split.val[:limit])
+    return None
+
+
 def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers: int = 0) -> dict[str, object]:
     """Loaders to evaluate a run on: the test set (key ``""``) and, when the split holds labeled images out, the
     validation set (key ``"val_"``, the prefix its accuracies are reported under).
 
     Args:
         data: the run's ``SourceData``.
-        split: the run's ``Split``.
+        split: the run's ``Split`` (its held-out ``val`` indices, unless the data has validation images of its own).
         batch_size: images per evaluation batch.
         limit: evaluate on the first ``limit`` images of each set only (quick checks); None = all.
         workers: the run's loader workers; streamed sets are decoded in that many workers, cached ones in the
@@ -27,8 +37,9 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers
     # take(): rows of cached arrays, or still-undecoded files on the streaming path
     test = data.test if limit is None else data.test.take(np.arange(min(limit, len(data.test))))
     sets = {"": test}
-    if len(split.val):
-        sets["val_"] = data.train.take(split.val[:limit])
+    val = validation_images(data, split, limit)
+    if val is not None:
+        sets["val_"] = val
     return {
         prefix: mdata.make_eval_loader(
             images, mean=data.mean, std=data.std, batch_size=batch_size, num_workers=mdata.eval_workers(images, workers)

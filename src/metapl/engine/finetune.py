@@ -32,6 +32,7 @@ from metapl.engine.config import FINETUNE_STEPS_IF_NONE
 from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import MetricsWriter, require_wandb
+from metapl.engine.result import record_result
 from metapl.engine.resume import check_resume
 from metapl.engine.run import build_run
 from metapl.engine.run_dir import FINETUNE_PROGRESS, FINETUNED, LATEST, load_run_config, read_summary, write_summary
@@ -88,7 +89,7 @@ def finetune_student(
             writer.write(run.step + done, {"finetune/loss": torch.stack(losses).mean().item()})
             losses = []
         # Evaluated as often as training is, so that benchmarks can report the median of the last evaluations.
-        if done % cfg.eval_every == 0 or done == steps:
+        if done % cfg.schedule().eval_every == 0 or done == steps:
             accs = _checked_accuracies(run, loaders, writer, done)
         if stop is not None and done < steps and stop_agreed(stop, run.dist, device, synced):
             raise _save_progress(run, run_dir, opt, done, stop, resume_command)
@@ -293,5 +294,6 @@ def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device:
         writer.close()
     summary.update(result)
     if run.dist.is_main:
+        record_result(summary, cfg, log)
         write_summary(run_dir, summary)
     return summary

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from metapl.core import unwrap
-from metapl.engine.evaluate import evaluate_sets
+from metapl.engine.evaluate import evaluate_sets, validation_images
 from metapl.engine.reduced import reduced_teacher_accuracy
-from metapl.engine.run_dir import BEST
 from metapl.engine.runtime import barrier
-
-NO_BEST = "none (no --val-labeled: no model is chosen on the test set; the final model is kept)"  # summary["best"]
 
 
 def evaluate_run(run, loaders: dict[str, object]) -> dict[str, float]:
@@ -46,7 +43,8 @@ def eval_line(step: int, accs: dict[str, float]) -> str:
 
 
 def run_summary(run, accs: dict[str, float]) -> dict:
-    """What ``summary.json`` holds after training (before finetuning adds its own): accuracies, best, settings."""
+    """What ``summary.json`` holds after training (before finetuning adds its own and the result is chosen):
+    accuracies, validation size, settings."""
     cfg = run.cfg
     summary = {
         "teacher_acc": accs.get("teacher_acc"),
@@ -56,8 +54,6 @@ def run_summary(run, accs: dict[str, float]) -> dict:
         "student_top5": accs.get("student_top5"),
         "ema_top5": accs.get("ema_top5"),
         **{k: v for k, v in accs.items() if k.startswith("val_") and k.endswith("_acc")},
-        "best_acc": run.best_acc if run.best_acc >= 0 else None,
-        "best": BEST if run.best_acc >= 0 else NO_BEST,
         "steps": run.step,
         "seconds": round(run.seconds, 2),
         "method": cfg.method,
@@ -66,6 +62,7 @@ def run_summary(run, accs: dict[str, float]) -> dict:
         "feedback_sign": cfg.feedback_sign,
         "dataset": cfg.dataset,
         "num_labeled": len(run.split.labeled),
+        "num_val": len(val) if (val := validation_images(run.data, run.split, cfg.eval_limit)) is not None else 0,
         "seed": cfg.seed,
     }
     if run.predictions is not None:

@@ -18,7 +18,7 @@ from metapl import data as mdata
 from metapl.core import ModelEMA, MPLState
 from metapl.data.sampling import mix_seed
 from metapl.engine.checkpoint import restore
-from metapl.engine.config import REDUCED_METHODS, TrainConfig
+from metapl.engine.config import AUTO_VAL_MIN_PER_CLASS, REDUCED_METHODS, TrainConfig, auto_val_count
 from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions
 from metapl.engine.run_dir import LATEST, LOCK, RUN_FILES, SPLIT, load_run_split
 from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
@@ -51,7 +51,6 @@ class Run:
     amp_dtype: torch.dtype | None
     step: int = 0
     seconds: float = 0.0
-    best_acc: float = -1.0
     last_eval: tuple[int, dict] | None = None  # (step, accuracies) of the latest evaluation
     saved_step: int | None = None  # step of the checkpoint.pt on disk, None before the first save
     predictions: TeacherPredictions | None = None  # --method reduced-mpl / distill: the large teacher's, stored
@@ -122,10 +121,11 @@ def _optimizers(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device
     """SGD for both models and their learning-rate schedules: ``(t_opt, s_opt, t_sched, s_sched)``."""
     opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
     t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
-    t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.t_warmup_steps)
+    t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.schedule().t_warmup_steps)
     # The baseline has no teacher to wait for: its student starts at once.
-    wait = cfg.s_wait_steps if cfg.method != "supervised" else 0
-    s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=cfg.s_warmup_steps, wait_steps=wait)
+    plan = cfg.schedule()
+    wait = plan.s_wait_steps if cfg.method != "supervised" else 0
+    s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=plan.s_warmup_steps, wait_steps=wait)
     return t_opt, s_opt, t_sched, s_sched
 
 
@@ -184,7 +184,7 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
         data.num_classes,
         seed=cfg.seed,
         unlabeled=cfg.unlabeled,
-        val=cfg.val_labeled,
+        val=_validation_count(cfg, data, log),
         log=log,
     )
     if cfg.method != "supervised" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
@@ -194,6 +194,36 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
         )
     split.fingerprint = fingerprint
     return split
+
+
+def _validation_count(cfg: TrainConfig, data, log) -> int:
+    """``--val-labeled``, or where left unset the automatic carve-out (``config.auto_val_count``), said in one line."""
+    if data.val is not None:
+        if cfg.val_labeled:
+            raise UserError(
+                f"--val-labeled {cfg.val_labeled} would carve validation images out of the labeled draw, but the data "
+                f"has {len(data.val)} of its own (its val/ folder); drop --val-labeled"
+            )
+        log(f"validation: the {len(data.val)} images of the data's val/ folder choose the model the run hands back")
+        return 0
+    if cfg.val_labeled is not None:
+        return cfg.val_labeled
+    if cfg.method == "supervised":
+        return 0  # one model and its EMA: not worth labels (the result is the EMA student)
+    num_classes = data.num_classes
+    count = auto_val_count(cfg.num_labeled, num_classes)
+    per_class = cfg.num_labeled // num_classes
+    if count:
+        log(
+            f"validation: {count} of the {cfg.num_labeled} labeled images held out ({count // num_classes} per class) "
+            "to choose the model the run hands back (--val-labeled 0: none)"
+        )
+    else:
+        log(
+            f"validation: none ({per_class} labels per class, below the {AUTO_VAL_MIN_PER_CLASS} of the automatic "
+            "carve-out): the model the run hands back is chosen by rule (--val-labeled N holds N out)"
+        )
+    return count
 
 
 def seed_rank(cfg: TrainConfig, d: Dist, step: int = 0) -> None:

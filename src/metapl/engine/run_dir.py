@@ -1,7 +1,7 @@
 """The run folder: the names of the files one run writes, and the reads and writes of its config, summary and split.
 
 A run directory holds ``config.yaml`` (the resolved config), ``split.json`` (the labeled / unlabeled / validation
-indices and the data fingerprint, ``metapl.data.split``), ``checkpoint.pt`` (latest), ``best.pt``, ``finetuned.pt``,
+indices and the data fingerprint, ``metapl.data.split``), ``checkpoint.pt`` (latest), ``finetuned.pt``,
 ``metrics.jsonl``, ``tb/`` (TensorBoard), ``wandb/`` and ``wandb-id`` (Weights & Biases), ``train.log`` and
 ``summary.json`` (final accuracies); the commands add ``eval.json``, ``curves.png`` and ``export/``. The checkpoints'
 contents belong to ``metapl.engine.checkpoint``.
@@ -24,7 +24,6 @@ SPLIT = "split.json"  # labeled / unlabeled / validation indices and the data fi
 METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.engine.metrics)
 SUMMARY = "summary.json"  # final accuracies
 LATEST = "checkpoint.pt"  # the latest checkpoint: what --resume continues from
-BEST = "best.pt"  # the best evaluated checkpoint
 FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.engine.finetune)
 FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, to continue (metapl.engine.finetune)
 EVAL_JSON = "eval.json"  # metapl eval's result
@@ -41,7 +40,6 @@ RUN_FILES = (
     METRICS,
     SUMMARY,
     LATEST,
-    BEST,
     FINETUNED,
     FINETUNE_PROGRESS,
     EVAL_JSON,
@@ -52,7 +50,7 @@ RUN_FILES = (
     EXPORT_DIR,
     TRAIN_LOG,
     f"{Path(EVAL_JSON).stem}.confusion.png",  # metapl eval --plot
-) + tuple(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, BEST, FINETUNED))
+) + tuple(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, FINETUNED))
 
 # The one-writer lock (metapl.engine.lock). Not among RUN_FILES: --overwrite runs while its own process holds it, and a
 # lock file is never deleted under a holder; a folder holding only a lock file counts as empty.

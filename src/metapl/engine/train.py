@@ -24,7 +24,6 @@ from metapl.engine.batches import train_batches
 from metapl.engine.checkpoint import (
     atomic_save,
     checkpoint_state,
-    inference_state,
     load_checkpoint,
     nonfinite_weights,
     rng_state,
@@ -34,11 +33,11 @@ from metapl.engine.evaluate import eval_loaders
 from metapl.engine.finetune import finetune_progress, finetune_student
 from metapl.engine.lock import is_writer_rank, run_lock
 from metapl.engine.metrics import LogFile, MetricsWriter, NullWriter, require_wandb
-from metapl.engine.results import NO_BEST as NO_BEST  # summary["best"] without best.pt; was defined here
+from metapl.engine.result import record_result
 from metapl.engine.results import eval_line, evaluate_run, run_summary
 from metapl.engine.resume import check_resume, replan_schedules
 from metapl.engine.run import Run, build_run, check_out_dir, check_out_path, clear_run_files
-from metapl.engine.run_dir import BEST, LATEST, TRAIN_LOG, save_run_config, save_run_split, write_summary
+from metapl.engine.run_dir import LATEST, TRAIN_LOG, save_run_config, save_run_split, write_summary
 from metapl.engine.runtime import (
     StopSignals,
     all_reduce_mean,
@@ -181,7 +180,7 @@ def _refuse_unsupported(cfg: TrainConfig, device: torch.device, world_size: int)
 
 
 def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals) -> None:
-    cfg = run.cfg
+    cfg, plan = run.cfg, run.cfg.schedule()
     batches = train_batches(run)
     eval_sets = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
     images_per_step = cfg.batch_size * (1 + 2 * cfg.mu if cfg.method != "supervised" else 1) * run.dist.world_size
@@ -200,8 +199,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
             pending.append(torch.stack([metrics[k] for k in keys]))
 
             is_last = run.step == cfg.steps
-            do_eval = run.step % cfg.eval_every == 0 or is_last
-            do_save = run.step % cfg.save_every == 0 or is_last
+            do_eval = run.step % plan.eval_every == 0 or is_last
+            do_save = run.step % plan.save_every == 0 or is_last
             synced = run.step % cfg.log_every == 0 or do_eval or do_save
             if synced:
                 now = time.perf_counter()
@@ -212,7 +211,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSignals
             if do_eval:
                 run.seconds += time.perf_counter() - seg_start
                 seg_start = time.perf_counter()
-                accs = _evaluate_and_keep_best(run, run_dir, eval_sets, writer, log)
+                accs = _evaluate(run, eval_sets, writer, log)
                 last.update({k: accs[k] for k in accs if k.endswith("_acc")})
                 tick = time.perf_counter()  # evaluation time is not step time
             stopping = _stop_agreed(run, stop, synced)
@@ -267,7 +266,7 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
             y_u,
             *t_x,
         )
-        uda_weight = linear_ramp(run.step, value=cfg.planned_uda_weight(), ramp_steps=cfg.uda_steps)
+        uda_weight = linear_ramp(run.step, value=cfg.planned_uda_weight(), ramp_steps=cfg.schedule().uda_steps)
         metrics = mpl_update(
             run.teacher,
             run.student,
@@ -294,25 +293,14 @@ def _train_step(run: Run, batches) -> dict[str, torch.Tensor]:
     return metrics
 
 
-def _evaluate_and_keep_best(run: Run, run_dir: Path, loaders: dict, writer: MetricsWriter, log) -> dict[str, float]:
-    """Evaluate the finite models, log the accuracies and save ``best.pt`` when the validation score improved.
-
-    ``best.pt`` is chosen on the validation split (``--val-labeled``) only: picking the best evaluation on the test
-    set would report a test accuracy selected on the test set. Without validation images no ``best.pt`` is written
-    and the final models (``checkpoint.pt``, ``finetuned.pt``) are the run's result.
-    """
+def _evaluate(run: Run, loaders: dict, writer: MetricsWriter, log) -> dict[str, float]:
+    """Evaluate the finite models and log their accuracies (the result is chosen among the final ones: ``_finish``)."""
     _check_finite(run)
     accs = evaluate_run(run, loaders)
     run.last_eval = (run.step, accs)
     if run.dist.is_main:
         writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
         log(eval_line(run.step, accs))
-        if "val_student_acc" not in accs:
-            return accs
-        score = accs.get("val_ema_acc", accs["val_student_acc"])
-        if score > run.best_acc:
-            run.best_acc = score
-            atomic_save(inference_state(run), run_dir / BEST)
     return accs
 
 
@@ -387,6 +375,7 @@ def _finish(run: Run, run_dir: Path, writer: MetricsWriter, log, stop: StopSigna
         resume = f"metapl train --resume {shlex.quote(cfg.out)}"
         summary.update(finetune_student(run, run_dir, writer, log, stop=stop, resume_command=resume))
     if run.dist.is_main:
+        record_result(summary, cfg, log)
         write_summary(run_dir, summary)
         log(f"summary: {json.dumps({k: v for k, v in summary.items() if k.endswith('_acc')})}")
     barrier(run.dist)

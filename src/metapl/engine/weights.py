@@ -1,8 +1,9 @@
 """Where a run's models start: ``--pretrained`` and ``--teacher-weights`` / ``--student-weights``.
 
-A weights source is a metapl run folder (its ``finetuned.pt`` student if finetuned, else the EMA student of its
-``checkpoint.pt``, else its student), a metapl checkpoint (``best.pt``, ``finetuned.pt``, ...: the same choice; a
-``:student``, ``:ema`` or ``:teacher`` suffix picks the network), a plain state-dict file or a ``.safetensors`` file.
+A weights source is a metapl run folder (the model the run handed back: its result, ``metapl.engine.result``), a
+metapl checkpoint (``checkpoint.pt``, ``finetuned.pt``: its finetuned student, else its EMA student, else its
+student; a ``:student``, ``:ema`` or ``:teacher`` suffix picks the network, on a run folder too), a plain state-dict
+file or a ``.safetensors`` file.
 Every file is read weights-only (``metapl.models.weights``).
 """
 
@@ -16,23 +17,29 @@ from torch import nn
 
 from metapl.engine.checkpoint import ROLES, refuse_nonfinite
 from metapl.engine.config import REDUCED_METHODS, TrainConfig
+from metapl.engine.result import read_result
 from metapl.engine.run_dir import FINETUNED, LATEST
 from metapl.errors import UserError
 from metapl.models import create_model
 from metapl.models.weights import as_state_dict, load_into, read_file
 
 
-def read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict a weights source names, and a description of it for the log (``runs/t/checkpoint.pt (ema)``).
+def read_weights(source: str, log=print) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict a weights source names, and a description of it for the log (``runs/t/checkpoint.pt (ema)``);
+    ``log`` receives the line of a run folder that has not finished (``metapl.engine.result.read_result``).
 
     Raises:
         UserError: a missing file or network, a file that is not weights, non-finite weights.
     """
     path, role = _path_and_role(source)
     if path.is_dir():
-        path = path / FINETUNED if (path / FINETUNED).is_file() else path / LATEST
-        if not path.is_file():
+        if not (path / LATEST).is_file():
             raise UserError(f"{source} is a folder without {LATEST}; pass a metapl run folder or a weights file")
+        if role is None:
+            result = read_result(path, log)
+            path, role = path / result.file, result.network
+        else:
+            path = path / LATEST
     obj = read_file(path)
     if not ("config" in obj and "student" in obj):  # a plain state dict
         if role is not None:
@@ -51,7 +58,8 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _path_and_role(source: str) -> tuple[Path, str | None]:
-    """``runs/t/best.pt:ema`` -> (``runs/t/best.pt``, ``ema``); a path that exists as given is never split."""
+    """``runs/t/checkpoint.pt:ema`` -> (``runs/t/checkpoint.pt``, ``ema``); a path that exists as given is never
+    split."""
     head, sep, tail = str(source).rpartition(":")
     if sep and tail in ROLES and not Path(source).exists():
         return Path(head), tail
@@ -87,7 +95,7 @@ def start_model(
     )
     source = cfg.teacher_weights if role == "teacher" else cfg.student_weights
     if source and load:
-        state, where = read_weights(source)
+        state, where = read_weights(source, log)
         if not replace_head:
             _refuse_other_classes(model, state, where, data.num_classes)
         load_into(model, state, where, log)

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from metapl.data.sources import cache, streamed
-from metapl.data.sources.imagetree import archive_or_folder, channel_stats, decode_tree, plan_images
+from metapl.data.sources.imagetree import (
+    archive_or_folder,
+    channel_stats,
+    decode_tree,
+    describe_layout,
+    plan_images,
+    plan_layout,
+)
 from metapl.data.sources.registry import ReadOptions, register_source
 from metapl.data.stores import ImageArrays, ImageStore, SourceData
 from metapl.errors import UserError
@@ -34,10 +41,11 @@ def read_folder(o: ReadOptions) -> SourceData:
         None,
         "cache",
     ):  # raises on a file that is not an archive
-        classes, plan = plan_images(path)
+        classes, plan, folders = plan_layout(path)
         n = sum(len(entries) for entries in plan.values())
         cache_dir = o.cache_dir or cache.default_cache_dir()
         if streamed.choose_data_path(o.data_path, n, image_size, cache_dir, threshold=o.stream_above) == "stream":
+            log(describe_layout(path, folders, {split: len(entries) for split, entries in plan.items()}))
             return _stream_folder(path, classes, plan, o)
     elif o.data_path == "stream":
         raise UserError(f"--data-path stream needs an extracted folder, not the archive {path}; extract it first")
@@ -45,9 +53,12 @@ def read_folder(o: ReadOptions) -> SourceData:
     def build():
         return decode_tree(path, image_size=image_size, skip_corrupt=skip_corrupt, log=log)
 
-    parts = {"source": cache.fingerprint(path), "image_size": image_size}
+    # layout 2: val/ folders are read (they were left out before): entries of older trees are rebuilt once
+    parts = {"source": cache.fingerprint(path), "image_size": image_size, "layout": 2}
     arrays, meta = cache.load_or_build(o.cache_dir, "folder", parts, build, log)
     report_skipped(meta["skipped"], skip_corrupt, log)
+    counts = {name.removesuffix("_labels"): len(a) for name, a in arrays.items() if name.endswith("_labels")}
+    log(describe_layout(path, meta["layout"], {"train": counts.get("all", 0), **counts}))
     if "all_images" in arrays:  # one class tree: hold out a seeded, stratified test share
         train_idx, test_idx = holdout(arrays["all_labels"], test_fraction, seed)
         train = ImageArrays(arrays["all_images"][train_idx], arrays["all_labels"][train_idx])
@@ -57,12 +68,14 @@ def read_folder(o: ReadOptions) -> SourceData:
         train = ImageArrays(arrays["train_images"], arrays["train_labels"])
         test = ImageArrays(arrays["test_images"], arrays["test_labels"])
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    return SourceData(train, test, None, list(meta["classes"]), mean, std, hflip=True)
+    val = ImageArrays(arrays["val_images"], arrays["val_labels"]) if "val_images" in arrays else None
+    return SourceData(train, test, None, list(meta["classes"]), mean, std, hflip=True, val=val)
 
 
 def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -> SourceData:
     """A folder on the streaming path: file lists, the same train/test split as the cache path, sampled statistics."""
     o.log(f"streaming {sum(map(len, plan.values()))} images from {path}: decoded in the loader workers, not cached")
+    val = streamed.FolderImages.from_entries(path, plan["val"], o.image_size) if "val" in plan else None
     if "test" in plan:
         train = streamed.FolderImages.from_entries(path, plan["train"], o.image_size)
         test = streamed.FolderImages.from_entries(path, plan["test"], o.image_size)
@@ -72,8 +85,9 @@ def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -
         train, test = every.take(train_idx), every.take(test_idx)
     if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable file
         train, test = streamed.drop_unreadable(train, o.log), streamed.drop_unreadable(test, o.log)
+        val = streamed.drop_unreadable(val, o.log) if val is not None else None
     mean, std = streamed.sample_stats(train.images)
-    return SourceData(train, test, None, list(classes), mean, std, hflip=True)
+    return SourceData(train, test, None, list(classes), mean, std, hflip=True, val=val)
 
 
 def read_unlabeled(unlabeled_dir: str, data: SourceData, o: ReadOptions) -> ImageStore:

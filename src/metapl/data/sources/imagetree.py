@@ -107,22 +107,71 @@ def _list_tree(path: Path) -> tuple[list[str], set[str]]:
     return files, dirs
 
 
-def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """Find the classes and the ``(file, label)`` lists of each split (``train``/``test``, or ``all`` for one tree)."""
+# The folders a split tree may hold at its top, and the split each one is: ``val/`` is the validation images beside a
+# ``test/``, and the test images without one (the ImageNet layout, whose labeled val/ is what people report on).
+SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "validation": "val", "valid": "val"}
+
+
+def _split_folders(source: Path, top_dirs: set[str]) -> dict[str, str] | None:
+    """The split folders of a tree (split -> folder name), or None for a one-tree ``<class>/*`` layout.
+
+    Raises:
+        UserError: a split tree with another folder beside its splits (it would be ignored), or test/ or val/
+            without train/.
+    """
+    named = {d: SPLIT_FOLDERS[d] for d in top_dirs if d in SPLIT_FOLDERS}
+    if not named:
+        return None
+    if "train" not in named:
+        raise UserError(
+            f"{source} has {', '.join(sorted(d + '/' for d in named))} but no train/; put the training images in "
+            "train/<class>/, or use one <class>/ tree for everything (a test share is then held out)"
+        )
+    others = sorted(top_dirs - set(named))
+    if others:
+        raise UserError(
+            f"{source} holds {', '.join(d + '/' for d in others)} beside its train/ folder; it would be ignored: move "
+            "it out, or pass it as --unlabeled-dir (the folders metapl reads: train/, test/ and val/)"
+        )
+    if len([d for d in named if named[d] == "val"]) > 1:
+        raise UserError(f"{source} has more than one validation folder ({sorted(named)}); keep one, named val/")
+    folders = {split: d for d, split in named.items()}
+    if "test" not in folders and "val" in folders:  # the ImageNet layout: its labeled val/ is the test set
+        folders["test"] = folders.pop("val")
+    return folders
+
+
+def describe_layout(source: Path, folders: dict[str, str] | None, counts: dict[str, int]) -> str:
+    """One line saying which folder of ``source`` serves as what (``counts``: images per split of the plan)."""
+    if folders is None:
+        count = counts.get("all", 0)
+        return f"{source}: one <class>/ tree of {count} images: a tenth of each class is held out as test"
+    roles = {"train": "training images", "test": "test images", "val": "validation images (they choose the result)"}
+    parts = [
+        f"{folders[split]}/ = {roles[split]} ({counts.get(split, 0)})"
+        for split in ("train", "test", "val")
+        if split in folders
+    ]
+    if "test" not in folders:
+        parts.append("no test/: a tenth of each class of train/ is held out as test")
+    return f"{source}: " + ", ".join(parts)
+
+
+def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str], dict, dict[str, str] | None]:
+    """Find the classes, the ``(file, label)`` lists of each split (``train``/``test``/``val``, or ``all`` for one
+    tree) and the folder of each split (``_split_folders``; None for one tree)."""
     images = sorted(f for f in files if _is_image(f))
     prefix = ""
     # Archives often wrap the tree in one folder ("cifar10/train/..."): strip it while images stay inside classes.
     while images:
         tops = {f[len(prefix) :].split("/", 1)[0] for f in images}
         top = next(iter(tops))
-        if len(tops) != 1 or top in ("train", "test") or any(f[len(prefix) :].count("/") < 2 for f in images):
+        if len(tops) != 1 or top in SPLIT_FOLDERS or any(f[len(prefix) :].count("/") < 2 for f in images):
             break
         prefix += top + "/"
     top_dirs = {d[len(prefix) :] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix) :]}
-    if "train" in top_dirs:
-        trees = {"train": prefix + "train/"} | ({"test": prefix + "test/"} if "test" in top_dirs else {})
-    else:
-        trees = {"all": prefix}
+    folders = _split_folders(source, top_dirs)
+    trees = {"all": prefix} if folders is None else {split: f"{prefix}{d}/" for split, d in folders.items()}
     expected = "train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
     per_tree: dict[str, dict[str, list[str]]] = {}
     for split, root in trees.items():
@@ -141,17 +190,25 @@ def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str
         raise UserError(f"no class folders with images in {source}; expected {expected}")
     if len(classes) < 2:
         raise UserError(f"{source} has only one class folder ({classes[0]}); a classifier needs at least two")
-    if "test" in per_tree and set(per_tree["test"]) != set(classes):
-        only_train = sorted(set(classes) - set(per_tree["test"]))
-        only_test = sorted(set(per_tree["test"]) - set(classes))
-        raise UserError(
-            f"train and test classes differ in {source} (only in train: {only_train}, only in test: {only_test}); "
-            "make both folders hold the same class folders"
-        )
+    for split in ("test", "val"):
+        if split in per_tree and set(per_tree[split]) != set(classes):
+            name = folders[split]
+            only_train = sorted(set(classes) - set(per_tree[split]))
+            only_other = sorted(set(per_tree[split]) - set(classes))
+            raise UserError(
+                f"train and {name} classes differ in {source} (only in train: {only_train}, only in {name}: "
+                f"{only_other}); make both folders hold the same class folders"
+            )
     plan = {
         split: [(f, label) for label, c in enumerate(classes) for f in groups[c]] for split, groups in per_tree.items()
     }
-    return classes, plan
+    return classes, plan, folders
+
+
+def plan_layout(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], dict[str, str] | None]:
+    """``plan_images`` of a class tree, with the folder each split came from (None for one ``<class>/`` tree)."""
+    files, dirs = _list_tree(path)
+    return _plan_tree(path, files, dirs)
 
 
 def plan_images(path: Path, *, flat: bool = False) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
@@ -162,12 +219,12 @@ def plan_images(path: Path, *, flat: bool = False) -> tuple[list[str], dict[str,
         flat: ignore folder structure and label every image -1 (``--unlabeled-dir``).
 
     Returns:
-        ``(classes, plan)``: class names (index = label) and, per split (``train``/``test`` for a split tree, ``all``
-        for one tree), the relative POSIX paths of its images with their labels, in label then file order.
+        ``(classes, plan)``: class names (index = label) and, per split (``train``/``test``/``val`` for a split tree,
+        ``all`` for one tree), the relative POSIX paths of its images with their labels, in label then file order.
     """
-    files, dirs = _list_tree(path)
     if not flat:
-        return _plan_tree(path, files, dirs)
+        return plan_layout(path)[:2]
+    files, _ = _list_tree(path)
     plan = {"all": [(f, -1) for f in sorted(files) if _is_image(f)]}
     if not plan["all"]:
         raise UserError(f"no images found in {path}; point the option at a folder (or tar) that holds images")
@@ -195,11 +252,14 @@ def decode_tree(
         channels: force 1 (grayscale) or 3 (RGB) channels; ``None`` picks 1 only when every image is grayscale.
 
     Returns:
-        ``(arrays, meta)``: ``train_*``/``test_*`` arrays for a split tree or ``all_*`` for one tree (``*_images``
-        uint8 ``(N, H, W, C)``, ``*_labels`` int64), and ``meta`` with ``classes``, ``skipped`` ([file, reason]
-        pairs) and, for a split tree, the train ``mean``/``std``.
+        ``(arrays, meta)``: ``train_*``/``test_*`` (and ``val_*``) arrays for a split tree or ``all_*`` for one tree
+        (``*_images`` uint8 ``(N, H, W, C)``, ``*_labels`` int64), and ``meta`` with ``classes``, ``skipped`` ([file,
+        reason] pairs), ``layout`` (``plan_layout``'s folders) and, for a split tree, the train ``mean``/``std``.
     """
-    classes, plan = plan_images(path, flat=flat)
+    if flat:
+        (classes, plan), folders = plan_images(path, flat=True), None
+    else:
+        classes, plan, folders = plan_layout(path)
     entries = [entry for split_entries in plan.values() for entry in split_entries]
     n = len(entries)
     log(f"decoding {n} images from {path} (once: later runs read the cache)")
@@ -213,7 +273,7 @@ def decode_tree(
         )
     labels = np.array([label for _, label in entries], dtype=np.int64)
     arrays = _per_split(plan, images, labels, ok if skipped else None)
-    meta = {"classes": classes, "skipped": skipped}
+    meta = {"classes": classes, "skipped": skipped, "layout": folders}
     if "train_images" in arrays and "test_images" not in arrays:  # train/ without test/: hold out like one tree
         arrays["all_images"], arrays["all_labels"] = arrays.pop("train_images"), arrays.pop("train_labels")
     if "train_images" in arrays:
