@@ -23,7 +23,7 @@ from metapl.commands.cli import main
 from metapl.engine.checkpoint import atomic_save, load_checkpoint
 from metapl.engine.lock import run_lock
 from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import BEST, LATEST, LOCK
+from metapl.engine.run_dir import LATEST, LOCK
 from metapl.errors import UserError
 
 QUICK = [
@@ -165,7 +165,7 @@ def test_a_full_disk_at_a_later_save_of_a_run(tmp_path, capsys, monkeypatch):
         "unexpected pos 64 vs 0); the disk is probably full: free disk space or pick another folder"
     )
     monkeypatch.undo()
-    assert load_checkpoint(out)["step"] == 2 and not (out / BEST).exists()
+    assert load_checkpoint(out)["step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_a_full_disk_at_a_later_save_of_a_run(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize(
     "name",
-    ["checkpoint.pt", "config.yaml", "split.json", "best.pt", "metrics.jsonl", "summary.json", "finetuned.pt", LOCK],
+    ["checkpoint.pt", "config.yaml", "split.json", "metrics.jsonl", "summary.json", "finetuned.pt", LOCK],
 )
 def test_eval_output_onto_a_run_file_is_refused(copy_of, capsys, name):
     run = copy_of()

@@ -193,8 +193,7 @@ def full_ddp_run(tmp_path_factory) -> Path:
 def test_torchrun_trains_and_only_rank_zero_writes(full_ddp_run):
     out = full_ddp_run
     names = {p.name for p in out.iterdir()}
-    # finetuned.pt: the default recipe finetunes the student (a tenth of the steps), under torchrun too; no best.pt
-    # without --val-labeled.
+    # finetuned.pt: the default recipe finetunes the student (a tenth of the steps), under torchrun too.
     assert names == {
         "config.yaml",
         "split.json",

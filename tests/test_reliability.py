@@ -18,7 +18,7 @@ from metapl.core import Batch, MPLConfig, mpl_update
 from metapl.data import load_dataset
 from metapl.engine.checkpoint import atomic_save, load_checkpoint, nonfinite_weights
 from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import BEST, FINETUNED, LATEST
+from metapl.engine.run_dir import FINETUNED, LATEST
 from metapl.errors import UserError
 
 # The issue's `T`: 5 steps on digits in a few seconds.
@@ -87,7 +87,7 @@ def test_repro2_divergence_saves_no_poisoned_checkpoint(tmp_path, capsys):
             "checkpoint was saved before; lower the learning rates (--t-lr, --s-lr) or set --grad-clip, and start "
             f"again with --out {out} --overwrite"
         )
-        assert not (out / LATEST).exists() and not (out / BEST).exists()
+        assert not (out / LATEST).exists() and not (out / FINETUNED).exists()
 
 
 def test_repro3_existing_files_are_never_overwritten(tmp_path, capsys, monkeypatch):
@@ -228,7 +228,7 @@ def test_divergence_after_a_save_names_the_finite_checkpoint(tmp_path, capsys, m
         f"finite checkpoint, {out / LATEST} (step 2), is kept;"
     )
     assert load_checkpoint(out)["step"] == 2 and nonfinite_weights(load_checkpoint(out)) == []
-    assert not (out / BEST).exists()
+    assert not (out / FINETUNED).exists()
 
 
 def _poison(ckpt: dict, role: str) -> dict:
