@@ -105,17 +105,17 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
     assert list(result["rows"]) == ["labels-only", "labels-strong", "uda-distill", "mpl"]
     assert (result["val_labeled"], result["seeds"]) == (10, [0, 1])  # a fifth of the 50 labels
     assert result["rows"]["labels-only"]["steps"] == 6 and result["rows"]["mpl"]["steps"] == 4
-    # The interval recomputed by hand from the runs' own summaries (the finetuned student's validation accuracy).
+    # The interval recomputed by hand from the runs' own summaries (each run's result: its validation accuracy).
     val = {
         row: [json.loads((out / row / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
         for row in ("labels-only", "mpl")
     }
     assert [s["steps"] for s in val["labels-only"]] == [6, 6] and "finetuned_acc" not in val["labels-only"][0]
-    diffs = [m["val_finetuned_acc"] - b["val_student_acc"] for m, b in zip(val["mpl"], val["labels-only"])]
+    diffs = [m["result"]["val_acc"] - b["result"]["val_acc"] for m, b in zip(val["mpl"], val["labels-only"])]
     mean, half = statistics.mean(diffs), 12.706 * statistics.stdev(diffs) / 2**0.5
     assert result["rows"]["mpl"]["val_vs_labels_only"]["mean"] == pytest.approx(mean)
     table = (out / "compare.md").read_text()
-    assert f"| Meta Pseudo Labels | {mean_sd([s['val_finetuned_acc'] for s in val['mpl']])} | " in table
+    assert f"| Meta Pseudo Labels | {mean_sd([s['result']['val_acc'] for s in val['mpl']])} | " in table
     assert f"| {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] | " in table
     assert table.splitlines()[-1] == result["recommendation"] and result["recommendation"].startswith("recommend: ")
     assert capsys.readouterr().out.rstrip().endswith(result["recommendation"])
