@@ -125,8 +125,8 @@ def report(root: Path) -> str:
     ]
     gains = []
     for cell in CELLS:
-        for budget in BUDGETS:
-            rows = runs.get(cell, {}).get(budget, {})
+        for budget in sorted(runs.get(cell, {})):
+            rows = runs[cell][budget]
             if "metapl" not in rows:
                 continue
             m, lo, ls = rows["metapl"], rows.get("labels-only", {}), rows.get("labels-strong", {})

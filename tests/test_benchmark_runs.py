@@ -162,3 +162,41 @@ def test_reduced_protocol_trains_the_teacher_once_and_reports_with_its_time(fash
         for row in reduced.ROWS:
             for steps in (None, 4):
                 TrainConfig(**reduced.run_values(protocol, row, 0, root, steps))
+
+
+def test_new_user_grid_runs_data_flags_only_reports_the_handed_back_model_and_skips_finished_runs(tmp_path):
+    new_user = benchmark_module("new_user")
+    root = tmp_path / "runs"
+    argv = ["--cells", "digits-50", "--steps", "4", "--root", str(root), "--cache-dir", str(tmp_path / "c")]
+    assert new_user.main([*argv, "--seeds", "0,1"]) == 0
+    run = root / "digits-50" / "4"
+    metapl = json.loads((run / "metapl" / "seed0" / "summary.json").read_text())
+    config = yaml.safe_load((run / "metapl" / "seed0" / "config.yaml").read_text())
+    # Data flags only: every other option at its default (the seed and the quiet console aside).
+    assert (config["num_labeled"], config["steps"], config["method"], config["labeled_aug"]) == (50, 4, "mpl", "weak")
+    strong = yaml.safe_load((run / "labels-strong" / "seed0" / "config.yaml").read_text())
+    assert (strong["method"], strong["labeled_aug"]) == ("supervised", "strong")
+    stamp = (run / "metapl" / "seed0" / "summary.json").stat().st_mtime_ns
+    assert new_user.main([*argv, "--seeds", "0"]) == 0  # finished: not trained again
+    assert (run / "metapl" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+
+    runs = new_user.collect(root)
+    assert runs["digits-50"][4]["metapl"][0]["acc"] == metapl[f"{metapl['result']['role']}_acc"]
+    table = new_user.report(root)
+    accs = {row: [runs["digits-50"][4][row][s]["acc"] for s in (0, 1)] for row in new_user.ROWS}
+    diffs = [m - b for m, b in zip(accs["metapl"], accs["labels-only"])]
+    assert f"| {sum(diffs) / 2:+.2f} [" in table and table.splitlines()[2].startswith("| digits-50 | 4 | 2 |")
+
+
+def test_defaults_sweep_holds_validation_images_out_and_reports_every_role(tmp_path):
+    sweep = benchmark_module("defaults_sweep")
+    root = tmp_path / "runs"
+    argv = ["--cells", "digits-50", "--variants", "labels,base", "--steps", "20", "--root", str(root)]
+    assert sweep.main([*argv, "--cache-dir", str(tmp_path / "c")]) == 0
+    summary = json.loads((root / "digits-50" / "20" / "base" / "seed0" / "summary.json").read_text())
+    assert summary["num_labeled"] == 50 and summary["num_val"] == 250  # the cell's 50 labels, 250 held out
+    config = yaml.safe_load((root / "digits-50" / "20" / "base" / "seed0" / "config.yaml").read_text())
+    assert (config["s_wait_steps"], config["uda_steps"], config["finetune_steps"]) == (2, 4, 2)  # fractions of 20
+    entry = sweep.collect(root)["digits-50"][20]["base"][0]
+    assert entry["teacher"] == summary["val_teacher_acc"] and entry["finetuned"] == summary["val_finetuned_acc"]
+    assert "| digits-50 | 20 | base | 1 |" in sweep.report(root)
