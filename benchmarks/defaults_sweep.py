@@ -44,23 +44,31 @@ def labels_only(budget: int) -> dict:
     return dict(method="supervised", eval_every=max(1, budget // 10), save_every=budget)
 
 
-# name -> budget -> option values. ``defaults`` is whatever metapl train does with no option: the row to compare
-# against once the chosen defaults are in.
+def auto_aug(budget: int, labels: int, batch_size: int = 32, epochs: float = 100) -> str:
+    """Strong labeled views when the run sees each labeled image at least ``epochs`` times, else weak."""
+    return "strong" if budget * batch_size / labels >= epochs else "weak"
+
+
+# name -> (budget, labeled images of the cell) -> option values. ``defaults`` is whatever metapl train does with no
+# option: the row to compare against once the chosen defaults are in.
 VARIANTS = {
-    "labels": lambda b: labels_only(b),
-    "labels-strong": lambda b: {**labels_only(b), "labeled_aug": "strong"},
-    "base": lambda b: scaled(b),
-    "base-lstrong": lambda b: {**scaled(b), "labeled_aug": "strong"},
-    "base-wait0": lambda b: scaled(b, s_wait=0.0),
-    "base-wait30": lambda b: scaled(b, s_wait=0.3),
-    "base-mu3": lambda b: {**scaled(b), "mu": 3},
-    "base-uda3": lambda b: {**scaled(b), "uda_weight": 3.0},
-    "base-h0": lambda b: {**scaled(b), "mpl_weight": 0.0},
-    "base-thr95": lambda b: {**scaled(b), "uda_threshold": 0.95},
-    "base-joint": lambda b: {**scaled(b), "teacher_batch": "joint"},
-    "base-ramp50": lambda b: scaled(b, uda=0.5),
-    "base-udaw03": lambda b: {**scaled(b), "uda_weight": 0.3},
-    "defaults": lambda b: {},
+    "labels": lambda b, n: labels_only(b),
+    "labels-strong": lambda b, n: {**labels_only(b), "labeled_aug": "strong"},
+    "labels-auto": lambda b, n: {**labels_only(b), "labeled_aug": auto_aug(b, n)},
+    "base": lambda b, n: scaled(b),
+    "base-lstrong": lambda b, n: {**scaled(b), "labeled_aug": "strong"},
+    "base-wait0": lambda b, n: scaled(b, s_wait=0.0),
+    "base-wait30": lambda b, n: scaled(b, s_wait=0.3),
+    "base-mu3": lambda b, n: {**scaled(b), "mu": 3},
+    "base-uda3": lambda b, n: {**scaled(b), "uda_weight": 3.0},
+    "base-h0": lambda b, n: {**scaled(b), "mpl_weight": 0.0},
+    "base-thr95": lambda b, n: {**scaled(b), "uda_threshold": 0.95},
+    "base-joint": lambda b, n: {**scaled(b), "teacher_batch": "joint"},
+    "base-ramp50": lambda b, n: scaled(b, uda=0.5),
+    "base-udaw03": lambda b, n: {**scaled(b), "uda_weight": 0.3},
+    "joint-auto": lambda b, n: {**scaled(b), "teacher_batch": "joint", "labeled_aug": auto_aug(b, n)},
+    "joint-lstrong": lambda b, n: {**scaled(b), "teacher_batch": "joint", "labeled_aug": "strong"},
+    "defaults": lambda b, n: {},
 }
 
 
@@ -69,7 +77,7 @@ def run_values(cell: str, budget: int, variant: str, seed: int) -> dict:
     data, labels = CELLS[cell]
     val = VAL[data]
     values = {**DATA[data], "num_labeled": labels + val, "val_labeled": val, "steps": budget, **QUIET, "seed": seed}
-    return {**values, **VARIANTS[variant](budget)}
+    return {**values, **VARIANTS[variant](budget, labels)}
 
 
 def run_one(root: Path, cell: str, budget: int, variant: str, seed: int, cache_dir: str | None = None) -> dict:
