@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from metapl.core.parts import unwrap
+from metapl.core.replicas import unwrap
 
 LABELS_OK = "check/labels_ok"  # the metric key hard/soft updates report the label-range flag under; popped here
 
