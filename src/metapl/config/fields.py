@@ -4,34 +4,30 @@ Design: ``TrainConfig`` is a frozen dataclass *subclass* of the core's ``MPLConf
 in ``MPLConfig`` (with its help text and range, ``metapl.core.options.option``); the trainer's own options are declared
 once below, the same way. Every field, inherited or not, is a constructor keyword (``TrainConfig(mode="soft",
 uda_weight=1.0)``), a YAML key (``uda_weight``) and a flag (``--uda-weight``) whose ``--help`` line is built from the
-field's help, range and default, and whose ``choices`` are the field's ``Literal`` type. A new ``MPLConfig`` field
-therefore reaches the flags, the YAML files and ``mpl_config()`` with no edit here. One check (``check_options``)
+field's help, range and default, and whose ``choices`` are the field's ``Literal`` type (``--method``: the registered
+methods). A new ``MPLConfig`` field therefore reaches the flags, the YAML files and ``mpl_config()`` with no edit here. One check (``check_options``)
 validates every field in ``__post_init__``: library calls, YAML files and flags all pass through it; here it raises
 ``UserError`` naming the flag (``--t-lr``), in ``MPLConfig`` a ValueError naming ``MPLConfig.t_lr``.
 
 Precedence, lowest first: the dataclass defaults, the ``--config`` YAML file, the command-line flags. The resolved
 config is written as ``config.yaml`` into every run directory (grouped as in ``--help``: data, models, optimisation,
-MPL, finetuning, run), and ``--resume`` reads it back from there.
+MPL, finetuning, run), and ``--resume`` reads it back from there. The flags: ``metapl.config.flags``; the rules between
+options (idle options, resume): ``metapl.config.rules``; the methods' own declarations: ``metapl.methods``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Literal
 
-import yaml
-
+import metapl.methods  # noqa: F401  (registers the methods: --method's choices)
+from metapl.config.option_text import flag
+from metapl.config.rules import drop_idle, refuse_idle
 from metapl.core.config import MPLConfig
-from metapl.core.options import check_options, check_value, option, specs
-from metapl.engine.option_rules import refuse_ignored
-from metapl.engine.option_text import flag, help_line, parse_value
-from metapl.engine.recipes import find_config
-from metapl.engine.recipes import shipped_configs as shipped_configs  # was defined here
+from metapl.core.options import check_options, option, specs
 from metapl.errors import UserError
+from metapl.methods.registry import get_method, method_names, methods_help
 
 _MPL_SECTION = "Meta Pseudo Labels (metapl.core.MPLConfig; docs/algorithm.md)"
 
@@ -45,8 +41,6 @@ _SECTIONS = {
     "finetune_steps": "student finetuning on the labeled data after MPL (the paper's last phase)",
     "out": "run",
 }
-REDUCED_METHODS = ("reduced-mpl", "distill")  # the methods whose teacher is a reduced teacher over stored predictions
-_ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 FINETUNE_STEPS_IF_NONE = 1000  # metapl finetune's steps when neither --steps nor the run's plan gives any
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
 
@@ -199,13 +193,7 @@ class TrainConfig(MPLConfig):
         le=65536,
     )
 
-    method: Literal["mpl", "supervised", "reduced-mpl", "distill"] = option(
-        "mpl",
-        "mpl; supervised: the student on the labeled data alone (a baseline); reduced-mpl: Reduced Meta Pseudo "
-        "Labels (the paper's appendix E): --teacher with --teacher-weights (trained on your classes) is the large "
-        "teacher, run once over the images, and a small reduced teacher over its predictions learns with the student; "
-        "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)",
-    )
+    method: str = option("mpl", methods_help(), choices=method_names())
     steps: int = option(1000, "training steps (one teacher and one student update each)", ge=1)
     batch_size: int = option(32, "labeled images per step, per process", ge=1, le=_BATCH)
     mu: int = option(7, "unlabeled images per labeled image in a step", ge=1, le=1024)
@@ -298,8 +286,8 @@ class TrainConfig(MPLConfig):
             raise UserError(
                 f"--cutout {self.cutout} exceeds --image-size {self.image_size}; use at most the image size"
             )
-        self._check_starting_weights()
-        refuse_ignored(self)
+        get_method(self.method).check(self)
+        refuse_idle(dataclasses.asdict(self), _defaults())
         try:  # built (and checked beyond its fields' ranges) once per config, not once per training step
             mpl = MPLConfig(**{f.name: getattr(self, f.name) for f in fields(MPLConfig)})
         except ValueError as e:
@@ -309,21 +297,21 @@ class TrainConfig(MPLConfig):
 
     def _plan_schedule(self) -> Schedule:
         """``schedule()``: each step-count option as given, or its budget rule (``BUDGET_FRACTIONS``)."""
-        supervised = self.method == "supervised"
+        method = get_method(self.method)
 
-        def steps_of(name: str, zero_if_supervised: bool = False) -> int:
+        def steps_of(name: str, applies: bool = True) -> int:
             value = getattr(self, name)
             if value is not None:
                 return value
-            return 0 if zero_if_supervised and supervised else int(BUDGET_FRACTIONS[name] * self.steps)
+            return int(BUDGET_FRACTIONS[name] * self.steps) if applies else 0
 
         eval_every = self.eval_every or min(MAX_EVAL_EVERY, max(1, round(self.steps / EVALUATIONS_PER_RUN)))
         return Schedule(
             t_warmup_steps=steps_of("t_warmup_steps"),
-            s_wait_steps=steps_of("s_wait_steps", zero_if_supervised=True),
+            s_wait_steps=steps_of("s_wait_steps", applies=method.waits_for_teacher),
             s_warmup_steps=steps_of("s_warmup_steps"),
             uda_steps=steps_of("uda_steps"),
-            finetune_steps=steps_of("finetune_steps", zero_if_supervised=True),
+            finetune_steps=steps_of("finetune_steps", applies=method.finetunes),
             eval_every=eval_every,
             save_every=self.save_every or 2 * eval_every,
         )
@@ -332,29 +320,11 @@ class TrainConfig(MPLConfig):
         """The run's step counts, resolved once in ``__post_init__`` (``Schedule``)."""
         return self._schedule
 
-    def _check_starting_weights(self) -> None:
-        """Refuse the weight and Reduced-MPL options where they cannot take effect."""
-        reduced = self.method in REDUCED_METHODS
-        if reduced and not self.teacher_weights:
-            # A library's pretrained head predicts the library's classes, not the data's: it is no teacher here.
-            raise UserError(
-                f"--method {self.method} distils a large teacher trained on your classes, but --teacher {self.teacher} "
-                "has no such weights; pass --teacher-weights PATH (a metapl run or a weights file; train one first, "
-                "e.g. with --method supervised and --pretrained student)"
-            )
-        if reduced and self.uda_weight:
-            raise UserError(
-                f"--uda-weight {self.uda_weight} does not apply to --method {self.method}: the reduced teacher reads "
-                "one stored prediction per image, the same for both views; drop --uda-weight (or set it to 0)"
-            )
-        if self.method == "supervised" and (self.teacher_weights or self.pretrained in ("teacher", "both")):
-            raise UserError("--method supervised trains no teacher; drop --teacher-weights / --pretrained teacher")
-
     def planned_uda_weight(self) -> float:
-        """``uda_weight``, with its default resolved: 1 for ``--method mpl``, 0 otherwise."""
+        """``uda_weight``, with its default resolved: the method's (1 for ``--method mpl``, 0 otherwise)."""
         if self.uda_weight is not None:
             return self.uda_weight
-        return 1.0 if self.method == "mpl" else 0.0
+        return get_method(self.method).default_uda_weight
 
     def planned_finetune_steps(self) -> int:
         """``finetune_steps``, with its default resolved (``schedule()``): none after a labels-only run."""
@@ -371,28 +341,6 @@ class TrainConfig(MPLConfig):
         return {name: values[name] for _, names in sections() for name in names}
 
 
-# Options that change where and how fast a run executes, never what it computes: they may differ when a run is
-# resumed (on another machine, with fewer workers) and are the flags --resume accepts, with --steps. Every other option
-# alters the math and is fixed for the run's life (metapl.engine.resume).
-RUNTIME_KEYS = frozenset(
-    {
-        "workers",
-        "threads",
-        "device",
-        "progress",
-        "cache_dir",
-        "data_dir",
-        "download",
-        "tensorboard",
-        "wandb",
-        "wandb_project",
-        "eval_batch_size",
-        "log_every",
-        "save_every",
-    }
-)
-
-
 def sections() -> list[tuple[str, list[str]]]:
     """``TrainConfig``'s field names grouped as ``--help`` shows them: (title, names) per section."""
     mpl = [f.name for f in fields(MPLConfig)]
@@ -406,78 +354,17 @@ def sections() -> list[tuple[str, list[str]]]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a config file and check its keys against ``TrainConfig``.
-
-    Args:
-        path: a YAML mapping of field names (``num_labeled`` or ``num-labeled``) to values.
-
-    Returns:
-        The mapping with canonical names and coerced values.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {path} must be a mapping of option: value")
-    known = specs(TrainConfig)
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see metapl train --help for the keys"
-            raise UserError(f"unknown key {key!r} in config file {path}{hint}")
-        out[name] = parse_value(known[name], value)
-        check_value(known[name], out[name], f"config file {path}: {name}", UserError)
-    return out
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per ``TrainConfig`` field, in groups; flags default to "not given"."""
-    parser.add_argument(
-        "--config", help="YAML file of defaults (keys as the flags, with _ or -); flags on the command line win"
-    )
-    known = specs(TrainConfig)
-    for title, names in sections():
-        group = parser.add_argument_group(title)
-        for name in names:
-            spec = known[name]
-            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
-            flags = ("--" + flag(name), *_ALIASES.get(name, ()))
-            if spec.kind is bool:
-                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-            elif spec.choices:
-                group.add_argument(*flags, choices=spec.choices, **kwargs)
-            else:
-                group.add_argument(*flags, metavar=spec.kind.__name__.upper(), **kwargs)
-
-
-def resolve(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < ``--config`` file < flags."""
-    values = load_yaml(find_config(args.config)) if getattr(args, "config", None) else {}
-    for name, spec in specs(TrainConfig).items():
-        if hasattr(args, name):
-            values[name] = parse_value(spec, getattr(args, name))
-    cfg = TrainConfig(**values)
-    refuse_ignored(cfg, {name for name in specs(TrainConfig) if hasattr(args, name)})
-    return cfg
-
-
-def given_options(args: argparse.Namespace) -> dict:
-    """The ``TrainConfig`` options given as flags on the command line (not the defaults nor ``--config``), parsed."""
-    return {
-        name: parse_value(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)
-    }
-
-
 def config_from_dict(values: dict) -> TrainConfig:
-    """A ``TrainConfig`` from a saved dict, ignoring keys this version no longer knows."""
+    """A ``TrainConfig`` from saved or derived values (a run's ``config.yaml``, a recipe with a protocol's changes).
+
+    Keys this version no longer knows are ignored, and options that do nothing with the others' values (idle options,
+    ``metapl.config.rules``) fall back to their defaults: a recipe switched to another method, or a run saved by a
+    version that kept them, reads as the same run.
+    """
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+    return TrainConfig(**drop_idle({k: v for k, v in values.items() if k in names}, _defaults()))
+
+
+def _defaults() -> dict:
+    """Every ``TrainConfig`` option's default."""
+    return {name: spec.default for name, spec in specs(TrainConfig).items()}

@@ -1,52 +1,54 @@
-"""How a ``TrainConfig`` option is written: its flag, its value parsed from a flag's text or YAML, its ``--help`` line.
+"""The command line of a training config: one flag per ``TrainConfig`` field, in ``--help``'s groups, and the config
+they resolve to (defaults < ``--config`` YAML file < flags).
 
-Torch-free, as ``metapl.engine.config`` (``metapl --help`` imports it).
+Torch-free, as the rest of ``metapl.config`` (``metapl --help`` builds these flags).
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 
-from metapl.core.options import Spec
+from metapl.config.fields import TrainConfig, _defaults, sections
+from metapl.config.option_text import flag, help_line, parse_value
+from metapl.config.recipes import find_config, load_yaml
+from metapl.config.rules import drop_idle
+from metapl.core.options import specs
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # a bool option's words
-
-
-def flag(name: str) -> str:
-    """An option's command-line spelling, without the dashes: ``t_lr`` -> ``t-lr``."""
-    return name.replace("_", "-")
-
-
-def parse_value(spec: Spec, value):
-    """A flag's text or a YAML value as the option's type. Text that does not parse is returned unchanged, and the
-    check then refuses it with the option's range."""
-    if not isinstance(value, str):
-        is_whole = spec.kind is int and isinstance(value, float) and value.is_integer()
-        return int(value) if is_whole else value
-    text = value.strip().lower()
-    if spec.optional and text in ("none", "null", ""):
-        return None
-    if spec.kind is bool:
-        return True if text in _TRUE else False if text in _FALSE else value
-    if spec.kind not in (int, float) or spec.choices:
-        return value
-    try:
-        return int(text) if spec.kind is int else float(text)
-    except ValueError:
-        pass
-    with contextlib.suppress(ValueError):
-        number = float(text)
-        if number.is_integer():
-            return int(number)  # an integer written as 1e3
-    return value
+_ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 
 
-def help_line(spec: Spec) -> str:
-    """A flag's ``--help`` line: what the option does, what values fit, its default."""
-    text = f"{spec.help}; {spec.expected()}" if spec.kind in (int, float) else spec.help  # choices show in the usage
-    return f"{text} (default: {shown(spec.default)})".replace("%", "%%")
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per ``TrainConfig`` field, in groups; flags default to "not given"."""
+    parser.add_argument(
+        "--config", help="YAML file of defaults (keys as the flags, with _ or -); flags on the command line win"
+    )
+    known = specs(TrainConfig)
+    for title, names in sections():
+        group = parser.add_argument_group(title)
+        for name in names:
+            spec = known[name]
+            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
+            flags = ("--" + flag(name), *_ALIASES.get(name, ()))
+            if spec.kind is bool:
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+            elif spec.choices:
+                group.add_argument(*flags, choices=spec.choices, **kwargs)
+            else:
+                group.add_argument(*flags, metavar=spec.kind.__name__.upper(), **kwargs)
 
 
-def shown(value) -> str:
-    """An option's value as a flag takes it: ``none``, ``true``/``false``, else as printed."""
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--config`` file < flags. The recipe's options that the flags make idle fall back to their
+    defaults; an idle option given beside what idles it (both in the file, or both as flags) is refused
+    (``metapl.config.rules``)."""
+    recipe = load_yaml(find_config(args.config)) if getattr(args, "config", None) else {}
+    given = given_options(args)
+    values = drop_idle({**recipe, **given}, _defaults(), only=set(recipe) - set(given), causes=set(given))
+    return TrainConfig(**values)
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The ``TrainConfig`` options given as flags on the command line (not the defaults nor ``--config``), parsed."""
+    return {
+        name: parse_value(spec, getattr(args, name)) for name, spec in specs(TrainConfig).items() if hasattr(args, name)
+    }

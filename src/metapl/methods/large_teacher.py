@@ -1,4 +1,5 @@
-"""Reduced Meta Pseudo Labels in the trainer (the paper's Appendix E): the large teacher's predictions, made once.
+"""The large teacher of the reduced methods (``reduced_mpl``, ``distill``; the paper's Appendix E): its predictions,
+made once, and the reduced teacher's accuracy over them.
 
 The large teacher (``--teacher`` started from ``--teacher-weights`` or ``--pretrained``) classifies every training
 image (labeled, unlabeled and extra) and every test image once, on the eval view (the clean image: resized and
@@ -11,7 +12,7 @@ reused by every run with the same key; a damaged or mismatched file is rebuilt. 
 Why the clean view: the paper's large teacher labels each unlabeled image once; a prediction per augmented view would
 need the large teacher in every step, which is what the reduced variant avoids. The student still learns on its
 augmented (strong) view, as in full MPL. The weak and strong teacher inputs are therefore the same row, so UDA does not
-apply to the reduced teacher (``TrainConfig`` refuses ``--uda-weight`` there).
+apply to the reduced teacher (``metapl.methods.reduced_mpl`` refuses ``--uda-weight``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from metapl import data as mdata
-from metapl.engine.config import TrainConfig
-from metapl.engine.runtime import Dist, barrier
-from metapl.engine.weights import start_model, weights_digest
 from metapl.errors import reporting_os_errors
 
 
@@ -44,20 +43,20 @@ class TeacherPredictions:
     def test_accuracy(self, labels: np.ndarray) -> float:
         """The large teacher's own top-1 accuracy (%) on the test images."""
         hits = int(np.sum(self.test.argmax(axis=1) == np.asarray(labels)))
-        return 100.0 * hits / max(len(labels), 1)  # counted as engine.evaluate counts
+        return 100.0 * hits / max(len(labels), 1)  # counted as training.evaluation counts
 
 
-def large_teacher_predictions(cfg: TrainConfig, data, device: torch.device, d: Dist, log) -> TeacherPredictions:
+def large_teacher_predictions(start) -> TeacherPredictions:
     """The stored predictions of the run's large teacher: read from the cache, or made now (by rank 0) and stored.
 
     Args:
-        cfg: the run's config (``teacher``, its weights, ``cache_dir``, ``eval_batch_size``, ``workers``).
-        data: the run's ``SourceData``.
-        device: where the large teacher runs while it predicts.
-        d: this process's place in the job; rank 0 makes the file, the others wait and read it.
-        log: progress lines.
+        start: the run's ``metapl.training.setup.ModelStart``: its config (``teacher``, its weights, ``cache_dir``,
+            ``eval_batch_size``, ``workers``), data, device (where the large teacher predicts), place in the job
+            (rank 0 makes the file, the others wait and read it) and log.
     """
-    teacher = start_model(cfg, "teacher", data, log, replace_head=False)
+    cfg, data, device, d, log = start.cfg, start.data, start.device, start.dist, start.log
+    # Loaded on resume too: its weights' digest names the stored predictions.
+    teacher = start.model("teacher", replace_head=False, load=True)
     key = {
         "fingerprint": mdata.data_fingerprint(data),
         "teacher": cfg.teacher,
@@ -78,7 +77,8 @@ def large_teacher_predictions(cfg: TrainConfig, data, device: torch.device, d: D
             preds = _predict(teacher.to(device), data, device, cfg)
             _write(path, preds)
     del teacher
-    barrier(d)
+    if d.enabled:
+        dist.barrier()
     if not d.is_main:
         preds = _read(path, data)
     log(f"large teacher {cfg.teacher}: {preds.test_accuracy(data.test.labels):.2f}% test accuracy (stored predictions)")
@@ -86,7 +86,7 @@ def large_teacher_predictions(cfg: TrainConfig, data, device: torch.device, d: D
 
 
 @torch.no_grad()
-def _predict(teacher: nn.Module, data, device: torch.device, cfg: TrainConfig) -> TeacherPredictions:
+def _predict(teacher: nn.Module, data, device: torch.device, cfg) -> TeacherPredictions:
     teacher.eval()
     sets = {"train": data.train, "test": data.test}
     if data.extra_unlabeled is not None:
@@ -146,6 +146,15 @@ def reduced_teacher_accuracy(
     for prefix, (x, y) in sets.items():
         x, y = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.as_tensor(np.asarray(y[:limit]))
         hits = int((teacher(x.to(device)).argmax(dim=1).cpu() == y).sum())
-        out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y), 1)  # as engine.evaluate counts
+        out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y), 1)  # as training.evaluation counts
     teacher.train(was_training)
     return out
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, shapes, dtypes and values): what identifies its predictions."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
