@@ -5,9 +5,10 @@ in ``MPLConfig`` (with its help text and range, ``metapl.core.options.option``);
 once below, the same way. Every field, inherited or not, is a constructor keyword (``TrainConfig(mode="soft",
 uda_weight=1.0)``), a YAML key (``uda_weight``) and a flag (``--uda-weight``) whose ``--help`` line is built from the
 field's help, range and default, and whose ``choices`` are the field's ``Literal`` type (``--method``: the registered
-methods). A new ``MPLConfig`` field therefore reaches the flags, the YAML files and ``mpl_config()`` with no edit here. One check (``check_options``)
-validates every field in ``__post_init__``: library calls, YAML files and flags all pass through it; here it raises
-``UserError`` naming the flag (``--t-lr``), in ``MPLConfig`` a ValueError naming ``MPLConfig.t_lr``.
+methods). A new ``MPLConfig`` field therefore reaches the flags, the YAML files and ``mpl_config()`` with no edit here.
+One check (``check_options``) validates every field in ``__post_init__``: library calls, YAML files and flags all pass
+through it; here it raises ``UserError`` naming the flag (``--t-lr``), in ``MPLConfig`` a ValueError naming
+``MPLConfig.t_lr``.
 
 Precedence, lowest first: the dataclass defaults, the ``--config`` YAML file, the command-line flags. The resolved
 config is written as ``config.yaml`` into every run directory (grouped as in ``--help``: data, models, optimisation,
@@ -57,7 +58,7 @@ BUDGET_FRACTIONS = {
 EVALUATIONS_PER_RUN = 10
 MAX_EVAL_EVERY = 1000
 # The automatic validation carve-out: with at least this many labels in every class, a tenth of each class's labels
-# choose the run's result (metapl.engine.result); with fewer, the result is chosen by rule.
+# choose the run's result (metapl.rundir.result); with fewer, the result is chosen by rule.
 AUTO_VAL_MIN_PER_CLASS = 50
 AUTO_VAL_FRACTION = 0.1
 

@@ -16,7 +16,10 @@ class Distill(ReducedMPL):
     """Reduced MPL with the reduced teacher fixed: ``mpl_update`` gets no teacher optimizer."""
 
     name = "distill"
-    help = "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)"
+    label = "distillation"
+    help = (
+        "distill: the same with the reduced teacher fixed at the identity (plain distillation; reduced-mpl's control)"
+    )
     trains_teacher = False
     idle = {
         "reduced_hidden": REDUCED_ONLY,

@@ -53,6 +53,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # what a message calls its runs ("a labels-only run")
     help: ClassVar[str] = ""  # its part of --method's help line
     unlabeled: ClassVar[bool] = False  # trains on unlabeled images: the batches carry their weak and strong views
     waits_for_teacher: ClassVar[bool] = False  # the student's learning rate waits --s-wait-steps (default 10 %)
@@ -105,11 +106,11 @@ class Method:
         """What ``summary.json`` adds for this method; nothing here."""
         return {}
 
-    def candidates(self, cfg, roles: list[str]) -> list[str]:
+    def candidates(self, teacher: str, student: str, roles: list[str]) -> list[str]:
         """The roles a run may hand back (``metapl.rundir.result``), among the scored ``roles``: the teacher only when
-        it is a trained image classifier of the student's architecture (a user who asked for a small student gets a
-        small model back)."""
-        keep_teacher = self.trains_teacher and self.image_teacher and cfg.teacher == cfg.student
+        it is a trained image classifier of the student's architecture (``teacher``, ``student``: their names), so a
+        user who asked for a small student gets a small model back."""
+        keep_teacher = self.trains_teacher and self.image_teacher and teacher == student
         return [r for r in roles if r != "teacher" or keep_teacher]
 
     def images_per_step(self, batch_size: int, mu: int) -> int:

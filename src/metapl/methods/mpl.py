@@ -14,6 +14,7 @@ class MPL(Method):
     """The paper's method; the reduced methods (``reduced_mpl``, ``distill``) run the same step."""
 
     name = "mpl"
+    label = "Meta Pseudo Labels"
     help = "mpl"
     unlabeled = True
     waits_for_teacher = True

@@ -19,6 +19,7 @@ class ReducedMPL(MPL):
     """Reduced MPL: MPL's step with a reduced teacher over a large teacher's stored predictions."""
 
     name = "reduced-mpl"
+    label = "Reduced MPL"
     help = (
         "reduced-mpl: Reduced Meta Pseudo Labels (the paper's appendix E): --teacher with --teacher-weights (trained "
         "on your classes) is the large teacher, run once over the images, and a small reduced teacher over its "

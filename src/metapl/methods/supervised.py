@@ -7,10 +7,10 @@ from the same weights as in the pseudo-label runs of the same seed and ``--teach
 
 from __future__ import annotations
 
+from metapl.errors import UserError
 from metapl.methods.method import Idle, Method
 from metapl.methods.mpl import REDUCED_ONLY
 from metapl.methods.registry import register
-from metapl.errors import UserError
 
 _ALONE = Idle("the labels-only baseline trains the student alone", "mpl")
 # Options of the teacher's training and of the MPL update: none of them reaches the student here.
@@ -26,6 +26,7 @@ class Supervised(Method):
     """The labels-only baseline."""
 
     name = "supervised"
+    label = "labels-only"
     help = "supervised: the student on the labeled data alone (a baseline)"
     idle = {"reduced_hidden": REDUCED_ONLY, **{name: _ALONE for name in _MPL_OPTIONS}}
 

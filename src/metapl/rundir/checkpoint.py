@@ -1,4 +1,4 @@
-"""What a checkpoint holds, how it is written and restored (the run folder's file names: ``metapl.engine.run_dir``).
+"""What a checkpoint holds, how it is written and restored (the run folder's file names: ``metapl.rundir.layout``).
 
 A checkpoint is one flat dict saved with ``torch.save``: the config, the data's shape and normalisation (so that
 ``eval`` and ``predict`` rebuild the models from the file alone), the three networks, both optimizers, schedulers and
@@ -9,7 +9,8 @@ of integers, were pickled into every checkpoint and never read back).
 
 Checkpoints are written atomically and only with finite weights (``nonfinite_weights``), so the newest file on disk is
 always one a run can resume from. Every entry is a tensor or a plain Python value (the random generators' states
-included), so checkpoints load with ``torch.load(weights_only=True)``: reading one runs no pickled code.
+included), so checkpoints load weights-only (``metapl.models.weights.load_weights_only``): reading one runs no pickled
+code.
 ``finetuned.pt`` is slim (``inference_state``): the models and what rebuilds them, no optimizer or generator state.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
 from pathlib import Path
 
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from metapl.core import unwrap
-from metapl.engine.run_dir import CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
 from metapl.errors import UserError, few, reporting_os_errors
-from metapl.models.weights import state_dict_mismatch
+from metapl.models.weights import load_weights_only, state_dict_mismatch
+from metapl.rundir.layout import CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
 
 ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.
@@ -39,7 +39,7 @@ RESUME_KEYS = MODEL_KEYS + (
 
 
 def checkpoint_state(run, *, with_training_state: bool = True) -> dict:
-    """The flat checkpoint dict of a run (a ``metapl.engine.run.Run``).
+    """The flat checkpoint dict of a run (a ``metapl.training.setup.Run``).
 
     Args:
         run: the run.
@@ -82,7 +82,7 @@ def inference_state(run, *, student=None) -> dict:
     normalisation, classes), the step and the split's digest; no optimizer, scheduler, scaler or generator state.
 
     Args:
-        run: a ``metapl.engine.run.Run``.
+        run: a ``metapl.training.setup.Run``.
         student: the student network to store in place of ``run.student`` (the finetuned one), or None.
 
     Returns:
@@ -99,7 +99,7 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
     """Load a checkpoint into a freshly built run, after checking that it belongs to this run and is finite.
 
     Args:
-        run: a ``metapl.engine.run.Run`` whose models are not wrapped yet.
+        run: a ``metapl.training.setup.Run`` whose models are not wrapped yet.
         ckpt: the checkpoint dict.
         source: where it came from, for messages.
 
@@ -130,7 +130,7 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
     run.step, run.seconds = ckpt["step"], ckpt["seconds"]
     if run.ema is not None:
         run.ema.updates = run.step  # the EMA is updated once per step: its warm-up continues where it stopped
-    # Each rank resumes its own generators (see metapl.engine.train._save); a single process takes rank 0's.
+    # Each rank resumes its own generators (metapl.training.saver.CheckpointSaver); a single process takes rank 0's.
     ranks = ckpt.get("rng_ranks")
     if not run.dist.enabled:
         set_rng_state(ckpt["rng"])
@@ -165,7 +165,7 @@ def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
                 f"{source}: the {role} weights do not fit this run's {role} ({problem}); "
                 "is it another run's checkpoint?"
             )
-    refuse_nonfinite(ckpt, source)
+    refuse_nonfinite_weights(ckpt, source)
 
 
 def split_digest(split) -> str:
@@ -198,7 +198,7 @@ def nonfinite_weights(ckpt: dict) -> list[str]:
     return bad
 
 
-def refuse_nonfinite(ckpt: dict, source: str | Path, roles: tuple[str, ...] = ROLES) -> None:
+def refuse_nonfinite_weights(ckpt: dict, source: str | Path, roles: tuple[str, ...] = ROLES) -> None:
     """A ``UserError`` when any of ``roles`` in ``ckpt`` holds non-finite weights (a diverged run's file)."""
     bad = [role for role in nonfinite_weights(ckpt) if role in roles]
     if bad:
@@ -285,31 +285,12 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; pass a run directory of metapl train or a .pt file it wrote")
     try:
-        ckpt = _load_weights_only(path)
+        ckpt = load_weights_only(path)
     except Exception as e:  # a torn or foreign file: say which, not where inside torch it broke
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); is it a metapl checkpoint?") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "student" not in ckpt:
         raise UserError(f"{path} is not a metapl checkpoint (no config/student entries)")
     return ckpt
-
-
-def _load_weights_only(path: Path) -> dict:
-    """``torch.load(weights_only=True)``; a checkpoint of metapl 0.1 also held NumPy's generator state as an array,
-    so exactly those NumPy types (array reconstruction, nothing callable beyond it) are allowed on a second try."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _np_reconstruct()]
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _np_reconstruct():
-    try:  # NumPy 2 moved the module; pickles name whichever wrote them, and both resolve to the same function
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # pragma: no cover - NumPy 1
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
 
 
 def rng_state() -> dict:

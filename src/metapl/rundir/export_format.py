@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapl.engine.config import config_from_dict
+from metapl.config.fields import config_from_dict
 from metapl.errors import UserError, reporting_os_errors
 from metapl.models import create_model
 from metapl.models.weights import state_dict_mismatch
@@ -44,7 +44,7 @@ def export_meta(ckpt: dict, role: str, source: str | Path) -> dict:
     """The JSON record of one network of a checkpoint (see the module docstring).
 
     Args:
-        ckpt: a checkpoint dict (``checkpoint.load_checkpoint``).
+        ckpt: a checkpoint dict (``metapl.rundir.checkpoint.load_checkpoint``).
         role: the checkpoint entry exported: ``teacher``, ``student`` or ``ema``; ``finetuned`` is the student entry
             of ``finetuned.pt``.
         source: the checkpoint file, recorded as ``source``.

@@ -4,7 +4,8 @@ A run directory holds ``config.yaml`` (the resolved config), ``split.json`` (the
 indices and the data fingerprint, ``metapl.data.split``), ``checkpoint.pt`` (latest), ``finetuned.pt``,
 ``metrics.jsonl``, ``tb/`` (TensorBoard), ``wandb/`` and ``wandb-id`` (Weights & Biases), ``train.log`` and
 ``summary.json`` (final accuracies); the commands add ``eval.json``, ``curves.png`` and ``export/``. The checkpoints'
-contents belong to ``metapl.engine.checkpoint``.
+contents belong to ``metapl.rundir.checkpoint``. The checks of a folder before a run writes into it (``check_out_dir``)
+and ``--overwrite``'s deletion (``clear_run_files``) are here too.
 
 Importing this module does not import torch: the command line names the run files in its ``--help``.
 """
@@ -12,27 +13,29 @@ Importing this module does not import torch: the command line names the run file
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import yaml
 
-from metapl.engine.config import TrainConfig, config_from_dict
-from metapl.errors import UserError, reporting_os_errors
+from metapl.config.fields import TrainConfig, config_from_dict
+from metapl.errors import UserError, few, reporting_os_errors
 
-CONFIG = "config.yaml"  # the resolved config (metapl.engine.config)
+CONFIG = "config.yaml"  # the resolved config (metapl.config.fields)
 SPLIT = "split.json"  # labeled / unlabeled / validation indices and the data fingerprint (metapl.data.split)
-METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.engine.metrics)
+METRICS = "metrics.jsonl"  # one JSON record per logged step (metapl.training.metrics)
 SUMMARY = "summary.json"  # final accuracies
 LATEST = "checkpoint.pt"  # the latest checkpoint: what --resume continues from
-FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.engine.finetune)
-FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, to continue (metapl.engine.finetune)
+FINETUNED = "finetuned.pt"  # checkpoint.pt with the finetuned student (metapl.training.saver)
+FINETUNE_PROGRESS = "finetune-progress.pt"  # a finetuning stopped by a signal, to continue (training.saver)
 EVAL_JSON = "eval.json"  # metapl eval's result
 CURVES = "curves.png"  # metapl plot's default image
 TENSORBOARD = "tb"  # TensorBoard event files
 WANDB = "wandb"  # Weights & Biases' folder (--wandb; offline runs stay there until `wandb sync`)
 WANDB_ID = "wandb-id"  # the W&B run id of this run folder, so that --resume continues the same W&B run
-EXPORT_DIR = "export"  # metapl export's default folder (metapl.engine.exported)
-TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.engine.metrics.LogFile)
+EXPORT_DIR = "export"  # metapl export's default folder (metapl.rundir.export_format)
+TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.training.metrics.LogFile)
 # What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
 RUN_FILES = (
     CONFIG,
@@ -52,7 +55,7 @@ RUN_FILES = (
     f"{Path(EVAL_JSON).stem}.confusion.png",  # metapl eval --plot
 ) + tuple(f"{Path(name).stem}.{EVAL_JSON}" for name in (LATEST, FINETUNED))
 
-# The one-writer lock (metapl.engine.lock). Not among RUN_FILES: --overwrite runs while its own process holds it, and a
+# The one-writer lock (metapl.rundir.lock). Not among RUN_FILES: --overwrite runs while its own process holds it, and a
 # lock file is never deleted under a holder; a folder holding only a lock file counts as empty.
 LOCK = ".lock"
 
@@ -131,3 +134,78 @@ def load_run_split(run_dir: str | Path):
     from metapl.data import load_split
 
     return load_split(Path(run_dir) / SPLIT)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Before a run writes into its folder
+
+
+def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse a run directory that would mix two runs or overwrite files; nothing is written or deleted here.
+
+    Args:
+        out: ``--out`` (or the ``--resume`` directory).
+        resume: the run in ``out`` is being continued: it must hold a checkpoint.
+        overwrite: ``--overwrite``: a folder that is not empty is accepted (its run files are removed later by
+            ``clear_run_files``, once the new run has been built).
+
+    Returns:
+        The run directory.
+    """
+    run_dir = check_out_path(out)
+    if resume:
+        if not (run_dir / LATEST).is_file():
+            raise UserError(
+                f"{run_dir} has no {LATEST} to resume from (stopped before its first save?); start it again with "
+                f"metapl train --out {run_dir} --overwrite and the same options"
+            )
+        return run_dir
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    if not entries or overwrite:
+        return run_dir
+    if LATEST in entries:
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to start it again "
+            "(its run files are deleted), or another --out"
+        )
+    raise UserError(
+        f"--out {run_dir} is not empty (it holds {few(entries)}); pick another --out, or pass --overwrite to "
+        "replace the metapl run files in it"
+    )
+
+
+def check_out_path(out: str) -> Path:
+    """The checks of ``check_out_dir`` that need no look inside the folder: a name, a folder, writable.
+
+    Returns:
+        The run directory (which may not exist yet).
+    """
+    if not str(out).strip():
+        raise UserError("--out is empty; name a folder for the run, e.g. --out runs/mpl")
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    # Found now rather than after loading the data: the nearest existing folder must be one we can write into.
+    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"--out {out} lies under {nearest}, which is a file; pick another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {nearest} (permission denied or read-only); pick another --out")
+    return run_dir
+
+
+def clear_run_files(run_dir: Path, log) -> None:
+    """Delete the files a run writes (``RUN_FILES``) from ``run_dir``; other files stay."""
+    removed = []
+    for name in RUN_FILES:
+        path = run_dir / name
+        with reporting_os_errors(path, "delete"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            else:
+                continue
+        removed.append(name)
+    if removed:
+        log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from metapl.engine.run_dir import LOCK
 from metapl.errors import UserError, reporting_os_errors
+from metapl.rundir.layout import LOCK
 
 try:
     import fcntl

@@ -1,6 +1,6 @@
 """A trained network rebuilt from a run: the checkpoint's config names the architecture, its entries the weights.
 
-Beside the checkpoint format (``metapl.engine.checkpoint``); ``metapl eval``, ``predict`` and ``export`` and the
+Beside the checkpoint format (``metapl.rundir.checkpoint``); ``metapl eval``, ``predict`` and ``export`` and the
 benchmarks call it.
 """
 
@@ -10,13 +10,14 @@ from pathlib import Path
 
 from torch import nn
 
-from metapl.engine.checkpoint import MODEL_KEYS, refuse_nonfinite, require_keys
-from metapl.engine.config import REDUCED_METHODS, config_from_dict
-from metapl.engine.exported import import_modules
-from metapl.engine.run_dir import LATEST
+from metapl.config.fields import config_from_dict
 from metapl.errors import UserError
+from metapl.methods.registry import get_method
 from metapl.models import create_model
 from metapl.models.weights import state_dict_mismatch
+from metapl.rundir.checkpoint import MODEL_KEYS, refuse_nonfinite_weights, require_keys
+from metapl.rundir.export_format import import_modules
+from metapl.rundir.layout import LATEST
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -32,11 +33,18 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / LATEST if path.is_dir() else path
 
 
+def refuse_untrained_teacher(ckpt: dict, source: str | Path) -> None:
+    """Refuse to use a checkpoint's teacher that its method never trained (the labels-only baseline's)."""
+    method = get_method(ckpt["config"].get("method", "mpl"))
+    if method.image_teacher and not method.trains_teacher:
+        raise UserError(f"{source} is a {method.label} run (--method {method.name}): its teacher was never trained")
+
+
 def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> nn.Module:
     """Rebuild one network of a checkpoint from its config and load its weights.
 
     Args:
-        ckpt: a checkpoint dict (``metapl.engine.checkpoint.load_checkpoint``).
+        ckpt: a checkpoint dict (``metapl.rundir.checkpoint.load_checkpoint``).
         role: ``teacher``, ``student`` or ``ema`` (the EMA student has the student's architecture).
         source: where the checkpoint came from, for error messages.
 
@@ -51,8 +59,8 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
     state = ckpt.get(role)
     if state is None:
         raise UserError(f"{source} holds no {role} weights")
-    method = ckpt["config"].get("method")
-    if role == "teacher" and method in REDUCED_METHODS:  # its teacher reads stored predictions, not images
+    method = ckpt["config"].get("method", "mpl")
+    if role == "teacher" and not get_method(method).image_teacher:  # its teacher reads stored predictions, not images
         raise UserError(
             f"{source} is a --method {method} run: its teacher entry is not a {ckpt['config'].get('teacher')} "
             "classifier of images; use the student, ema or finetuned model"
@@ -71,6 +79,6 @@ def build_model(ckpt: dict, role: str, *, source: str | Path = "checkpoint") -> 
             f"(num_classes={num_classes}, in_channels={in_channels}): {problem}; "
             "was the checkpoint edited, or written for another data set?"
         )
-    refuse_nonfinite(ckpt, source, roles=(role,))
+    refuse_nonfinite_weights(ckpt, source, roles=(role,))
     model.load_state_dict(state)
     return model.eval()

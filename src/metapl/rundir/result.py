@@ -7,14 +7,14 @@ student. When the run ends it picks one of them, its **result**, and records it 
 
 How the result is chosen (``choose_result``):
 
-* **With validation images** (``--val-labeled``, or the automatic carve-out of ``metapl.engine.config``): the
+* **With validation images** (``--val-labeled``, or the automatic carve-out of ``metapl.config.fields``): the
   candidate with the highest validation accuracy; a tie goes to the earlier candidate of ``PREFERENCE``.
 * **Without**: ``NO_VALIDATION_RULE``, the rule that the validation measurements of ``benchmarks.defaults_sweep``
   support (docs/algorithm.md, "The model a run hands back").
 
-The teacher is a candidate only when it is an image classifier of the student's architecture (``--method mpl`` with
-``--teacher`` equal to ``--student``): a user who asked for a small student gets a small model back. The test images
-choose nothing.
+The teacher is a candidate only when it is a trained image classifier of the student's architecture (``--method mpl``
+with ``--teacher`` equal to ``--student``; each method says: ``Method.candidates``): a user who asked for a small
+student gets a small model back. The test images choose nothing.
 
 Importing this module does not import torch.
 """
@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from metapl.engine.run_dir import FINETUNED, LATEST, load_run_config, read_summary
 from metapl.errors import UserError
+from metapl.methods.registry import get_method
+from metapl.rundir.layout import FINETUNED, LATEST, load_run_config, read_summary
 
 ROLES = ("teacher", "student", "ema", "finetuned")  # the candidates, as summary.json and metrics name them
 # Ties on validation, and the order of the rule below: the cheapest model to trust first.
@@ -71,7 +72,7 @@ def describe(role: str) -> str:
 
 
 def candidates(method: str, teacher: str, student: str, accs: dict) -> list[str]:
-    """The roles a run may hand back, among those ``accs`` scored (``<role>_acc`` keys).
+    """The roles a run may hand back, among those ``accs`` scored (``<role>_acc`` keys), as its method allows.
 
     Args:
         method: the run's ``--method``.
@@ -80,9 +81,7 @@ def candidates(method: str, teacher: str, student: str, accs: dict) -> list[str]
         accs: the run's final accuracies (test, and ``val_`` ones when it has validation images).
     """
     roles = [r for r in ROLES if accs.get(f"{r}_acc") is not None]
-    if method != "mpl" or teacher != student:
-        roles = [r for r in roles if r != "teacher"]
-    return roles
+    return get_method(method).candidates(teacher, student, roles)
 
 
 def choose_result(roles: list[str], accs: dict, num_val: int) -> RunResult:

@@ -1,12 +1,13 @@
-"""The training batches of a run: its seeded, resumable streams, with the views made in the loader workers
-(``--augment-on loader``) or on the training device (``--augment-on device``)."""
+"""The batches of a run's phases (``metapl.data.make_train_batches``): training's seeded, resumable streams, with the
+views made in the loader workers (``--augment-on loader``) or on the training device (``--augment-on device``), and
+finetuning's labeled batches."""
 
 from __future__ import annotations
 
 from metapl import data as mdata
-from metapl.engine.config import TrainConfig
-from metapl.engine.run import Run
+from metapl.config.fields import TrainConfig
 from metapl.errors import UserError
+from metapl.training.setup import Run
 
 
 def hflip(cfg: TrainConfig, data) -> bool:
@@ -15,7 +16,8 @@ def hflip(cfg: TrainConfig, data) -> bool:
 
 
 def train_batches(run: Run):
-    """The endless iterators of labeled batches and (MPL only) unlabeled batches, positioned at ``run.step``."""
+    """The endless iterators of labeled batches and (for a method that reads them) unlabeled batches, positioned at
+    ``run.step``."""
     cfg, data = run.cfg, run.data
     if cfg.augment_on == "device" and data.streamed:
         raise UserError(
@@ -28,7 +30,7 @@ def train_batches(run: Run):
     strong = mdata.strong_view(
         data.image_size, **kw, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m, cutout=cfg.cutout
     )
-    mpl = cfg.method != "supervised"
+    mpl = run.method.unlabeled
     # --per-rank-shards: this rank's unlabeled images are those of its own shards; the labeled set stays global.
     own = None
     if cfg.per_rank_shards and mpl:
@@ -57,3 +59,23 @@ def _side(run: Run):
     """Reduced MPL: the large teacher's stored predictions of the train and extra images, one row per image."""
     preds = run.predictions
     return None if preds is None else (preds.train, preds.extra)
+
+
+def finetune_batches(run, start: int):
+    """The finetuning's batches from step ``start`` on: shuffled labeled images, weak views, per rank."""
+    cfg, data = run.cfg, run.data
+    weak = mdata.weak_view(
+        data.image_size, hflip=hflip(cfg, data), mean=data.mean, std=data.std, crop=mdata.train_crop(data)
+    )
+    spec = mdata.BatchSpec(
+        batch_size=cfg.finetune_batch_size,
+        seed=cfg.seed + 1,
+        weak=weak,
+        start_step=start,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+        device=run.device,
+        workers=cfg.workers,
+    )
+    loader, _ = mdata.make_train_batches(data, run.split, spec)
+    return iter(loader)

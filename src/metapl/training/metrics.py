@@ -8,8 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
-from metapl.engine.run_dir import METRICS, TENSORBOARD, WANDB_ID
 from metapl.errors import UserError, reporting_os_errors
+from metapl.rundir.layout import METRICS, TENSORBOARD, WANDB_ID
 
 
 class MetricsWriter:

@@ -1,4 +1,5 @@
-"""Process-level setup shared by the commands: devices, torchrun/DDP, seeds, optimizers, schedulers, signals."""
+"""This process and its place in the job, shared by the commands: devices, torchrun/DDP, the CPU share, seeds and stop
+signals."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metapl.core import warmup_cosine
 from metapl.errors import UserError
 
 _DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters
@@ -195,28 +195,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def make_sgd(
-    model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, device: torch.device
-) -> torch.optim.SGD:
-    """SGD with weight decay on weight matrices and kernels only (not on biases and normalisation parameters).
-
-    The fused CUDA kernel is used on GPUs, the multi-tensor ``foreach`` path elsewhere.
-    """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fast)
-
-
-def make_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, wait_steps: int = 0):
-    """LambdaLR over ``metapl.core.warmup_cosine``."""
-    schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, wait_steps=wait_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def wrap_ddp(model: nn.Module, d: Dist, device: torch.device, *, sync_bn: bool) -> nn.Module:

@@ -1,13 +1,12 @@
-"""A training run as ``metapl train`` and ``metapl finetune`` both rebuild it: its state, its folder, its config.
+"""A training run as ``metapl train`` and ``metapl finetune`` both rebuild it: its data and split, its models (the
+teacher as its method builds it), optimizers, schedules, EMA and scalers, restored from a checkpoint when resumed.
 
-The run folder's files, and the reads and writes of its config, summary and split, belong to
-``metapl.engine.run_dir``.
+The run folder's files belong to ``metapl.rundir``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,18 +14,19 @@ import torch
 from torch import nn
 
 from metapl import data as mdata
+from metapl.config.fields import AUTO_VAL_MIN_PER_CLASS, TrainConfig, auto_val_count
 from metapl.core import ModelEMA, MPLState
 from metapl.data.sampling import mix_seed
-from metapl.engine.checkpoint import restore
-from metapl.engine.config import AUTO_VAL_MIN_PER_CLASS, REDUCED_METHODS, TrainConfig, auto_val_count
-from metapl.engine.reduced import TeacherPredictions, large_teacher_predictions
-from metapl.engine.run_dir import LATEST, LOCK, RUN_FILES, SPLIT, load_run_split
-from metapl.engine.runtime import Dist, amp_dtype, make_scheduler, make_sgd, plan_cpu_share, seed_everything, wrap_ddp
-from metapl.engine.weights import start_model
-from metapl.errors import UserError, few, reporting_os_errors
+from metapl.errors import UserError
+from metapl.methods.method import Method
+from metapl.methods.registry import get_method
 from metapl.models import count_parameters
 from metapl.models.plugins import import_model_modules
-from metapl.models.reduced import ReducedTeacher
+from metapl.rundir.checkpoint import restore
+from metapl.rundir.layout import LATEST, SPLIT, load_run_split
+from metapl.training.optimizers import make_scheduler, make_sgd
+from metapl.training.process import Dist, amp_dtype, plan_cpu_share, seed_everything, wrap_ddp
+from metapl.training.starting_weights import start_model
 
 
 @dataclass
@@ -53,12 +53,31 @@ class Run:
     seconds: float = 0.0
     last_eval: tuple[int, dict] | None = None  # (step, accuracies) of the latest evaluation
     saved_step: int | None = None  # step of the checkpoint.pt on disk, None before the first save
-    predictions: TeacherPredictions | None = None  # --method reduced-mpl / distill: the large teacher's, stored
+    predictions: object | None = None  # a reduced method's large-teacher predictions (metapl.methods.large_teacher)
 
     @property
-    def fixed_teacher(self) -> bool:
-        """Whether the teacher only labels (``--method distill``): ``mpl_update`` then gets no teacher optimizer."""
-        return self.cfg.method == "distill"
+    def method(self) -> Method:
+        """The run's method (``metapl.methods``): its step, its evaluated models, its result candidates."""
+        return get_method(self.cfg.method)
+
+
+@dataclass(frozen=True)
+class ModelStart:
+    """What a method builds its teacher from (``Method.build_teacher``): the run's config, data, device, place in
+    the job and log, and whether it resumes (then the checkpoint holds the weights)."""
+
+    cfg: TrainConfig
+    data: object
+    device: torch.device
+    dist: Dist
+    log: object
+    resuming: bool
+
+    def model(self, role: str, *, replace_head: bool = True, load: bool | None = None) -> nn.Module:
+        """The run's ``role`` network started from its configured weights (``starting_weights.start_model``); ``load``
+        None: unless resuming."""
+        load = not self.resuming if load is None else load
+        return start_model(self.cfg, role, self.data, self.log, replace_head=replace_head, load=load)
 
 
 def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, log) -> Run:
@@ -124,33 +143,26 @@ def _optimizers(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device
     t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.schedule().t_warmup_steps)
     # The baseline has no teacher to wait for: its student starts at once.
     plan = cfg.schedule()
-    wait = plan.s_wait_steps if cfg.method != "supervised" else 0
+    wait = plan.s_wait_steps if get_method(cfg.method).waits_for_teacher else 0
     s_sched = make_scheduler(s_opt, total_steps=cfg.steps, warmup_steps=plan.s_warmup_steps, wait_steps=wait)
     return t_opt, s_opt, t_sched, s_sched
 
 
 def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
-    """The run's teacher and student, started from their weights (not when resuming: the checkpoint has them).
-
-    With ``--method reduced-mpl`` or ``distill`` the image teacher is the large teacher: it predicts once (or its
-    stored predictions are read) and is dropped; the run's teacher is then a ``ReducedTeacher`` over those predictions.
+    """The run's teacher, as its method builds it, and student, started from their weights (not when resuming: the
+    checkpoint has them). The teacher comes first: it draws from the seed before the student.
 
     Returns:
-        ``(predictions, teacher, student)``; ``predictions`` is None for full MPL and the labels-only baseline.
+        ``(predictions, teacher, student)``; ``predictions``: a reduced method's large-teacher predictions, else None.
     """
-    predictions = None
-    if cfg.method in REDUCED_METHODS:
-        predictions = large_teacher_predictions(cfg, data, device, d, log)
-        teacher = ReducedTeacher(data.num_classes, hidden=cfg.reduced_hidden)
-        t_name = f"reduced teacher over {cfg.teacher}'s predictions"
-    else:
-        teacher, t_name = start_model(cfg, "teacher", data, log, load=not resuming), cfg.teacher
-    student = start_model(cfg, "student", data, log, load=not resuming)
+    start = ModelStart(cfg, data, device, d, log, resuming)
+    built = get_method(cfg.method).build_teacher(start)
+    student = start.model("student")
     log(
-        f"teacher {t_name}: {count_parameters(teacher):,} parameters; "
+        f"teacher {built.name}: {count_parameters(built.teacher):,} parameters; "
         f"student {cfg.student}: {count_parameters(student):,} parameters"
     )
-    return predictions, teacher, student
+    return built.predictions, built.teacher, student
 
 
 def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
@@ -170,8 +182,8 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
     """The saved split of a resumed run (checked against the data), else a new one carrying the data's fingerprint.
 
     Args:
-        run_dir: the folder of the run being resumed (its ``split.json``, read by ``run_dir.load_run_split``), or
-            None for a new run (``metapl.engine.train`` saves its split there with ``run_dir.save_run_split``).
+        run_dir: the folder of the run being resumed (its ``split.json``, read by ``layout.load_run_split``), or
+            None for a new run (``metapl.training.trainer`` saves its split there with ``layout.save_run_split``).
     """
     fingerprint = mdata.data_fingerprint(data)
     if run_dir is not None and (run_dir / SPLIT).exists():
@@ -187,7 +199,7 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
         val=_validation_count(cfg, data, log),
         log=log,
     )
-    if cfg.method != "supervised" and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
+    if get_method(cfg.method).unlabeled and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
         raise UserError(
             f"--unlabeled rest leaves no unlabeled images: all {len(data.train)} training images are labeled or held "
             "out; lower --num-labeled, use --unlabeled all, or add images with --unlabeled-dir"
@@ -197,7 +209,7 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
 
 
 def _validation_count(cfg: TrainConfig, data, log) -> int:
-    """``--val-labeled``, or where left unset the automatic carve-out (``config.auto_val_count``), said in one line."""
+    """``--val-labeled``, or where left unset the automatic carve-out (``fields.auto_val_count``), said in one line."""
     if data.val is not None:
         if cfg.val_labeled:
             raise UserError(
@@ -208,8 +220,8 @@ def _validation_count(cfg: TrainConfig, data, log) -> int:
         return 0
     if cfg.val_labeled is not None:
         return cfg.val_labeled
-    if cfg.method == "supervised":
-        return 0  # one model and its EMA: not worth labels (the result is the EMA student)
+    if not get_method(cfg.method).auto_validation:
+        return 0  # the labels-only baseline: one model and its EMA, not worth labels (the result is the EMA student)
     num_classes = data.num_classes
     count = auto_val_count(cfg.num_labeled, num_classes)
     per_class = cfg.num_labeled // num_classes
@@ -233,78 +245,3 @@ def seed_rank(cfg: TrainConfig, d: Dist, step: int = 0) -> None:
     for its different images. Data augmentation does not depend on this: the loaders seed each image themselves.
     """
     seed_everything(mix_seed(cfg.seed, d.rank, step) >> 31, cfg.deterministic)  # NumPy takes 32-bit seeds
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The run directory
-
-
-def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
-    """Refuse a run directory that would mix two runs or overwrite files; nothing is written or deleted here.
-
-    Args:
-        out: ``--out`` (or the ``--resume`` directory).
-        resume: the run in ``out`` is being continued: it must hold a checkpoint.
-        overwrite: ``--overwrite``: a folder that is not empty is accepted (its run files are removed later by
-            ``clear_run_files``, once the new run has been built).
-
-    Returns:
-        The run directory.
-    """
-    run_dir = check_out_path(out)
-    if resume:
-        if not (run_dir / LATEST).is_file():
-            raise UserError(
-                f"{run_dir} has no {LATEST} to resume from (stopped before its first save?); start it again with "
-                f"metapl train --out {run_dir} --overwrite and the same options"
-            )
-        return run_dir
-    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
-    if not entries or overwrite:
-        return run_dir
-    if LATEST in entries:
-        raise UserError(
-            f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to start it again "
-            "(its run files are deleted), or another --out"
-        )
-    raise UserError(
-        f"--out {run_dir} is not empty (it holds {few(entries)}); pick another --out, or pass --overwrite to "
-        "replace the metapl run files in it"
-    )
-
-
-def check_out_path(out: str) -> Path:
-    """The checks of ``check_out_dir`` that need no look inside the folder: a name, a folder, writable.
-
-    Returns:
-        The run directory (which may not exist yet).
-    """
-    if not str(out).strip():
-        raise UserError("--out is empty; name a folder for the run, e.g. --out runs/mpl")
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
-    # Found now rather than after loading the data: the nearest existing folder must be one we can write into.
-    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    if not nearest.is_dir():
-        raise UserError(f"--out {out} lies under {nearest}, which is a file; pick another --out")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {nearest} (permission denied or read-only); pick another --out")
-    return run_dir
-
-
-def clear_run_files(run_dir: Path, log) -> None:
-    """Delete the files a run writes (``metapl.engine.run_dir.RUN_FILES``) from ``run_dir``; other files stay."""
-    removed = []
-    for name in RUN_FILES:
-        path = run_dir / name
-        with reporting_os_errors(path, "delete"):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-            else:
-                continue
-        removed.append(name)
-    if removed:
-        log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")

@@ -1,6 +1,6 @@
 """Where a run's models start: ``--pretrained`` and ``--teacher-weights`` / ``--student-weights``.
 
-A weights source is a metapl run folder (the model the run handed back: its result, ``metapl.engine.result``), a
+A weights source is a metapl run folder (the model the run handed back: its result, ``metapl.rundir.result``), a
 metapl checkpoint (``checkpoint.pt``, ``finetuned.pt``: its finetuned student, else its EMA student, else its
 student; a ``:student``, ``:ema`` or ``:teacher`` suffix picks the network, on a run folder too), a plain state-dict
 file or a ``.safetensors`` file.
@@ -9,24 +9,24 @@ Every file is read weights-only (``metapl.models.weights``).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from metapl.engine.checkpoint import ROLES, refuse_nonfinite
-from metapl.engine.config import REDUCED_METHODS, TrainConfig
-from metapl.engine.result import read_result
-from metapl.engine.run_dir import FINETUNED, LATEST
+from metapl.config.fields import TrainConfig
 from metapl.errors import UserError
+from metapl.methods.registry import get_method
 from metapl.models import create_model
 from metapl.models.weights import as_state_dict, load_into, read_file
+from metapl.rundir.checkpoint import ROLES, refuse_nonfinite_weights
+from metapl.rundir.layout import FINETUNED, LATEST
+from metapl.rundir.result import read_result
 
 
 def read_weights(source: str, log=print) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict a weights source names, and a description of it for the log (``runs/t/checkpoint.pt (ema)``);
-    ``log`` receives the line of a run folder that has not finished (``metapl.engine.result.read_result``).
+    ``log`` receives the line of a run folder that has not finished (``metapl.rundir.result.read_result``).
 
     Raises:
         UserError: a missing file or network, a file that is not weights, non-finite weights.
@@ -48,12 +48,12 @@ def read_weights(source: str, log=print) -> tuple[dict[str, torch.Tensor], str]:
     role = role or ("student" if path.name == FINETUNED or obj.get("ema") is None else "ema")
     if obj.get(role) is None:
         raise UserError(f"{path} holds no {role} network; pick another with :student, :ema or :teacher")
-    if role == "teacher" and obj["config"].get("method") in REDUCED_METHODS:
+    if role == "teacher" and not get_method(obj["config"].get("method", "mpl")).image_teacher:
         raise UserError(
             f"{path}'s teacher is a reduced teacher over stored predictions, not an image model; "
             "use its :student or :ema"
         )
-    refuse_nonfinite(obj, path, roles=(role,))
+    refuse_nonfinite_weights(obj, path, roles=(role,))
     return as_state_dict(obj[role], path), f"{path} ({role})"
 
 
@@ -111,12 +111,3 @@ def _refuse_other_classes(model: nn.Module, state: dict, where: str, num_classes
             f"{where} predicts {weight.shape[0]} classes but the data has {num_classes}; a teacher that "
             "only predicts must have been trained on these classes"
         )
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, shapes, dtypes and values): what identifies its predictions."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
