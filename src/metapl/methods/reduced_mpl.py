@@ -46,8 +46,8 @@ class ReducedMPL(MPL):
             )
 
     def adopt(self, values: dict, defaults: dict) -> dict:
-        """A recipe switched to a reduced method: no UDA (its weight back at the default, which is 0 here)."""
-        return {**values, "uda_weight": defaults["uda_weight"]}
+        """A recipe switched to a reduced method: UDA off (weight 0; its other options are then idle)."""
+        return {**values, "uda_weight": 0.0}
 
     def build_teacher(self, start) -> TeacherBuild:
         """The large teacher's predictions (made once, or read from the cache), and a reduced teacher over them."""
