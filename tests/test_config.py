@@ -21,7 +21,7 @@ from metapl.core import MPLConfig
 from metapl.core.options import specs
 from metapl.data import DATASETS
 from metapl.errors import UserError
-from metapl.methods.registry import method_names
+from metapl.methods.by_name import method_names
 from metapl.rundir.layout import save_config
 
 REPO = Path(__file__).resolve().parents[1]

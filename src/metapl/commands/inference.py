@@ -26,7 +26,7 @@ from metapl.config.fields import TrainConfig, config_from_dict
 from metapl.data.sources.imagetree import decode_image, is_split_tree
 from metapl.data.views.per_image import eval_transform
 from metapl.errors import UserError, few, reporting_os_errors
-from metapl.methods.registry import get_method
+from metapl.methods.by_name import get_method
 from metapl.rundir.checkpoint import load_checkpoint, refuse_overwrite
 from metapl.rundir.export_format import read_exported
 from metapl.rundir.layout import EVAL_JSON, FINETUNED, RUN_FILES, read_summary

@@ -28,7 +28,7 @@ from metapl.config.rules import drop_idle, refuse_idle
 from metapl.core.config import MPLConfig
 from metapl.core.options import check_options, option, specs
 from metapl.errors import UserError
-from metapl.methods.registry import get_method, method_names, methods_help
+from metapl.methods.by_name import get_method, method_names, methods_help
 
 _MPL_SECTION = "Meta Pseudo Labels (metapl.core.MPLConfig; docs/algorithm.md)"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from metapl.config.option_text import flag, shown
 from metapl.errors import UserError, few
-from metapl.methods.registry import get_method
+from metapl.methods.by_name import get_method
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ teacher, fixed at its initialisation (the identity map): the student learns on t
 
 from __future__ import annotations
 
+from metapl.methods.by_name import register
+from metapl.methods.meta_pseudo_labels import REDUCED_ONLY
 from metapl.methods.method import Idle
-from metapl.methods.mpl import REDUCED_ONLY
 from metapl.methods.reduced_mpl import ReducedMPL
-from metapl.methods.registry import register
 
 _FIXED = Idle("distill's teacher is fixed: it takes no feedback", "reduced-mpl")
 

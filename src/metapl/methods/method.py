@@ -2,7 +2,7 @@
 
 A method declares, once: how its teacher is built, the update one training step runs, the networks it evaluates and
 may hand back, the options it leaves idle (refused when given with it, dropped when a recipe is switched to it), and
-its defaults (UDA weight, the student's wait, finetuning, the validation carve-out). ``metapl.methods.registry`` holds
+its defaults (UDA weight, the student's wait, finetuning, the validation carve-out). ``metapl.methods.by_name`` holds
 one instance per ``--method`` name.
 
 Importing this module (and the method modules) does not import torch: ``metapl --help`` and the config layer read the
@@ -48,8 +48,8 @@ class TeacherBuild:
 
 class Method:
     """The base of every method: the declarations' defaults (the most conservative: no unlabeled images, no trained
-    teacher) and the behaviour most methods share. Each method module subclasses it; ``metapl.methods.mpl`` is the
-    paper's.
+    teacher) and the behaviour most methods share. Each method module subclasses it;
+    ``metapl.methods.meta_pseudo_labels`` is the paper's.
     """
 
     name: ClassVar[str] = ""

@@ -10,9 +10,9 @@ apply to it: ``--uda-weight`` is refused, and its default is 0.
 from __future__ import annotations
 
 from metapl.errors import UserError
+from metapl.methods.by_name import register
+from metapl.methods.meta_pseudo_labels import MPL
 from metapl.methods.method import TeacherBuild
-from metapl.methods.mpl import MPL
-from metapl.methods.registry import register
 
 
 class ReducedMPL(MPL):

@@ -21,7 +21,7 @@ from pathlib import Path
 from metapl.config.fields import TrainConfig, config_from_dict
 from metapl.config.rules import changed_options
 from metapl.errors import UserError
-from metapl.methods.registry import get_method
+from metapl.methods.by_name import get_method
 from metapl.protocol.paired import paired_interval, paired_text
 from metapl.rundir.layout import LATEST, SUMMARY, load_run_config, read_summary
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from metapl.config.fields import config_from_dict
 from metapl.errors import UserError
-from metapl.methods.registry import get_method
+from metapl.methods.by_name import get_method
 from metapl.models import create_model
 from metapl.models.weights import state_dict_mismatch
 from metapl.rundir.checkpoint import MODEL_KEYS, refuse_nonfinite_weights, require_keys

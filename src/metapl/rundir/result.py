@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from metapl.errors import UserError
-from metapl.methods.registry import get_method
+from metapl.methods.by_name import get_method
 from metapl.rundir.layout import FINETUNED, LATEST, load_run_config, read_summary
 
 ROLES = ("teacher", "student", "ema", "finetuned")  # the candidates, as summary.json and metrics name them

@@ -18,8 +18,8 @@ from metapl.config.fields import AUTO_VAL_MIN_PER_CLASS, TrainConfig, auto_val_c
 from metapl.core import ModelEMA, MPLState
 from metapl.data.sampling import mix_seed
 from metapl.errors import UserError
+from metapl.methods.by_name import get_method
 from metapl.methods.method import Method
-from metapl.methods.registry import get_method
 from metapl.models import count_parameters
 from metapl.models.plugins import import_model_modules
 from metapl.rundir.checkpoint import restore

@@ -16,7 +16,7 @@ from torch import nn
 
 from metapl.config.fields import TrainConfig
 from metapl.errors import UserError
-from metapl.methods.registry import get_method
+from metapl.methods.by_name import get_method
 from metapl.models import create_model
 from metapl.models.weights import as_state_dict, load_into, read_file
 from metapl.rundir.checkpoint import ROLES, refuse_nonfinite_weights

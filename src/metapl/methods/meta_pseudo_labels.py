@@ -4,8 +4,8 @@ UDA and the student's feedback), then the student finetuned on the labels."""
 
 from __future__ import annotations
 
+from metapl.methods.by_name import register
 from metapl.methods.method import Idle, Method
-from metapl.methods.registry import register
 
 REDUCED_ONLY = Idle("only Reduced MPL trains a reduced teacher", "reduced-mpl")
 

@@ -8,9 +8,9 @@ from the same weights as in the pseudo-label runs of the same seed and ``--teach
 from __future__ import annotations
 
 from metapl.errors import UserError
+from metapl.methods.by_name import register
+from metapl.methods.meta_pseudo_labels import REDUCED_ONLY
 from metapl.methods.method import Idle, Method
-from metapl.methods.mpl import REDUCED_ONLY
-from metapl.methods.registry import register
 
 _ALONE = Idle("the labels-only baseline trains the student alone", "mpl")
 # Options of the teacher's training and of the MPL update: none of them reaches the student here.
