@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from metapl import data as mdata
-from metapl.engine.checkpoint import load_checkpoint
-from metapl.engine.evaluate import evaluate
-from metapl.engine.rebuild import build_model
-from metapl.engine.run_dir import load_run_config
+from metapl.rundir.checkpoint import load_checkpoint
+from metapl.rundir.layout import load_run_config
+from metapl.rundir.rebuild import build_model
+from metapl.training.evaluation import evaluate
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:

@@ -1,6 +1,6 @@
 """``metapl demo``'s wall time on an idle machine and beside one other CPU-bound process, for two CPU policies.
 
-* ``auto``: loader workers and intra-op threads chosen from the free cores (``engine.runtime.plan_cpu_share``);
+* ``auto``: loader workers and intra-op threads chosen from the free cores (``metapl.training.process.plan_cpu_share``);
 * ``fixed``: 2 workers and 2 threads whatever the load (what the demo did before the policy).
 
 Each measurement is a fresh process (the free-core measurement is cached per process); the "busy" one starts a

@@ -25,8 +25,9 @@ import torch
 from benchmarks.harness import median, record
 from benchmarks.step_timing import PeakMemory
 from benchmarks.steps import config_step
-from metapl.engine.config import TrainConfig, find_config, load_yaml
-from metapl.engine.runtime import select_device
+from metapl.config.fields import TrainConfig
+from metapl.config.recipes import find_config, load_yaml
+from metapl.training.process import select_device
 
 # dataset -> (classes, native image side, channels); folders take --num-classes and the config's --image-size.
 SHAPES = {

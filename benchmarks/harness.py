@@ -3,13 +3,15 @@
 * **Data root** (one place): a relative ``data_dir`` in a benchmark recipe names a file or folder under the data root:
   ``--data-root`` where a benchmark has it, else ``$METAPL_DATA_ROOT``, else ``../shared/data`` beside the repository
   (the folder the tests read too). The library itself takes ``--data-dir`` as given; only the benchmarks resolve.
-* **Runs** go through the library: values are checked by ``TrainConfig`` (the config layer), shipped recipes are read
-  with ``load_yaml`` (its key and value checks), and ``metapl.engine.compare.train_row`` trains. A finished run (its
+* **Runs** go through the library: values are checked by ``TrainConfig`` (the config layer; a recipe with a row's
+  changes reads as ``config_from_dict`` reads it: the options that do nothing with the row's method fall back to their
+  defaults), shipped recipes are read with ``load_yaml`` (its key and value checks), and
+  ``metapl.protocol.rows.train_row`` trains. A finished run (its
   ``summary.json`` exists) is skipped, so a table is built one run per command and resumed at will; a killed one is
   trained again from scratch (its wall time stays one process's).
 * **Stamps**: date, machine and git revision, written beside every result (``record``).
 * **Paired seeds**: ``paired_lines`` turns per-seed figures into Markdown rows of differences with 95 % t-intervals
-  (the statistics live in ``metapl.engine.compare``, which ``metapl compare`` uses too).
+  (the statistics live in ``metapl.protocol.paired``, which ``metapl compare`` uses too).
 
 Run the benchmarks as modules from the repository root: ``python -m benchmarks.ablation ...``; where ``metapl`` is
 not installed (a bare GPU machine), put ``src`` on the path: ``PYTHONPATH=src python3 -m benchmarks.gpu_check``.
@@ -30,8 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from metapl.engine.compare import kept_model, mean_sd, paired_interval
-from metapl.engine.metrics import read_metrics
+from metapl.protocol.paired import mean_sd, paired_interval
+from metapl.protocol.rows import kept_model
+from metapl.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -71,7 +74,8 @@ def resolve_data_dir(values: dict) -> dict:
 
 def shipped_recipe(name: str) -> dict:
     """A shipped config's values, read and checked by the config layer (``load_yaml``, then ``TrainConfig``)."""
-    from metapl.engine.config import TrainConfig, find_config, load_yaml
+    from metapl.config.fields import TrainConfig
+    from metapl.config.recipes import find_config, load_yaml
 
     values = load_yaml(find_config(name))
     TrainConfig(**values)  # the cross-field checks too
@@ -154,13 +158,13 @@ def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
     Returns:
         The run's summary dict, with ``wall_seconds`` added.
     """
-    from metapl.engine.compare import train_row
-    from metapl.engine.config import TrainConfig
-    from metapl.engine.run_dir import SUMMARY, read_summary, write_summary
+    from metapl.config.fields import config_from_dict
+    from metapl.protocol.rows import train_row
+    from metapl.rundir.layout import SUMMARY, read_summary, write_summary
 
     if (out / SUMMARY).exists():
         return read_summary(out)
-    cfg = TrainConfig(**{**resolve_data_dir(values), "out": str(out)})
+    cfg = config_from_dict({**resolve_data_dir(values), "out": str(out)})  # a recipe switched to the row's method
     start = time.perf_counter()
     summary, _ = train_row(cfg, fresh=out.exists(), log=lambda *a, **k: None)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)

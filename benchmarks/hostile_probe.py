@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks.harness import data_path
 from metapl.core import Batch, MPLConfig, MPLState, mpl_update
-from metapl.engine.runtime import make_sgd
+from metapl.training.optimizers import make_sgd
 
 K = 4
 
@@ -93,7 +93,7 @@ def _raises(fn, kind=ValueError):
 
 
 def _cfg(**kw):
-    from metapl.engine.config import TrainConfig
+    from metapl.config.fields import TrainConfig
 
     return lambda: TrainConfig(**kw)
 

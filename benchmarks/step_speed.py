@@ -41,9 +41,9 @@ import torch
 from benchmarks.harness import available_cpus, record, stamp
 from benchmarks.step_timing import MEMORY_STEPS, measure_group, profile_table
 from benchmarks.steps import DROPOUT, IDEAL, LABEL_SMOOTHING, LR, MOMENTUM, SHAPES, UDA_WEIGHT, VARIANTS, WEIGHT_DECAY
-from metapl.engine.runtime import amp_dtype as resolve_amp
-from metapl.engine.runtime import select_device
 from metapl.errors import UserError
+from metapl.training.process import amp_dtype as resolve_amp
+from metapl.training.process import select_device
 
 # (name, numerator variant, denominator variant, measure, comparison, limit)
 TARGETS = (

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.harness import median
 from benchmarks.steps import IDEAL, SHAPES, build
-from metapl.engine.runtime import amp_dtype as resolve_amp
-from metapl.engine.runtime import select_device
+from metapl.training.process import amp_dtype as resolve_amp
+from metapl.training.process import select_device
 
 MIB = 2**20
 MEMORY_STEPS = 2  # step 1 allocates gradients and optimizer state; step 2 runs with them in place (the steady state)

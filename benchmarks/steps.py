@@ -1,7 +1,7 @@
 """The library's own update, built in one place for every timing benchmark: no benchmark writes an MPL step.
 
 Every step here is ``metapl.core.mpl_update`` (hard or soft; soft runs ``metapl.core.soft``) with optimizers from
-``metapl.engine.runtime.make_sgd``, the ones the trainer builds, on synthetic batches (no data loading):
+``metapl.training.optimizers.make_sgd``, the ones the trainer builds, on synthetic batches (no data loading):
 
 * ``hard-taylor``, ``hard-dot``, ``soft``: with the CIFAR recipe's losses (``build``).
 * ``ideal``: the passes a hard update cannot avoid (``IDEAL``), each a callable timed alone: a floor to compare the
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from metapl.core import Batch, MPLConfig, MPLState, feedback_mode, mpl_update
-from metapl.engine.runtime import make_sgd
 from metapl.models import create_model
 from metapl.models.reduced import ReducedTeacher
+from metapl.training.optimizers import make_sgd
 
 SHAPES = {"paper": (64, 7), "cpu": (32, 7), "recipe": (16, 4), "tiny": (2, 1)}  # (B labeled, μ); recipe: CPU configs
 REDUCED_VARIANTS = {"distill": None, "reduced-taylor": "taylor", "reduced-dot": "dot", "reduced-cosine": "cosine"}
@@ -188,8 +188,8 @@ def config_step(cfg, shape: dict, device: torch.device):
         A zero-argument callable running one ``mpl_update`` plus the EMA update, and the parameter counts.
     """
     from metapl.core import ModelEMA
-    from metapl.engine.runtime import amp_dtype
     from metapl.models import count_parameters
+    from metapl.training.process import amp_dtype
 
     torch.manual_seed(cfg.seed)
     fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format

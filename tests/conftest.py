@@ -137,7 +137,7 @@ def make_tar(tree: Path, out: Path, *, wrapper: str | None = None) -> Path:
     return out
 
 
-# -- accuracies counted independently of metapl.engine.evaluate --------------------------------------------------------
+# -- accuracies counted independently of metapl.training.evaluation ---------------------------------------------
 
 
 def count_accuracies(models: dict, loader) -> dict[str, float]:
@@ -175,7 +175,7 @@ def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str
     The models are rebuilt with ``create_model`` from the checkpoint's config, and the test split is read as the
     trainer reads it (``load_dataset`` with the run's seed, its ``eval_limit`` where the config has one,
     ``make_eval_loader`` with its batch size and the checkpoint's normalisation), not through
-    ``metapl.commands.inference`` or ``metapl.engine.evaluate``.
+    ``metapl.commands.inference`` or ``metapl.training.evaluation``.
 
     Args:
         path: the ``.pt`` file.

@@ -16,7 +16,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-import metapl.engine.train
+import metapl.core
+import metapl.training.trainer
 from metapl.commands.cli import main
 from metapl.data import (
     BatchSpec,
@@ -32,8 +33,8 @@ from metapl.data import (
 )
 from metapl.data.views import kernels as ops_
 from metapl.data.views.per_batch import OPS, SIGNED, draw_ops, op_magnitudes, rand_augment
-from metapl.engine.checkpoint import load_checkpoint
-from metapl.engine.run_dir import LATEST
+from metapl.rundir.checkpoint import load_checkpoint
+from metapl.rundir.layout import LATEST
 
 MEAN3, STD3, FILL3 = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), [125, 122, 115]
 
@@ -263,7 +264,7 @@ def test_cli_trains_with_device_augmentation_and_a_resumed_run_equals_an_uninter
     assert main(["train", *TINY, "--out", str(full)]) == 0
     assert yaml.safe_load((full / "config.yaml").read_text())["augment_on"] == "device"
 
-    real, calls = metapl.engine.train.mpl_update, []
+    real, calls = metapl.core.mpl_update, []
 
     def update_then_signal(*args, **kwargs):
         calls.append(1)
@@ -271,7 +272,7 @@ def test_cli_trains_with_device_augmentation_and_a_resumed_run_equals_an_uninter
             os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes step 3, saves it and stops
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metapl.engine.train, "mpl_update", update_then_signal)
+    monkeypatch.setattr(metapl.core, "mpl_update", update_then_signal)
     killed = tmp_path / "killed"
     assert main(["train", *TINY, "--out", str(killed)]) == 143
     assert load_checkpoint(killed / LATEST)["step"] == 3

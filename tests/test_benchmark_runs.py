@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO, benchmark_module
-from metapl.engine.config import TrainConfig, shipped_configs
+from metapl.config.fields import config_from_dict
+from metapl.config.recipes import shipped_configs
 
 
 def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
@@ -52,13 +53,13 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
 
 
 def test_ablation_and_reduced_take_their_statistics_from_the_library():
-    from metapl.engine import compare
+    from metapl.protocol import paired, rows
 
     ablation, reduced = benchmark_module("ablation"), benchmark_module("reduced")
     harness = benchmark_module("harness")
-    assert harness.paired_interval is compare.paired_interval and ablation.paired_lines is reduced.paired_lines
+    assert harness.paired_interval is paired.paired_interval and ablation.paired_lines is reduced.paired_lines
     assert reduced.paired_lines.__module__ == "benchmarks.harness" and ablation.run_rows is harness.run_rows
-    assert ablation.mean_sd is reduced.mean_sd is compare.mean_sd and ablation.final_model is compare.kept_model
+    assert ablation.mean_sd is reduced.mean_sd is paired.mean_sd and ablation.final_model is rows.kept_model
 
 
 def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, capsys):
@@ -110,7 +111,7 @@ def test_harness_skips_finished_runs_and_redoes_killed_ones(tmp_path, monkeypatc
         Path(cfg.out).mkdir(parents=True, exist_ok=True)  # what the trainer's run folder would be
         return {"seed": cfg.seed, "student_acc": 50.0}, "new"
 
-    monkeypatch.setattr("metapl.engine.compare.train_row", fake_train_row)
+    monkeypatch.setattr("metapl.protocol.rows.train_row", fake_train_row)
     values = dict(dataset="digits", num_labeled=20, steps=2, seed=3, device="cpu")
     out = tmp_path / "row" / "seed3"
     first = harness.train_once(out, values)
@@ -161,7 +162,7 @@ def test_reduced_protocol_trains_the_teacher_once_and_reports_with_its_time(fash
     for protocol in reduced.PROTOCOLS:  # every row of every protocol is a valid config, at full budget too
         for row in reduced.ROWS:
             for steps in (None, 4):
-                TrainConfig(**reduced.run_values(protocol, row, 0, root, steps))
+                config_from_dict(reduced.run_values(protocol, row, 0, root, steps))  # as the harness reads it
 
 
 def test_new_user_grid_runs_data_flags_only_reports_the_handed_back_model_and_skips_finished_runs(tmp_path):

@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import metapl.engine.checkpoint
-import metapl.engine.train
+import metapl.core
+import metapl.rundir.checkpoint
+import metapl.training.trainer
 from conftest import cli
 from metapl.commands.cli import main
-from metapl.engine.checkpoint import atomic_save, load_checkpoint
-from metapl.engine.lock import run_lock
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import LATEST, LOCK
 from metapl.errors import UserError
+from metapl.rundir.checkpoint import atomic_save, load_checkpoint
+from metapl.rundir.layout import LATEST, LOCK
+from metapl.rundir.lock import run_lock
+from metapl.training.metrics import read_metrics
 
 QUICK = [
     *["--steps", "4", "--num-labeled", "50", "--eval-every", "4", "--workers", "0", "--batch-size", "8", "--mu", "2"],
@@ -157,7 +158,7 @@ def test_a_full_disk_at_a_later_save_of_a_run(tmp_path, capsys, monkeypatch):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
         return real(obj, f)
 
-    monkeypatch.setattr(metapl.engine.checkpoint.torch, "save", full_after_the_first)
+    monkeypatch.setattr(metapl.rundir.checkpoint.torch, "save", full_after_the_first)
     out = tmp_path / "run"
     code, err = cli(capsys, "train", *QUICK, "--save-every", "2", "--out", out)
     assert code == 2 and err == (
@@ -292,7 +293,7 @@ def test_extending_a_finished_run_follows_the_longer_schedule_and_resumes_exactl
     stopped = Path(shutil.copytree(full, tmp_path / "stopped"))
     assert cli(capsys, "train", "--resume", full, "--steps", "12", "--log-every", "1") == (0, "")
 
-    real, calls = metapl.engine.train.mpl_update, []
+    real, calls = metapl.core.mpl_update, []
 
     def update_then_signal(*args, **kwargs):
         calls.append(1)
@@ -300,7 +301,7 @@ def test_extending_a_finished_run_follows_the_longer_schedule_and_resumes_exactl
             os.kill(os.getpid(), signal.SIGTERM)  # inside step 7: the loop finishes it, saves and stops
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metapl.engine.train, "mpl_update", update_then_signal)
+    monkeypatch.setattr(metapl.core, "mpl_update", update_then_signal)
     code, err = cli(capsys, "train", "--resume", stopped, "--steps", "12", "--log-every", "1")
     assert code == 143 and err.startswith("metapl: interrupted by SIGTERM at step 7;")
     assert cli(capsys, "train", "--resume", stopped) == (0, "")  # no --steps: the checkpoint says 12

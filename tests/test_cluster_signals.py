@@ -14,9 +14,9 @@ import torch
 
 from conftest import cli
 from metapl.commands.cli import main
-from metapl.engine.checkpoint import load_checkpoint
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import LATEST
+from metapl.rundir.checkpoint import load_checkpoint
+from metapl.rundir.layout import LATEST
+from metapl.training.metrics import read_metrics
 from test_cluster import QUICK, _wait_for, _weights
 
 
@@ -86,9 +86,9 @@ def test_sigint_to_the_process_group_during_finetuning_saves_its_progress(tmp_pa
 
 
 def _finetune_stopping_at(monkeypatch, call: int) -> None:
-    import metapl.engine.finetune
+    import metapl.training.phases
 
-    real, calls = metapl.engine.finetune.supervised_step, []
+    real, calls = metapl.training.phases.supervised_step, []
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -96,7 +96,7 @@ def _finetune_stopping_at(monkeypatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)  # inside this finetuning step: finished, saved, then stopped
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metapl.engine.finetune, "supervised_step", step_then_signal)
+    monkeypatch.setattr(metapl.training.phases, "supervised_step", step_then_signal)
 
 
 def _records(run: Path) -> list[dict]:

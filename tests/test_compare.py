@@ -8,17 +8,10 @@ import statistics
 import pytest
 
 from metapl.commands.cli import get_args_parser, main
-from metapl.engine.compare import (
-    ROWS,
-    default_rows,
-    mean_sd,
-    paired_interval,
-    paired_text,
-    recommendation,
-    row_config,
-    t_975,
-)
-from metapl.engine.config import TrainConfig, given_options
+from metapl.config.fields import TrainConfig
+from metapl.config.flags import given_options
+from metapl.protocol.paired import mean_sd, paired_interval, paired_text, t_975
+from metapl.protocol.rows import ROWS, default_rows, recommendation, row_config
 
 TINY = [
     *["--dataset", "digits", "--num-labeled", "50", "--steps", "4", "--finetune-steps", "2", "--eval-every", "4"],

@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 from metapl.commands.cli import get_args_parser, main
+from metapl.config.fields import TrainConfig, sections
+from metapl.config.flags import resolve
+from metapl.config.recipes import load_yaml
 from metapl.core import MPLConfig
 from metapl.core.options import specs
 from metapl.data import DATASETS
-from metapl.engine.config import TrainConfig, load_yaml, resolve, sections
-from metapl.engine.run_dir import save_config
 from metapl.errors import UserError
+from metapl.methods.by_name import method_names
+from metapl.rundir.layout import save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,14 +42,15 @@ def test_every_option_has_a_help_text_and_a_flag():
     assert all(d in specs(TrainConfig)["dataset"].help for d in DATASETS)  # the help names every data set
 
 
-def test_choices_come_from_the_literal_types():
+def test_choices_come_from_the_literal_types_and_the_methods_registry():
     hints = typing.get_type_hints(TrainConfig)
     literal = {n: typing.get_args(t) for n, t in hints.items() if typing.get_origin(t) is typing.Literal}
     assert literal["feedback"] == ("taylor", "dot", "cosine") and literal["amp"] == ("none", "bf16", "fp16")
     actions = train_actions()
-    assert {n for n, a in actions.items() if a.choices} == set(literal)
+    assert {n for n, a in actions.items() if a.choices} == {*literal, "method"}
     for name, allowed in literal.items():
         assert tuple(actions[name].choices) == allowed
+    assert tuple(actions["method"].choices) == method_names() == ("mpl", "supervised", "reduced-mpl", "distill")
 
 
 def test_help_lines_show_what_range_and_default(capsys):
@@ -242,7 +246,7 @@ def test_help_imports_no_torch():
         check=True,
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
-    assert "metapl.commands.cli" in imported and "metapl.engine.config" in imported
+    assert "metapl.commands.cli" in imported and "metapl.config.fields" in imported
     assert sorted(m for m in imported if m.split(".")[0] in ("torch", "numpy", "PIL")) == []
     assert done.stdout.count("usage: metapl") == len(commands) + 1
 

@@ -1,11 +1,11 @@
-"""Loader workers and intra-op threads chosen from the free cores (engine.runtime.plan_cpu_share)."""
+"""Loader workers and intra-op threads chosen from the free cores (metapl.training.process.plan_cpu_share)."""
 
 import os
 
 import pytest
 import torch
 
-from metapl.engine import runtime
+from metapl.training import process as runtime
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -24,12 +24,12 @@ from torch import nn
 
 from conftest import checkpoint_accuracies
 from metapl.commands.cli import main
+from metapl.config.fields import TrainConfig
 from metapl.core import Batch, MPLConfig, MPLState, mpl_update
-from metapl.engine.config import TrainConfig
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import LATEST
-from metapl.engine.train import _refuse_unsupported
 from metapl.errors import UserError
+from metapl.rundir.layout import LATEST
+from metapl.training.metrics import read_metrics
+from metapl.training.trainer import _refuse_unsupported
 from test_train import TINY, _final_params, _train_records
 
 WORLD = 2

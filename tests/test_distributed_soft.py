@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from metapl.core import MPLConfig, mpl_update
-from metapl.engine.run_dir import LATEST
+from metapl.rundir.layout import LATEST
 from test_distributed import ENV, WORLD, _batches, _mlp, _shard, spawn_cases, torchrun
 from test_train import TINY
 

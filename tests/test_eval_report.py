@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from metapl.commands.cli import main
+from metapl.commands.eval_report import class_report, expected_calibration_error
 from metapl.commands.inference import run_eval
-from metapl.engine.evaluate import class_report, expected_calibration_error
 
 QUIET = {"log": lambda *_: None}
 

@@ -13,10 +13,10 @@ import torch
 from metapl.commands.cli import main
 from metapl.commands.export import run_export
 from metapl.commands.inference import run_predict
-from metapl.engine.checkpoint import RESUME_KEYS, load_checkpoint
-from metapl.engine.exported import read_exported
-from metapl.engine.rebuild import build_model
 from metapl.errors import UserError
+from metapl.rundir.checkpoint import RESUME_KEYS, load_checkpoint
+from metapl.rundir.export_format import read_exported
+from metapl.rundir.rebuild import build_model
 from test_inference import write_fake_run, write_images
 
 TRAIN = [

@@ -15,13 +15,13 @@ from PIL import Image
 from conftest import count_accuracies
 from metapl.commands.cli import main
 from metapl.commands.inference import find_images, format_table, run_eval, run_predict
+from metapl.config.fields import TrainConfig
 from metapl.data import load_dataset, make_eval_loader
-from metapl.engine.checkpoint import atomic_save, load_checkpoint
-from metapl.engine.config import TrainConfig
-from metapl.engine.rebuild import build_model
-from metapl.engine.run_dir import save_config
 from metapl.errors import UserError
 from metapl.models import create_model
+from metapl.rundir.checkpoint import atomic_save, load_checkpoint
+from metapl.rundir.layout import save_config
+from metapl.rundir.rebuild import build_model
 
 CLASSES = [f"c{i}" for i in range(10)]
 MEAN, STD = [0.3], [0.4]

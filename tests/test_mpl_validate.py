@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from metapl.config.fields import TrainConfig
 from metapl.core import Batch, MPLConfig, MPLInputError, MPLState, mpl_update
 from metapl.core.validate import check_batch
-from metapl.engine.config import TrainConfig
 
 K = 3
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from metapl.engine.run_dir import LATEST
+from metapl.rundir.layout import LATEST
 from test_distributed import ENV
 from test_train import TINY
 

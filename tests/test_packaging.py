@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from metapl.commands.cli import main
-from metapl.engine.config import find_config, shipped_configs
+from metapl.config.recipes import find_config, shipped_configs
 from metapl.models import registry
 
 SHIPPED = [

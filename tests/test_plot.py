@@ -10,8 +10,8 @@ from PIL import Image
 
 from metapl.commands.cli import main
 from metapl.commands.plot import load_run_series, make_figure, plot_runs, run_labels, smooth
-from metapl.engine.metrics import MetricsWriter
 from metapl.errors import UserError
+from metapl.training.metrics import MetricsWriter
 
 
 def write_metrics(run_dir, *, mpl=True, steps=60, finetuned=False):

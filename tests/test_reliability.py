@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import metapl.engine.train
+import metapl.core
+import metapl.training.trainer
 from conftest import cli, write_image
 from metapl.commands.cli import main
 from metapl.core import Batch, MPLConfig, mpl_update
 from metapl.data import load_dataset
-from metapl.engine.checkpoint import atomic_save, load_checkpoint, nonfinite_weights
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import FINETUNED, LATEST
 from metapl.errors import UserError
+from metapl.rundir.checkpoint import atomic_save, load_checkpoint, nonfinite_weights
+from metapl.rundir.layout import FINETUNED, LATEST
+from metapl.training.metrics import read_metrics
 
 # The issue's `T`: 5 steps on digits in a few seconds.
 T = [
@@ -210,7 +211,7 @@ def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage):
 
 
 def test_divergence_after_a_save_names_the_finite_checkpoint(tmp_path, capsys, monkeypatch):
-    real, calls = metapl.engine.train.mpl_update, []
+    real, calls = metapl.core.mpl_update, []
 
     def poisoning_update(teacher, *args, **kwargs):  # the 4th update leaves an infinite teacher weight
         metrics = real(teacher, *args, **kwargs)
@@ -220,7 +221,7 @@ def test_divergence_after_a_save_names_the_finite_checkpoint(tmp_path, capsys, m
                 next(teacher.parameters()).view(-1)[0] = float("inf")
         return metrics
 
-    monkeypatch.setattr(metapl.engine.train, "mpl_update", poisoning_update)
+    monkeypatch.setattr(metapl.core, "mpl_update", poisoning_update)
     out = tmp_path / "run"
     code, err = cli(capsys, "train", *QUICK, "--save-every", "2", "--eval-every", "4", "--out", out)
     assert code == 2 and err.startswith(

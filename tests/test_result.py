@@ -1,4 +1,4 @@
-"""One result per run (``metapl.engine.result``): chosen on validation images or by rule, never on the test set, and
+"""One result per run (``metapl.rundir.result``): chosen on validation images or by rule, never on the test set, and
 the model every command uses."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from metapl.engine.config import TrainConfig, auto_val_count
-from metapl.engine.result import candidates, choose_result, read_result
-from metapl.engine.run_dir import save_config
+from metapl.config.fields import TrainConfig, auto_val_count
 from metapl.errors import UserError
+from metapl.rundir.layout import save_config
+from metapl.rundir.result import candidates, choose_result, read_result
 
 ACCS = {"teacher_acc": 70.0, "student_acc": 60.0, "ema_acc": 61.0, "finetuned_acc": 90.0}
 

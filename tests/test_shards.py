@@ -22,6 +22,7 @@ from PIL import Image
 
 from conftest import write_noise_tree
 from metapl.commands.cli import main
+from metapl.config.fields import TrainConfig
 from metapl.data import (
     BatchSpec,
     ImageArrays,
@@ -36,7 +37,6 @@ from metapl.data import (
     weak_view,
     write_shards,
 )
-from metapl.engine.config import TrainConfig
 from metapl.errors import UserError
 
 CLASSES, PER_CLASS, SIZE, PER_SHARD = ("ant", "bee", "cat"), 30, 16, 16

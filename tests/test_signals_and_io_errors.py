@@ -14,13 +14,14 @@ import time
 import pytest
 import torch
 
-import metapl.engine.train
+import metapl.core
+import metapl.training.trainer
 from conftest import cli
-from metapl.engine.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import LATEST
-from metapl.engine.runtime import StopSignals
 from metapl.errors import UserError
+from metapl.rundir.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint
+from metapl.rundir.layout import LATEST
+from metapl.training.metrics import read_metrics
+from metapl.training.process import StopSignals
 from test_reliability import QUICK
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def test_sigint_saves_the_current_step_and_prints_the_resume_command(tmp_path):
 
 
 def test_sigterm_mid_run_saves_and_the_run_resumes_to_the_end(tmp_path, capsys, monkeypatch):
-    real, calls = metapl.engine.train.mpl_update, []
+    real, calls = metapl.core.mpl_update, []
 
     def update_then_signal(*args, **kwargs):
         calls.append(1)
@@ -66,7 +67,7 @@ def test_sigterm_mid_run_saves_and_the_run_resumes_to_the_end(tmp_path, capsys, 
             os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the 3rd step: the loop finishes it, then stops
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metapl.engine.train, "mpl_update", update_then_signal)
+    monkeypatch.setattr(metapl.core, "mpl_update", update_then_signal)
     out = tmp_path / "run"
     handler = signal.getsignal(signal.SIGTERM)
     code, err = cli(capsys, "train", *QUICK, "--out", out)
@@ -123,7 +124,7 @@ def test_any_other_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkey
     def read_only(*_args, **_kwargs):
         raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
 
-    monkeypatch.setattr(metapl.engine.train, "seed_everything", read_only)
+    monkeypatch.setattr(metapl.training.trainer, "seed_everything", read_only)
     assert cli(capsys, "train", *QUICK, "--out", tmp_path / "run") == (
         2,
         f"metapl: error: cannot access {tmp_path / 'x'} (Read-only file system); the file system is read-only; "

@@ -30,9 +30,9 @@ from metapl.data import (
     strong_view,
     weak_view,
 )
-from metapl.engine.evaluate import eval_loaders, evaluate_sets
 from metapl.errors import UserError
 from metapl.models import create_model
+from metapl.training.evaluation import eval_loaders, evaluate_sets
 
 CLASSES, PER_CLASS, SIZE = ("ant", "bee", "cat", "dog"), 60, 32
 WORLD = 2

@@ -16,9 +16,9 @@ import yaml
 
 from conftest import checkpoint_accuracies
 from metapl.commands.cli import main
-from metapl.engine.checkpoint import atomic_save, load_checkpoint
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import LATEST
+from metapl.rundir.checkpoint import atomic_save, load_checkpoint
+from metapl.rundir.layout import LATEST
+from metapl.training.metrics import read_metrics
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -134,9 +134,9 @@ def test_labels_only_baseline_and_finetune(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    import metapl.engine.train
+    import metapl.core
 
-    real, calls = metapl.engine.train.mpl_update, []
+    real, calls = metapl.core.mpl_update, []
 
     def diverging_update(*args, **kwargs):  # the 5th update's teacher loss is NaN
         metrics = real(*args, **kwargs)
@@ -145,7 +145,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, capsys,
             metrics["loss/teacher"] = torch.tensor(float("nan"))
         return metrics
 
-    monkeypatch.setattr(metapl.engine.train, "mpl_update", diverging_update)
+    monkeypatch.setattr(metapl.core, "mpl_update", diverging_update)
     out = tmp_path / "run"
     code = cli(*TINY, "--steps", "40", "--save-every", "2", "--log-every", "3", "--out", str(out))
     err = capsys.readouterr().err

@@ -9,10 +9,10 @@ import torch
 
 from metapl.commands.cli import main
 from metapl.data import load_dataset
-from metapl.engine.checkpoint import load_checkpoint
-from metapl.engine.evaluate import eval_loaders, evaluate
-from metapl.engine.metrics import read_metrics
 from metapl.models import create_model
+from metapl.rundir.checkpoint import load_checkpoint
+from metapl.training.evaluation import eval_loaders, evaluate
+from metapl.training.metrics import read_metrics
 
 TINY = [
     *["--dataset", "digits", "--num-labeled", "60", "--val-labeled", "20", "--batch-size", "8", "--mu", "2"],

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from metapl.commands.cli import main
-from metapl.engine.run_dir import WANDB, WANDB_ID
+from metapl.rundir.layout import WANDB, WANDB_ID
 
 TINY = [
     *["--dataset", "digits", "--num-labeled", "20", "--batch-size", "8", "--mu", "2", "--workers", "0"],

@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 
 from conftest import count_accuracies
 from metapl.commands.cli import main
+from metapl.config.fields import TrainConfig
 from metapl.data import load_dataset, make_eval_loader
-from metapl.engine.config import TrainConfig
-from metapl.engine.weights import read_weights, start_model
 from metapl.errors import UserError
 from metapl.models import create_model
 from metapl.models.weights import load_into
+from metapl.training.starting_weights import read_weights, start_model
 
 TINY = [
     *["--dataset", "digits", "--num-labeled", "30", "--batch-size", "8", "--mu", "2", "--workers", "0"],

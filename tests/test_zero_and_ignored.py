@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from metapl.commands.cli import get_args_parser, main
-from metapl.engine.config import TrainConfig, load_yaml, resolve
+from metapl.config.fields import TrainConfig, config_from_dict
+from metapl.config.flags import resolve
+from metapl.config.recipes import load_yaml
 from metapl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +86,7 @@ def test_an_option_the_mode_ignores_is_refused(values, message):
     assert isinstance(info.value, UserError) and str(info.value) == message
 
 
-def test_mpl_only_flags_are_refused_with_the_labels_only_baseline_but_a_recipe_file_is_not(capsys):
+def test_an_idle_option_is_refused_beside_what_idles_it_and_a_recipe_switched_by_a_flag_drops_it(capsys, tmp_path):
     parser = get_args_parser()
     with pytest.raises(UserError) as info:
         resolve(parser.parse_args(["train", "--method", "supervised", "--uda-weight", "3"]))
@@ -98,9 +100,19 @@ def test_mpl_only_flags_are_refused_with_the_labels_only_baseline_but_a_recipe_f
         "--uda-threshold 0.9 does nothing with --uda-weight 0.0 (UDA is off); drop "
         "--uda-threshold or use --uda-weight a weight > 0"
     )
+    # One rule for every source: the same pair in one YAML file, or in one TrainConfig call, is refused too.
+    both = tmp_path / "both.yaml"
+    both.write_text("method: supervised\nuda_weight: 3\n")
+    with pytest.raises(UserError) as info:
+        resolve(parser.parse_args(["train", "--config", str(both)]))
+    assert str(info.value).startswith("--uda-weight 3 does nothing with --method supervised")
+    with pytest.raises(UserError, match="^--uda-weight 3.0 does nothing with --method supervised"):
+        TrainConfig(method="supervised", uda_weight=3.0)
+    # A recipe is a set of defaults: --method supervised over it drops the recipe's options the baseline ignores.
     recipe = REPO / "src" / "metapl" / "configs" / "cifar10_4k.yaml"
+    assert load_yaml(recipe)["uda_weight"] == 8.0
     cfg = resolve(parser.parse_args(["train", "--config", str(recipe), "--method", "supervised"]))
-    assert cfg.method == "supervised" and cfg.uda_weight == load_yaml(recipe)["uda_weight"] == 8.0
+    assert (cfg.method, cfg.uda_weight, cfg.t_lr, cfg.teacher) == ("supervised", None, 0.05, "wrn28_2")
     assert main(["train", "--mode", "soft", "--feedback", "cosine", "--out", "unused"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -115,5 +127,5 @@ def test_every_ablation_row_loads():
 
     for protocol in ablation.PROTOCOLS:
         for row in ablation.ROWS:
-            for steps in (None, 4):
-                TrainConfig(**ablation.run_values(protocol, row, 0, steps))
+            for steps in (None, 4):  # as the harness reads a recipe with a row's changes
+                config_from_dict(ablation.run_values(protocol, row, 0, steps))

@@ -4,7 +4,8 @@ Usage: ``torchrun ... tests/train_and_dump.py DUMP_DIR TRAIN_ARGS...``. Ranks ot
 to compare the replicas the test needs each rank's weights: this script wraps ``build_run`` to keep the ``Run`` the
 trainer builds, runs ``metapl train`` unchanged, then saves the parameters of the unwrapped teacher, student and EMA
 student to ``DUMP_DIR/rank{RANK}.pt``. Nothing in the package is changed for the test. Buffers are left out:
-BatchNorm's running statistics stay per rank by design (``engine.runtime.wrap_ddp``; rank 0's are checkpointed).
+BatchNorm's running statistics stay per rank by design (``metapl.training.process.wrap_ddp``; rank 0's are
+checkpointed).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-import metapl.engine.train as train_module
+import metapl.training.trainer as train_module
 from metapl.commands.cli import main
 from metapl.core import unwrap
 

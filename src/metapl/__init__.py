@@ -1,7 +1,9 @@
 """metapl: Meta Pseudo Labels (Pham et al., CVPR 2021) for PyTorch.
 
 The algorithm lives in ``metapl.core`` (any teacher and student ``nn.Module``); data sets in ``metapl.data``; models
-in ``metapl.models``; the trainer (config, loop, checkpoints, metrics) in ``metapl.engine``; the ``metapl`` command
+in ``metapl.models``; the training methods in ``metapl.methods``; the trainer in ``metapl.config`` (options),
+``metapl.training`` (set-up, the loop, checkpoints, metrics), ``metapl.rundir`` (the run folder) and
+``metapl.protocol`` (many runs compared); the ``metapl`` command
 line in ``metapl.commands`` (docs/architecture.md). The names below come from ``metapl.core`` on first use, so that
 ``import metapl.commands.cli`` (``metapl --help``) does not import torch.
 """

@@ -17,17 +17,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
+from metapl.config.fields import FINETUNE_STEPS_IF_NONE, TrainConfig
+from metapl.config.flags import add_config_arguments, given_options, resolve
+from metapl.config.rules import RUNTIME_KEYS, refuse_resume_flags
 from metapl.core.options import specs
-from metapl.engine.config import (
-    FINETUNE_STEPS_IF_NONE,
-    RUNTIME_KEYS,
-    TrainConfig,
-    add_config_arguments,
-    given_options,
-    resolve,
-)
-from metapl.engine.run_dir import EXPORT_DIR, RUN_FILES, TENSORBOARD, WANDB
 from metapl.errors import Interrupted, UserError, describe_os_error
+from metapl.rundir.layout import EXPORT_DIR, RUN_FILES, TENSORBOARD, WANDB
 
 RUN_FOLDERS = (TENSORBOARD, WANDB, EXPORT_DIR)  # the folders among the run files, shown with a slash in --help
 
@@ -201,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if "torch.distributed" in sys.modules:  # only a command that trained has joined a group
-            from metapl.engine.runtime import leave_distributed
+            from metapl.training.process import leave_distributed
 
             leave_distributed()
 
 
 class _Terminated(BaseException):
-    """SIGTERM outside the loops that stop on it (``metapl.engine.runtime.StopSignals``): ends the command as Ctrl-C
+    """SIGTERM outside the loops that stop on it (``metapl.training.process.StopSignals``): ends the command as Ctrl-C
     does, with one line and exit status 143, instead of dying without a word."""
 
 
@@ -227,7 +222,7 @@ def _terminate_as_exception():
 
 
 def _train(args: argparse.Namespace) -> None:
-    from metapl.engine.train import train
+    from metapl.training.trainer import train
 
     if args.resume:
         train(_resume_config(args), resume=True)
@@ -236,7 +231,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from metapl.engine.finetune import finetune_run
+    from metapl.training.trainer import finetune_run
 
     finetune_run(args.run_dir, steps=args.steps, lr=args.lr, device=args.device)
 
@@ -329,17 +324,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _resume_config(args: argparse.Namespace):
     """The saved config of the ``--resume`` run with the runtime options and ``--steps`` of the command line."""
-    from metapl.engine.run_dir import load_run_config
+    from metapl.rundir.layout import load_run_config
 
     given = given_options(args)
     # A resumed run must be the same run: its saved config wins over anything else on the command line.
-    refused = sorted("--" + k.replace("_", "-") for k in given if k not in RUNTIME_KEYS | {"steps"})
-    refused += ["--overwrite"] if args.overwrite else []
-    if refused or args.config:
-        raise UserError(
-            f"--resume uses the run's saved config.yaml; drop {', '.join(refused) or '--config'} (only --steps and "
-            "the runtime options may be given with it: see metapl train --help)"
-        )
+    refuse_resume_flags(given, overwrite=args.overwrite, config=args.config)
     return replace(load_run_config(args.resume), **given, out=args.resume)
 
 

@@ -1,7 +1,7 @@
 """``metapl compare``: does Meta Pseudo Labels pay on my data? One command trains the rows and answers.
 
 On the user's recipe (any ``metapl train`` options), seeds paired across rows, every final model at the same number
-of optimizer steps (``metapl.engine.compare``): labels only, labels only with strong augmentation, the UDA teacher
+of optimizer steps (``metapl.protocol.rows``): labels only, labels only with strong augmentation, the UDA teacher
 distilled with the feedback off (h = 0), full MPL, and with a big teacher (``--teacher-weights``) also its plain
 distillation and Reduced MPL. Rows are compared on validation images carved from the labeled ones, never on the test
 set; test accuracy is reported beside it. Each run goes to ``OUT/<row>/seed<k>/``; ``OUT/compare.json`` and
@@ -15,21 +15,19 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from metapl.engine.compare import (
+from metapl.config.fields import TrainConfig
+from metapl.errors import UserError, reporting_os_errors
+from metapl.protocol.paired import mean_sd, paired_interval, paired_text
+from metapl.protocol.rows import (
     LABELS_ONLY,
     ROWS,
     default_rows,
     kept_accuracy,
-    mean_sd,
-    paired_interval,
-    paired_text,
     recommendation,
     row_config,
     run_state,
     train_row,
 )
-from metapl.engine.config import TrainConfig
-from metapl.errors import UserError, reporting_os_errors
 
 DEFAULT_OUT = "runs/compare"
 DEFAULT_SEEDS = "0,1,2"
@@ -52,7 +50,7 @@ def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEED
 
     Args:
         base: the resolved recipe (``--config`` and the train flags).
-        given: the options given as flags (``metapl.engine.config.given_options``).
+        given: the options given as flags (``metapl.config.flags.given_options``).
         seeds: ``--seeds``.
         log: where lines go.
 
@@ -76,7 +74,7 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
         base: the recipe; ``val_labeled`` 0 or unset becomes a fifth of ``num_labeled`` (at least 1).
         out: the folder of the runs, ``compare.json`` and ``compare.md``.
         seeds: the seeds, paired across rows.
-        rows: names from ``metapl.engine.compare.ROWS`` (default: ``default_rows``; labels-only is always added).
+        rows: names from ``metapl.protocol.rows.ROWS`` (default: ``default_rows``; labels-only is always added).
         log: where lines go.
 
     Returns:

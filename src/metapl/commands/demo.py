@@ -12,9 +12,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from metapl.engine.compare import LABELS_ONLY, kept_accuracy, row_config, train_row
-from metapl.engine.compare import ROWS as COMPARE_ROWS
-from metapl.engine.config import TrainConfig
+from metapl.config.fields import TrainConfig
+from metapl.protocol.rows import LABELS_ONLY, kept_accuracy, row_config, train_row
+from metapl.protocol.rows import ROWS as COMPARE_ROWS
 
 DEMO = TrainConfig(
     dataset="digits",
@@ -60,7 +60,7 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log
 
     Every pseudo-label student is then finetuned on the labels (a tenth of the steps: the recipe's last phase), and
     the labels-only model trains that much longer, so all three final models get the same number of optimizer
-    steps (``metapl.engine.compare``, the protocol of ``metapl compare``). The h = 0 row isolates what the MPL
+    steps (``metapl.protocol.rows``, the protocol of ``metapl compare``). The h = 0 row isolates what the MPL
     feedback adds on top of UDA and distillation.
 
     Args:

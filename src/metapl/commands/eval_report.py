@@ -1,7 +1,6 @@
-"""What ``metapl eval`` shows: the accuracy table, the per-class table and the confusion-matrix image (``--plot``).
-
-The figures come from ``metapl.engine.evaluate.evaluate_report``; this module only lays them out. The image is drawn
-with matplotlib's object-oriented API on an Agg canvas, as ``metapl plot`` draws its curves.
+"""What ``metapl eval`` reports: the figures (``evaluate_report``: per class, confusion matrix, calibration) and their
+layout: the accuracy table, the per-class table and the confusion-matrix image (``--plot``). The image is drawn with
+matplotlib's object-oriented API on an Agg canvas, as ``metapl plot`` draws its curves.
 """
 
 from __future__ import annotations
@@ -9,7 +8,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from metapl.errors import reporting_os_errors
+
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)
+TOP_K = 5  # the top-k accuracy reported, only where there are more than k classes (top-5 of 5 classes is always 100)
 
 PER_CLASS_MAX = 30  # classes listed in the terminal; eval.json always holds them all
 
@@ -107,3 +112,114 @@ def plot_confusion(reports: dict[str, dict], classes: list[str], output: Path) -
         output.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(output, format="png", dpi=max(60, int(110 / math.sqrt(n))))
     return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The figures
+
+
+@torch.no_grad()
+def evaluate_report(models: dict[str, nn.Module], loader, device: torch.device, num_classes: int) -> dict[str, dict]:
+    """Everything ``metapl eval`` reports for each model, over one pass of ``loader``.
+
+    Args:
+        models: name -> model (switched to eval mode here, and left there).
+        loader: yields ``(x, y)`` batches.
+        device: where the models are.
+        num_classes: K, the models' output width.
+
+    Returns:
+        name -> ``class_report``'s dict.
+    """
+    for m in models.values():
+        m.eval()
+    preds = {name: [] for name in models}
+    confs = {name: [] for name in models}
+    topk_hits = {name: [] for name in models}
+    labels = []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        labels.append(y.cpu())
+        for name, m in models.items():
+            logits = m(x).float()  # (B, K)
+            top = logits.topk(min(TOP_K, num_classes), dim=1).indices.cpu()  # (B, k); column 0 is the prediction
+            preds[name].append(top[:, 0])
+            confs[name].append(logits.softmax(dim=1).gather(1, top[:, :1].to(device)).squeeze(1).cpu())
+            topk_hits[name].append((top == y.cpu()[:, None]).any(dim=1))
+    y_all = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    out = {}
+    for name in models:
+        pred, conf = torch.cat(preds[name]), torch.cat(confs[name])
+        hits = torch.cat(topk_hits[name]) if num_classes > TOP_K else None
+        out[name] = class_report(pred, conf, y_all, num_classes, topk_hits=hits)
+    return out
+
+
+def class_report(
+    pred: torch.Tensor, conf: torch.Tensor, y: torch.Tensor, num_classes: int, *, topk_hits: torch.Tensor | None = None
+) -> dict:
+    """Accuracy, top-5, ECE, per-class accuracy/precision/recall and the confusion matrix of one model's predictions.
+
+    Per class c (all in %): ``accuracy`` and ``recall`` are the share of class c's images predicted as c (the same
+    number: accuracy within the class), ``precision`` the share of images predicted as c that are c; None where the
+    share has no images to count (a class absent from the set, or never predicted).
+
+    Args:
+        pred: ``(N,)`` predicted classes.
+        conf: ``(N,)`` the predicted class's softmax probability.
+        y: ``(N,)`` true classes.
+        num_classes: K.
+        topk_hits: ``(N,)`` whether the true class is among the top 5, or None (K <= 5: no top-5 is reported).
+
+    Returns:
+        ``{"acc", "top5" (K > 5 only), "ece", "per_class": [{"accuracy", "precision", "recall", "support"}, ...],
+        "confusion_matrix": K x K counts, rows = true class, columns = predicted class}``.
+    """
+    k = num_classes
+    cm = torch.bincount(y * k + pred, minlength=k * k).view(k, k)  # (K, K): rows true, columns predicted
+    support, predicted, tp = cm.sum(dim=1), cm.sum(dim=0), cm.diag()
+    n = max(len(y), 1)
+
+    def pct(a: int, b: int) -> float | None:
+        return 100.0 * a / b if b else None
+
+    per_class = []
+    for c in range(k):
+        recall = pct(int(tp[c]), int(support[c]))
+        per_class.append(
+            {
+                "accuracy": recall,
+                "precision": pct(int(tp[c]), int(predicted[c])),
+                "recall": recall,
+                "support": int(support[c]),
+            }
+        )
+    report = {"acc": 100.0 * int(tp.sum()) / n}
+    if topk_hits is not None:
+        report["top5"] = 100.0 * int(topk_hits.sum()) / n
+    report["ece"] = 100.0 * expected_calibration_error(conf, pred == y)
+    report.update({"per_class": per_class, "confusion_matrix": cm.tolist()})
+    return report
+
+
+def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width confidence bins of (bin share) x |accuracy - confidence|.
+
+    The confidence of an image is its predicted class's softmax probability; bin b holds the confidences in
+    ``((b-1)/bins, b/bins]`` (the first bin includes 0). A perfectly calibrated model scores 0.
+
+    Args:
+        conf: ``(N,)`` confidences in [0, 1].
+        correct: ``(N,)`` whether each prediction was right.
+        bins: number of bins (15, as Guo et al. 2017, "On Calibration of Modern Neural Networks").
+
+    Returns:
+        The ECE as a fraction in [0, 1] (0 for an empty set).
+    """
+    if len(conf) == 0:
+        return 0.0
+    conf = conf.double()
+    index = (conf * bins).ceil().long().clamp(1, bins) - 1  # (N,) bin of each confidence
+    conf_sum = torch.bincount(index, weights=conf, minlength=bins)
+    acc_sum = torch.bincount(index, weights=correct.double(), minlength=bins)
+    return float((conf_sum - acc_sum).abs().sum() / len(conf))

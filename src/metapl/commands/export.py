@@ -1,9 +1,9 @@
 """``metapl export RUN``: one trained network as a deployable file plus a JSON record of how to feed it.
 
-Formats: ``safetensors`` (weights only; ``metapl predict`` and ``metapl.engine.exported.read_exported`` rebuild the
+Formats: ``safetensors`` (weights only; ``metapl predict`` and ``metapl.rundir.export_format.read_exported`` rebuild the
 network from the JSON), ``onnx`` (the legacy TorchScript-based exporter, which needs no extra package; a dynamic batch
 axis, input ``images``, output ``logits``) and ``torchscript`` (``torch.jit.trace``). The file format and the JSON are
-described in ``metapl.engine.exported``.
+described in ``metapl.rundir.export_format``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapl.engine.checkpoint import load_checkpoint
-from metapl.engine.config import config_from_dict
-from metapl.engine.exported import SUFFIX, example_input, export_meta, meta_path, safetensors_bytes, write_files
-from metapl.engine.rebuild import build_model, checkpoint_file
-from metapl.engine.result import read_result
-from metapl.engine.run_dir import EXPORT_DIR, FINETUNED
 from metapl.errors import UserError
+from metapl.rundir.checkpoint import load_checkpoint
+from metapl.rundir.export_format import SUFFIX, example_input, export_meta, meta_path, safetensors_bytes, write_files
+from metapl.rundir.layout import EXPORT_DIR, FINETUNED
+from metapl.rundir.rebuild import build_model, checkpoint_file, refuse_untrained_teacher
+from metapl.rundir.result import read_result
 
 FORMATS = tuple(SUFFIX)
 MODELS = ("finetuned", "ema", "student", "teacher")
@@ -37,7 +36,7 @@ def run_export(
     Args:
         path: a run directory (its ``checkpoint.pt``, and ``finetuned.pt`` if there) or a ``.pt`` checkpoint.
         model: ``finetuned``, ``ema``, ``student`` or ``teacher``; None: a run folder's result
-            (``metapl.engine.result``); a checkpoint file's finetuned student when ``finetuned.pt`` is beside it, else
+            (``metapl.rundir.result``); a checkpoint file's finetuned student when ``finetuned.pt`` is beside it, else
             its EMA student, else its student.
         fmt: ``safetensors``, ``onnx`` or ``torchscript``.
         output: the model file; default ``RUN_DIR/export/<model><suffix>``. The JSON goes beside it
@@ -93,8 +92,8 @@ def _choose(ckpt: dict, ckpt_path: Path, model: str | None) -> tuple[str, Path]:
         return "finetuned", ft_path
     if model == "ema" and ckpt.get("ema") is None:
         raise UserError(f"{ckpt_path} has no EMA student (trained with --ema 0); pick --model student")
-    if model == "teacher" and config_from_dict(ckpt["config"]).method == "supervised":
-        raise UserError(f"{ckpt_path} is a labels-only run (--method supervised): its teacher was never trained")
+    if model == "teacher":
+        refuse_untrained_teacher(ckpt, ckpt_path)
     return model, ckpt_path
 
 

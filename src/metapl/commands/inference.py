@@ -21,21 +21,18 @@ from PIL import Image
 from torch import nn
 
 from metapl import data as mdata
-from metapl.commands.eval_report import format_per_class, format_table, plot_confusion
+from metapl.commands.eval_report import evaluate_report, format_per_class, format_table, plot_confusion
+from metapl.config.fields import TrainConfig, config_from_dict
 from metapl.data.sources.imagetree import decode_image, is_split_tree
 from metapl.data.views.per_image import eval_transform
-from metapl.engine.checkpoint import (
-    load_checkpoint,
-    refuse_overwrite,
-)
-from metapl.engine.config import TrainConfig, config_from_dict
-from metapl.engine.evaluate import evaluate_report
-from metapl.engine.exported import read_exported
-from metapl.engine.rebuild import build_model, checkpoint_file
-from metapl.engine.result import read_result
-from metapl.engine.run_dir import EVAL_JSON, FINETUNED, RUN_FILES, read_summary
-from metapl.engine.runtime import plan_cpu_share, select_device
 from metapl.errors import UserError, few, reporting_os_errors
+from metapl.methods.by_name import get_method
+from metapl.rundir.checkpoint import load_checkpoint, refuse_overwrite
+from metapl.rundir.export_format import read_exported
+from metapl.rundir.layout import EVAL_JSON, FINETUNED, RUN_FILES, read_summary
+from metapl.rundir.rebuild import build_model, checkpoint_file, refuse_untrained_teacher
+from metapl.rundir.result import read_result
+from metapl.training.process import plan_cpu_share, select_device
 
 PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
 
@@ -73,7 +70,7 @@ def run_eval(
         ``{"<model>_acc": top-1 %, "<model>_top5": top-5 % (more than 5 classes only), "<model>_ece": expected
         calibration error % (15 bins), ...}`` plus ``checkpoint``, ``step``, ``dataset``, ``data_dir``, ``num_test``,
         ``classes`` and ``models`` (per model: per-class accuracy/precision/recall/support and the confusion matrix,
-        ``metapl.engine.evaluate.class_report``); the same dict is written to ``output``.
+        ``metapl.commands.eval_report.class_report``); the same dict is written to ``output``.
 
     Raises:
         UserError: unreadable checkpoint, weights that do not fit their config, or a test set whose class count,
@@ -158,8 +155,8 @@ def _headline_model(path: Path, reports: dict) -> str:
 
 
 def _eval_roles(ckpt: dict, cfg: TrainConfig) -> list[str]:
-    # A labels-only run has no teacher; a reduced run's teacher reads stored predictions, not images.
-    roles = ["teacher", "student"] if cfg.method == "mpl" else ["student"]
+    # A labels-only run has no trained teacher; a reduced run's teacher reads stored predictions, not images.
+    roles = list(get_method(cfg.method).evaluated_roles)
     if ckpt.get("ema") is not None:
         roles.append("ema")
     return roles
@@ -252,7 +249,7 @@ def run_predict(
         paths: image files (any format Pillow reads) and folders.
         model: ``ema`` (the EMA student; the student when the run kept no EMA), ``student``, ``teacher`` or
             ``finetuned`` (the student in ``finetuned.pt`` beside the checkpoint); None: a run folder's result
-            (``metapl.engine.result``), a checkpoint file's EMA student.
+            (``metapl.rundir.result``), a checkpoint file's EMA student.
         output: the CSV file, columns ``path,class,probability,top_k``; ``top_k`` reads ``cat:0.8100;dog:0.1200``.
         top_k: how many classes ``top_k`` lists (capped at the number of classes).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -341,9 +338,8 @@ def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Mod
     if which == "ema" and ckpt.get("ema") is None:
         log(f"warning: {ckpt_path} has no EMA student (trained with --ema 0); predicting with the student")
         which = "student"
-    method = config_from_dict(ckpt["config"]).method
-    if which == "teacher" and method == "supervised":
-        raise UserError(f"{ckpt_path} is a labels-only run (--method supervised): its teacher was never trained")
+    if which == "teacher":
+        refuse_untrained_teacher(ckpt, ckpt_path)
     if which not in ("ema", "student", "teacher"):
         raise UserError(f"unknown --model {which!r}; choose ema, student, teacher or finetuned")
     return build_model(ckpt, which, source=ckpt_path), ckpt

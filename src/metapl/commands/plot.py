@@ -14,10 +14,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from metapl.engine.checkpoint import refuse_overwrite
-from metapl.engine.metrics import read_metrics
-from metapl.engine.run_dir import CURVES, METRICS
 from metapl.errors import UserError, reporting_os_errors
+from metapl.rundir.checkpoint import refuse_overwrite
+from metapl.rundir.layout import CURVES, METRICS
+from metapl.training.metrics import read_metrics
 
 ACC_KEYS = (("eval/teacher_acc", "teacher"), ("eval/student_acc", "student"), ("eval/ema_acc", "EMA student"))
 FINETUNED_KEY = "eval/finetuned_acc"

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from metapl.core.parts import unwrap
+from metapl.core.replicas import unwrap
 
 
 class ModelEMA:

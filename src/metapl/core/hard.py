@@ -14,16 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.core.losses import pseudo_labels, upcast
-from metapl.core.parts import (
-    autocast_for,
-    clip_and_step,
-    feedback_mode,
-    mean_over_ranks,
-    pseudo_metrics,
-    uda_term,
-    unwrap,
-)
+from metapl.core.feedback import feedback_mode
+from metapl.core.losses import pseudo_labels, pseudo_metrics, uda_term, upcast
+from metapl.core.replicas import mean_over_ranks, unwrap
+from metapl.core.steps import autocast_for, clip_and_step
 from metapl.core.validate import LABELS_OK, labels_in_range
 
 # The metrics of the teacher's step: all 0 when the teacher is fixed (it takes no step).

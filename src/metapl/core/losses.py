@@ -83,3 +83,22 @@ def uda_consistency(
     mask = (confidence >= threshold).float()
     per_image = -(target * F.log_softmax(upcast(t_logits_us), dim=-1)).sum(dim=-1)  # (B,)
     return (per_image * mask).mean(), mask.mean()
+
+
+def uda_term(t_logits_uw, t_logits_us, config, uda_weight: float, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher's UDA consistency loss and mask ratio under ``config`` (an ``MPLConfig``); zeros when off."""
+    if uda_weight <= 0 or t_logits_uw is None:
+        return zero, zero
+    return uda_consistency(t_logits_uw, t_logits_us, temperature=config.uda_temperature, threshold=config.uda_threshold)
+
+
+def pseudo_metrics(t_logits: Tensor, y_hat: Tensor, y_u: Tensor | None) -> dict[str, Tensor]:
+    """The teacher's mean confidence and, when ``y_u`` is given, the accuracy of the pseudo labels ``y_hat``."""
+    probs = F.softmax(t_logits.float(), dim=-1)
+    out = {"pseudo/confidence": probs.amax(dim=-1).mean()}
+    if y_u is not None:
+        known = (y_u >= 0).float()
+        correct = (y_hat == y_u).float() * known
+        # NaN when no label is known in this batch: "unknown", not "0 % correct".
+        out["pseudo/acc"] = correct.sum() / known.sum()
+    return out

@@ -12,7 +12,8 @@ h = η_S ∇_{θ'_S} L_l(θ'_S) · ∇_{θ_S} CE(ŷ, S(x_us; θ_S))  (Appendix A
 h ≈ L_l(θ_S) − L_l(θ'_S) ("taylor"). The soft variant differentiates L_l(θ'_S(θ_T)) exactly through the student's
 one SGD step (second order, ``torch.func.functional_call``). This module holds the update's types and its entry
 point ``mpl_update``; the hard update is in ``metapl.core.hard``, the soft one in ``metapl.core.soft``, and the
-pieces both use (``unwrap``, ``feedback_mode``, the optimizer step) in ``metapl.core.parts``.
+pieces both use in ``metapl.core.replicas`` (``unwrap``), ``metapl.core.feedback`` (``feedback_mode``),
+``metapl.core.steps`` (the optimizer step) and ``metapl.core.losses``.
 
 Under ``torch.distributed`` (models wrapped in DDP), an update equals one process's update on the ranks'
 concatenated batches (BatchNorm aside: its batch statistics are per rank): in hard mode DDP averages the gradients
@@ -38,12 +39,20 @@ import torch
 from torch import Tensor, nn
 
 from metapl.core.config import MPLConfig
+from metapl.core.feedback import feedback_mode
 from metapl.core.hard import hard_update
-from metapl.core.parts import feedback_mode, unwrap
+from metapl.core.replicas import unwrap
 from metapl.core.soft import soft_update
 from metapl.core.validate import MPLInputError, check_batch, check_scalars, guarded_update
 
-__all__ = ["Batch", "MPLConfig", "MPLState", "feedback_mode", "mpl_update", "unwrap"]  # the last two: core.parts
+__all__ = [
+    "Batch",
+    "MPLConfig",
+    "MPLState",
+    "feedback_mode",
+    "mpl_update",
+    "unwrap",
+]  # the last two: core.feedback, core.replicas
 __all__ += ["MPLInputError"]  # from core.validate; MPLConfig is declared in core.config (no torch)
 
 

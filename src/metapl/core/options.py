@@ -31,14 +31,17 @@ def option(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    choices: tuple | None = None,
 ):
     """A dataclass field with its help text and bounds (``ge`` ≤ value, ``gt`` < value, value ≤ ``le``, value < ``lt``).
+    ``choices`` lists a ``str`` field's values where they come from a registry rather than a ``Literal`` type.
 
     The help says what the option does and, where a number has one, its unit; the range and the default are added
     wherever the help is shown.
     """
     bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
-    return dataclasses.field(default=default, metadata={"help": help, **bounds})
+    listed = {"choices": tuple(choices)} if choices is not None else {}
+    return dataclasses.field(default=default, metadata={"help": help, **bounds, **listed})
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def specs(cls: type) -> dict[str, Spec]:
         if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             tp, optional = args[0], len(args) < len(typing.get_args(tp))
-        choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+        choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else f.metadata.get("choices")
         kind = type(choices[0]) if choices else tp
         bounds = {k: f.metadata[k] for k in ("ge", "gt", "le", "lt") if k in f.metadata}
         out[f.name] = Spec(f.name, kind, optional, choices, f.metadata.get("help", ""), f.default, bounds)

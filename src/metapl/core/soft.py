@@ -20,19 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from metapl.core.losses import soft_cross_entropy, upcast
-from metapl.core.parts import (
-    autocast_for,
-    clip_and_step,
-    feedback_mode,
-    mean_over_ranks,
-    pseudo_metrics,
-    replayed_rng,
-    replica_group,
-    rng_state,
-    uda_term,
-    unwrap,
-)
+from metapl.core.feedback import feedback_mode, replayed_rng, rng_state
+from metapl.core.losses import pseudo_metrics, soft_cross_entropy, uda_term, upcast
+from metapl.core.replicas import mean_over_ranks, replica_group, unwrap
+from metapl.core.steps import autocast_for, clip_and_step
 from metapl.core.validate import LABELS_OK, labels_in_range
 
 # The metrics a fixed teacher leaves at 0 (it takes no step, there is no look-ahead); ``loss/student`` follows them.

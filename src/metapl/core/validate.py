@@ -15,7 +15,7 @@ Three kinds of check, by what they cost:
   sync ends the CPU's run-ahead once per step (on a GPU: the host waits for the step to finish before queueing the
   next). Measured on the CPU (small_cnn, 32 + 224 images of 32x32, a loaded 2-core machine): within the noise,
   hard 618 ms vs 703 ms per update without the guard, soft 1106 vs 1189 ms. ``mpl_update(..., check_finite=False)``
-  skips both; the trainer does (``engine.train``: it checks the weights at its periodic sync, and its labels were
+  skips both; the trainer does (``metapl.training``: it checks the weights at its periodic sync, and its labels were
   checked when the data set was read), so training keeps no host sync per step.
 
 Raising rather than returning a flag: a library user who never reads a flag would go on training on the same bad
@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from metapl.core.parts import unwrap
+from metapl.core.replicas import unwrap
 
 LABELS_OK = "check/labels_ok"  # the metric key hard/soft updates report the label-range flag under; popped here
 

@@ -1,13 +1,15 @@
 """Weights to start a model from: a state-dict file (``torch.save`` or ``.safetensors``) or a library's pretrained
 weights (torchvision's, timm's), fitted to a model whose classifier head or input channels may differ.
 
-Files are read without executing pickled code: ``.safetensors`` holds tensors only, and ``torch.load`` runs with
-``weights_only=True`` (the few NumPy types a metapl checkpoint's random-generator state holds are allow-listed).
-Where a run folder or a metapl checkpoint is the source, ``metapl.engine.weights`` picks the network in it.
+Files are read without executing pickled code: ``.safetensors`` holds tensors only, and every ``torch.load`` of the
+package goes through ``load_weights_only`` (``weights_only=True``; the few NumPy types an old metapl checkpoint's
+random-generator state holds are allow-listed). Where a run folder or a metapl checkpoint is the source,
+``metapl.training.starting_weights`` picks the network in it.
 """
 
 from __future__ import annotations
 
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -17,8 +19,6 @@ from torch import Tensor, nn
 
 from metapl.errors import UserError, few
 
-# What a metapl checkpoint's NumPy random state unpickles to (np.random.get_state(): a tuple with a uint32 array).
-_NUMPY_GLOBALS = [np.dtype, np.ndarray, np.dtypes.UInt32DType, np.core.multiarray._reconstruct]
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common containers around a state dict
 _PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's
 
@@ -37,8 +37,7 @@ def read_file(path: str | Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path)
     except Exception as e:  # a torn file, pickled code, or not a weights file at all
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -48,6 +47,29 @@ def read_file(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
     return obj
+
+
+def load_weights_only(path: str | Path):
+    """``torch.load(path, weights_only=True)`` onto the CPU: reading a file runs no pickled code.
+
+    A checkpoint of metapl 0.1 also held NumPy's generator state as an array (``np.random.get_state()``: a tuple with
+    a uint32 array), so exactly those NumPy types (array reconstruction, nothing callable beyond it) are allowed on a
+    second try. Errors are torch's: the callers name the file in one line.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _np_reconstruct()]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _np_reconstruct():
+    try:  # NumPy 2 moved the module; pickles name whichever wrote them, and both resolve to the same function
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
 
 
 def as_state_dict(obj: dict, source: str | Path) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from metapl.data.sources import named  # noqa: F401
 from metapl.data.sources import fashion_mnist, folder, shards  # noqa: F401
 from metapl.data.sources.cache import default_cache_dir
 from metapl.data.sources.load import load_dataset
-from metapl.data.sources.registry import DatasetStats, ReadOptions, list_sources, register_source
+from metapl.data.sources.readers import DatasetStats, ReadOptions, list_sources, register_source
 from metapl.data.sources.shard_writer import write_shards
 from metapl.data.sources.shards import ShardImages, rank_unlabeled_items
 from metapl.data.sources.streamed import STREAM_ABOVE_BYTES, FolderImages, choose_data_path

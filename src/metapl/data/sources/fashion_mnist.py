@@ -11,7 +11,7 @@ import numpy as np
 
 from metapl.data.sources import cache
 from metapl.data.sources.imagetree import resize_arrays
-from metapl.data.sources.registry import DEFAULT_DATA_DIR, DatasetStats, ReadOptions, cached_source, register_source
+from metapl.data.sources.readers import DEFAULT_DATA_DIR, DatasetStats, ReadOptions, cached_source, register_source
 from metapl.data.stores import SourceData
 from metapl.errors import UserError
 

@@ -21,7 +21,7 @@ from metapl.data.sources.imagetree import (
     plan_images,
     plan_layout,
 )
-from metapl.data.sources.registry import ReadOptions, register_source
+from metapl.data.sources.readers import ReadOptions, register_source
 from metapl.data.stores import ImageArrays, ImageStore, SourceData
 from metapl.errors import UserError
 

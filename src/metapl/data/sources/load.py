@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from metapl.data.sources.folder import read_unlabeled
-from metapl.data.sources.registry import ReadOptions, can_stream, get_reader, list_sources
+from metapl.data.sources.readers import ReadOptions, can_stream, get_reader, list_sources
 from metapl.data.stores import SourceData
 from metapl.errors import UserError
 

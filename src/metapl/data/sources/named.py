@@ -10,7 +10,7 @@ import numpy as np
 
 from metapl.data.sources import cache
 from metapl.data.sources.imagetree import archive_or_folder, is_split_tree, resize_arrays
-from metapl.data.sources.registry import (
+from metapl.data.sources.readers import (
     DEFAULT_DATA_DIR,
     DatasetStats,
     ReadOptions,

@@ -29,7 +29,7 @@ from PIL import Image
 
 from metapl.data.sources import cache, streamed
 from metapl.data.sources.folder import check_test_fraction, holdout
-from metapl.data.sources.registry import ReadOptions, register_source
+from metapl.data.sources.readers import ReadOptions, register_source
 from metapl.data.stores import SourceData, StreamedImages, StringTable, open_rgb
 from metapl.errors import UserError, reporting_os_errors
 
