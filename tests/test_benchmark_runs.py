@@ -174,7 +174,7 @@ def test_new_user_grid_runs_data_flags_only_reports_the_handed_back_model_and_sk
     metapl = json.loads((run / "metapl" / "seed0" / "summary.json").read_text())
     config = yaml.safe_load((run / "metapl" / "seed0" / "config.yaml").read_text())
     # Data flags only: every other option at its default (the seed and the quiet console aside).
-    assert (config["num_labeled"], config["steps"], config["method"], config["labeled_aug"]) == (50, 4, "mpl", "weak")
+    assert (config["num_labeled"], config["steps"], config["method"], config["labeled_aug"]) == (50, 4, "mpl", "auto")
     strong = yaml.safe_load((run / "labels-strong" / "seed0" / "config.yaml").read_text())
     assert (strong["method"], strong["labeled_aug"]) == ("supervised", "strong")
     stamp = (run / "metapl" / "seed0" / "summary.json").stat().st_mtime_ns

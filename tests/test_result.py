@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from metapl.config.fields import TrainConfig, auto_val_count
+from metapl.config.budget import auto_val_count
+from metapl.config.fields import TrainConfig
 from metapl.errors import UserError
 from metapl.rundir.layout import save_config
 from metapl.rundir.result import candidates, choose_result, read_result
@@ -78,3 +79,28 @@ def test_unset_step_counts_scale_with_the_budget():
     assert (given.s_wait_steps, given.eval_every, given.save_every) == (7, 5, 11)
     labels_only = TrainConfig(steps=300, method="supervised").schedule()
     assert labels_only.s_wait_steps == 0 and labels_only.finetune_steps == 0
+
+
+def test_labeled_views_follow_the_passes_over_the_labels_and_the_plan_line_says_what_was_derived():
+    from metapl.config.budget import plan_line
+
+    assert TrainConfig(steps=300, batch_size=32).planned_labeled_aug(40) == "strong"  # 240 passes
+    assert TrainConfig(steps=300, batch_size=32).planned_labeled_aug(1000) == "weak"  # 9.6 passes
+    assert TrainConfig(steps=3125, batch_size=32).planned_labeled_aug(1000) == "strong"  # exactly 100
+    assert TrainConfig(steps=300, labeled_aug="weak").planned_labeled_aug(40) == "weak"
+    assert plan_line(TrainConfig(steps=300, batch_size=32, s_wait_steps=7), 40) == (
+        "plan for 300 steps: strong labeled views (each seen ~240 times; strong from 100), teacher warm-up 15, "
+        "student warm-up 15, UDA ramp 60, finetuning 30, evaluation every 30, checkpoint every 60 (each has its flag)"
+    )
+    assert plan_line(TrainConfig(steps=8, labeled_aug="weak"), 40).endswith(
+        "; --steps 8 is too short for: teacher warm-up, student waits, student warm-up, finetuning (0 steps)"
+    )
+
+
+def test_the_shipped_recipes_keep_the_values_they_ran_with():
+    from metapl.config.recipes import find_config, load_yaml
+
+    for name in ("cifar10_4k", "fashion_100_cpu", "cifar10_cpu"):
+        cfg = TrainConfig(**load_yaml(find_config(name)))
+        assert (cfg.labeled_aug, cfg.val_labeled) == ("weak", 0)
+        assert None not in (cfg.t_warmup_steps, cfg.s_wait_steps, cfg.uda_steps, cfg.eval_every, cfg.save_every)

@@ -23,6 +23,16 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import metapl.methods  # noqa: F401  (registers the methods: --method's choices)
+from metapl.config.budget import (
+    AUTO_VAL_MIN_PER_CLASS,
+    EVALUATIONS_PER_RUN,
+    MAX_EVAL_EVERY,
+    STRONG_LABELED_PASSES,
+    Schedule,
+    fraction_text,
+    labeled_views,
+    plan_schedule,
+)
 from metapl.config.option_text import flag
 from metapl.config.rules import drop_idle, refuse_idle
 from metapl.core.config import MPLConfig
@@ -44,50 +54,6 @@ _SECTIONS = {
 }
 FINETUNE_STEPS_IF_NONE = 1000  # metapl finetune's steps when neither --steps nor the run's plan gives any
 _BATCH = 65536  # cap of every batch size: a sanity bound, far above what fits in memory per process
-
-# Defaults that scale with the budget (docs/algorithm.md, "Defaults that scale with the budget"): a step-count option
-# left unset is this fraction of --steps, so 300 and 30,000 steps each get a sensible run. Chosen on validation images
-# of the visible data sets (benchmarks.defaults_sweep).
-BUDGET_FRACTIONS = {
-    "t_warmup_steps": 0.05,
-    "s_wait_steps": 0.1,
-    "s_warmup_steps": 0.05,
-    "uda_steps": 0.2,
-    "finetune_steps": 0.1,
-}
-EVALUATIONS_PER_RUN = 10
-MAX_EVAL_EVERY = 1000
-# The automatic validation carve-out: with at least this many labels in every class, a tenth of each class's labels
-# choose the run's result (metapl.rundir.result); with fewer, the result is chosen by rule.
-AUTO_VAL_MIN_PER_CLASS = 50
-AUTO_VAL_FRACTION = 0.1
-
-
-def _fraction(name: str) -> str:
-    """An unset step-count option's rule, in words for its --help line: ``5 % of --steps``."""
-    return f"{BUDGET_FRACTIONS[name]:.0%} of --steps".replace("%", " %")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The step counts a run uses: the options' values or, where left unset, derived from ``--steps``."""
-
-    t_warmup_steps: int
-    s_wait_steps: int
-    s_warmup_steps: int
-    uda_steps: int
-    finetune_steps: int
-    eval_every: int
-    save_every: int
-
-
-def auto_val_count(num_labeled: int, num_classes: int) -> int:
-    """The automatic carve-out (``--val-labeled none``): a tenth of each class's labels when every class has at
-    least ``AUTO_VAL_MIN_PER_CLASS``, else 0. Class-balanced draws give each class ``num_labeled // num_classes``."""
-    per_class = num_labeled // num_classes
-    if per_class < AUTO_VAL_MIN_PER_CLASS:
-        return 0
-    return int(per_class * AUTO_VAL_FRACTION) * num_classes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,8 +108,11 @@ class TrainConfig(MPLConfig):
         ge=0,
         le=4096,
     )
-    labeled_aug: Literal["weak", "strong"] = option(
-        "weak", "augmentation of the labeled images: weak (flip + crop) or strong (+ RandAugment and Cutout)"
+    labeled_aug: Literal["auto", "weak", "strong"] = option(
+        "auto",
+        "augmentation of the labeled images: weak (flip + crop) or strong (+ RandAugment and Cutout); auto: strong "
+        f"when the run shows each labeled image at least {STRONG_LABELED_PASSES} times (--steps x --batch-size / "
+        "labeled images), else weak",
     )
     workers: int | None = option(
         None,
@@ -204,17 +173,17 @@ class TrainConfig(MPLConfig):
     nesterov: bool = option(True, "Nesterov momentum (ignored when --momentum is 0)")
     weight_decay: float = option(5e-4, "SGD weight decay, not applied to biases and normalisation weights", ge=0, lt=1)
     t_warmup_steps: int | None = option(
-        None, f"teacher's linear learning-rate warmup, in steps; none: {_fraction('t_warmup_steps')}", ge=0
+        None, f"teacher's linear learning-rate warmup, in steps; none: {fraction_text('t_warmup_steps')}", ge=0
     )
     s_wait_steps: int | None = option(
         None,
         "student's learning rate is 0 (and its work skipped) for these first steps while the teacher learns; none: "
-        f"{_fraction('s_wait_steps')} (0 for --method supervised)",
+        f"{fraction_text('s_wait_steps')} (0 for --method supervised)",
         ge=0,
     )
     s_warmup_steps: int | None = option(
         None,
-        f"student's linear learning-rate warmup after the wait, in steps; none: {_fraction('s_warmup_steps')}",
+        f"student's linear learning-rate warmup after the wait, in steps; none: {fraction_text('s_warmup_steps')}",
         ge=0,
     )
     ema: float = option(
@@ -233,13 +202,13 @@ class TrainConfig(MPLConfig):
     )
     uda_steps: int | None = option(
         None,
-        f"linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once; none: {_fraction('uda_steps')}",
+        f"linear ramp-up of --uda-weight from 0, in steps; 0 = full weight at once; none: {fraction_text('uda_steps')}",
         ge=0,
     )
 
     finetune_steps: int | None = option(
         None,
-        f"student finetuning steps after MPL; 0 = none; none: {_fraction('finetune_steps')} (none for --method "
+        f"student finetuning steps after MPL; 0 = none; none: {fraction_text('finetune_steps')} (none for --method "
         "supervised); the finetuned student is handed back only where validation images show it better",
         ge=0,
     )
@@ -294,32 +263,16 @@ class TrainConfig(MPLConfig):
         except ValueError as e:
             raise UserError(str(e)) from None
         object.__setattr__(self, "_mpl_config", mpl)  # frozen: not a field, so not in eq, repr, asdict or replace
-        object.__setattr__(self, "_schedule", self._plan_schedule())
-
-    def _plan_schedule(self) -> Schedule:
-        """``schedule()``: each step-count option as given, or its budget rule (``BUDGET_FRACTIONS``)."""
-        method = get_method(self.method)
-
-        def steps_of(name: str, applies: bool = True) -> int:
-            value = getattr(self, name)
-            if value is not None:
-                return value
-            return int(BUDGET_FRACTIONS[name] * self.steps) if applies else 0
-
-        eval_every = self.eval_every or min(MAX_EVAL_EVERY, max(1, round(self.steps / EVALUATIONS_PER_RUN)))
-        return Schedule(
-            t_warmup_steps=steps_of("t_warmup_steps"),
-            s_wait_steps=steps_of("s_wait_steps", applies=method.waits_for_teacher),
-            s_warmup_steps=steps_of("s_warmup_steps"),
-            uda_steps=steps_of("uda_steps"),
-            finetune_steps=steps_of("finetune_steps", applies=method.finetunes),
-            eval_every=eval_every,
-            save_every=self.save_every or 2 * eval_every,
-        )
+        object.__setattr__(self, "_schedule", plan_schedule(self))
 
     def schedule(self) -> Schedule:
-        """The run's step counts, resolved once in ``__post_init__`` (``Schedule``)."""
+        """The run's step counts, resolved once in ``__post_init__`` (``metapl.config.budget.plan_schedule``)."""
         return self._schedule
+
+    def planned_labeled_aug(self, num_train_labels: int) -> str:
+        """``labeled_aug`` with ``auto`` resolved for ``num_train_labels`` labeled training images
+        (``metapl.config.budget.labeled_views``)."""
+        return labeled_views(self, num_train_labels)
 
     def planned_uda_weight(self) -> float:
         """``uda_weight``, with its default resolved: the method's (1 for ``--method mpl``, 0 otherwise)."""

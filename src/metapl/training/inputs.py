@@ -40,7 +40,7 @@ def train_batches(run: Run):
         seed=cfg.seed,
         weak=weak,
         strong=strong if mpl else None,
-        labeled=strong if cfg.labeled_aug == "strong" else weak,
+        labeled=strong if cfg.planned_labeled_aug(len(run.split.labeled)) == "strong" else weak,
         mu=cfg.mu,
         start_step=run.step,
         rank=run.dist.rank,

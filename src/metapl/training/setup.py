@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from metapl import data as mdata
-from metapl.config.fields import AUTO_VAL_MIN_PER_CLASS, TrainConfig, auto_val_count
+from metapl.config.budget import AUTO_VAL_MIN_PER_CLASS, auto_val_count, plan_line
+from metapl.config.fields import TrainConfig
 from metapl.core import ModelEMA, MPLState
 from metapl.data.sampling import mix_seed
 from metapl.errors import UserError
@@ -94,6 +95,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
         f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
         f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled, {len(data.test.labels)} test"
     )
+    log(plan_line(cfg, len(split.labeled)))
     predictions, teacher, student = _models(cfg, data, device, d, resuming=ckpt is not None, log=log)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     teacher = teacher.to(device, memory_format=memory_format)
