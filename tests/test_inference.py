@@ -136,7 +136,7 @@ def test_eval_of_a_trained_run_matches_its_summary(tmp_path):
     paths, _ = write_images(tmp_path / "imgs", 2)
     out = tmp_path / "pred.csv"
     # eval's headline and predict's default are the run's result (here the rule's: no validation images).
-    assert result["result"] == summary["result"]["role"] == "ema"
+    assert result["result"] == summary["result"]["role"] == "teacher"
     assert main(["predict", str(run), str(tmp_path / "imgs"), "--output", str(out)]) == 0
     rows = read_csv(out)
     assert [r["path"] for r in rows] == [str(p) for p in paths]
@@ -173,14 +173,15 @@ def test_predict_over_the_test_images_reproduces_eval(make_tree, tmp_path):
     for r in rows:  # true class: the image's folder
         matrix[classes.index(Path(r["path"]).parent.name)][classes.index(r["class"])] += 1
     assert len(rows) == result["num_test"] == 18
-    assert matrix == result["models"]["ema"]["confusion_matrix"]
+    assert matrix == result["models"][result["result"]]["confusion_matrix"]  # predict's model: the run's result
     correct = sum(matrix[i][i] for i in range(len(classes)))
-    assert 100.0 * correct / len(rows) == result["ema_acc"]
-    # Image by image, the probabilities of the EMA student over eval's own loader of the run's test split.
+    role = result["result"]
+    assert 100.0 * correct / len(rows) == result[f"{role}_acc"]
+    # Image by image, the probabilities of the result (here the teacher) over eval's own loader of the test split.
     ckpt = load_checkpoint(run / "checkpoint.pt")
     test = load_dataset("folder", str(tree), image_size=12, cache_dir=str(tmp_path / "c"), log=lambda _: None).test
     with torch.no_grad():
-        model = build_model(ckpt, "ema")
+        model = build_model(ckpt, role)
         loader = make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=64)
         probs = torch.cat([model(x).softmax(1) for x, _ in loader])
     expected = probs.max(1).values.tolist()

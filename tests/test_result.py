@@ -10,15 +10,18 @@ import pytest
 from metapl.config.budget import auto_val_count
 from metapl.config.fields import TrainConfig
 from metapl.errors import UserError
+from metapl.methods.by_name import get_method
 from metapl.rundir.layout import save_config
 from metapl.rundir.result import candidates, choose_result, read_result
+
+MPL = get_method("mpl").result_rule
 
 ACCS = {"teacher_acc": 70.0, "student_acc": 60.0, "ema_acc": 61.0, "finetuned_acc": 90.0}
 
 
 def test_validation_chooses_and_the_test_set_does_not():
     val = {"val_teacher_acc": 80.0, "val_student_acc": 75.0, "val_ema_acc": 76.0, "val_finetuned_acc": 79.0}
-    result = choose_result(["teacher", "student", "ema", "finetuned"], {**ACCS, **val}, num_val=100)
+    result = choose_result(["teacher", "student", "ema", "finetuned"], {**ACCS, **val}, num_val=100, rule=MPL)
     # The finetuned student is best on the test set (90 %) but the teacher on validation: the teacher is handed back.
     assert (result.role, result.file, result.network) == ("teacher", "checkpoint.pt", "teacher")
     assert (result.val_acc, result.test_acc) == (80.0, 70.0)
@@ -27,14 +30,23 @@ def test_validation_chooses_and_the_test_set_does_not():
 
 def test_a_tie_on_validation_goes_to_the_cheaper_model_and_finetuned_lives_in_its_file():
     val = {"val_teacher_acc": 80.0, "val_student_acc": 80.0, "val_ema_acc": 80.0, "val_finetuned_acc": 80.0}
-    result = choose_result(["teacher", "student", "ema", "finetuned"], {**ACCS, **val}, num_val=10)
+    result = choose_result(["teacher", "student", "ema", "finetuned"], {**ACCS, **val}, num_val=10, rule=MPL)
     assert (result.role, result.file, result.network) == ("finetuned", "finetuned.pt", "student")
 
 
-def test_without_validation_the_rule_decides():
-    result = choose_result(["teacher", "student", "ema"], ACCS, num_val=0)
-    assert result.role == "ema" and result.val_acc is None and result.chosen_by.startswith("rule (")
-    assert choose_result(["student"], ACCS, num_val=0).role == "student"
+def test_without_validation_the_methods_rule_decides():
+    result = choose_result(["teacher", "student", "ema", "finetuned"], ACCS, num_val=0, rule=MPL)
+    assert (result.role, result.val_acc) == ("teacher", None)
+    assert result.chosen_by == (
+        "rule (the teacher, else the finetuned student, else the EMA student, else the student; no validation images)"
+    )
+    # Without the teacher (another architecture), the next in the method's order; a distilled student keeps its EMA.
+    assert choose_result(["student", "ema", "finetuned"], ACCS, num_val=0, rule=MPL).role == "finetuned"
+    assert (
+        choose_result(["student", "ema", "finetuned"], ACCS, num_val=0, rule=get_method("distill").result_rule).role
+        == "ema"
+    )
+    assert choose_result(["student"], ACCS, num_val=0, rule=MPL).role == "student"
 
 
 def test_the_teacher_is_a_candidate_only_of_the_students_architecture_in_full_mpl():

@@ -51,11 +51,11 @@ def test_train_writes_every_output(tmp_path, capsys):
     assert steps == [2, 4, 6]
     assert any("eval/ema_acc" in r for r in records)
     assert "train/pseudo/acc" in records[0] and "train/mpl/h" in records[0]
-    # 2 labels per class: no validation images, so the result is the rule's (the EMA student), never the test set's
-    # choice; no best-of-time file either.
+    # 2 labels per class: no validation images, so the result is MPL's rule's (its teacher, of the student's
+    # architecture), never the test set's choice; no best-of-time file either.
     assert (out / LATEST).exists() and not (out / "best.pt").exists()
-    assert summary["num_val"] == 0 and summary["result"]["role"] == "ema" and summary["result"]["val_acc"] is None
-    assert summary["result"]["test_acc"] == summary["ema_acc"] and summary["result"]["chosen_by"].startswith("rule")
+    assert summary["num_val"] == 0 and summary["result"]["role"] == "teacher" and summary["result"]["val_acc"] is None
+    assert summary["result"]["test_acc"] == summary["teacher_acc"] and summary["result"]["chosen_by"].startswith("rule")
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "test accuracy" in capsys.readouterr().out
 

@@ -63,6 +63,9 @@ class Method:
     image_teacher: ClassVar[bool] = True  # the checkpoint's teacher is an image classifier of --teacher
     trains_teacher: ClassVar[bool] = False  # the teacher takes optimizer steps
     evaluated_roles: ClassVar[tuple[str, ...]] = ("student",)  # scored after each evaluation, the EMA besides
+    # The run's result without validation images: the first of these among its candidates (metapl.rundir.result;
+    # the measurements behind each order: docs/algorithm.md, "The model a run hands back").
+    result_rule: ClassVar[tuple[str, ...]] = ("ema", "student")
     idle: ClassVar[dict[str, Idle]] = {}  # option -> why it does nothing here
 
     def check(self, cfg) -> None:

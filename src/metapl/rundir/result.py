@@ -9,8 +9,8 @@ How the result is chosen (``choose_result``):
 
 * **With validation images** (``--val-labeled``, or the automatic carve-out of ``metapl.config.fields``): the
   candidate with the highest validation accuracy; a tie goes to the earlier candidate of ``PREFERENCE``.
-* **Without**: ``NO_VALIDATION_RULE``, the rule that the validation measurements of ``benchmarks.defaults_sweep``
-  support (docs/algorithm.md, "The model a run hands back").
+* **Without**: the method's rule (``Method.result_rule``: the first of an ordered list of roles), the order that the
+  validation measurements of ``benchmarks.defaults_sweep`` support (docs/algorithm.md, "The model a run hands back").
 
 The teacher is a candidate only when it is a trained image classifier of the student's architecture (``--method mpl``
 with ``--teacher`` equal to ``--student``; each method says: ``Method.candidates``): a user who asked for a small
@@ -29,9 +29,8 @@ from metapl.methods.by_name import get_method
 from metapl.rundir.layout import FINETUNED, LATEST, load_run_config, read_summary
 
 ROLES = ("teacher", "student", "ema", "finetuned")  # the candidates, as summary.json and metrics name them
-# Ties on validation, and the order of the rule below: the cheapest model to trust first.
+# Ties on validation: the cheapest model to trust first.
 PREFERENCE = ("finetuned", "ema", "student", "teacher")
-NO_VALIDATION_RULE = "the EMA student, else the finetuned student, else the student"
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,20 @@ def candidates(method: str, teacher: str, student: str, accs: dict) -> list[str]
     return get_method(method).candidates(teacher, student, roles)
 
 
-def choose_result(roles: list[str], accs: dict, num_val: int) -> RunResult:
+def rule_text(rule: tuple[str, ...]) -> str:
+    """A rule in words: ``the teacher, else the finetuned student, else ...``."""
+    return ", else ".join(f"the {describe(role)}" for role in rule)
+
+
+def choose_result(roles: list[str], accs: dict, num_val: int, rule: tuple[str, ...]) -> RunResult:
     """Pick the result among ``roles`` (``candidates``): by validation accuracy when there are validation images,
-    else by ``NO_VALIDATION_RULE``.
+    else by ``rule`` (the first of its roles among the candidates).
 
     Args:
         roles: the candidates (not empty).
         accs: the final accuracies: ``<role>_acc`` on the test set, ``val_<role>_acc`` on validation images.
         num_val: how many validation images scored them (0: none).
+        rule: the method's order without validation images (``Method.result_rule``).
 
     Returns:
         The chosen model.
@@ -103,8 +108,9 @@ def choose_result(roles: list[str], accs: dict, num_val: int) -> RunResult:
         role = max(ordered, key=lambda r: (accs[f"val_{r}_acc"], -ordered.index(r)))
         how = f"validation accuracy on {num_val} images"
     else:
-        role = ordered[0]
-        how = f"rule ({NO_VALIDATION_RULE}; no validation images)"
+        ranked = [r for r in rule if r in roles] + [r for r in ordered if r not in rule]
+        role = ranked[0]
+        how = f"rule ({rule_text(tuple(ranked))}; no validation images)"
     return RunResult(
         role=role,
         file=FINETUNED if role == "finetuned" else LATEST,
@@ -124,7 +130,8 @@ def record_result(summary: dict, cfg, log) -> RunResult:
         log: receives the result's line.
     """
     num_val = summary.get("num_val", 0)
-    result = choose_result(candidates(cfg.method, cfg.teacher, cfg.student, summary), summary, num_val)
+    roles = candidates(cfg.method, cfg.teacher, cfg.student, summary)
+    result = choose_result(roles, summary, num_val, get_method(cfg.method).result_rule)
     summary["result"] = result.to_dict()
     log(result.line())
     return result
