@@ -324,7 +324,8 @@ def test_pseudo_label_accuracy_ignores_unknown_labels():
     y_u = y_hat.clone()
     y_u[:4] = (y_hat[:4] + 1) % K  # 4 wrong
     y_u[4:8] = -1  # 4 unknown
-    metrics = run(teacher, student, batch._replace(y_u=y_u), MPLConfig())
+    # split: the weak view's own teacher forward, which y_hat above reproduces (joint normalises it with x_l, x_us)
+    metrics = run(teacher, student, batch._replace(y_u=y_u), MPLConfig(teacher_batch="split"))
     assert metrics["pseudo/acc"] == pytest.approx((16 - 8) / 12)
 
 
@@ -357,7 +358,9 @@ def test_student_view_weak_trains_the_student_on_the_weak_view(mode):
 
     def student_after(batch, view):
         teacher, student = make_mlp(0), make_mlp(1)
-        run(teacher, student, batch, MPLConfig(mode=mode, student_view=view))  # no UDA: the teacher never sees x_us
+        # No UDA and a split teacher forward in hard mode: the teacher never sees x_us.
+        split = {"teacher_batch": "split"} if mode == "hard" else {}
+        run(teacher, student, batch, MPLConfig(mode=mode, student_view=view, **split))
         return [p.detach().clone() for p in student.parameters()]
 
     on_weak = student_after(base, "weak")

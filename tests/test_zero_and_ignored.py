@@ -69,8 +69,8 @@ def test_demo_steps_zero_is_refused_in_one_line(tmp_path, capsys):
             "pseudo labels are the whole distribution); drop --pseudo-label or use --mode hard",
         ),
         (
-            dict(mode="soft", teacher_batch="joint"),
-            "--teacher-batch joint does nothing with --mode soft (soft mode "
+            dict(mode="soft", teacher_batch="split"),
+            "--teacher-batch split does nothing with --mode soft (soft mode "
             "always runs one joint teacher forward); drop --teacher-batch or use --mode hard",
         ),
         (

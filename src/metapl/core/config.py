@@ -50,11 +50,11 @@ class MPLConfig:
         "the unlabeled view the student learns from: strong (the paper: the student is noised) or weak (the view the "
         "teacher labels: the student without its noise, an ablation)",
     )
-    teacher_batch: Literal["split", "joint"] = option(
-        "split",
-        "split: the weak view goes through the teacher in its own no-grad forward (less memory); joint: one teacher "
-        "forward over labeled, weak and strong images, so BatchNorm normalises them as one batch (as UDA's and "
-        "FixMatch's releases do)",
+    teacher_batch: Literal["joint", "split"] = option(
+        "joint",
+        "joint: one teacher forward over labeled, weak and strong images, so BatchNorm normalises them as one batch "
+        "(as UDA's and FixMatch's releases do; soft mode always does); split: the weak view goes through the teacher "
+        "in its own no-grad forward (less memory and compute)",
     )
     soft_temperature: float = option(1.0, "temperature of the teacher's distribution in soft mode", gt=0)
     mpl_weight: float = option(
