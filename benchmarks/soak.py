@@ -252,7 +252,7 @@ def plot(samples: list[dict], path: Path, warmup: float) -> None:
     t = [s["t"] / 60 for s in samples]
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     panels = (
-        ("resident memory (MB)", [("rss_mb", "RSS")]),
+        ("resident memory (MB)", [("rss_mb", "RSS (start-up clipped)")]),
         ("count", [("fds", "open fds"), ("children", "child processes")]),
         ("threads", [("threads", "threads")]),
         ("run folder (MB)", [("kept_mb", "kept files"), ("logs_mb", "logs")]),
@@ -267,6 +267,9 @@ def plot(samples: list[dict], path: Path, warmup: float) -> None:
             ax.axvline(resumed, color="k", ls="--", lw=0.8)
         ax.set_ylabel(label)
         ax.legend(loc="upper left", fontsize=8)
+    after = [s["rss_mb"] for s in samples[int(len(samples) * warmup) :]]
+    if after:  # the scale of the growth, not of the start-up: 50 MB must show
+        axes[0].set_ylim(min(after) - 2 * RSS_LIMIT_MB, max(after) + 2 * RSS_LIMIT_MB)
     axes[-1].set_xlabel("minutes (grey: warm-up; dashed: resumed and extended)")
     fig.suptitle("soak: digits, evaluation and checkpoint every few hundred steps")
     fig.tight_layout()

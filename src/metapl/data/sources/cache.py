@@ -23,6 +23,7 @@ entries it holds; a missing one is refused in one line naming ``--cache-dir``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metapl.errors import reporting_os_errors
+from metapl.errors import UserError, describe_os_error
 
 try:
     import fcntl
@@ -76,14 +77,42 @@ def fingerprint(path: str | os.PathLike) -> dict:
         st = p.stat()
         return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     entries = []
-    for root, dirs, files in os.walk(p):
+    for root, dirs, files in walk_folder(p):  # through linked folders, as the readers list them
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
-            st = os.stat(full)
+            try:
+                st = os.stat(full)  # a linked file: its target's size and time
+            except FileNotFoundError:  # a dangling link: the decoder reports it as an unreadable image
+                st = os.lstat(full)
             entries.append(f"{os.path.relpath(full, p)}\0{st.st_size}\0{st.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 keeps its bytes (os.fsencode's rule)
+    digest = hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
     return {"path": str(p), "files": len(entries), "tree_sha256": digest}
+
+
+def walk_folder(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root, followlinks=True)``, refusing a link to a folder that holds it (a symlink loop).
+
+    Linked folders are followed (a data set assembled from links is common), but a loop would list the same files
+    again and again, about 40 times, until the path is too long: a silently repeated data set.
+
+    Raises:
+        UserError: naming the link that closes the loop.
+    """
+    root = os.fspath(root)
+    above = {root: frozenset([os.path.realpath(root)])}  # folder -> the real folders on its way from root
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        chain = above.pop(folder)
+        for name in dirs:
+            full = os.path.join(folder, name)
+            real = os.path.realpath(full)
+            if real in chain:
+                raise UserError(
+                    f"{full} links to {real}, a folder that holds it (a symlink loop); remove or replace the link"
+                )
+            above[full] = chain | {real}
+        yield folder, dirs, files
 
 
 def cache_key(reader: str, parts: dict) -> str:
@@ -140,7 +169,7 @@ def load_or_build(
                 opened = _open_checked(final, key)
                 log(f"using cached arrays in {final} (built by another process)")
                 return opened
-        _write_entry(final, key, *build())
+        _write_entry(final, key, build)
     log(f"cached decoded arrays in {final} (delete the folder to clear it)")
     return _open_checked(final, key)
 
@@ -250,15 +279,22 @@ def remove_leftovers(root: Path, holding: str | None = None) -> None:
             _release(root / (LOCK_PREFIX + entry), fd)
 
 
-def _write_entry(final: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write an entry in a temporary folder next to ``final``, then rename it into place (``_replace_entry``)."""
+def _write_entry(final: Path, key: dict, build: Callable[[], tuple[dict[str, np.ndarray], dict]]) -> None:
+    """Build an entry in a temporary folder next to ``final``, then rename it into place (``_replace_entry``).
+
+    The folder is made before ``build`` runs, so that a cache root that cannot be written (a file in its place, a
+    read-only folder) is refused before the decoding, not after it.
+    """
     root = final.parent
-    with reporting_os_errors(root, "write the data cache in", "pass --cache-dir DIR or set METAPL_CACHE_DIR"):
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the cache folder {root} is a file; pass --cache-dir DIR (a folder) or set METAPL_CACHE_DIR")
+    with _reporting_cache_errors(root):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a finished entry should be readable like any other folder
     try:
-        with reporting_os_errors(tmp, "write the data cache in"):
+        arrays, meta = build()
+        with _reporting_cache_errors(root):
+            tmp.chmod(0o755)  # mkdtemp makes it private; a finished entry should be readable like any other folder
             files = {}
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
@@ -270,6 +306,23 @@ def _write_entry(final: Path, key: dict, arrays: dict[str, np.ndarray], meta: di
             _replace_entry(tmp, final, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _reporting_cache_errors(root: Path) -> Iterator[None]:
+    """An ``OSError`` while writing an entry becomes one line naming the cache folder and the flag that moves it."""
+    try:
+        yield
+    except OSError as e:
+        full = "free disk space, or pass --cache-dir DIR on another disk (or set METAPL_CACHE_DIR)"
+        if e.errno is None and "requested and" in str(e):  # numpy's short write ("147456 requested and 65408 written")
+            raise UserError(f"cannot write the data cache in {root} ({e}: the disk is full); {full}") from e
+        fix = (
+            full
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "pass --cache-dir DIR (a writable folder) or set METAPL_CACHE_DIR"
+        )
+        raise UserError(describe_os_error(e, root, "write the data cache in", fix)) from e
 
 
 class _Damaged(Exception):
