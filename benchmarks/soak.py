@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO, RESULTS, child_env, record
+from benchmarks.harness import REPO, RESULTS, child_env, git_revision, record
 
 OUT_DIR = RESULTS / "soak"
 RSS_LIMIT_MB = 50.0
@@ -286,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     args.argv = None if argv is None else [sys.executable, "-m", "benchmarks.soak", "--child", *argv]
-    began = time.time()
+    began, revision = time.time(), git_revision()  # the code that runs; record() stamps the tree when it ends
     samples, rc = watch(args)
     result = {
+        "revision_at_start": revision,
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "argv")},
         "run": run_values(args),
         "exit_status": rc,
