@@ -18,10 +18,10 @@ import pytest
 from cache_child import digest
 from conftest import REPO
 from metapl.data import load_dataset
-from metapl.data.sources import cache
+from metapl.data.sources import cache, locking
 
 CHILD = Path(__file__).with_name("cache_child.py")
-pytestmark = pytest.mark.skipif(cache.fcntl is None, reason="advisory file locks (fcntl) are POSIX only")
+pytestmark = pytest.mark.skipif(locking.fcntl is None, reason="advisory file locks (fcntl) are POSIX only")
 
 
 def start(tree: Path, cache_dir: Path, log: Path, *flags: str) -> subprocess.Popen:
@@ -125,7 +125,7 @@ def test_leftovers_of_a_running_build_are_kept_and_those_of_a_dead_one_removed(t
         folder.mkdir()
         (folder / "train_images.npy").write_bytes(b"partial")
     (tmp_path / ".lock-unlabeled-fedcba9876543210").write_text("99999999\n")  # its holder was killed
-    with cache.build_lock(tmp_path / entry) as locked:  # another build of `entry` is running (this one)
+    with locking.build_lock(tmp_path / entry) as locked:  # another build of `entry` is running (this one)
         assert locked and (tmp_path / f".lock-{entry}").read_text() == f"{os.getpid()}\n"
         cache.remove_leftovers(tmp_path)
         assert leftovers(tmp_path) == [f".lock-{entry}", running.name]
@@ -136,11 +136,11 @@ def test_leftovers_of_a_running_build_are_kept_and_those_of_a_dead_one_removed(t
 
 def test_build_lock_guards_a_file_entry_and_falls_back_where_locks_are_unavailable(tmp_path, monkeypatch):
     target = tmp_path / "predictions" / "0123.npz"  # the Reduced-MPL prediction cache's shape of entry
-    with cache.build_lock(target) as locked:
+    with locking.build_lock(target) as locked:
         assert locked and (tmp_path / "predictions" / ".lock-0123.npz").is_file()
     assert list((tmp_path / "predictions").iterdir()) == []
-    monkeypatch.setattr(cache, "fcntl", None)
-    with cache.build_lock(target) as locked:
+    monkeypatch.setattr(locking, "fcntl", None)
+    with locking.build_lock(target) as locked:
         assert not locked
     arrays, _ = cache.load_or_build(tmp_path / "c", "x", {"a": 1}, lambda: ({"v": [1, 2]}, {}), log=lambda _: None)
     assert arrays["v"].tolist() == [1, 2]

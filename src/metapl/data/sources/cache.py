@@ -11,7 +11,7 @@ entry. Each hit is checked cheaply (sizes, digests of the ends of each file, met
 ``_check_entry``) and a damaged entry is rebuilt. Deleting the cache folder (or one ``<reader>-<hash>`` subfolder)
 clears it; nothing else refers to it.
 
-Concurrent runs: one builds, the others wait (``build_lock``: an advisory lock on ``.lock-<entry>`` in the cache root,
+Concurrent runs: one builds, the others wait (``locking.build_lock``: an advisory lock on ``.lock-<entry>`` in the root,
 which the kernel releases however its holder ends, SIGKILL included). A waiter that gets the lock looks for the entry
 again: it finds the finished one, or, when the builder died, builds it itself. Each build first removes the temporary
 folders (``.tmp-<entry>-*``) and half-deleted entries (``.trash-<entry>-*``) that a killed build left, those of entries
@@ -35,19 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from metapl.data.sources.locking import LOCK_PREFIX, build_lock, release, try_lock
 from metapl.errors import UserError, describe_os_error
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent runs each build, and the first rename wins
-    fcntl = None
 
 # Bump when the meaning of cached arrays changes (decoding, resizing, layout), so old entries are not reused.
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CHECKSUM = "meta_sha256"  # meta.json's own checksum, over its other keys
 EDGE_BYTES = 1 << 20  # how much of each end of an array file is hashed when the entry is written and checked on a hit
-LOCK_PREFIX = ".lock-"
 # What a killed build leaves in the cache root: its temporary folder, or an entry it was deleting; group 2 is the entry.
 _LEFTOVER = re.compile(r"^\.(tmp|trash)-(.+-[0-9a-f]{16})-[^-]+$")
 
@@ -174,87 +169,6 @@ def load_or_build(
     return _open_checked(final, key)
 
 
-@contextlib.contextmanager
-def build_lock(path: str | os.PathLike, log: Callable[[str], None] = print) -> Iterator[bool]:
-    """Hold the build lock of one cache entry (a folder or a file), waiting while another process holds it.
-
-    The lock is an advisory ``flock`` on ``.lock-<name>`` beside ``path``; the kernel releases it when its holder
-    ends, however it ends. Check for the entry again inside the block: the process that held the lock before may have
-    finished it, or died without. Use: ``with build_lock(path): <read path; if absent or bad, build and rename it>``.
-
-    Args:
-        path: the entry, e.g. ``<cache>/folder-0123456789abcdef`` or ``<cache>/predictions/<digest>.npz``; its folder
-            is created if need be.
-        log: receives one line when this process has to wait for another's build.
-
-    Yields:
-        True while the lock is held; False where locking is unavailable (no ``fcntl``, a file system without locks,
-        a folder that cannot be written): then concurrent processes each build, and should rename atomically.
-    """
-    lock = Path(path).with_name(LOCK_PREFIX + Path(path).name)
-    fd = _acquire(lock, wait=True, log=lambda holder: log(f"waiting for {holder} to finish building {path}"))
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            _release(lock, fd)
-
-
-def _acquire(lock: Path, *, wait: bool, log: Callable[[str], None] = print) -> int | None:
-    """An open descriptor holding ``lock`` exclusively, or None (locking unavailable, or held and ``wait`` False)."""
-    if fcntl is None:
-        return None
-    while True:
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError:  # read-only or full cache root, a file in the way: no lock, the build reports the problem
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    os.close(fd)
-                    return None
-                log(_holder(fd))
-                log = _quiet  # one line, however often the lock file is replaced while this process waits
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            # The previous holder unlinks the file before it lets go: a lock on a file no longer at that path guards
-            # nothing, so take the current one.
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                with contextlib.suppress(OSError):  # the id only names the builder to waiters (a full disk: no id)
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()}\n".encode())
-                return fd
-        except FileNotFoundError:
-            pass
-        except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            os.close(fd)
-            return None
-        os.close(fd)
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def _holder(fd: int) -> str:
-    """``process 1234`` (read from the lock file), or ``another process`` before its holder wrote its id."""
-    try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        pid = ""
-    return f"process {pid}" if pid.isdigit() else "another process"
-
-
-def _release(lock: Path, fd: int) -> None:
-    # Unlinked while still held, so that no lock file outlives its build and no waiter can lock a file that is gone.
-    with contextlib.suppress(OSError):
-        os.unlink(lock)
-    os.close(fd)
-
-
 def remove_leftovers(root: Path, holding: str | None = None) -> None:
     """Remove what killed builds left in the cache root: their temporary folders and half-deleted entries, and their
     lock files, for each entry whose lock nobody holds (a running build holds its own; ``holding``: the entry whose
@@ -270,13 +184,13 @@ def remove_leftovers(root: Path, holding: str | None = None) -> None:
         elif name.startswith(LOCK_PREFIX):
             entries.setdefault(name.removeprefix(LOCK_PREFIX), [])
     for entry, folders in entries.items():
-        fd = None if entry == holding else _acquire(root / (LOCK_PREFIX + entry), wait=False)
+        fd = None if entry == holding else try_lock(root / entry)
         if fd is None and entry != holding:
             continue  # its build is running (or locks are unavailable here): leave it alone
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
         if fd is not None:
-            _release(root / (LOCK_PREFIX + entry), fd)
+            release(root / entry, fd)
 
 
 def _write_entry(final: Path, key: dict, build: Callable[[], tuple[dict[str, np.ndarray], dict]]) -> None:
