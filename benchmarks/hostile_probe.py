@@ -125,6 +125,8 @@ LIBRARY = {
     "TrainConfig soft + pseudo_label sample": lambda: _raises(_cfg(mode="soft", pseudo_label="sample")),
     "TrainConfig supervised + uda_weight 2": lambda: _raises(_cfg(method="supervised", uda_weight=2.0)),
     "TrainConfig supervised + feedback dot": lambda: _raises(_cfg(method="supervised", feedback="dot")),
+    "MPLConfig soft + feedback cosine": lambda: _raises(lambda: MPLConfig(mode="soft", feedback="cosine")),
+    "MPLConfig hard + soft_temperature 2": lambda: _raises(lambda: MPLConfig(soft_temperature=2.0)),
 }
 
 

@@ -9,7 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from metapl.core.options import check_options, option
+from metapl.core.options import check_options, option, specs
+
+# Options that ``mpl_update`` reads in one mode only: (option, the mode that reads it, why the other mode does not).
+# A value other than the default in the other mode would be silently ignored, so it is refused instead.
+MODE_ONLY = (
+    ("feedback", "hard", "soft mode has the exact meta-gradient, no estimator of h"),
+    ("baseline_decay", "hard", "soft mode has no h to subtract a baseline from"),
+    ("pseudo_label", "hard", "soft mode's pseudo labels are the whole distribution"),
+    ("teacher_batch", "hard", "soft mode always runs one joint teacher forward"),
+    ("soft_temperature", "soft", "hard pseudo labels are the argmax or a sample"),
+)
 
 
 @dataclass(frozen=True)
@@ -78,3 +88,15 @@ class MPLConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        self._refuse_ignored()
+
+    def _refuse_ignored(self) -> None:
+        """Raise ValueError, naming the field, for a value that ``mpl_update`` would ignore in this ``mode``."""
+        defaults = specs(MPLConfig)
+        for name, mode, why in MODE_ONLY:
+            value, default = getattr(self, name), defaults[name].default
+            if self.mode != mode and value != default:
+                raise ValueError(
+                    f"MPLConfig.{name}={value!r} does nothing with mode={self.mode!r} ({why}); leave {name} at its "
+                    f"default {default!r} or use mode={mode!r}"
+                )

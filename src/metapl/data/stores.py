@@ -189,7 +189,14 @@ def open_rgb(source, min_side: int | None = None, name: str | None = None) -> Im
                 im.draft("RGB", (min_side, min_side))
             return im.convert("RGB")
     except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
-        raise UserError(f"cannot read image {name or source} ({type(e).__name__}: {e}); fix or delete it") from None
+        reason = printable(f"{type(e).__name__}: {e}")
+        raise UserError(f"cannot read image {printable(str(name or source))} ({reason}); fix or delete it") from None
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (held as surrogates, ``os.fsdecode``'s rule) shown as
+    U+FFFD: a message naming such a file can then be printed to any UTF-8 terminal and log file."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def centre_view(image: Image.Image, size: int) -> np.ndarray:
@@ -218,7 +225,7 @@ class StringTable:
     """
 
     def __init__(self, names: list[str]):
-        encoded = [n.encode("utf-8") for n in names]
+        encoded = [n.encode("utf-8", "surrogateescape") for n in names]  # a file name that is not UTF-8 keeps its bytes
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
         self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, dtype=np.uint8)
@@ -234,7 +241,7 @@ class StringTable:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
     def take(self, rows: np.ndarray) -> StringTable:
         return StringTable([self[int(i)] for i in rows])

@@ -10,28 +10,41 @@ in a temporary folder and renamed into place atomically, so a crash or two concu
 entry. Each hit is checked cheaply (sizes, digests of the ends of each file, meta.json's own checksum; see
 ``_check_entry``) and a damaged entry is rebuilt. Deleting the cache folder (or one ``<reader>-<hash>`` subfolder)
 clears it; nothing else refers to it.
+
+Concurrent runs: one builds, the others wait (``locking.build_lock``: an advisory lock on ``.lock-<entry>`` in the root,
+which the kernel releases however its holder ends, SIGKILL included). A waiter that gets the lock looks for the entry
+again: it finds the finished one, or, when the builder died, builds it itself. Each build first removes the temporary
+folders (``.tmp-<entry>-*``) and half-deleted entries (``.trash-<entry>-*``) that a killed build left, those of entries
+whose lock nobody holds; such a folder is never read. Where locks are unavailable (no ``fcntl``, a file system without
+them, a cache root that cannot be written), every run builds and the first rename wins. A read-only cache serves the
+entries it holds; a missing one is refused in one line naming ``--cache-dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from metapl.errors import reporting_os_errors
+from metapl.data.sources.locking import LOCK_PREFIX, build_lock, release, try_lock
+from metapl.errors import UserError, describe_os_error
 
 # Bump when the meaning of cached arrays changes (decoding, resizing, layout), so old entries are not reused.
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CHECKSUM = "meta_sha256"  # meta.json's own checksum, over its other keys
 EDGE_BYTES = 1 << 20  # how much of each end of an array file is hashed when the entry is written and checked on a hit
+# What a killed build leaves in the cache root: its temporary folder, or an entry it was deleting; group 2 is the entry.
+_LEFTOVER = re.compile(r"^\.(tmp|trash)-(.+-[0-9a-f]{16})-[^-]+$")
 
 
 def default_cache_dir() -> Path:
@@ -59,14 +72,42 @@ def fingerprint(path: str | os.PathLike) -> dict:
         st = p.stat()
         return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     entries = []
-    for root, dirs, files in os.walk(p):
+    for root, dirs, files in walk_folder(p):  # through linked folders, as the readers list them
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
-            st = os.stat(full)
+            try:
+                st = os.stat(full)  # a linked file: its target's size and time
+            except FileNotFoundError:  # a dangling link: the decoder reports it as an unreadable image
+                st = os.lstat(full)
             entries.append(f"{os.path.relpath(full, p)}\0{st.st_size}\0{st.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 keeps its bytes (os.fsencode's rule)
+    digest = hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
     return {"path": str(p), "files": len(entries), "tree_sha256": digest}
+
+
+def walk_folder(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root, followlinks=True)``, refusing a link to a folder that holds it (a symlink loop).
+
+    Linked folders are followed (a data set assembled from links is common), but a loop would list the same files
+    again and again, about 40 times, until the path is too long: a silently repeated data set.
+
+    Raises:
+        UserError: naming the link that closes the loop.
+    """
+    root = os.fspath(root)
+    above = {root: frozenset([os.path.realpath(root)])}  # folder -> the real folders on its way from root
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        chain = above.pop(folder)
+        for name in dirs:
+            full = os.path.join(folder, name)
+            real = os.path.realpath(full)
+            if real in chain:
+                raise UserError(
+                    f"{full} links to {real}, a folder that holds it (a symlink loop); remove or replace the link"
+                )
+            above[full] = chain | {real}
+        yield folder, dirs, files
 
 
 def cache_key(reader: str, parts: dict) -> str:
@@ -116,20 +157,58 @@ def load_or_build(
         except _Damaged as e:
             log(f"cache entry {final} is damaged ({e}); rebuilding it")
 
-    _write_entry(final, key, *build())
+    with build_lock(final, log) as locked:
+        if locked:  # another process may have built it while this one waited; a killed one left nothing to trust
+            remove_leftovers(root, holding=final.name)
+            with contextlib.suppress(_Damaged):
+                opened = _open_checked(final, key)
+                log(f"using cached arrays in {final} (built by another process)")
+                return opened
+        _write_entry(final, key, build)
     log(f"cached decoded arrays in {final} (delete the folder to clear it)")
     return _open_checked(final, key)
 
 
-def _write_entry(final: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write an entry in a temporary folder next to ``final``, then rename it into place (``_replace_entry``)."""
+def remove_leftovers(root: Path, holding: str | None = None) -> None:
+    """Remove what killed builds left in the cache root: their temporary folders and half-deleted entries, and their
+    lock files, for each entry whose lock nobody holds (a running build holds its own; ``holding``: the entry whose
+    lock this process holds). Such folders are never read: only a renamed, checked entry is."""
+    try:
+        names = [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-", LOCK_PREFIX))]
+    except OSError:
+        return
+    entries = {m.group(2): [] for name in names if (m := _LEFTOVER.match(name))}
+    for name in names:
+        if (m := _LEFTOVER.match(name)) is not None:
+            entries[m.group(2)].append(root / name)
+        elif name.startswith(LOCK_PREFIX):
+            entries.setdefault(name.removeprefix(LOCK_PREFIX), [])
+    for entry, folders in entries.items():
+        fd = None if entry == holding else try_lock(root / entry)
+        if fd is None and entry != holding:
+            continue  # its build is running (or locks are unavailable here): leave it alone
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        if fd is not None:
+            release(root / entry, fd)
+
+
+def _write_entry(final: Path, key: dict, build: Callable[[], tuple[dict[str, np.ndarray], dict]]) -> None:
+    """Build an entry in a temporary folder next to ``final``, then rename it into place (``_replace_entry``).
+
+    The folder is made before ``build`` runs, so that a cache root that cannot be written (a file in its place, a
+    read-only folder) is refused before the decoding, not after it.
+    """
     root = final.parent
-    with reporting_os_errors(root, "write the data cache in", "pass --cache-dir DIR or set METAPL_CACHE_DIR"):
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the cache folder {root} is a file; pass --cache-dir DIR (a folder) or set METAPL_CACHE_DIR")
+    with _reporting_cache_errors(root):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a finished entry should be readable like any other folder
     try:
-        with reporting_os_errors(tmp, "write the data cache in"):
+        arrays, meta = build()
+        with _reporting_cache_errors(root):
+            tmp.chmod(0o755)  # mkdtemp makes it private; a finished entry should be readable like any other folder
             files = {}
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
@@ -141,6 +220,23 @@ def _write_entry(final: Path, key: dict, arrays: dict[str, np.ndarray], meta: di
             _replace_entry(tmp, final, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _reporting_cache_errors(root: Path) -> Iterator[None]:
+    """An ``OSError`` while writing an entry becomes one line naming the cache folder and the flag that moves it."""
+    try:
+        yield
+    except OSError as e:
+        full = "free disk space, or pass --cache-dir DIR on another disk (or set METAPL_CACHE_DIR)"
+        if e.errno is None and "requested and" in str(e):  # numpy's short write ("147456 requested and 65408 written")
+            raise UserError(f"cannot write the data cache in {root} ({e}: the disk is full); {full}") from e
+        fix = (
+            full
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "pass --cache-dir DIR (a writable folder) or set METAPL_CACHE_DIR"
+        )
+        raise UserError(describe_os_error(e, root, "write the data cache in", fix)) from e
 
 
 class _Damaged(Exception):

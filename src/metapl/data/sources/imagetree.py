@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from metapl.data.sources.cache import walk_folder
+from metapl.data.stores import printable
 from metapl.errors import UserError
 
 
@@ -93,7 +95,7 @@ def _list_tree(path: Path) -> tuple[list[str], set[str]]:
     """Relative POSIX paths of the files and folders below ``path`` (a folder or a tar), hidden entries left out."""
     files, dirs = [], set()
     if archive_or_folder(path) == "folder":
-        for root, subdirs, names in os.walk(path, followlinks=True):
+        for root, subdirs, names in walk_folder(path):
             rel = Path(root).relative_to(path).as_posix()
             rel = "" if rel == "." else rel + "/"
             dirs.update(rel + d for d in subdirs)
@@ -299,9 +301,10 @@ def _decode_entries(path, names, image_size, force_mode, skip_corrupt):
     images, ok, skipped, size_of = None, np.zeros(len(names), dtype=bool), [], {}
     for slot, array, reason in _decode_parallel(path, slots, image_size, force_mode):
         if array is None:
+            name, reason = printable(names[slot]), printable(reason)  # the messages and meta.json hold text only
             if not skip_corrupt:
-                raise UserError(f"cannot read image {names[slot]} ({reason}); fix or delete it, or pass --skip-corrupt")
-            skipped.append([names[slot], reason])
+                raise UserError(f"cannot read image {name} ({reason}); fix or delete it, or pass --skip-corrupt")
+            skipped.append([name, reason])
             continue
         if images is None:
             images = np.zeros((len(names), *array.shape), dtype=np.uint8)
