@@ -36,10 +36,10 @@ from pathlib import Path
 
 from benchmarks.harness import (
     add_run_arguments,
-    kept_model,
     last_evaluations,
     mean_sd,
     paired_lines,
+    protocol_model,
     read_metrics,
     record,
     resolve_data_dir,
@@ -148,7 +148,7 @@ def run_one(root: Path, protocol: str, row: str, seed: int, *, steps: int | None
 
 
 # The protocol's statistics and "the model a user keeps" live in the library (metapl compare uses them too).
-final_model = kept_model
+final_model = protocol_model
 
 
 def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:

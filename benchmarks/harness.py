@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 from metapl.protocol.paired import mean_sd, paired_interval
-from metapl.protocol.rows import kept_model
 from metapl.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +42,13 @@ DATA_ENV = "METAPL_DATA_ROOT"
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 _data_root: Path | None = None  # --data-root, once given
 
-__all__ = ["kept_model", "mean_sd", "paired_interval", "read_metrics"]  # re-exported for the benchmarks
+__all__ = ["mean_sd", "paired_interval", "read_metrics"]  # re-exported for the benchmarks
+
+
+def protocol_model(summary: dict) -> str:
+    """The model the ablation and Reduced-MPL protocols report, as they were measured: the finetuned student of a
+    pseudo-label run, the student of a labels-only one (not the run's result, which those protocols predate)."""
+    return "finetuned" if summary.get("finetuned_acc") is not None else "student"
 
 
 def set_data_root(path: str | Path | None) -> None:

@@ -33,9 +33,9 @@ from pathlib import Path
 from benchmarks.ablation import PROTOCOLS as ABLATION
 from benchmarks.harness import (
     add_run_arguments,
-    kept_model,
     mean_sd,
     paired_lines,
+    protocol_model,
     record,
     resolve_data_dir,
     run_rows,
@@ -110,7 +110,7 @@ def collect(root: Path, protocol: str) -> dict[str, dict[int, dict]]:
     for row in ROWS:
         for path in sorted((root / protocol / row).glob("seed*/summary.json")):
             s = json.loads(path.read_text())
-            who = "ema" if row == "teacher" else kept_model(s)
+            who = "ema" if row == "teacher" else protocol_model(s)
             own = s.get("wall_seconds", s["seconds"])
             big = teacher.get(s["seed"], {})
             out.setdefault(row, {})[s["seed"]] = {

@@ -53,13 +53,13 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
 
 
 def test_ablation_and_reduced_take_their_statistics_from_the_library():
-    from metapl.protocol import paired, rows
+    from metapl.protocol import paired
 
     ablation, reduced = benchmark_module("ablation"), benchmark_module("reduced")
     harness = benchmark_module("harness")
     assert harness.paired_interval is paired.paired_interval and ablation.paired_lines is reduced.paired_lines
     assert reduced.paired_lines.__module__ == "benchmarks.harness" and ablation.run_rows is harness.run_rows
-    assert ablation.mean_sd is reduced.mean_sd is paired.mean_sd and ablation.final_model is rows.kept_model
+    assert ablation.mean_sd is reduced.mean_sd is paired.mean_sd and ablation.final_model is harness.protocol_model
 
 
 def test_gpu_ablation_tiny_runs_three_rows_concurrently_and_tabulates(tmp_path, capsys):

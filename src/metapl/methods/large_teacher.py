@@ -68,14 +68,17 @@ def large_teacher_predictions(start) -> TeacherPredictions:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = (Path(cfg.cache_dir) if cfg.cache_dir else mdata.default_cache_dir()) / "predictions" / f"{digest}.npz"
     if d.is_main:
-        preds = _read(path, data)
-        if preds is None:
-            log(
-                f"large teacher {cfg.teacher}: predicting {len(data.train)} training and {len(data.test)} test images "
-                f"once -> {path}"
-            )
-            preds = _predict(teacher.to(device), data, device, cfg)
-            _write(path, preds)
+        # One process predicts, runs sharing the cache wait and read its file (metapl.data.build_lock).
+        with mdata.build_lock(path, log):
+            preds = _read(path, data)
+            if preds is None:
+                log(
+                    f"large teacher {cfg.teacher}: predicting {len(data.train)} training and {len(data.test)} test "
+                    f"images once -> {path}"
+                )
+                _remove_torn(path)
+                preds = _predict(teacher.to(device), data, device, cfg)
+                _write(path, preds)
     del teacher
     if d.enabled:
         dist.barrier()
@@ -119,6 +122,13 @@ def _read(path: Path, data) -> TeacherPredictions | None:
         if a is None or a.shape != (rows, data.num_classes) or not np.isfinite(a).all():
             return None
     return TeacherPredictions(train=arrays["train"], extra=arrays.get("extra"), test=arrays["test"])
+
+
+def _remove_torn(path: Path) -> None:
+    """Delete what killed writes of ``path`` left (``_write``'s temporary files): under the build lock no other
+    process is writing them."""
+    for tmp in path.parent.glob(f".{path.stem}.tmp-*.npz"):
+        tmp.unlink(missing_ok=True)
 
 
 def _write(path: Path, preds: TeacherPredictions) -> None:
