@@ -26,7 +26,14 @@ Typical use::
 (``BatchSpec(..., augment_on="device", device="cuda")`` makes the same views on whole batches on the GPU.)
 """
 
-from metapl.data.batches import BatchSpec, DeviceViews, eval_workers, make_eval_loader, make_train_batches
+from metapl.data.batches import (
+    BatchSpec,
+    DeviceViews,
+    close_batches,
+    eval_workers,
+    make_eval_loader,
+    make_train_batches,
+)
 from metapl.data.datasets import EvalDataset, LabeledDataset, UnlabeledDataset
 from metapl.data.sampling import ItemsSampler, ResumableSampler, mix_seed
 from metapl.data.sources import (
@@ -98,6 +105,7 @@ __all__ = [
     "list_sources",
     "load_dataset",
     "load_split",
+    "close_batches",
     "make_eval_loader",
     "make_split",
     "make_train_batches",

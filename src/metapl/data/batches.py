@@ -203,6 +203,20 @@ class DeviceViews:
         return (*views, *(t.to(self.device, non_blocking=True) for t in (labels, *side)))
 
 
+def close_batches(*iterators) -> None:
+    """Stop the loader workers behind iterators of ``make_train_batches`` (``None`` entries are skipped).
+
+    A training loop calls this when it ends, however it ends. An exception unwinding past the loop keeps its iterators
+    alive in the traceback; their workers ignore SIGTERM (``_worker_init``), so the interpreter's exit, which
+    terminates and joins leftover children, would wait for them forever.
+    """
+    for batches in iterators:
+        inner = getattr(batches, "_batches", None)  # DeviceViews: its loader's iterator, once started
+        shutdown = getattr(inner if inner is not None else batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # torch's DataLoader iterator: ends its workers and joins them (idempotent)
+
+
 def _worker_init(_worker_id: int) -> None:
     # Each worker handles one image at a time; intra-op threads would only oversubscribe the cores.
     torch.set_num_threads(1)

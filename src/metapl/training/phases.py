@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from metapl import data as mdata
 from metapl.core import supervised_step, unwrap
 from metapl.training.evaluation import eval_line, eval_loaders, evaluate_run, evaluate_sets
 from metapl.training.inputs import finetune_batches, train_batches
@@ -137,10 +138,11 @@ class TrainingPhase:
             self.progress.set_postfix({k: f"{v:.3g}" for k, v in self.shown.items() if v is not None}, refresh=False)
 
     def close(self) -> None:
-        """Close the progress bar (also when the phase stops on an error)."""
+        """Close the progress bar and stop the loader workers (also when the phase stops on an error)."""
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        mdata.close_batches(*self.batches)
 
     def _count_time(self) -> None:
         """Add the time since the last count to ``run.seconds`` (training time, evaluations and saves included)."""
@@ -238,6 +240,10 @@ class FinetunePhase:
 
     def progressed(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Stop the loader workers (also when the phase stops on an error)."""
+        mdata.close_batches(self.batches)
 
     def finish(self) -> dict:
         """After the last step: ``finetuned.pt`` and the phase's figures for the summary (main rank; the step count on

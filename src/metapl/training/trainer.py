@@ -143,7 +143,10 @@ def _finish(run, saver: CheckpointSaver, writer, log, stop: StopSignals) -> dict
 def _finetune(run, saver: CheckpointSaver, writer, log, stop: StopSignals | None, resume_command: str) -> dict:
     """The finetuning phase, to its end; ``{"finetune_steps", "finetuned_acc", "finetuned_top5"}`` for the summary."""
     phase = FinetunePhase(run, saver, writer, log, resume_command)
-    run_phase(phase, run, stop)
+    try:
+        run_phase(phase, run, stop)
+    finally:
+        phase.close()
     return phase.finish()
 
 
