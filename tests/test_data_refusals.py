@@ -35,7 +35,7 @@ def test_fashion_labels_file_in_place_of_the_images_file(tmp_path, swap):
         )
     cache = tmp_path / "cache"
     with pytest.raises(UserError) as info:
-        load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(cache), log=lambda _: None)
+        load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(cache))
     assert str(info.value) == message
     assert not [p for p in cache.rglob("*.npy")]  # no cache entry was written
 

@@ -7,9 +7,8 @@ import json
 from metapl.commands.demo import ROWS, demo, final_accuracy
 
 
-def test_demo_trains_three_rows_with_equal_step_counts(tmp_path):
-    lines: list[str] = []
-    summaries = demo(out=str(tmp_path), steps=20, log=lines.append)
+def test_demo_trains_three_rows_with_equal_step_counts(tmp_path, log_lines):
+    summaries = demo(out=str(tmp_path), steps=20)
     assert [name for name, _ in ROWS] == list(summaries)
     labels_only, distilled, mpl = summaries.values()
     # 20 MPL steps + 2 finetuning steps for the pseudo-label rows, 22 steps for labels-only.
@@ -19,7 +18,7 @@ def test_demo_trains_three_rows_with_equal_step_counts(tmp_path):
     assert saved["finetuned_acc"] == mpl["finetuned_acc"] == final_accuracy(mpl)
     gain = final_accuracy(mpl) - final_accuracy(labels_only)
     feedback = final_accuracy(mpl) - final_accuracy(distilled)
-    assert f"MPL vs labels-only: {gain:+.2f} points; feedback (MPL vs h = 0): {feedback:+.2f} points" in lines[-1]
+    assert f"MPL vs labels-only: {gain:+.2f} points; feedback (MPL vs h = 0): {feedback:+.2f} points" in log_lines()[-1]
     # Run again into the same folder: the earlier demo runs are replaced, not refused and not mixed.
-    again = demo(out=str(tmp_path), steps=20, log=lines.append)
+    again = demo(out=str(tmp_path), steps=20)
     assert again["Meta Pseudo Labels"]["finetuned_acc"] == mpl["finetuned_acc"]  # same seed, same result

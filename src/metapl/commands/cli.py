@@ -22,6 +22,7 @@ from metapl.config.flags import add_config_arguments, given_options, resolve
 from metapl.config.rules import RUNTIME_KEYS, refuse_resume_flags
 from metapl.core.options import specs
 from metapl.errors import Interrupted, UserError, describe_os_error
+from metapl.logs import console
 from metapl.rundir.layout import EXPORT_DIR, RUN_FILES, TENSORBOARD, WANDB
 
 RUN_FOLDERS = (TENSORBOARD, WANDB, EXPORT_DIR)  # the folders among the run files, shown with a slash in --help
@@ -318,7 +319,8 @@ COMMANDS: dict[str, Command] = {
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    COMMANDS[args.command].run(args)
+    with console():  # the library's lines (metapl.logs) on stdout, rank 0 only
+        COMMANDS[args.command].run(args)
     return 0
 
 

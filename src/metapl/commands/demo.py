@@ -8,6 +8,7 @@ their labels. The settings live in
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from metapl.config.fields import TrainConfig
 from metapl.protocol.rows import LABELS_ONLY, kept_accuracy, row_config, train_row
 from metapl.protocol.rows import ROWS as COMPARE_ROWS
+
+logger = logging.getLogger(__name__)
 
 DEMO = TrainConfig(
     dataset="digits",
@@ -54,7 +57,7 @@ ROWS = tuple(
 )
 
 
-def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log=print) -> dict[str, dict]:
+def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0) -> dict[str, dict]:
     """Train labels-only, the UDA teacher distilled with the feedback off (h = 0), and full MPL on digits; print
     their test accuracies side by side.
 
@@ -68,7 +71,6 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log
             metapl's run files are removed).
         steps: MPL steps of each run (default ``DEMO.steps``).
         seed: seed of the split, the models and the augmentations.
-        log: where lines go.
 
     Returns:
         row name -> summary.
@@ -78,11 +80,11 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log
     summaries = {}
     for row, (name, changes) in zip(_PICKED, ROWS):
         cfg = row_config(base, changes, seed=seed, out=Path(out) / row)
-        log(f"== {name}: {cfg.steps} steps on digits, {cfg.num_labeled} labels ==")
+        logger.info(f"== {name}: {cfg.steps} steps on digits, {cfg.num_labeled} labels ==")
         start = time.perf_counter()
-        summaries[name], _ = train_row(cfg, fresh=True, log=log)
+        summaries[name], _ = train_row(cfg, fresh=True)
         summaries[name]["wall_seconds"] = time.perf_counter() - start
-    _print_table(summaries, base, finetune, out, log)
+    _print_table(summaries, base, finetune, out)
     return summaries
 
 
@@ -91,16 +93,16 @@ def final_accuracy(summary: dict) -> float:
     return kept_accuracy(summary)
 
 
-def _print_table(summaries: dict[str, dict], base: TrainConfig, finetune: int, out: str, log) -> None:
-    log("")
-    log(f"digits, {base.num_labeled} labels, {base.steps} steps (+{finetune} finetuning), test accuracy (%):")
-    log(f"{'method':<32}{'teacher':>9}{'student':>9}{'finetuned':>11}{'time':>7}")
+def _print_table(summaries: dict[str, dict], base: TrainConfig, finetune: int, out: str) -> None:
+    logger.info("")
+    logger.info(f"digits, {base.num_labeled} labels, {base.steps} steps (+{finetune} finetuning), test accuracy (%):")
+    logger.info(f"{'method':<32}{'teacher':>9}{'student':>9}{'finetuned':>11}{'time':>7}")
     for name, s in summaries.items():
         teacher = f"{s['teacher_acc']:9.2f}" if s.get("teacher_acc") is not None else f"{'-':>9}"
         tuned = f"{s['finetuned_acc']:11.2f}" if s.get("finetuned_acc") is not None else f"{'-':>11}"
-        log(f"{name:<32}{teacher}{s['student_acc']:9.2f}{tuned}{s['wall_seconds']:6.0f}s")
+        logger.info(f"{name:<32}{teacher}{s['student_acc']:9.2f}{tuned}{s['wall_seconds']:6.0f}s")
     labels_only, distilled, mpl = (final_accuracy(summaries[name]) for name, _ in ROWS)
-    log(
+    logger.info(
         f"MPL vs labels-only: {mpl - labels_only:+.2f} points; "
         f"feedback (MPL vs h = 0): {mpl - distilled:+.2f} points, one seed "
         f"(the 3-seed answer: README.md, Results); runs in {out}/"

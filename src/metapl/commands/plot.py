@@ -7,6 +7,7 @@ caller who imported this module into an interactive session.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from metapl.rundir.checkpoint import refuse_overwrite
 from metapl.rundir.layout import CURVES, METRICS
 from metapl.training.metrics import read_metrics
 
+logger = logging.getLogger(__name__)
+
 ACC_KEYS = (("eval/teacher_acc", "teacher"), ("eval/student_acc", "student"), ("eval/ema_acc", "EMA student"))
 FINETUNED_KEY = "eval/finetuned_acc"
 LINESTYLES = {"teacher": "--", "student": ":", "EMA student": "-", "h": "-", "baseline": "--", "loss": "-"}
@@ -26,14 +29,13 @@ SMOOTH_MIN_POINTS = 20  # below this many logged points a loss curve is drawn as
 SMOOTH_FRACTION = 0.04  # moving-average window as a share of a loss curve's points (~25 windows across the plot)
 
 
-def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, log=print) -> Path:
+def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None) -> Path:
     """Draw the curves of one or several runs into one image.
 
     Args:
         run_dirs: run directories of ``metapl train`` (each with a ``metrics.jsonl``).
         output: the image file (PNG unless its extension names another format matplotlib writes); default
             ``curves.png`` in the first run directory.
-        log: receives the closing line.
 
     Returns:
         The path of the image written.
@@ -56,7 +58,7 @@ def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, l
     with reporting_os_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(output, format=fmt, dpi=110)
-    log(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    logger.info(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return output
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from torch import nn
 
 from metapl import data as mdata
 from metapl.errors import reporting_os_errors
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,9 +55,9 @@ def large_teacher_predictions(start) -> TeacherPredictions:
     Args:
         start: the run's ``metapl.training.setup.ModelStart``: its config (``teacher``, its weights, ``cache_dir``,
             ``eval_batch_size``, ``workers``), data, device (where the large teacher predicts), place in the job
-            (rank 0 makes the file, the others wait and read it) and log.
+            (rank 0 makes the file, the others wait and read it).
     """
-    cfg, data, device, d, log = start.cfg, start.data, start.device, start.dist, start.log
+    cfg, data, device, d = start.cfg, start.data, start.device, start.dist
     # Loaded on resume too: its weights' digest names the stored predictions.
     teacher = start.model("teacher", replace_head=False, load=True)
     key = {
@@ -70,7 +73,7 @@ def large_teacher_predictions(start) -> TeacherPredictions:
     if d.is_main:
         preds = _read(path, data)
         if preds is None:
-            log(
+            logger.info(
                 f"large teacher {cfg.teacher}: predicting {len(data.train)} training and {len(data.test)} test images "
                 f"once -> {path}"
             )
@@ -81,7 +84,9 @@ def large_teacher_predictions(start) -> TeacherPredictions:
         dist.barrier()
     if not d.is_main:
         preds = _read(path, data)
-    log(f"large teacher {cfg.teacher}: {preds.test_accuracy(data.test.labels):.2f}% test accuracy (stored predictions)")
+    logger.info(
+        f"large teacher {cfg.teacher}: {preds.test_accuracy(data.test.labels):.2f}% test accuracy (stored predictions)"
+    )
     return preds
 
 

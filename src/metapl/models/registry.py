@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 
 from metapl.errors import UserError
 from metapl.models.weights import load_into, torchvision_pretrained
+
+logger = logging.getLogger(__name__)
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -92,7 +95,6 @@ def create_model(
     image_size: int = 32,
     dropout: float = 0.0,
     pretrained: bool = False,
-    log=print,
     **kwargs: object,
 ) -> nn.Module:
     """Build a classifier by name, freshly initialised or from its library's pretrained weights, and check that it
@@ -110,8 +112,7 @@ def create_model(
             inserted in front of the final ``nn.Linear``; timm's ``drop_rate``).
         pretrained: start from the library's default pretrained weights (torchvision's through the torch hub cache,
             timm's through its own); a head of another class count is replaced and a 1-channel input stem gets the
-            RGB kernels summed (each said in a line to ``log``). metapl's own models have none.
-        log: receives those lines.
+            RGB kernels summed (each said in a line). metapl's own models have none.
         **kwargs: Passed on to the factory or builder unchanged.
 
     Returns:
@@ -126,13 +127,13 @@ def create_model(
         from metapl.models.plugins import load_entry_points  # installed packages' models (metapl.models group)
 
         load_entry_points()
-    model = _build(name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
+    model = _build(name, num_classes, in_channels, dropout, pretrained, **kwargs)
     _check_dry_forward(model, name, in_channels, image_size)
     return model
 
 
 def _build(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
 ) -> nn.Module:
     """``create_model``'s model from the first place that knows ``name``: metapl's registry, timm or torchvision."""
     if name in _REGISTRY:
@@ -147,7 +148,7 @@ def _build(
     tv_name = name[len(_TV_PREFIX) :] if name.startswith(_TV_PREFIX) else name
     if tv_name not in _torchvision_names():
         raise UserError(_unknown_name_message(name, tv_name))
-    return _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
+    return _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, **kwargs)
 
 
 @functools.cache
@@ -167,12 +168,12 @@ def _unknown_name_message(name: str, bare_name: str) -> str:
 
 
 def _create_torchvision(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
 ) -> nn.Module:
     builder_kwargs = {**_TV_DEFAULT_KWARGS.get(name, {}), **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **builder_kwargs)
     if pretrained:  # loaded while the stem is RGB, before any layer is replaced or inserted
-        load_into(model, torchvision_pretrained(name), f"torchvision's pretrained {name}", log)
+        load_into(model, torchvision_pretrained(name), f"torchvision's pretrained {name}")
     if in_channels != 3:
         _replace_first_conv(model, name, in_channels, keep_weights=pretrained)
     if dropout > 0:

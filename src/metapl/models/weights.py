@@ -9,6 +9,7 @@ random-generator state holds are allow-listed). Where a run folder or a metapl c
 
 from __future__ import annotations
 
+import logging
 import pickle
 import urllib.error
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from metapl.errors import UserError, few
+
+logger = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common containers around a state dict
 _PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's
@@ -95,7 +98,7 @@ def as_state_dict(obj: dict, source: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print) -> None:
+def load_into(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load ``state`` into ``model``, fitting the two differences a new task brings; refuse any other mismatch.
 
     * A classifier head of another class count (the last ``nn.Linear``'s weight and bias) keeps the model's own
@@ -113,7 +116,7 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print
         old = state[head[0]].shape[0]
         for k in head:
             del state[k]
-        log(
+        logger.info(
             f"{source}: the classifier head has {old} classes, the data {expected[head[0]].shape[0]}; "
             f"{head[0].rsplit('.', 1)[0]} is replaced by a new, randomly initialised layer"
         )
@@ -122,7 +125,7 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print
         rgb_into_grey = tensor.ndim == 4 and tensor.shape[1] == 3  # an RGB stem into a 1-channel model
         if rgb_into_grey and want is not None and tuple(want.shape) == (tensor.shape[0], 1, *tensor.shape[2:]):
             state[key] = tensor.sum(dim=1, keepdim=True)
-            log(f"{source}: {key} summed over its 3 input channels for 1-channel images")
+            logger.info(f"{source}: {key} summed over its 3 input channels for 1-channel images")
     problem = state_dict_mismatch({k: v for k, v in expected.items() if k in state or k not in head}, state)
     if problem:
         raise UserError(

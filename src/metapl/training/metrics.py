@@ -85,6 +85,9 @@ class NullWriter:
         """Nothing to close."""
 
 
+Writer = MetricsWriter | NullWriter  # a run's metrics writer: rank 0's MetricsWriter, the other ranks' NullWriter
+
+
 def require_wandb():
     """The ``wandb`` module, or a ``UserError`` saying how to install it (checked before a run writes anything)."""
     try:
@@ -157,47 +160,3 @@ def _torn(path: Path) -> bool:
             return False
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
-
-
-class LogFile:
-    """A ``log`` callable that prints as ``log`` does and keeps each line for ``RUN_DIR/train.log``.
-
-    Lines logged before the run folder exists (data, models) are held in memory and written when ``open`` is
-    called, so a run refused before it starts leaves no file. The file is appended to (a resumed run continues it)
-    and flushed after every line, so it holds what the terminal showed up to a kill.
-
-    Args:
-        log: where the lines also go (``print``).
-    """
-
-    def __init__(self, log) -> None:
-        self._log = log
-        self._pending: list[str] = []
-        self._file = None
-        self.path: Path | None = None
-
-    def __call__(self, *args, **kwargs) -> None:
-        """Log one line (``print``'s arguments: the objects joined by spaces)."""
-        self._log(*args, **kwargs)
-        line = kwargs.get("sep", " ").join(str(a) for a in args)
-        if self._file is None:
-            self._pending.append(line)
-            return
-        with reporting_os_errors(self.path):
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def open(self, path: str | Path) -> None:
-        """Start writing into ``path`` (appending), beginning with the lines held so far."""
-        self.path = Path(path)
-        with reporting_os_errors(self.path):
-            self._file = open(self.path, "a")  # noqa: SIM115 - held for the run's life, closed by close()
-            self._file.write("".join(line + "\n" for line in self._pending))
-            self._file.flush()
-        self._pending = []
-
-    def close(self) -> None:
-        """Close the file (lines logged afterwards are printed and held again)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None

@@ -13,6 +13,7 @@ signal stops it (``metapl.training.saver``).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import warnings
@@ -26,12 +27,14 @@ from metapl.training.optimizers import make_sgd
 from metapl.training.process import all_reduce_mean
 from metapl.training.saver import CheckpointSaver
 
+logger = logging.getLogger(__name__)
+
 
 class TrainingPhase:
     """Training by the run's method, from ``run.step`` to ``cfg.steps``."""
 
-    def __init__(self, run, saver: CheckpointSaver, writer, log) -> None:
-        self.run, self.saver, self.writer, self.log = run, saver, writer, log
+    def __init__(self, run, saver: CheckpointSaver, writer) -> None:
+        self.run, self.saver, self.writer = run, saver, writer
         cfg = run.cfg
         self.plan = cfg.schedule()
         self.start, self.steps = run.step, cfg.steps
@@ -114,7 +117,7 @@ class TrainingPhase:
         run.last_eval = (run.step, accs)
         if run.dist.is_main:
             self.writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
-            self.log(eval_line(run.step, accs))
+            logger.info(eval_line(run.step, accs))
         self.shown.update({k: accs[k] for k in accs if k.endswith("_acc")})
         self.tick = time.perf_counter()  # evaluation time is not step time
 
@@ -163,8 +166,8 @@ def _progress_bar(run):
 class FinetunePhase:
     """The student finetuned for ``cfg.planned_finetune_steps()`` steps, continuing a stopped finetuning."""
 
-    def __init__(self, run, saver: CheckpointSaver, writer, log, resume_command: str) -> None:
-        self.run, self.saver, self.writer, self.log = run, saver, writer, log
+    def __init__(self, run, saver: CheckpointSaver, writer, resume_command: str) -> None:
+        self.run, self.saver, self.writer = run, saver, writer
         self.resume_command = resume_command
         cfg = run.cfg
         self.opt = make_sgd(  # a fresh SGD for the student: training's settings at --finetune-lr
@@ -175,7 +178,7 @@ class FinetunePhase:
             weight_decay=cfg.weight_decay,
             device=run.device,
         )
-        self.start = saver.restore_progress(self.opt, log)
+        self.start = saver.restore_progress(self.opt)
         self.steps = cfg.planned_finetune_steps()
         self.batches = finetune_batches(run, self.start)
         self.loaders = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
@@ -247,7 +250,7 @@ class FinetunePhase:
             self.accs = self._score()
         result = {"finetune_steps": self.steps}
         if run.dist.is_main:
-            self.log(f"finetuned student: test accuracy {self.accs['finetuned_acc']:.2f}%")
+            logger.info(f"finetuned student: test accuracy {self.accs['finetuned_acc']:.2f}%")
             result.update(self.accs)
         self.saver.save_finetuned()
         return result

@@ -17,10 +17,12 @@ is therefore a collective that every rank calls, and rank 0 alone writes.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from metapl.core import unwrap
@@ -36,6 +38,8 @@ from metapl.rundir.checkpoint import (
 )
 from metapl.rundir.layout import FINETUNE_PROGRESS, FINETUNED, LATEST
 from metapl.training.process import StopSignals, barrier
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -135,7 +139,7 @@ class CheckpointSaver:
             return None  # another MPL step (an extended run) or other settings: finetune from the MPL checkpoint
         return progress
 
-    def restore_progress(self, opt, log) -> int:
+    def restore_progress(self, opt: torch.optim.Optimizer) -> int:
         """Load a stopped finetuning's student, optimizer and generators into the run; its step (0 if none)."""
         progress = self.finetune_progress()
         if progress is None:
@@ -145,7 +149,7 @@ class CheckpointSaver:
         opt.load_state_dict(progress["opt"])
         set_rng_state(progress["rng_ranks"][run.dist.rank])
         path = self.run_dir / FINETUNE_PROGRESS
-        log(f"finetuning continues at step {progress['done']} of {progress['steps']} ({path})")
+        logger.info(f"finetuning continues at step {progress['done']} of {progress['steps']} ({path})")
         return int(progress["done"])
 
     def save_progress(self, opt, done: int) -> None:

@@ -6,6 +6,7 @@ The run folder's files belong to ``metapl.rundir``.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,8 @@ from metapl import data as mdata
 from metapl.config.fields import AUTO_VAL_MIN_PER_CLASS, TrainConfig, auto_val_count
 from metapl.core import ModelEMA, MPLState
 from metapl.data.sampling import mix_seed
+from metapl.data.split import Split
+from metapl.data.stores import SourceData
 from metapl.errors import UserError
 from metapl.methods.by_name import get_method
 from metapl.methods.method import Method
@@ -27,6 +30,8 @@ from metapl.rundir.layout import LATEST, SPLIT, load_run_split
 from metapl.training.optimizers import make_scheduler, make_sgd
 from metapl.training.process import Dist, amp_dtype, plan_cpu_share, seed_everything, wrap_ddp
 from metapl.training.starting_weights import start_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,37 +69,36 @@ class Run:
 @dataclass(frozen=True)
 class ModelStart:
     """What a method builds its teacher from (``Method.build_teacher``): the run's config, data, device, place in
-    the job and log, and whether it resumes (then the checkpoint holds the weights)."""
+    the job, and whether it resumes (then the checkpoint holds the weights)."""
 
     cfg: TrainConfig
     data: object
     device: torch.device
     dist: Dist
-    log: object
     resuming: bool
 
     def model(self, role: str, *, replace_head: bool = True, load: bool | None = None) -> nn.Module:
         """The run's ``role`` network started from its configured weights (``starting_weights.start_model``); ``load``
         None: unless resuming."""
         load = not self.resuming if load is None else load
-        return start_model(self.cfg, role, self.data, self.log, replace_head=replace_head, load=load)
+        return start_model(self.cfg, role, self.data, replace_head=replace_head, load=load)
 
 
-def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None, log) -> Run:
+def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None) -> Run:
     """Data, split, models, optimizers, schedulers, EMA and scalers of a run; restored from ``ckpt`` if given.
 
     With ``ckpt``, the saved ``split.json`` is reused after checking that the data still matches its fingerprint.
     ``cfg.workers`` and ``cfg.threads`` left open are chosen here (``Run.cfg`` holds the values used).
     """
-    cfg = _take_cpu_share(cfg, device, d, log)
+    cfg = _take_cpu_share(cfg, device, d)
     import_model_modules(cfg.imports)  # the user's own models, before any is built (metapl.models.plugins)
-    data = _load_data(cfg, log)
-    split = _split(cfg, data, run_dir if ckpt is not None else None, log)
-    log(
+    data = _load_data(cfg)
+    split = _split(cfg, data, run_dir if ckpt is not None else None)
+    logger.info(
         f"data: {cfg.dataset} {data.image_size}x{data.image_size}x{data.in_channels}, {data.num_classes} classes, "
         f"{len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled, {len(data.test.labels)} test"
     )
-    predictions, teacher, student = _models(cfg, data, device, d, resuming=ckpt is not None, log=log)
+    predictions, teacher, student = _models(cfg, data, device, d, resuming=ckpt is not None)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     teacher = teacher.to(device, memory_format=memory_format)
     student = student.to(device, memory_format=memory_format)
@@ -110,7 +114,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
         if not restore(run, ckpt, run_dir / LATEST):
             seed_rank(cfg, d, run.step)  # another number of processes: no exact resume, but distinct streams
         run.saved_step = run.step
-        log(f"resumed {run_dir} at step {run.step}")
+        logger.info(f"resumed {run_dir} at step {run.step}")
     elif d.enabled:
         seed_rank(cfg, d)
     run.teacher = wrap_ddp(teacher, d, device, sync_bn=cfg.sync_bn)
@@ -120,7 +124,7 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     return run
 
 
-def _load_data(cfg: TrainConfig, log):
+def _load_data(cfg: TrainConfig) -> SourceData:
     """The run's data set (``metapl.data.load_dataset``), as its options describe it."""
     return mdata.load_dataset(
         cfg.dataset,
@@ -131,7 +135,6 @@ def _load_data(cfg: TrainConfig, log):
         cache_dir=cfg.cache_dir,
         skip_corrupt=cfg.skip_corrupt,
         seed=cfg.seed,
-        log=log,
         data_path=cfg.data_path,
     )
 
@@ -148,37 +151,37 @@ def _optimizers(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device
     return t_opt, s_opt, t_sched, s_sched
 
 
-def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool, log):
+def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool):
     """The run's teacher, as its method builds it, and student, started from their weights (not when resuming: the
     checkpoint has them). The teacher comes first: it draws from the seed before the student.
 
     Returns:
         ``(predictions, teacher, student)``; ``predictions``: a reduced method's large-teacher predictions, else None.
     """
-    start = ModelStart(cfg, data, device, d, log, resuming)
+    start = ModelStart(cfg, data, device, d, resuming)
     built = get_method(cfg.method).build_teacher(start)
     student = start.model("student")
-    log(
+    logger.info(
         f"teacher {built.name}: {count_parameters(built.teacher):,} parameters; "
         f"student {cfg.student}: {count_parameters(student):,} parameters"
     )
     return built.predictions, built.teacher, student
 
 
-def _take_cpu_share(cfg: TrainConfig, device, d: Dist, log) -> TrainConfig:
+def _take_cpu_share(cfg: TrainConfig, device: torch.device, d: Dist) -> TrainConfig:
     """Set this process's intra-op threads and fill in the loader workers, from the free cores where left open."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(d.world_size)))
     share = plan_cpu_share(cfg.workers, cfg.threads, device, local_world, copy_only=cfg.augment_on == "device")
     torch.set_num_threads(share.threads)
     if cfg.workers is None or cfg.threads is None:
-        log(
+        logger.info(
             f"cpu: {share.free_cores:.1f} of {os.cpu_count()} cores free -> {share.workers} loader workers, "
             f"{share.threads} threads (set --workers / --threads to choose)"
         )
     return replace(cfg, workers=share.workers, threads=share.threads)
 
 
-def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
+def _split(cfg: TrainConfig, data: SourceData, run_dir: Path | None) -> Split:
     """The saved split of a resumed run (checked against the data), else a new one carrying the data's fingerprint.
 
     Args:
@@ -196,8 +199,7 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
         data.num_classes,
         seed=cfg.seed,
         unlabeled=cfg.unlabeled,
-        val=_validation_count(cfg, data, log),
-        log=log,
+        val=_validation_count(cfg, data),
     )
     if get_method(cfg.method).unlabeled and len(split.unlabeled) == 0 and data.extra_unlabeled is None:
         raise UserError(
@@ -208,7 +210,7 @@ def _split(cfg: TrainConfig, data, run_dir: Path | None, log):
     return split
 
 
-def _validation_count(cfg: TrainConfig, data, log) -> int:
+def _validation_count(cfg: TrainConfig, data: SourceData) -> int:
     """``--val-labeled``, or where left unset the automatic carve-out (``fields.auto_val_count``), said in one line."""
     if data.val is not None:
         if cfg.val_labeled:
@@ -216,7 +218,9 @@ def _validation_count(cfg: TrainConfig, data, log) -> int:
                 f"--val-labeled {cfg.val_labeled} would carve validation images out of the labeled draw, but the data "
                 f"has {len(data.val)} of its own (its val/ folder); drop --val-labeled"
             )
-        log(f"validation: the {len(data.val)} images of the data's val/ folder choose the model the run hands back")
+        logger.info(
+            f"validation: the {len(data.val)} images of the data's val/ folder choose the model the run hands back"
+        )
         return 0
     if cfg.val_labeled is not None:
         return cfg.val_labeled
@@ -226,12 +230,12 @@ def _validation_count(cfg: TrainConfig, data, log) -> int:
     count = auto_val_count(cfg.num_labeled, num_classes)
     per_class = cfg.num_labeled // num_classes
     if count:
-        log(
+        logger.info(
             f"validation: {count} of the {cfg.num_labeled} labeled images held out ({count // num_classes} per class) "
             "to choose the model the run hands back (--val-labeled 0: none)"
         )
     else:
-        log(
+        logger.info(
             f"validation: none ({per_class} labels per class, below the {AUTO_VAL_MIN_PER_CLASS} of the automatic "
             "carve-out): the model the run hands back is chosen by rule (--val-labeled N holds N out)"
         )

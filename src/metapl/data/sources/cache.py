@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from metapl.errors import reporting_os_errors
+
+logger = logging.getLogger(__name__)
 
 # Bump when the meaning of cached arrays changes (decoding, resizing, layout), so old entries are not reused.
 FORMAT_VERSION = 1
@@ -88,7 +91,7 @@ def load_or_build(
     reader: str,
     parts: dict,
     build: Callable[[], tuple[dict[str, np.ndarray], dict]],
-    log: Callable[[str], None] = print,
+    quiet: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Return cached arrays for ``(reader, parts)``, building and storing them first if they are not cached yet.
 
@@ -100,7 +103,7 @@ def load_or_build(
         parts: the key parts, see ``cache_key``.
         build: called only on a cache miss; returns ``(arrays, meta)`` where ``arrays`` maps a name (a valid file
             stem) to an array and ``meta`` is a JSON-able dict.
-        log: receives one line on a miss (where the entry is written) and one on a hit.
+        quiet: say nothing; else one line on a miss (where the entry is written) and one on a hit.
 
     Returns:
         ``(arrays, meta)``: arrays opened read-only with ``np.load(mmap_mode="r")``, and the stored meta dict.
@@ -111,13 +114,16 @@ def load_or_build(
     if final.exists():
         try:
             opened = _open_checked(final, key)
-            log(f"using cached arrays in {final}")
+            if not quiet:
+                logger.info(f"using cached arrays in {final}")
             return opened
         except _Damaged as e:
-            log(f"cache entry {final} is damaged ({e}); rebuilding it")
+            if not quiet:
+                logger.info(f"cache entry {final} is damaged ({e}); rebuilding it")
 
     _write_entry(final, key, *build())
-    log(f"cached decoded arrays in {final} (delete the folder to clear it)")
+    if not quiet:
+        logger.info(f"cached decoded arrays in {final} (delete the folder to clear it)")
     return _open_checked(final, key)
 
 

@@ -4,6 +4,7 @@ in ``--data-dir``, torchvision's download folder or where Debian's ``dataset-fas
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from metapl.data.sources.imagetree import resize_arrays
 from metapl.data.sources.readers import DEFAULT_DATA_DIR, DatasetStats, ReadOptions, cached_source, register_source
 from metapl.data.stores import SourceData
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST = DatasetStats((0.2860,), (0.3530,), hflip=True)
 _FASHION_CLASSES = [
@@ -84,14 +87,14 @@ def _check_fashion_shapes(arrays: dict[str, np.ndarray], files: dict[str, Path])
 @register_source("fashion-mnist")
 def read_fashion_mnist(o: ReadOptions) -> SourceData:
     """Fashion-MNIST's IDX files (gzip-compressed or not), downloaded by torchvision when ``o.download``."""
-    image_size, log = o.image_size, o.log
+    image_size = o.image_size
     root = Path(o.data_dir or DEFAULT_DATA_DIR).expanduser()
     dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist", FASHION_SYSTEM_DIR]
     files = _find_fashion(dirs)
     if files is None and o.download:
         from torchvision import datasets
 
-        log(f"downloading Fashion-MNIST into {root}")
+        logger.info(f"downloading Fashion-MNIST into {root}")
         try:
             datasets.FashionMNIST(str(root), download=True)
         except (OSError, RuntimeError, ValueError) as e:
@@ -121,5 +124,5 @@ def read_fashion_mnist(o: ReadOptions) -> SourceData:
         return arrays, {"classes": _FASHION_CLASSES}
 
     parts = {"source": [cache.fingerprint(files[k]) for k in sorted(files)], "image_size": image_size}
-    arrays, meta = cache.load_or_build(o.cache_dir, "fashion-mnist", parts, build, log)
+    arrays, meta = cache.load_or_build(o.cache_dir, "fashion-mnist", parts, build)
     return cached_source(arrays, meta["classes"], FASHION_MNIST)

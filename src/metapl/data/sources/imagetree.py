@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import logging
 import lzma
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -236,7 +239,6 @@ def decode_tree(
     *,
     image_size: int | None,
     skip_corrupt: bool,
-    log: Callable[[str], None] = print,
     flat: bool = False,
     channels: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
@@ -247,7 +249,6 @@ def decode_tree(
         image_size: resize (shorter side, then centre crop) to this square size; without it all images must share
             one square size.
         skip_corrupt: leave out unreadable images (listed in ``meta["skipped"]``) instead of raising.
-        log: receives progress lines.
         flat: ignore folder structure and label everything -1 (``--unlabeled-dir``).
         channels: force 1 (grayscale) or 3 (RGB) channels; ``None`` picks 1 only when every image is grayscale.
 
@@ -262,11 +263,11 @@ def decode_tree(
         classes, plan, folders = plan_layout(path)
     entries = [entry for split_entries in plan.values() for entry in split_entries]
     n = len(entries)
-    log(f"decoding {n} images from {path} (once: later runs read the cache)")
+    logger.info(f"decoding {n} images from {path} (once: later runs read the cache)")
     start = time.perf_counter()
     force_mode = {None: None, 1: "L", 3: "RGB"}[channels]
     images, ok, skipped = _decode_entries(path, [f for f, _ in entries], image_size, force_mode, skip_corrupt)
-    log(f"decoded {n} images in {time.perf_counter() - start:.1f} s")
+    logger.info(f"decoded {n} images in {time.perf_counter() - start:.1f} s")
     if images.shape[1] != images.shape[2]:
         raise UserError(
             f"images in {path} are {images.shape[1]}x{images.shape[2]}, not square; pass --image-size N to crop them"

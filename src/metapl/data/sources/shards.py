@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -32,6 +33,8 @@ from metapl.data.sources.folder import check_test_fraction, holdout
 from metapl.data.sources.readers import ReadOptions, register_source
 from metapl.data.stores import SourceData, StreamedImages, StringTable, open_rgb
 from metapl.errors import UserError, reporting_os_errors
+
+logger = logging.getLogger(__name__)
 
 CLASSES_FILE = "classes.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png")  # what a sample's image member may be called; other formats are written as PNG
@@ -98,13 +101,13 @@ def read_shards(o: ReadOptions) -> SourceData:
     sets = {split: load_shards(paths, o.image_size, o.cache_dir) for split, paths in found.items()}
     classes = read_classes(folder, np.concatenate([s.labels for s in sets.values()]))
     images, shards = sum(map(len, sets.values())), sum(map(len, found.values()))
-    o.log(f"streaming {images} images from {shards} tar shards in {folder}: decoded in the loader workers")
+    logger.info(f"streaming {images} images from {shards} tar shards in {folder}: decoded in the loader workers")
     if "all" in sets:
         check_test_fraction(o.test_fraction)
         train_idx, test_idx = holdout(sets["all"].labels, o.test_fraction, o.seed)
         sets = {"train": sets["all"].take(train_idx), "test": sets["all"].take(test_idx)}
     if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable image
-        sets = {split: streamed.drop_unreadable(images, o.log) for split, images in sets.items()}
+        sets = {split: streamed.drop_unreadable(images) for split, images in sets.items()}
     mean, std = streamed.sample_stats(sets["train"].images)
     return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
 
@@ -198,9 +201,10 @@ def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> ShardIma
     """
     parts = []
     for path in paths:
-        # Keyed by the shard's path, size and mtime: a rewritten shard is indexed again.
+        # Keyed by the shard's path, size and mtime: a rewritten shard is indexed again. Quiet: a run may read
+        # thousands of shards.
         key = {"source": cache.fingerprint(path)}
-        arrays, _ = cache.load_or_build(cache_dir, "shard-index", key, lambda path=path: index_shard(path), log=_quiet)
+        arrays, _ = cache.load_or_build(cache_dir, "shard-index", key, lambda path=path: index_shard(path), quiet=True)
         parts.append(arrays)
     counts = [len(a["labels"]) for a in parts]
     starts = np.cumsum([0] + [len(a["key_blob"]) for a in parts[:-1]])  # each shard's keys, after the earlier ones'
@@ -212,10 +216,6 @@ def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> ShardIma
 
     shard_of = np.repeat(np.arange(len(paths)), counts)
     return ShardImages(paths, shard_of, joined("offsets"), joined("sizes"), keys, joined("labels"), size)
-
-
-def _quiet(_line: str) -> None:
-    """Indexing a shard says nothing: a run may read thousands of them."""
 
 
 def index_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
