@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = ["Batch", "MPLConfig", "MPLInputError", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from metapl import core

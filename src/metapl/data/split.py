@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metapl.data.stores import SourceData
 from metapl.errors import UserError, reporting_os_errors
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ def _label_quota(labels: np.ndarray, num_labeled: int, num_classes: int, rng: np
     return quota
 
 
-def _carve_validation(labels, labeled: np.ndarray, num_classes: int, val: int, rng) -> np.ndarray:
+def _carve_validation(
+    labels: np.ndarray, labeled: np.ndarray, num_classes: int, val: int, rng: np.random.Generator
+) -> np.ndarray:
     """``val`` of the ``labeled`` indices, as evenly over classes as the draw allows (seeded)."""
     if val <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -158,7 +161,7 @@ def _carve_validation(labels, labeled: np.ndarray, num_classes: int, val: int, r
 FINGERPRINT_SAMPLES = 64  # images hashed by data_fingerprint, evenly spaced: a cheap check of the pixels
 
 
-def data_fingerprint(data) -> dict:
+def data_fingerprint(data: SourceData) -> dict:
     """What identifies a data set cheaply: counts, per-class counts, and hashes of the labels and a sample of images.
 
     Reads the labels and ``FINGERPRINT_SAMPLES`` images, never the whole image array, so checking it on resume costs
@@ -185,8 +188,9 @@ def data_fingerprint(data) -> dict:
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "images_sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
     }
-    if getattr(data, "val", None) is not None:  # only then: the fingerprints of data without val/ stay as they were
-        fingerprint["val_images"] = int(len(data.val))
+    val = getattr(data, "val", None)
+    if val is not None:  # only then: the fingerprints of data without val/ stay as they were
+        fingerprint["val_images"] = int(len(val))
     return fingerprint
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from metapl.data.sources import cache
 from metapl.data.sources.imagetree import resize_arrays
@@ -47,7 +48,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise UserError(f"cannot read {path} ({e}); replace it with an intact copy") from e
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     # Header: two zero bytes, a dtype code, the number of dimensions, then each dimension as big-endian uint32.
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in dtypes:
         raise UserError(f"{path} is not an IDX file; point --data-dir at the original Fashion-MNIST files")
@@ -106,7 +107,7 @@ def read_fashion_mnist(o: ReadOptions) -> SourceData:
             "pass --download or point --data-dir at the four *-ubyte[.gz] IDX files"
         )
 
-    def build():
+    def build() -> tuple[dict[str, np.ndarray], dict]:
         arrays = {key: read_idx(path) for key, path in files.items()}
         _check_fashion_shapes(arrays, files)
         for split in ("train", "test"):

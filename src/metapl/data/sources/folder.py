@@ -23,7 +23,7 @@ from metapl.data.sources.imagetree import (
     plan_layout,
 )
 from metapl.data.sources.readers import ReadOptions, register_source
-from metapl.data.stores import ImageArrays, ImageStore, SourceData
+from metapl.data.stores import ImageArrays, ImageStore, SourceData, StreamedImages
 from metapl.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def read_folder(o: ReadOptions) -> SourceData:
     elif o.data_path == "stream":
         raise UserError(f"--data-path stream needs an extracted folder, not the archive {path}; extract it first")
 
-    def build():
+    def build() -> tuple[dict[str, np.ndarray], dict]:
         return decode_tree(path, image_size=image_size, skip_corrupt=skip_corrupt)
 
     # layout 2: val/ folders are read (they were left out before): entries of older trees are rebuilt once
@@ -80,12 +80,16 @@ def _stream_folder(path: Path, classes: list[str], plan: dict, o: ReadOptions) -
     logger.info(
         f"streaming {sum(map(len, plan.values()))} images from {path}: decoded in the loader workers, not cached"
     )
-    val = streamed.FolderImages.from_entries(path, plan["val"], o.image_size) if "val" in plan else None
+    size = o.image_size
+    assert size is not None  # streamed only with --image-size (streamed.choose_data_path)
+    val: StreamedImages | None = streamed.FolderImages.from_entries(path, plan["val"], size) if "val" in plan else None
+    train: StreamedImages
+    test: StreamedImages
     if "test" in plan:
-        train = streamed.FolderImages.from_entries(path, plan["train"], o.image_size)
-        test = streamed.FolderImages.from_entries(path, plan["test"], o.image_size)
+        train = streamed.FolderImages.from_entries(path, plan["train"], size)
+        test = streamed.FolderImages.from_entries(path, plan["test"], size)
     else:  # one class tree (or train/ alone): the seeded, stratified hold-out of the cache path, on the same order
-        every = streamed.FolderImages.from_entries(path, plan.get("train", plan.get("all")), o.image_size)
+        every = streamed.FolderImages.from_entries(path, plan["train"] if "train" in plan else plan["all"], size)
         train_idx, test_idx = holdout(every.labels, o.test_fraction, o.seed)
         train, test = every.take(train_idx), every.take(test_idx)
     if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable file
@@ -108,7 +112,7 @@ def read_unlabeled(unlabeled_dir: str, data: SourceData, o: ReadOptions) -> Imag
     archive_or_folder(path)
     channels = data.in_channels
 
-    def build():
+    def build() -> tuple[dict[str, np.ndarray], dict]:
         return decode_tree(path, image_size=image_size, skip_corrupt=skip_corrupt, flat=True, channels=channels)
 
     parts = {"source": cache.fingerprint(path), "image_size": image_size, "channels": channels}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ def _tv_files(name: str, root: Path) -> list[Path]:
     return [root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")]
 
 
-def _tv_dataset(name: str, root: Path, train: bool, download: bool):
+def _tv_dataset(name: str, root: Path, train: bool, download: bool) -> Any:  # a torchvision data set
     from torchvision import datasets
 
     if name == "svhn":
@@ -135,7 +136,7 @@ def read_torchvision(name: str, stats: DatasetStats, o: ReadOptions) -> SourceDa
         except (OSError, RuntimeError, ValueError) as e:
             raise UserError(f"could not download {pretty} into {root} ({e}); check the network or copy it there") from e
 
-    def build():
+    def build() -> tuple[dict[str, np.ndarray], dict]:
         arrays = {}
         for split in ("train", "test"):
             try:

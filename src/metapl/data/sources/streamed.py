@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 
 from metapl.data.stores import EvalViews, StreamedImages, StringTable, open_rgb
@@ -103,7 +104,7 @@ class FolderImages(StreamedImages):
     def open(self, i: int, min_side: int | None = None) -> Image.Image:
         return open_rgb(self.file(i), min_side)
 
-    def take(self, rows) -> FolderImages:
+    def take(self, rows: ArrayLike) -> FolderImages:
         rows = np.asarray(rows, dtype=np.int64)
         return FolderImages(self.root, self.paths.take(rows), self.labels[rows], self.size)
 
