@@ -23,6 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,11 @@ from torch import nn
 
 from metapl import data as mdata
 from metapl.errors import reporting_os_errors
+
+if TYPE_CHECKING:
+    from metapl.config.fields import TrainConfig
+    from metapl.data import SourceData, Split
+    from metapl.training.setup import ModelStart
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ class TeacherPredictions:
         return 100.0 * hits / max(len(labels), 1)  # counted as training.evaluation counts
 
 
-def large_teacher_predictions(start) -> TeacherPredictions:
+def large_teacher_predictions(start: ModelStart) -> TeacherPredictions:
     """The stored predictions of the run's large teacher: read from the cache, or made now (by rank 0) and stored.
 
     Args:
@@ -84,6 +90,7 @@ def large_teacher_predictions(start) -> TeacherPredictions:
         dist.barrier()
     if not d.is_main:
         preds = _read(path, data)
+    assert preds is not None, f"{path} was not written"  # rank 0 wrote it before the barrier
     logger.info(
         f"large teacher {cfg.teacher}: {preds.test_accuracy(data.test.labels):.2f}% test accuracy (stored predictions)"
     )
@@ -91,12 +98,12 @@ def large_teacher_predictions(start) -> TeacherPredictions:
 
 
 @torch.no_grad()
-def _predict(teacher: nn.Module, data, device: torch.device, cfg) -> TeacherPredictions:
+def _predict(teacher: nn.Module, data: SourceData, device: torch.device, cfg: TrainConfig) -> TeacherPredictions:
     teacher.eval()
     sets = {"train": data.train, "test": data.test}
     if data.extra_unlabeled is not None:
         sets["extra"] = data.extra_unlabeled
-    out = {"extra": None}
+    out: dict[str, Any] = {"extra": None}
     for name, images in sets.items():
         loader = mdata.make_eval_loader(
             images,
@@ -110,7 +117,7 @@ def _predict(teacher: nn.Module, data, device: torch.device, cfg) -> TeacherPred
     return TeacherPredictions(**out)
 
 
-def _read(path: Path, data) -> TeacherPredictions | None:
+def _read(path: Path, data: SourceData) -> TeacherPredictions | None:
     """The stored predictions, or None when absent, unreadable or not of this data's shape (then rebuilt)."""
     try:
         with np.load(path) as f:
@@ -128,7 +135,11 @@ def _read(path: Path, data) -> TeacherPredictions | None:
 
 def _write(path: Path, preds: TeacherPredictions) -> None:
     """Write atomically: a killed run leaves the old file or none, never a torn one."""
-    arrays = {"train": preds.train, "test": preds.test, **({"extra": preds.extra} if preds.extra is not None else {})}
+    arrays: dict[str, Any] = {
+        "train": preds.train,
+        "test": preds.test,
+        **({"extra": preds.extra} if preds.extra is not None else {}),
+    }
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     with reporting_os_errors(path, "write the teacher's predictions to", "pass --cache-dir DIR"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +149,12 @@ def _write(path: Path, preds: TeacherPredictions) -> None:
 
 @torch.no_grad()
 def reduced_teacher_accuracy(
-    teacher: nn.Module, preds: TeacherPredictions, data, split, device: torch.device, limit: int | None = None
+    teacher: nn.Module,
+    preds: TeacherPredictions,
+    data: SourceData,
+    split: Split,
+    device: torch.device,
+    limit: int | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) of the reduced teacher over the large teacher's stored predictions: on the test images
     (``teacher_acc``) and, with a validation split, on it (``val_teacher_acc``); the first ``limit`` of each."""
@@ -149,9 +165,9 @@ def reduced_teacher_accuracy(
     teacher.eval()
     out = {}
     for prefix, (x, y) in sets.items():
-        x, y = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.as_tensor(np.asarray(y[:limit]))
-        hits = int((teacher(x.to(device)).argmax(dim=1).cpu() == y).sum())
-        out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y), 1)  # as training.evaluation counts
+        x_t, y_t = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.as_tensor(np.asarray(y[:limit]))
+        hits = int((teacher(x_t.to(device)).argmax(dim=1).cpu() == y_t).sum())
+        out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y_t), 1)  # as training.evaluation counts
     teacher.train(was_training)
     return out
 

@@ -11,6 +11,7 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -95,7 +96,7 @@ def create_model(
     image_size: int = 32,
     dropout: float = 0.0,
     pretrained: bool = False,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a classifier by name, freshly initialised or from its library's pretrained weights, and check that it
     takes ``image_size`` inputs.
@@ -132,9 +133,7 @@ def create_model(
     return model
 
 
-def _build(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
-) -> nn.Module:
+def _build(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``create_model``'s model from the first place that knows ``name``: metapl's registry, timm or torchvision."""
     if name in _REGISTRY:
         if pretrained:
@@ -168,7 +167,7 @@ def _unknown_name_message(name: str, bare_name: str) -> str:
 
 
 def _create_torchvision(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: Any
 ) -> nn.Module:
     builder_kwargs = {**_TV_DEFAULT_KWARGS.get(name, {}), **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **builder_kwargs)
@@ -186,13 +185,14 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int, keep_weig
     # named_modules() follows registration order, which for torchvision classifiers puts the stem first.
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            stem: Any = module  # torch types its kernel_size, stride, padding as tuple[int, ...], its constructor pairs
             new_conv = nn.Conv2d(
                 in_channels,
                 module.out_channels,
-                kernel_size=module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
+                kernel_size=stem.kernel_size,
+                stride=stem.stride,
+                padding=stem.padding,
+                dilation=stem.dilation,
                 groups=module.groups,
                 bias=module.bias is not None,
                 padding_mode=module.padding_mode,
@@ -200,7 +200,7 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int, keep_weig
             if keep_weights and in_channels == 1:
                 with torch.no_grad():
                     new_conv.weight.copy_(module.weight.sum(dim=1, keepdim=True))
-                    if module.bias is not None:
+                    if module.bias is not None and new_conv.bias is not None:
                         new_conv.bias.copy_(module.bias)
             _set_submodule(model, module_name, new_conv)
             return
@@ -223,7 +223,7 @@ def _set_submodule(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
 
 
 def _create_timm(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: Any
 ) -> nn.Module:
     try:
         timm = importlib.import_module("timm")

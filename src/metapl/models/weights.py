@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import pickle
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +54,7 @@ def read_file(path: str | Path) -> dict:
     return obj
 
 
-def load_weights_only(path: str | Path):
+def load_weights_only(path: str | Path) -> Any:  # what the file holds: a state dict, a checkpoint
     """``torch.load(path, weights_only=True)`` onto the CPU: reading a file runs no pickled code.
 
     A checkpoint of metapl 0.1 also held NumPy's generator state as an array (``np.random.get_state()``: a tuple with
@@ -62,16 +64,21 @@ def load_weights_only(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _np_reconstruct()]
+        allowed: list[Callable | tuple[Callable, str]] = [
+            np.ndarray,
+            np.dtype,
+            type(np.dtype(np.uint32)),
+            _np_reconstruct(),
+        ]
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _np_reconstruct():
+def _np_reconstruct() -> Callable:
     try:  # NumPy 2 moved the module; pickles name whichever wrote them, and both resolve to the same function
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # pragma: no cover - NumPy 1
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]  # the same function, NumPy 1's path
     return _reconstruct
 
 

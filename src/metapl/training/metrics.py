@@ -7,9 +7,14 @@ import math
 import os
 import secrets
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from metapl.errors import UserError, reporting_os_errors
 from metapl.rundir.layout import METRICS, TENSORBOARD, WANDB_ID
+
+if TYPE_CHECKING:
+    from metapl.config.fields import TrainConfig
 
 
 class MetricsWriter:
@@ -44,7 +49,7 @@ class MetricsWriter:
         self._wandb = None if wandb is None else _start_wandb(Path(run_dir), wandb)
 
     @classmethod
-    def for_run(cls, cfg, run_dir: str | Path, resume_step: int | None = None) -> MetricsWriter:
+    def for_run(cls, cfg: TrainConfig, run_dir: str | Path, resume_step: int | None = None) -> MetricsWriter:
         """The writer of a ``TrainConfig``'s run: TensorBoard and W&B as its options say (rank 0 only)."""
         wandb = cfg.to_dict() if cfg.wandb else None
         return cls(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step, wandb=wandb)
@@ -88,7 +93,7 @@ class NullWriter:
 Writer = MetricsWriter | NullWriter  # a run's metrics writer: rank 0's MetricsWriter, the other ranks' NullWriter
 
 
-def require_wandb():
+def require_wandb() -> ModuleType:
     """The ``wandb`` module, or a ``UserError`` saying how to install it (checked before a run writes anything)."""
     try:
         import wandb
@@ -97,7 +102,7 @@ def require_wandb():
     return wandb
 
 
-def _start_wandb(run_dir: Path, config: dict):
+def _start_wandb(run_dir: Path, config: dict) -> Any:  # a wandb Run
     """Start (or, for a run folder that has one, continue) the folder's W&B run, its files under ``RUN_DIR/wandb``.
 
     The run id is kept in ``RUN_DIR/wandb-id``: a resumed run logs into the same W&B run (an id derived from the

@@ -21,6 +21,7 @@ import logging
 import shlex
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,9 @@ from metapl.rundir.checkpoint import (
 from metapl.rundir.layout import FINETUNE_PROGRESS, FINETUNED, LATEST
 from metapl.training.process import StopSignals, barrier
 
+if TYPE_CHECKING:
+    from metapl.training.setup import Run
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,7 +58,7 @@ class CheckpointSaver:
         run_dir: its folder.
     """
 
-    def __init__(self, run, run_dir: Path) -> None:
+    def __init__(self, run: Run, run_dir: Path) -> None:
         self.run = run
         self.run_dir = Path(run_dir)
 
@@ -152,7 +156,7 @@ class CheckpointSaver:
         logger.info(f"finetuning continues at step {progress['done']} of {progress['steps']} ({path})")
         return int(progress["done"])
 
-    def save_progress(self, opt, done: int) -> None:
+    def save_progress(self, opt: torch.optim.Optimizer, done: int) -> None:
         """Write a stopped finetuning's progress (a collective: rank 0 writes every rank's generators)."""
         run = self.run
         self.refuse_nonfinite_student()
@@ -192,6 +196,6 @@ class CheckpointSaver:
 
     def _rng_of_ranks(self) -> list:
         """Every rank's random generators, gathered on every rank (a collective)."""
-        ranks = [None] * self.run.dist.world_size
+        ranks: list[object] = [None] * self.run.dist.world_size
         dist.all_gather_object(ranks, rng_state())
         return ranks

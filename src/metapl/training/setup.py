@@ -10,9 +10,11 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from metapl import data as mdata
 from metapl.config.fields import AUTO_VAL_MIN_PER_CLASS, TrainConfig, auto_val_count
@@ -31,6 +33,9 @@ from metapl.training.optimizers import make_scheduler, make_sgd
 from metapl.training.process import Dist, amp_dtype, plan_cpu_share, seed_everything, wrap_ddp
 from metapl.training.starting_weights import start_model
 
+if TYPE_CHECKING:
+    from metapl.methods.large_teacher import TeacherPredictions
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,14 +46,14 @@ class Run:
     cfg: TrainConfig
     device: torch.device
     dist: Dist
-    data: object
-    split: object
+    data: SourceData
+    split: Split
     teacher: nn.Module
     student: nn.Module
     t_opt: torch.optim.Optimizer
     s_opt: torch.optim.Optimizer
-    t_sched: object
-    s_sched: object
+    t_sched: LambdaLR
+    s_sched: LambdaLR
     ema: ModelEMA | None
     state: MPLState
     t_scaler: torch.amp.GradScaler | None
@@ -58,7 +63,9 @@ class Run:
     seconds: float = 0.0
     last_eval: tuple[int, dict] | None = None  # (step, accuracies) of the latest evaluation
     saved_step: int | None = None  # step of the checkpoint.pt on disk, None before the first save
-    predictions: object | None = None  # a reduced method's large-teacher predictions (metapl.methods.large_teacher)
+    predictions: TeacherPredictions | None = (
+        None  # a reduced method's large-teacher predictions (metapl.methods.large_teacher)
+    )
 
     @property
     def method(self) -> Method:
@@ -72,7 +79,7 @@ class ModelStart:
     the job, and whether it resumes (then the checkpoint holds the weights)."""
 
     cfg: TrainConfig
-    data: object
+    data: SourceData
     device: torch.device
     dist: Dist
     resuming: bool
@@ -84,7 +91,7 @@ class ModelStart:
         return start_model(self.cfg, role, self.data, replace_head=replace_head, load=load)
 
 
-def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | None) -> Run:
+def build_run(cfg: TrainConfig, device: torch.device, d: Dist, run_dir: Path, ckpt: dict | None) -> Run:
     """Data, split, models, optimizers, schedulers, EMA and scalers of a run; restored from ``ckpt`` if given.
 
     With ``ckpt``, the saved ``split.json`` is reused after checking that the data still matches its fingerprint.
@@ -100,12 +107,13 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     )
     predictions, teacher, student = _models(cfg, data, device, d, resuming=ckpt is not None)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-    teacher = teacher.to(device, memory_format=memory_format)
-    student = student.to(device, memory_format=memory_format)
+    # nn.Module.to takes both at once at run time; torch's overloads list them apart.
+    teacher = teacher.to(device, memory_format=memory_format)  # type: ignore[call-overload]
+    student = student.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     optimizers = _optimizers(cfg, teacher, student, device)  # (t_opt, s_opt, t_sched, s_sched)
     ema = ModelEMA(student, cfg.ema) if cfg.ema > 0 else None
     dtype = amp_dtype(cfg.amp, device)
-    scalers = (None, None)
+    scalers: tuple[torch.amp.GradScaler | None, torch.amp.GradScaler | None] = (None, None)
     if dtype == torch.float16:
         scalers = (torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda"))
     run = Run(cfg, device, d, data, split, teacher, student, *optimizers, ema, MPLState(), *scalers, dtype)
@@ -120,7 +128,9 @@ def build_run(cfg: TrainConfig, device, d: Dist, run_dir: Path, ckpt: dict | Non
     run.teacher = wrap_ddp(teacher, d, device, sync_bn=cfg.sync_bn)
     run.student = wrap_ddp(student, d, device, sync_bn=cfg.sync_bn)
     if cfg.compile:
-        run.teacher, run.student = torch.compile(run.teacher), torch.compile(run.student)
+        # An OptimizedModule, a Module (torch types compile's result as a callable).
+        run.teacher = torch.compile(run.teacher)  # type: ignore[assignment]
+        run.student = torch.compile(run.student)  # type: ignore[assignment]
     return run
 
 
@@ -139,9 +149,13 @@ def _load_data(cfg: TrainConfig) -> SourceData:
     )
 
 
-def _optimizers(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device) -> tuple:
+def _optimizers(
+    cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device: torch.device
+) -> tuple[torch.optim.SGD, torch.optim.SGD, LambdaLR, LambdaLR]:
     """SGD for both models and their learning-rate schedules: ``(t_opt, s_opt, t_sched, s_sched)``."""
-    opt = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device)
+    opt: dict[str, Any] = dict(
+        momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, device=device
+    )
     t_opt, s_opt = make_sgd(teacher, lr=cfg.t_lr, **opt), make_sgd(student, lr=cfg.s_lr, **opt)
     t_sched = make_scheduler(t_opt, total_steps=cfg.steps, warmup_steps=cfg.schedule().t_warmup_steps)
     # The baseline has no teacher to wait for: its student starts at once.
@@ -151,7 +165,9 @@ def _optimizers(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, device
     return t_opt, s_opt, t_sched, s_sched
 
 
-def _models(cfg: TrainConfig, data, device, d: Dist, *, resuming: bool):
+def _models(
+    cfg: TrainConfig, data: SourceData, device: torch.device, d: Dist, *, resuming: bool
+) -> tuple[TeacherPredictions | None, nn.Module, nn.Module]:
     """The run's teacher, as its method builds it, and student, started from their weights (not when resuming: the
     checkpoint has them). The teacher comes first: it draws from the seed before the student.
 

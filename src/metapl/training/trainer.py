@@ -131,7 +131,9 @@ def _finish(run: Run, saver: CheckpointSaver, writer: Writer, stop: StopSignals)
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
-        accs = evaluate_run(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
+        accs = evaluate_run(
+            run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers or 0)
+        )
     if stop_agreed(stop, run.dist, run.device, synced=True):  # signalled during the last evaluation: saved already
         raise saver.interrupted(stop)
     summary = run_summary(run, accs)
@@ -220,7 +222,7 @@ def _open_run(
     return run, CheckpointSaver(run, run_dir)
 
 
-def _writer(run, run_dir: Path, resume_step: int | None):
+def _writer(run: Run, run_dir: Path, resume_step: int | None) -> Writer:
     """The run's metrics writer, keeping the records up to ``resume_step`` (None: all); rank 0 alone writes the run's
     files, the other ranks only train."""
     if not run.dist.is_main:

@@ -20,9 +20,9 @@ import tarfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, TypeVar
 from itertools import islice
 from pathlib import Path
+from typing import IO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
