@@ -90,7 +90,9 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0) -> 
 
 def final_accuracy(summary: dict) -> float:
     """Test accuracy of the model a user keeps: the finetuned student where there is one, else the student."""
-    return kept_accuracy(summary)
+    accuracy = kept_accuracy(summary)
+    assert accuracy is not None  # a finished run's summary holds it
+    return accuracy
 
 
 def _print_table(summaries: dict[str, dict], base: TrainConfig, finetune: int, out: str) -> None:

@@ -116,7 +116,7 @@ def _serialise(net: nn.Module, meta: dict, fmt: str) -> bytes:
                 torch.onnx.export(
                     net,
                     (x,),
-                    buf,
+                    buf,  # type: ignore[arg-type]  # a file object works too (torch.onnx.export's docs)
                     dynamo=False,
                     input_names=["images"],
                     output_names=["logits"],

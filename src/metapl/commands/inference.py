@@ -113,7 +113,9 @@ def _eval_models(path: Path, ckpt: dict, ckpt_path: Path, cfg: TrainConfig) -> d
     return models
 
 
-def _eval_result(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, data_dir, num_test: int, reports: dict) -> dict:
+def _eval_result(
+    ckpt: dict, ckpt_path: Path, cfg: TrainConfig, data_dir: str | None, num_test: int, reports: dict
+) -> dict:
     """``run_eval``'s result: what was scored, each model's headline figures, the classes and the per-model reports."""
     result = {
         "checkpoint": str(ckpt_path),
@@ -178,7 +180,7 @@ def _test_loader(
 
     # A flat folder of a folder run is all test images; the run's own data keeps the run's split (same seed).
     whole = data_dir is not None and cfg.dataset == "folder" and Path(data_dir).is_dir()
-    whole = whole and not is_split_tree(Path(data_dir))
+    whole = whole and data_dir is not None and not is_split_tree(Path(data_dir))
     if image_size is None:
         image_size = int(ckpt["image_size"]) if data_dir is not None and cfg.dataset == "folder" else cfg.image_size
     data = mdata.load_dataset(

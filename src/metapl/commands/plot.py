@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -163,7 +164,7 @@ def make_figure(runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> Fi
     return fig
 
 
-def _plot_loss(ax, series: dict, key: str, color: str, label: str) -> None:
+def _plot_loss(ax: Axes, series: dict, key: str, color: str, label: str) -> None:
     """Raw values faintly, and a smoothed curve on top once there are enough points."""
     if key not in series:
         return
@@ -196,7 +197,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
 
 
-def _finish(ax, title: str, ylabel: str, empty: str) -> None:
+def _finish(ax: Axes, title: str, ylabel: str, empty: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even when a run has only a few

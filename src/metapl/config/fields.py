@@ -319,7 +319,7 @@ class TrainConfig(MPLConfig):
 
     def schedule(self) -> Schedule:
         """The run's step counts, resolved once in ``__post_init__`` (``Schedule``)."""
-        return self._schedule
+        return self._schedule  # type: ignore[attr-defined]  # set by __post_init__, not a field
 
     def planned_uda_weight(self) -> float:
         """``uda_weight``, with its default resolved: the method's (1 for ``--method mpl``, 0 otherwise)."""
@@ -329,12 +329,12 @@ class TrainConfig(MPLConfig):
 
     def planned_finetune_steps(self) -> int:
         """``finetune_steps``, with its default resolved (``schedule()``): none after a labels-only run."""
-        return self._schedule.finetune_steps
+        return self._schedule.finetune_steps  # type: ignore[attr-defined]  # as above
 
     def mpl_config(self) -> MPLConfig:
         """The core's view of these settings: the values of ``MPLConfig``'s fields, built once in ``__post_init__``
         (the training step asks for it every step)."""
-        return self._mpl_config
+        return self._mpl_config  # type: ignore[attr-defined]  # as above
 
     def to_dict(self) -> dict:
         """Plain dict, for YAML and checkpoints, in the order of ``--help``."""

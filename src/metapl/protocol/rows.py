@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 LABELS_ONLY = "labels-only"
 # name -> (what a reader sees, the row's changes to the user's recipe). The order is the table's, cheapest first: a
 # tie on validation goes to the earlier row.
-ROWS = {
+ROWS: dict[str, tuple[str, dict[str, object]]] = {
     LABELS_ONLY: ("labels only", dict(method="supervised", labeled_aug="weak")),
     "labels-strong": ("labels only, strong augmentation", dict(method="supervised", labeled_aug="strong")),
     "uda-distill": ("UDA teacher distilled (h = 0)", dict(mpl_weight=0.0)),

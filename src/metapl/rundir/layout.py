@@ -17,11 +17,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from metapl.config.fields import TrainConfig, config_from_dict
 from metapl.errors import UserError, few, reporting_os_errors
+
+if TYPE_CHECKING:
+    from metapl.data import Split
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +129,14 @@ def write_summary(run_dir: str | Path, summary: dict) -> None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def save_run_split(split, run_dir: str | Path) -> None:
+def save_run_split(split: Split, run_dir: str | Path) -> None:
     """Write the run's ``split.json`` (``metapl.data.save_split``)."""
     from metapl.data import save_split  # the data package imports torch; this module stays light
 
     save_split(split, Path(run_dir) / SPLIT)
 
 
-def load_run_split(run_dir: str | Path):
+def load_run_split(run_dir: str | Path) -> Split:
     """The run's saved split (``metapl.data.load_split`` of ``split.json``)."""
     from metapl.data import load_split
 

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock, as before
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module, or None where it does not exist
 
 
 # Lock descriptors this process holds. A forked child (a DataLoader worker) would share the lock through its copy of
