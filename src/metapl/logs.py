@@ -45,9 +45,10 @@ class RankZeroFilter(logging.Filter):
 class LineFormatter(logging.Formatter):
     """A record as the line metapl has always shown: the message alone, a warning as ``warning: <message>``."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        return f"warning: {line}" if record.levelno == logging.WARNING else line
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING:  # a copy: other handlers see the record as it was
+            record = logging.makeLogRecord({**record.__dict__, "message": f"warning: {record.message}"})
+        return super().formatMessage(record)
 
 
 class _Muted(logging.Filter):
