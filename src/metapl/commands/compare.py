@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from metapl.protocol.rows import (
     train_row,
 )
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_OUT = "runs/compare"
 DEFAULT_SEEDS = "0,1,2"
 VAL_SHARE = 0.2  # of --num-labeled, held out for validation unless --val-labeled is given
@@ -45,14 +49,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEEDS, log=print) -> dict:
+def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEEDS) -> dict:
     """``metapl compare``: check what only the command line can get wrong, then ``compare``.
 
     Args:
         base: the resolved recipe (``--config`` and the train flags).
         given: the options given as flags (``metapl.config.flags.given_options``).
         seeds: ``--seeds``.
-        log: where lines go.
 
     Returns:
         ``compare``'s result.
@@ -64,10 +67,12 @@ def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEED
         raise UserError(
             "compare chooses on validation images; give --val-labeled >= 1 (default: a fifth of the labels)"
         )
-    return compare(base, out=given.get("out", DEFAULT_OUT), seeds=parse_seeds(seeds), log=log)
+    return compare(base, out=given.get("out", DEFAULT_OUT), seeds=parse_seeds(seeds))
 
 
-def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, log=print) -> dict:
+def compare(
+    base: TrainConfig, *, out: str | Path, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] | None = None
+) -> dict:
     """Train every (row, seed) that is not finished, then write and print the table and the recommendation.
 
     Args:
@@ -75,7 +80,6 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
         out: the folder of the runs, ``compare.json`` and ``compare.md``.
         seeds: the seeds, paired across rows.
         rows: names from ``metapl.protocol.rows.ROWS`` (default: ``default_rows``; labels-only is always added).
-        log: where lines go.
 
     Returns:
         What ``compare.json`` holds.
@@ -96,7 +100,7 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
         run_state(cfg)
     created = [p for p in (Path(out), *(Path(out) / row for row in rows)) if not p.exists()]
     try:
-        summaries = _train_all(plan, log)
+        summaries = _train_all(plan)
     except UserError:  # bad data or a split that cannot be drawn: leave no empty folders behind
         for path in reversed(created):
             with contextlib.suppress(OSError):
@@ -105,19 +109,19 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
     result = _result(base, plan, summaries)
     text = report(result)
     _write(Path(out), result, text)
-    log("")
-    log(text)
+    logger.info("")
+    logger.info(text)
     return result
 
 
-def _train_all(plan: dict, log) -> dict[str, dict[int, dict]]:
+def _train_all(plan: dict[tuple[str, int], TrainConfig]) -> dict[str, dict[int, dict]]:
     """Train (or read back) every planned run, seed-major (every row of seed 0 first): row -> seed -> summary."""
     summaries: dict[str, dict[int, dict]] = {}
     for (row, seed), cfg in plan.items():
-        log(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
-        summary, state = train_row(cfg, log=log)
+        logger.info(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
+        summary, state = train_row(cfg)
         if state == "finished":
-            log(f"compare: {row} seed {seed} finished earlier; skipped")
+            logger.info(f"compare: {row} seed {seed} finished earlier; skipped")
         summaries.setdefault(row, {})[seed] = summary
     return summaries
 

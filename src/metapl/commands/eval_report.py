@@ -6,6 +6,7 @@ matplotlib's object-oriented API on an Agg canvas, as ``metapl plot`` draws its 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -119,7 +120,12 @@ def plot_confusion(reports: dict[str, dict], classes: list[str], output: Path) -
 
 
 @torch.no_grad()
-def evaluate_report(models: dict[str, nn.Module], loader, device: torch.device, num_classes: int) -> dict[str, dict]:
+def evaluate_report(
+    models: dict[str, nn.Module],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    num_classes: int,
+) -> dict[str, dict]:
     """Everything ``metapl eval`` reports for each model, over one pass of ``loader``.
 
     Args:
@@ -133,9 +139,9 @@ def evaluate_report(models: dict[str, nn.Module], loader, device: torch.device, 
     """
     for m in models.values():
         m.eval()
-    preds = {name: [] for name in models}
-    confs = {name: [] for name in models}
-    topk_hits = {name: [] for name in models}
+    preds: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    confs: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    topk_hits: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels = []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
@@ -194,7 +200,7 @@ def class_report(
                 "support": int(support[c]),
             }
         )
-    report = {"acc": 100.0 * int(tp.sum()) / n}
+    report: dict[str, object] = {"acc": 100.0 * int(tp.sum()) / n}
     if topk_hits is not None:
         report["top5"] = 100.0 * int(topk_hits.sum()) / n
     report["ece"] = 100.0 * expected_calibration_error(conf, pred == y)

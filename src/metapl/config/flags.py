@@ -7,6 +7,7 @@ Torch-free, as the rest of ``metapl.config`` (``metapl --help`` builds these fla
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from metapl.config.fields import TrainConfig, _defaults, sections
 from metapl.config.option_text import flag, help_line, parse_value
@@ -27,7 +28,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for name in names:
             spec = known[name]
-            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
+            kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
             flags = ("--" + flag(name), *_ALIASES.get(name, ()))
             if spec.kind is bool:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)

@@ -16,6 +16,7 @@ network, so a ``.safetensors`` export loads with nothing but metapl (``read_expo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -124,7 +125,7 @@ def read_exported(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def import_modules(imports) -> None:
+def import_modules(imports: Iterable[str] | None) -> None:
     """Import the user's model modules a run or an export names (``--import``); a no-op when there are none."""
     if not imports:
         return
