@@ -25,7 +25,7 @@ from pathlib import Path
 
 from metapl.config.option_text import flag, shown
 from metapl.errors import UserError, few
-from metapl.methods.by_name import get_method
+from metapl.methods.by_name import get_method, method_names
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,13 @@ def rules_for(method_name: str) -> list[Rule]:
         Rule(name, "method", lambda m, name_=method.name: m != name_, idle.instead, idle.why)
         for name, idle in method.idle.items()
     ]
-    return [*_BEFORE, *own, *_AFTER]
+    others = [get_method(name) for name in method_names() if name != method_name]
+    others_own = [
+        Rule(name, "method", lambda m, name_=other.name: m == name_, other.name, f"only --method {other.name} reads it")
+        for other in others
+        for name in other.own_options
+    ]
+    return [*_BEFORE, *own, *others_own, *_AFTER]
 
 
 def idle_options(values: dict, defaults: dict) -> list[Rule]:
