@@ -125,17 +125,44 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="a run directory, a .pt checkpoint or an exported .safetensors")
-    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.description = (
+        "Classify images as the run's evaluation read them (the training decoder: shorter side resized with bicubic "
+        "and centre-cropped, JPEG draft decoding; the run's mean/std) and write one CSV row per image"
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="a run folder, a .pt checkpoint of metapl train, or a file of metapl export (.safetensors, .onnx (needs "
+        'onnxruntime: pip install "metapl[onnx]") or .torchscript.pt) with its .json record beside it',
+    )
+    p.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="+",
+        help="image files (any format Pillow reads, whatever the extension) and folders (searched recursively for "
+        "image files, hidden ones skipped)",
+    )
     p.add_argument(
         "--model",
         choices=("ema", "student", "teacher", "finetuned"),
         default=None,
-        help="the network that predicts (default: a run folder's result, the model the run handed back; a checkpoint "
-        "file's EMA student)",
+        help="the network of a run folder or checkpoint that predicts: ema (the EMA student; the student when the run "
+        "kept none), student, teacher, or finetuned (finetuned.pt beside the checkpoint); not with an export, which "
+        "holds one network (default: a run folder's result, the model the run handed back; a checkpoint file's EMA "
+        "student)",
     )
-    p.add_argument("--output", default="predictions.csv", help="CSV file (default: predictions.csv)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--output",
+        default="predictions.csv",
+        help="CSV file, columns path, class, probability, top_k (default: predictions.csv)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        help="how many of the most probable classes the top_k column lists, as class:probability pairs, at most the "
+        "number of classes; an integer >= 1 (default: 3)",
+    )
     _add_device(p)
 
 
