@@ -112,8 +112,10 @@ def test_unknown_name_suggests_close_matches(name, suggestion):
     with pytest.raises(UserError) as info:
         create_model(name, num_classes=10)
     message = str(info.value)
-    assert suggestion in message
-    assert "list_models" in message
+    assert message.startswith(f"unknown model {name!r}; did you mean ") and suggestion in message.split("?")[0]
+    assert "use one of metapl's (small_cnn, resnet18_cifar, wrn28_2, wrn28_8; your own: register_model" in message
+    # every torchvision classification model by name, and where timm's come from
+    assert "(alexnet, convnext_base, " in message and ", wide_resnet50_2), or timm's as timm:NAME" in message
     assert "\n" not in message
 
 
