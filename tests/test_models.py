@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import REPO
 from metapl.errors import UserError
 from metapl.models import WideResNet, count_parameters, create_model, list_models, register_model, registry
 
@@ -155,3 +158,16 @@ def test_resnet50_comes_from_torchvision_and_trains_on_a_tiny_input():
     assert count_parameters(model) == 23_518_277  # torchvision's ResNet-50 with a 5-class head
     model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_factory_in_docs_usage_is_what_create_model_calls(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    text = (REPO / "docs" / "usage.md").read_text()
+    section = text[text.index("**Your own models.**") :]
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
+    parameters = inspect.signature(namespace["my_cnn"]).parameters
+    keyword_only = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keyword_only == ["num_classes", "in_channels", "dropout"]
+    model = create_model("my_cnn", num_classes=3, in_channels=1, image_size=8, dropout=0.1)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 3) and model[5].p == 0.1
