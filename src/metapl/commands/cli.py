@@ -348,8 +348,8 @@ COMMANDS: dict[str, Command] = {
         "write an image-folder tree as WebDataset-style tar shards (--dataset shards)", _shards_arguments, _shards
     ),
     "compare": Command(
-        "does MPL pay on my data? labels only, strong augmentation, h = 0 and MPL (+ distill and Reduced MPL with "
-        "--teacher-weights), seeds paired, chosen on validation",
+        "does MPL pay on my data? labels only, strong augmentation, FixMatch, h = 0 and MPL (+ distill and Reduced "
+        "MPL with --teacher-weights), seeds paired, chosen on validation",
         _compare_arguments,
         _compare,
     ),
