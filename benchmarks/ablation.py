@@ -211,7 +211,7 @@ def report(root: Path, protocol: str, png: Path | None = None) -> str:
     ]
     # The same comparisons for the students before finetuning (the paper's last phase can cost as well as help).
     lines += paired_lines(runs, PAIRS + FEEDBACK)
-    lines += ["", *feedback_stats(root, protocol)]
+    lines += ["", *feedback_stats(root, protocol), "", *fixmatch_stats(root, protocol)]
     if png is not None and runs:
         _plot(runs, protocol, png)
     return "\n".join(lines)
@@ -242,6 +242,20 @@ def feedback_stats(root: Path, protocol: str) -> list[str]:
             f"{100 * term / labeled:.2f} % | {100 * sum(v > 0 for v in h) / len(h):.0f} % |"
         )
     return lines
+
+
+def fixmatch_stats(root: Path, protocol: str) -> list[str]:
+    """What FixMatch's threshold let through: per seed, the mean over the last 500 steps' logged records of the mask
+    ratio (the share of unlabeled images whose weak-view confidence reached tau) and of its pseudo labels' accuracy."""
+    lines = ["| fixmatch seed | mask ratio, last 500 steps | pseudo-label accuracy (all images) |", "|---|---|---|"]
+    for run in sorted((root / protocol / "fixmatch").glob("seed*")):
+        records = [r for r in read_metrics(run) if "train/mask_ratio" in r] if (run / "metrics.jsonl").exists() else []
+        last = [r for r in records if records and r["step"] > records[-1]["step"] - 500]
+        if last:
+            mask = statistics.mean(r["train/mask_ratio"] for r in last)
+            acc = statistics.mean(r["train/pseudo/acc"] for r in last)
+            lines.append(f"| {run.name} | {mask:.2f} | {100 * acc:.1f} % |")
+    return lines if len(lines) > 2 else []
 
 
 PAPER_PANEL = [

@@ -51,6 +51,9 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
     assert f"| uda-distill − labels-only | 2 | {mean:+.2f} |" in table
     fixmatch_diffs = [runs["fixmatch"][s]["final"] - runs["uda-distill"][s]["final"] for s in (0, 1)]
     assert f"| fixmatch − uda-distill | 2 | {sum(fixmatch_diffs) / 2:+.2f} |" in table
+    records = [json.loads(line) for line in (root / "fashion" / "fixmatch" / "seed1" / "metrics.jsonl").open()]
+    mask = [r["train/mask_ratio"] for r in records if "train/mask_ratio" in r]
+    assert f"| seed1 | {sum(mask) / len(mask):.2f} | " in table  # 3 steps: all of them are the last 500
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         ablation.main([*common, "--rows", "mpl-nope"])
