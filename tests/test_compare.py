@@ -205,6 +205,10 @@ def test_compare_help_gives_its_own_defaults_and_hides_what_it_refuses():
     assert (helps["method"], helps["seed"]) == (argparse.SUPPRESS, argparse.SUPPRESS)
     train = next(a for a in get_args_parser()._actions if a.dest == "command").choices["train"]
     assert next(a.help for a in train._actions if a.dest == "out").endswith("(default: runs/mpl)")
+    demo = next(a for a in get_args_parser()._actions if a.dest == "command").choices["demo"]
+    demo_helps = {a.dest: a.help for a in demo._actions}
+    assert demo_helps["out"] == "where the 3 runs go (default: runs/demo)"  # labels only, h = 0, MPL
+    assert demo_helps["steps"].endswith("(default: 500)") and demo_helps["seed"].endswith("(default: 0)")
 
 
 def test_val_is_short_for_val_labeled():

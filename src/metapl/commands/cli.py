@@ -116,7 +116,15 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         help="default: a run folder's result (the model the run handed back: summary.json's 'result'); a checkpoint "
         "file's finetuned student if finetuned.pt is beside it, else ema, else student",
     )
-    p.add_argument("--format", dest="fmt", choices=("safetensors", "onnx", "torchscript"), default="safetensors")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("safetensors", "onnx", "torchscript"),
+        default="safetensors",
+        help="safetensors (the weights; metapl rebuilds the network from the JSON record), onnx (pip install "
+        '"metapl[onnx]") or torchscript (a traced graph); each file gets its own JSON record, <file>.json '
+        "(default: safetensors)",
+    )
     p.add_argument(
         "--output",
         default=None,
@@ -207,9 +215,15 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run, at least 1 (default: 500)")
-    p.add_argument("--seed", type=int, default=0)
+    from metapl.commands.demo import DEMO, ROWS  # torch-free
+
+    p.add_argument("--out", default="runs/demo", help=f"where the {len(ROWS)} runs go (default: runs/demo)")
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"training steps of each run, at least 1 (default: {DEMO.steps})"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the models and the augmentations (default: 0)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
