@@ -107,6 +107,12 @@ def test_a_fixmatch_run_trains_the_student_alone_and_hands_back_its_ema(tmp_path
     ckpt, untouched = load_checkpoint(out), load_checkpoint(start)
     assert all(torch.equal(ckpt["teacher"][k], untouched["teacher"][k]) for k in ckpt["teacher"])
     assert any(not torch.equal(ckpt["student"][k], untouched["student"][k]) for k in ckpt["student"])
+    # Finetuning and export work as for the other methods; its untrained teacher is never exported.
+    assert main(["finetune", str(out), "--steps", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["finetune_steps"] == 2
+    assert main(["export", str(out), "--model", "finetuned"]) == 0
+    assert json.loads((out / "export" / "finetuned.safetensors.json").read_text())["method"] == "fixmatch"
+    assert main(["export", str(out), "--model", "teacher"]) == 2
 
 
 def test_fixmatch_options_are_idle_with_the_other_methods_and_mpl_options_with_fixmatch():
