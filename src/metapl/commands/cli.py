@@ -191,7 +191,7 @@ def _shards_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    from metapl.commands.compare import DEFAULT_OUT, DEFAULT_SEEDS, MIN_VAL_IMAGES  # torch-free
+    from metapl.commands.compare import DEFAULT_OUT, DEFAULT_SEEDS, flag_helps  # torch-free
 
     p.description = (
         "Train the rows on your recipe (the train options below), seeds paired, the same optimizer-step count for "
@@ -199,16 +199,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         f"go to --out/<row>/seed<k>/ (default: {DEFAULT_OUT}), finished ones are skipped, stopped ones resumed; the "
         "table and one recommendation go to compare.md and compare.json there"
     )
-    helps = {
-        "out": f"where the runs (OUT/<row>/seed<k>/), compare.json and compare.md go (default: {DEFAULT_OUT})",
-        "val_labeled": "of the labeled images, hold out this many (class-balanced) as validation images, on which "
-        f"the rows are compared; under {MIN_VAL_IMAGES} a warning says the comparison is mostly noise; an integer "
-        ">= 1 (default: a fifth of --num-labeled, at least 1)",
-        # compare trains every row's method with every --seeds seed itself (given, they are refused in one line)
-        "method": argparse.SUPPRESS,
-        "seed": argparse.SUPPRESS,
-    }
-    add_config_arguments(p, helps)
+    add_config_arguments(p, flag_helps())
     p.add_argument(
         "--seeds", default=DEFAULT_SEEDS, help=f"comma list of seeds, paired across rows (default: {DEFAULT_SEEDS})"
     )

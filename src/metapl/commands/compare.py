@@ -11,6 +11,7 @@ hold the table and the recommendation.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -37,6 +38,19 @@ VAL_SHARE = 0.2  # of --num-labeled, held out for validation unless --val-labele
 # Below this many validation images a comparison is mostly noise: one image moves an accuracy by more than a point,
 # and the binomial sd of an accuracy near 75 % is 43 / sqrt(n) points (4.3 at 100 images, 9.7 at 20).
 MIN_VAL_IMAGES = 100
+
+
+def flag_helps() -> dict[str, str]:
+    """``metapl compare --help``'s own lines for the train options it reads otherwise: ``--out`` and ``--val-labeled``
+    (other defaults), ``--method`` and ``--seed`` (refused: every row's method and every ``--seeds`` seed run)."""
+    return {
+        "out": f"where the runs (OUT/<row>/seed<k>/), compare.json and compare.md go (default: {DEFAULT_OUT})",
+        "val_labeled": "of the labeled images, hold out this many (class-balanced) as validation images, on which "
+        f"the rows are compared; under {MIN_VAL_IMAGES} a warning says the comparison is mostly noise; an integer "
+        ">= 1 (default: a fifth of --num-labeled, at least 1)",
+        "method": argparse.SUPPRESS,
+        "seed": argparse.SUPPRESS,
+    }
 
 
 def parse_seeds(text: str) -> list[int]:
