@@ -243,4 +243,5 @@ def test_a_killed_reduced_run_resumes_bit_identical(big_teacher, tmp_path):
     b = torch.load(killed / "checkpoint.pt", weights_only=False)
     for role in ("teacher", "student", "ema"):
         assert all(torch.equal(a[role][k], b[role][k]) for k in a[role]), role
-    assert _summary(full)["finetuned_acc"] == _summary(killed)["finetuned_acc"]
+    assert "finetuned_acc" not in _summary(full)  # the reduced methods finetune only when asked
+    assert _summary(full)["result"] == _summary(killed)["result"]

@@ -28,7 +28,9 @@ class ReducedMPL(MPL):
     default_uda_weight = 0.0
     image_teacher = False
     evaluated_roles = ("student",)  # the reduced teacher reads predictions: scored by extra_accuracies
-    # Finetuning on the labels cost these students 1.2 to 4.8 points (benchmarks/README.md, section 8).
+    # Finetuning on the labels cost these students 1.2 to 4.8 points (benchmarks/README.md, section 8): none unless
+    # asked (--finetune-steps N), and then handed back only where validation images show it better.
+    finetunes = False
     result_rule = ("ema", "student", "finetuned")
     idle = {}
 
