@@ -118,7 +118,7 @@ def measure_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
     size, channels, _, cfg = shape_config(name)
     b, mu, device = cfg["batch_size"], cfg["mu"], torch.device(args.device)
     data = synthetic_data(size, channels, args.images)
-    split = make_split(data.train.labels, min(cfg["num_labeled"], args.images // 2), 10, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, min(cfg["num_labeled"], args.images // 2), 10, seed=0)
     kw = {"hflip": True, "mean": data.mean, "std": data.std}
     strong_kw = {"randaug_n": cfg["randaug_n"], "randaug_m": cfg["randaug_m"], "cutout": cfg["cutout"]}
     weak_s, strong_s = weak_view(size, **kw), strong_view(size, **kw, **strong_kw)

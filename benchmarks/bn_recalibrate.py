@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     ckpt = load_checkpoint(run / "checkpoint.pt")
     cfg = load_run_config(run)  # the run's config, through the config layer and its checks
-    quiet = dict(cache_dir=cfg.cache_dir, seed=cfg.seed, log=lambda *_: None)
-    data = mdata.load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, **quiet)
+    data = mdata.load_dataset(
+        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir, seed=cfg.seed
+    )
     test = mdata.make_eval_loader(data.test, mean=ckpt["mean"], std=ckpt["std"], batch_size=500, num_workers=0)
     # Shuffled: training images may be stored class by class (the CIFAR-10 JPEG tar is).
     clean = mdata.EvalDataset(data.train, mdata.eval_transform(ckpt["mean"], ckpt["std"]))

@@ -32,7 +32,7 @@ def time_demo(policy: str, busy: bool, steps: int | None, out: str) -> float:
     code = (
         "from dataclasses import replace; from metapl.commands import demo as d; "
         f"d.DEMO = replace(d.DEMO, workers={workers}, threads={threads}); "
-        f"d.demo(out={out!r}, steps={steps}, log=lambda *a, **k: None)"
+        f"d.demo(out={out!r}, steps={steps})"
     )
     env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}  # the policy decides the threads
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None

@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CIFAR-10 not found at {args.data}: copy ../shared/data/cifar10-jpeg.tar.gz there (and carry it)")
         return 1
     from metapl.data import load_dataset
+    from metapl.logs import console
 
     cfg = ablation.PROTOCOLS[PROTOCOL]
-    load_dataset(cfg["dataset"], cfg.get("data_dir"), cache_dir=cfg["cache_dir"], log=print)  # decode once, here
+    with console():  # its lines printed
+        load_dataset(cfg["dataset"], cfg.get("data_dir"), cache_dir=cfg["cache_dir"])  # decode once, here
     procs = {row: launch(root, row, args.seed) for row in ROWS}
     deadline = started + args.budget_s - 15
     while any(p.poll() is None for p in procs.values()) and time.perf_counter() < deadline:

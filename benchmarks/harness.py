@@ -164,6 +164,7 @@ def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
         The run's summary dict, with ``wall_seconds`` added.
     """
     from metapl.config.fields import config_from_dict
+    from metapl.logs import quiet
     from metapl.protocol.rows import train_row
     from metapl.rundir.layout import SUMMARY, read_summary, write_summary
 
@@ -171,7 +172,8 @@ def train_once(out: Path, values: dict, log_line: str | None = None) -> dict:
         return read_summary(out)
     cfg = config_from_dict({**resolve_data_dir(values), "out": str(out)})  # a recipe switched to the row's method
     start = time.perf_counter()
-    summary, _ = train_row(cfg, fresh=out.exists(), log=lambda *a, **k: None)
+    with quiet():  # the runs' own lines are in their train.log
+        summary, _ = train_row(cfg, fresh=out.exists())
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_summary(out, summary)
     if log_line:

@@ -24,6 +24,7 @@ import torch
 from benchmarks.harness import available_cpus, data_path
 from benchmarks.steps import small_update
 from metapl.data import BatchSpec, load_dataset, make_split, make_train_batches, strong_view, weak_view
+from metapl.logs import console
 
 DEFAULT_DATA = "cifar10-jpeg.tar.gz"  # under the data root (benchmarks.harness)
 
@@ -87,8 +88,8 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    log = lambda line: print(f"  {line}")  # noqa: E731
-    data = load_dataset(args.dataset, str(data_path(args.data)), cache_dir=args.cache_dir, log=log)
+    with console(fmt="  %(message)s"):  # its lines printed, indented
+        data = load_dataset(args.dataset, str(data_path(args.data)), cache_dir=args.cache_dir)
     print(f"load_dataset: {time.perf_counter() - t0:.1f} s (a cache hit takes milliseconds)")
     seconds = measure(data, args)
     b, mu = args.batch_size, args.mu
@@ -109,7 +110,7 @@ def main(args: argparse.Namespace) -> None:
 
 def measure(data, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per step: the loaders alone, the MPL step alone, the step fed by the loaders."""
-    split = make_split(data.train.labels, args.num_labeled, data.num_classes, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, args.num_labeled, data.num_classes, seed=0)
     kw = {"hflip": data.hflip, "mean": data.mean, "std": data.std}
     views = {"weak": weak_view(data.image_size, **kw), "strong": strong_view(data.image_size, **kw)}
     batches = dict(batch_size=args.batch_size, mu=args.mu, seed=0, **views)

@@ -44,10 +44,11 @@ STEP_LINE = re.compile(r"^step (\d+):")
 def _engine():
     """Every trainer import of this benchmark, in one place."""
     from metapl.config.fields import TrainConfig
+    from metapl.logs import console
     from metapl.protocol.rows import train_row
     from metapl.training.trainer import train
 
-    return TrainConfig, train_row, train
+    return TrainConfig, train_row, train, console
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,12 +89,14 @@ def run_values(args: argparse.Namespace) -> dict:
 
 def child(args: argparse.Namespace) -> int:
     """Train the run, then resume it extended to ``--extend-to`` in this same process; phases marked on stdout."""
-    TrainConfig, train_row, train = _engine()
+    TrainConfig, train_row, train, console = _engine()
     cfg = TrainConfig(**run_values(args))
     print("PHASE train", flush=True)
-    train_row(cfg, fresh=True, log=print)
+    with console():
+        train_row(cfg, fresh=True)
     print("PHASE extend", flush=True)
-    train(dataclasses.replace(cfg, steps=args.extend_to), resume=True, log=print)
+    with console():
+        train(dataclasses.replace(cfg, steps=args.extend_to), resume=True)
     print("PHASE done", flush=True)
     return 0
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from metapl.data import load_dataset
 from metapl.data.sources import cache, folder
+from metapl.logs import capture
 
 
 def digest(data) -> str:
@@ -71,7 +72,10 @@ def main(argv: list[str]) -> int:
         log("ready")
         while not Path(args.go).exists():
             time.sleep(0.02)
-    data = load_dataset("folder", args.tree, cache_dir=args.cache, log=log)
+    with capture() as lines:
+        data = load_dataset("folder", args.tree, cache_dir=args.cache)
+    for line in lines:
+        log(line)
     log(f"digest {digest(data)}")
     log("done")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +36,21 @@ def _isolated_cache_dir(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def log_lines(caplog):
+    """Call it for the lines metapl has logged in this test so far, as its console shows them (``metapl.logs``);
+    ``caplog.clear()`` forgets them."""
+    from metapl.logs import LineFormatter
+
+    caplog.set_level(logging.INFO, logger="metapl")
+    formatter = LineFormatter()
+
+    def lines() -> list[str]:
+        return [formatter.format(r) for r in caplog.records if r.name.split(".")[0] == "metapl"]
+
+    return lines
+
+
 @pytest.fixture(scope="session")
 def cifar10_tar() -> Path:
     """Path of the real CIFAR-10 JPEG archive; skips the test when it is absent."""
@@ -48,7 +64,7 @@ def cifar10(cifar10_tar):
     """The real CIFAR-10 copy as ``SourceData``, decoded once into ``<repo>/.cache/test-data`` and memory-mapped."""
     from metapl.data import load_dataset
 
-    return load_dataset("cifar10", str(cifar10_tar), cache_dir=str(TEST_CACHE), log=lambda _: None)
+    return load_dataset("cifar10", str(cifar10_tar), cache_dir=str(TEST_CACHE))
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +213,6 @@ def checkpoint_accuracies(path: Path, *, threads: int | None = None) -> dict[str
         image_size=cfg["image_size"],
         cache_dir=cfg["cache_dir"],
         seed=cfg["seed"],
-        log=lambda _: None,
     )
     test, limit = data.test, cfg.get("eval_limit")  # a run evaluated on the first N test images only: the same N
     if limit is not None:

@@ -225,7 +225,7 @@ def device_batches(data, split, steps, *, start_step=0, num_workers=0):
 
 def test_device_batches_resume_exactly_and_ignore_workers():
     data = synthetic()
-    split = make_split(data.train.labels, 9, 3, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, 9, 3, seed=0)
     run = device_batches(data, split, 4)
     x_l, y_l, x_uw, x_us, y_u = run[0]
     assert x_l.shape == (4, 3, 16, 16) and x_uw.shape == x_us.shape == (12, 3, 16, 16) and y_u.shape == (12,)
@@ -238,7 +238,7 @@ def test_device_batches_resume_exactly_and_ignore_workers():
 
 def test_device_batches_draw_the_loader_paths_images_and_leave_the_global_rng_alone():
     data = synthetic()
-    split = make_split(data.train.labels, 9, 3, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, 9, 3, seed=0)
     kw = {"hflip": True, "mean": data.mean, "std": data.std}
     spec = BatchSpec(4, 11, weak_view(16, **kw), strong_view(16, **kw), mu=3, workers=0)
     labeled, unlabeled = make_train_batches(data, split, spec)

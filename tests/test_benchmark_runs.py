@@ -113,7 +113,7 @@ def test_harness_skips_finished_runs_and_redoes_killed_ones(tmp_path, monkeypatc
     harness = benchmark_module("harness")
     trained = []
 
-    def fake_train_row(cfg, *, fresh=False, log=print):
+    def fake_train_row(cfg, *, fresh=False):
         trained.append((cfg.out, fresh))
         Path(cfg.out).mkdir(parents=True, exist_ok=True)  # what the trainer's run folder would be
         return {"seed": cfg.seed, "student_acc": 50.0}, "new"

@@ -19,6 +19,7 @@ from cache_child import digest
 from conftest import REPO
 from metapl.data import load_dataset
 from metapl.data.sources import cache, locking
+from metapl.logs import capture
 
 CHILD = Path(__file__).with_name("cache_child.py")
 pytestmark = pytest.mark.skipif(locking.fcntl is None, reason="advisory file locks (fcntl) are POSIX only")
@@ -47,7 +48,7 @@ def wait_for(log: Path, prefix: str, proc: subprocess.Popen, timeout: float = 60
 
 
 def expected_digest(tree: Path, cache_dir: Path) -> str:
-    return digest(load_dataset("folder", str(tree), cache_dir=str(cache_dir), log=lambda _: None))
+    return digest(load_dataset("folder", str(tree), cache_dir=str(cache_dir)))
 
 
 def leftovers(root: Path) -> list[str]:
@@ -95,8 +96,8 @@ def test_a_build_killed_while_writing_leaves_nothing_trusted_and_the_next_run_re
     entry = tmp.name.removeprefix(".tmp-").rsplit("-", 1)[0]  # its lock file stays: the kernel released the lock
     assert leftovers(root) == sorted([tmp.name, f".lock-{entry}"])
 
-    seen = []
-    data = load_dataset("folder", str(tree), cache_dir=str(root), log=seen.append)
+    with capture() as seen:
+        data = load_dataset("folder", str(tree), cache_dir=str(root))
     assert sum(line.startswith("decoding 18 images") for line in seen) == 1  # rebuilt, not read from the temp folder
     assert digest(data) == expected_digest(tree, tmp_path / "reference-cache")
     assert leftovers(root) == []  # the killed build's temporary folder and lock file are gone
@@ -142,5 +143,5 @@ def test_build_lock_guards_a_file_entry_and_falls_back_where_locks_are_unavailab
     monkeypatch.setattr(locking, "fcntl", None)
     with locking.build_lock(target) as locked:
         assert not locked
-    arrays, _ = cache.load_or_build(tmp_path / "c", "x", {"a": 1}, lambda: ({"v": [1, 2]}, {}), log=lambda _: None)
+    arrays, _ = cache.load_or_build(tmp_path / "c", "x", {"a": 1}, lambda: ({"v": [1, 2]}, {}), quiet=True)
     assert arrays["v"].tolist() == [1, 2]

@@ -84,7 +84,7 @@ def test_two_concurrent_trainers_one_runs_the_other_writes_nothing(tmp_path):
 def test_train_resume_and_finetune_are_refused_while_another_process_writes(copy_of, capsys):
     run = copy_of()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with run_lock(run, command="metapl train", log=print):
+    with run_lock(run, command="metapl train"):
         holder = f"pid {os.getpid()} on {HOST}: metapl train"
         assert cli(capsys, "train", *QUICK, "--out", run, "--overwrite") == (2, _in_use(run, holder))
         assert cli(capsys, "train", "--resume", run) == (2, _in_use(run, holder))

@@ -212,7 +212,7 @@ def same(a, b) -> bool:
 
 def test_train_loaders_rgb_shapes_and_exact_resume():
     data = synthetic(3)
-    split = make_split(data.train.labels, 9, data.num_classes, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, 9, data.num_classes, seed=0)
     run = batches(data, split, 4)
     (x_l, y_l), (x_uw, x_us, y_u) = run[0]
     assert x_l.shape == (4, 3, 16, 16) and x_l.dtype == torch.float32 and y_l.dtype == torch.int64
@@ -224,14 +224,14 @@ def test_train_loaders_rgb_shapes_and_exact_resume():
 
 def test_loaders_same_batches_with_workers():
     data = synthetic(1, size=8)
-    split = make_split(data.train.labels, 6, data.num_classes, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, 6, data.num_classes, seed=0)
     assert same(batches(data, split, 3, num_workers=0), batches(data, split, 3, num_workers=2))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loaders_leave_the_global_rng_alone(num_workers):
     data = synthetic(3)
-    split = make_split(data.train.labels, 6, data.num_classes, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, 6, data.num_classes, seed=0)
     torch.manual_seed(1)
     expected = torch.rand(4)
     torch.manual_seed(1)
@@ -242,7 +242,7 @@ def test_loaders_leave_the_global_rng_alone(num_workers):
 
 def test_extra_unlabeled_and_expand_labels():
     data = synthetic(3)
-    split = make_split(data.train.labels, 3, data.num_classes, seed=0, log=lambda _: None)
+    split = make_split(data.train.labels, 3, data.num_classes, seed=0)
     weak, strong = views(data)
     spec = BatchSpec(batch_size=4, seed=0, weak=weak, strong=strong, mu=5, expand_labels_to=30, workers=0)
     labeled, unlabeled = make_train_batches(data, split, spec)
@@ -262,8 +262,8 @@ def test_labeled_dataset_uses_split_indices():
 
 
 def test_digits_grayscale_loaders():
-    data = load_dataset("digits", None, log=lambda _: None)
-    split = make_split(data.train.labels, 20, data.num_classes, seed=0, log=lambda _: None)
+    data = load_dataset("digits", None)
+    split = make_split(data.train.labels, 20, data.num_classes, seed=0)
     (x_l, y_l), (x_uw, x_us, y_u) = batches(data, split, 1, batch_size=8, mu=2)[0]
     assert x_l.shape == (8, 1, 8, 8) and x_us.shape == (16, 1, 8, 8) and y_u.dtype == torch.int64
     loader = make_eval_loader(data.test, mean=data.mean, std=data.std, batch_size=128)

@@ -35,7 +35,7 @@ def test_fashion_labels_file_in_place_of_the_images_file(tmp_path, swap):
         )
     cache = tmp_path / "cache"
     with pytest.raises(UserError) as info:
-        load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(cache), log=lambda _: None)
+        load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(cache))
     assert str(info.value) == message
     assert not [p for p in cache.rglob("*.npy")]  # no cache entry was written
 
@@ -67,16 +67,16 @@ def test_shards_decodes_every_image_and_skip_corrupt_names_what_it_leaves_out(tm
     assert "train: 12 images in 1 shards" in out
 
 
-def test_skip_corrupt_on_streamed_shards_and_a_lone_test_shard(tmp_path):
+def test_skip_corrupt_on_streamed_shards_and_a_lone_test_shard(tmp_path, log_lines):
     from metapl.data.sources.shard_writer import _write_shard
 
     src = _tree(tmp_path / "tree", corrupt=True)
     entries = [(f"{c}/{i}.jpg", n) for n, c in enumerate("ab") for i in range(6)] + [("a/bad.jpg", 0)]
     (tmp_path / "old").mkdir()
     _write_shard(tmp_path / "old" / "train-000000.tar", src, entries, "train", 0)  # as the old packer wrote it
-    lines = []
-    kw = {"image_size": 16, "cache_dir": str(tmp_path / "c"), "skip_corrupt": True, "log": lines.append}
+    kw = {"image_size": 16, "cache_dir": str(tmp_path / "c"), "skip_corrupt": True}
     data = load_dataset("shards", str(tmp_path / "old"), **kw)
+    lines = log_lines()
     assert len(data.train) + len(data.test) == 12
     warnings = [line for line in lines if line.startswith("warning")]
     shard = tmp_path / "old" / "train-000000.tar"

@@ -21,10 +21,6 @@ from metapl.errors import UserError
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
 def user_error(fn, *args, **kwargs) -> str:
     """Run ``fn``, expect a UserError, and return its message after checking it is one line."""
     with pytest.raises(UserError) as info:
@@ -48,7 +44,7 @@ def forbid_decoding(monkeypatch) -> None:
 
 
 def test_digits_offline_split_and_constants():
-    data = load_dataset("digits", None, log=quiet)
+    data = load_dataset("digits", None)
     assert (len(data.train), len(data.test)) == (1297, 500)
     assert data.train.images.shape[1:] == (8, 8, 1) and data.train.images.dtype == np.uint8
     assert data.classes == [str(c) for c in range(10)] and data.num_classes == 10
@@ -60,23 +56,23 @@ def test_digits_offline_split_and_constants():
     all_images = np.concatenate([data.train.images, data.test.images])
     mean, std = channel_stats(all_images)
     assert np.allclose(mean, data.mean, atol=2e-3) and np.allclose(std, data.std, atol=2e-3)
-    other = load_dataset("digits", None, seed=1, log=quiet)
+    other = load_dataset("digits", None, seed=1)
     assert not np.array_equal(other.test.labels, data.test.labels) or not np.array_equal(
         other.test.images, data.test.images
     )
-    resized = load_dataset("digits", None, image_size=16, log=quiet)
+    resized = load_dataset("digits", None, image_size=16)
     assert resized.train.images.shape[1:] == (16, 16, 1)
 
 
 def test_fashion_mnist_from_shared(fashion_dir, tmp_path, monkeypatch):
-    data = load_dataset("fashion-mnist", str(fashion_dir), cache_dir=str(tmp_path), log=quiet)
+    data = load_dataset("fashion-mnist", str(fashion_dir), cache_dir=str(tmp_path))
     assert data.train.images.shape == (60000, 28, 28, 1) and data.test.images.shape == (10000, 28, 28, 1)
     assert set(np.unique(data.train.labels)) == set(range(10)) == set(np.unique(data.test.labels))
     mean, std = channel_stats(data.train.images)
     assert np.allclose(mean, data.mean, atol=2e-3) and np.allclose(std, data.std, atol=2e-3)
     assert data.classes[0] == "T-shirt/top" and len(data.classes) == 10
     forbid_decoding(monkeypatch)
-    again = load_dataset("fashion-mnist", str(fashion_dir), cache_dir=str(tmp_path), log=quiet)
+    again = load_dataset("fashion-mnist", str(fashion_dir), cache_dir=str(tmp_path))
     assert np.array_equal(again.test.images[-5:], data.test.images[-5:])
 
 
@@ -92,7 +88,7 @@ def test_fashion_mnist_torchvision_layout_and_plain_idx(tmp_path):
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
         if prefix == "train":
             expected_images, expected_labels = images, labels
-    data = load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(tmp_path / "cache"), log=quiet)
+    data = load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(tmp_path / "cache"))
     assert np.array_equal(data.train.images[..., 0], expected_images)
     assert np.array_equal(data.train.labels, expected_labels) and data.train.labels.dtype == np.int64
     assert len(data.test) == 10
@@ -121,7 +117,7 @@ def test_cifar10_tar_shapes_classes_and_cache(cifar10, cifar10_tar, monkeypatch)
     mean, _ = channel_stats(cifar10.test.images)
     assert np.allclose(mean, cifar10.mean, atol=0.01)
     forbid_decoding(monkeypatch)
-    again = load_dataset("cifar10", str(cifar10_tar), cache_dir=str(TEST_CACHE), log=quiet)
+    again = load_dataset("cifar10", str(cifar10_tar), cache_dir=str(TEST_CACHE))
     assert np.array_equal(again.train.images[:100], cifar10.train.images[:100])
     assert np.array_equal(again.test.labels, cifar10.test.labels)
 
@@ -134,13 +130,13 @@ def test_memmap_arrays_pickle_by_reference(cifar10):
 
 
 def test_download_needed_but_off(tmp_path):
-    message = user_error(load_dataset, "cifar10", str(tmp_path), log=quiet)
+    message = user_error(load_dataset, "cifar10", str(tmp_path))
     assert "CIFAR-10 not found" in message and "--download" in message
-    assert "--download" in user_error(load_dataset, "svhn", str(tmp_path), log=quiet)
+    assert "--download" in user_error(load_dataset, "svhn", str(tmp_path))
 
 
 def test_unknown_dataset_lists_valid_names():
-    message = user_error(load_dataset, "imagenet-21k", None, log=quiet)
+    message = user_error(load_dataset, "imagenet-21k", None)
     assert "imagenet-21k" in message and "cifar10" in message and "folder" in message
 
 
@@ -149,7 +145,7 @@ def test_unknown_dataset_lists_valid_names():
 
 def test_folder_mixed_modes_and_sizes(make_tree, tmp_path, monkeypatch):
     root = make_tree(mode="mixed", sizes=((12, 12), (20, 16)), per_class=4)
-    data = load_dataset("folder", str(root), image_size=10, cache_dir=str(tmp_path / "c"), log=quiet)
+    data = load_dataset("folder", str(root), image_size=10, cache_dir=str(tmp_path / "c"))
     assert data.train.images.shape == (12, 10, 10, 3) and data.test.images.shape == (12, 10, 10, 3)
     assert data.classes == ["ant", "bee", "cat"]
     # Labels follow sorted class names, and each image still shows its class's gray level (up to JPEG loss).
@@ -159,26 +155,26 @@ def test_folder_mixed_modes_and_sizes(make_tree, tmp_path, monkeypatch):
     mean, std = channel_stats(data.train.images)
     assert data.mean == mean and data.std == std  # folder statistics come from its train images
     forbid_decoding(monkeypatch)
-    again = load_dataset("folder", str(root), image_size=10, cache_dir=str(tmp_path / "c"), log=quiet)
+    again = load_dataset("folder", str(root), image_size=10, cache_dir=str(tmp_path / "c"))
     assert np.array_equal(again.train.images, data.train.images) and again.mean == data.mean
 
 
 def test_folder_all_grayscale_has_one_channel(make_tree, tmp_path):
     root = make_tree(mode="L", ext=".jpg")
-    data = load_dataset("folder", str(root), cache_dir=str(tmp_path / "c"), log=quiet)
+    data = load_dataset("folder", str(root), cache_dir=str(tmp_path / "c"))
     assert data.in_channels == 1 and data.image_size == 12 and len(data.mean) == 1
 
 
 def test_folder_sizes_differ_needs_image_size(make_tree, tmp_path):
     root = make_tree(sizes=((12, 12), (16, 16)))
-    assert "--image-size" in user_error(load_dataset, "folder", str(root), cache_dir=str(tmp_path / "c"), log=quiet)
+    assert "--image-size" in user_error(load_dataset, "folder", str(root), cache_dir=str(tmp_path / "c"))
 
 
 def test_folder_tar_gz_matches_folder(make_tree, tmp_path):
     root = make_tree()
-    from_dir = load_dataset("folder", str(root), cache_dir=str(tmp_path / "c"), log=quiet)
+    from_dir = load_dataset("folder", str(root), cache_dir=str(tmp_path / "c"))
     archive = make_tar(root, tmp_path / "tree.tar.gz", wrapper="mydata")  # archives often wrap the tree in one folder
-    from_tar = load_dataset("folder", str(archive), cache_dir=str(tmp_path / "c"), log=quiet)
+    from_tar = load_dataset("folder", str(archive), cache_dir=str(tmp_path / "c"))
     assert np.array_equal(from_dir.train.images, from_tar.train.images)
     assert np.array_equal(from_dir.test.labels, from_tar.test.labels) and from_dir.classes == from_tar.classes
 
@@ -191,7 +187,7 @@ def test_cifar10_name_reads_folder_and_checks_class_count(make_tree, tmp_path):
 
 def test_single_tree_seeded_holdout(make_tree, tmp_path):
     root = make_tree(splits=(), per_class=10)
-    kw = {"cache_dir": str(tmp_path / "c"), "test_fraction": 0.2, "log": quiet}
+    kw = {"cache_dir": str(tmp_path / "c"), "test_fraction": 0.2}
     a = load_dataset("folder", str(root), seed=0, **kw)
     b = load_dataset("folder", str(root), seed=0, **kw)
     c = load_dataset("folder", str(root), seed=1, **kw)
@@ -202,14 +198,14 @@ def test_single_tree_seeded_holdout(make_tree, tmp_path):
 
 def test_a_bad_test_fraction_names_the_argument_not_a_flag(make_tree, tmp_path):
     root = make_tree(splits=(), per_class=2)
-    message = user_error(load_dataset, "folder", str(root), test_fraction=1.5, cache_dir=str(tmp_path), log=quiet)
+    message = user_error(load_dataset, "folder", str(root), test_fraction=1.5, cache_dir=str(tmp_path))
     assert message == "load_dataset(test_fraction=1.5) is out of range; use a number in (0, 1)"
 
 
 def test_cache_entry_layout_and_invalidation(make_tree, tmp_path, monkeypatch):
     root = make_tree()
     cache = tmp_path / "c"
-    load_dataset("folder", str(root), cache_dir=str(cache), log=quiet)
+    load_dataset("folder", str(root), cache_dir=str(cache))
     (entry,) = [p for p in cache.iterdir()]
     assert entry.name.startswith("folder-")
     assert {p.name for p in entry.iterdir()} == {
@@ -220,7 +216,7 @@ def test_cache_entry_layout_and_invalidation(make_tree, tmp_path, monkeypatch):
     victim = root / "train" / "ant" / "000.png"
     write_image(victim, 2, (12, 12), "RGB")
     os.utime(victim, ns=(1, 1))
-    data = load_dataset("folder", str(root), cache_dir=str(cache), log=quiet)
+    data = load_dataset("folder", str(root), cache_dir=str(cache))
     assert len(list(cache.iterdir())) == 2
     assert abs(int(data.train.images[0, 6, 6, 0]) - class_value(2)) <= 4
 
@@ -231,9 +227,7 @@ def test_extra_unlabeled_folder(make_tree, tmp_path):
     write_image(extra / "a" / "deep" / "x.png", 1, (30, 20), "RGB")  # RGB into a grayscale dataset, other size
     write_image(extra / "y.jpg", 2, (12, 12), "L")
     (extra / "notes.txt").write_text("not an image")
-    data = load_dataset(
-        "folder", str(root), unlabeled_dir=str(extra), image_size=12, cache_dir=str(tmp_path / "c"), log=quiet
-    )
+    data = load_dataset("folder", str(root), unlabeled_dir=str(extra), image_size=12, cache_dir=str(tmp_path / "c"))
     assert data.extra_unlabeled.images.shape == (2, 12, 12, 1)
     assert data.extra_unlabeled.labels.tolist() == [-1, -1]
 
@@ -251,7 +245,7 @@ def test_extra_unlabeled_size_mismatch(make_tree, tmp_path):
 
 
 def test_missing_data_dir(tmp_path):
-    message = user_error(load_dataset, "folder", str(tmp_path / "nope"), log=quiet)
+    message = user_error(load_dataset, "folder", str(tmp_path / "nope"))
     assert "does not exist" in message and "nope" in message
 
 
@@ -268,20 +262,21 @@ def test_class_folder_without_images(make_tree, tmp_path):
     assert "train/dog" in message and "no images" in message
 
 
-def test_corrupt_image_names_file_and_can_be_skipped(make_tree, tmp_path):
+def test_corrupt_image_names_file_and_can_be_skipped(make_tree, tmp_path, log_lines):
     root = make_tree()
     (root / "train" / "bee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     cache = str(tmp_path / "c")
-    message = user_error(load_dataset, "folder", str(root), cache_dir=cache, log=quiet)
+    message = user_error(load_dataset, "folder", str(root), cache_dir=cache)
     assert "train/bee/broken.png" in message and "--skip-corrupt" in message
-    lines = []
     with pytest.warns(UserWarning, match="broken.png"):
-        data = load_dataset("folder", str(root), cache_dir=cache, skip_corrupt=True, log=lines.append)
-    assert len(data.train) == 12 and any("broken.png" in line for line in lines)
+        data = load_dataset("folder", str(root), cache_dir=cache, skip_corrupt=True)
+    assert len(data.train) == 12 and any(
+        "warning: skipped unreadable image" in line and "broken.png" in line for line in log_lines()
+    )
     # The cache holds only the readable images; without --skip-corrupt the error comes back.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert "broken.png" in user_error(load_dataset, "folder", str(root), cache_dir=cache, log=quiet)
+        assert "broken.png" in user_error(load_dataset, "folder", str(root), cache_dir=cache)
 
 
 def test_train_and_test_classes_differ(make_tree, tmp_path):
@@ -307,7 +302,7 @@ def test_truncated_archive(make_tree, tmp_path, suffix):
         (tmp_path / f"cut{i}{suffix}").write_bytes(data[:cut])
         message = user_error(load_dataset, "folder", str(tmp_path / f"cut{i}{suffix}"), cache_dir=str(tmp_path))
         assert "cannot read archive" in message and f"cut{i}{suffix}" in message
-    assert len(load_dataset("folder", str(archive), cache_dir=str(tmp_path), log=quiet).train) == 12
+    assert len(load_dataset("folder", str(archive), cache_dir=str(tmp_path)).train) == 12
 
 
 def test_the_source_registry_refuses_a_second_reader_for_a_name():

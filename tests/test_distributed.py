@@ -187,6 +187,7 @@ def full_ddp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp-cli") / "full"
     done = subprocess.run(torchrun(*DDP, "--tensorboard", "--out", str(out)), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    (out.parent / "stdout.txt").write_text(done.stdout)  # what both ranks printed
     return out
 
 
@@ -220,6 +221,12 @@ def test_torchrun_trains_and_only_rank_zero_writes(full_ddp_run):
     assert ckpt["step"] == 12 and len(ckpt["rng_ranks"]) == WORLD
     # Each rank draws its own dropout masks and pseudo labels.
     assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+
+
+def test_torchrun_shows_each_line_once_and_train_log_holds_them(full_ddp_run):
+    shown = (full_ddp_run.parent / "stdout.txt").read_text()
+    assert shown.count("labeled images per class") == 1 and shown.count("summary: ") == 1  # rank 0 alone prints
+    assert (full_ddp_run / "train.log").read_text() == shown
 
 
 def test_killed_torchrun_run_resumes_bit_identical(full_ddp_run, tmp_path):

@@ -13,8 +13,6 @@ from metapl.commands.cli import main
 from metapl.commands.eval_report import class_report, confusion_figure, expected_calibration_error, plot_confusion
 from metapl.commands.inference import run_eval
 
-QUIET = {"log": lambda *_: None}
-
 
 def test_class_report_counts_by_hand():
     y = torch.tensor([0, 1, 1, 2, 2, 0, 2])
@@ -85,18 +83,14 @@ def test_eval_reports_per_class_confusion_and_calibration(folder_run, capsys):
     assert (folder_run / "eval.confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_on_a_flat_folder_scores_all_of_it(folder_run, make_tree, capsys):
+def test_eval_on_a_flat_folder_scores_all_of_it(folder_run, make_tree, log_lines):
     flat = make_tree("flat", splits=(), per_class=5, sizes=((20, 16),))  # other size: resized to the run's 12
     result = run_eval(folder_run, data_dir=str(flat), output=folder_run / "flat.json", device="cpu")
     assert result["num_test"] == 15 and result["data_dir"] == str(flat)
     assert [c["support"] for c in result["models"]["student"]["per_class"]] == [5, 5, 5]
-    assert f"{flat} has no train/ and test/ folders: all 15 of its images are scored as the test set" in (
-        capsys.readouterr().out
-    )
+    assert f"{flat} has no train/ and test/ folders: all 15 of its images are scored as the test set" in log_lines()
     tree = folder_run.parent / "tree"  # the training tree: its test split, 4 per class
-    assert (
-        run_eval(folder_run, data_dir=str(tree), output=folder_run / "t.json", device="cpu", **QUIET)["num_test"] == 12
-    )
+    assert run_eval(folder_run, data_dir=str(tree), output=folder_run / "t.json", device="cpu")["num_test"] == 12
 
 
 def test_eval_image_size_other_than_the_runs_is_refused(folder_run, make_tree, capsys):

@@ -59,7 +59,7 @@ def test_old_checkpoint_with_a_numpy_rng_state_still_loads(tmp_path):
 
 @pytest.mark.parametrize("model", ["finetuned", "ema", "student", "teacher"])
 def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_path, model):
-    out = run_export(run_dir, model=model, output=tmp_path / f"{model}.safetensors", log=lambda *_: None)
+    out = run_export(run_dir, model=model, output=tmp_path / f"{model}.safetensors")
     meta = json.loads((tmp_path / f"{model}.safetensors.json").read_text())
     source = run_dir / ("finetuned.pt" if model == "finetuned" else "checkpoint.pt")
     ckpt = load_checkpoint(source)
@@ -83,13 +83,12 @@ def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_pa
         assert torch.allclose(rebuilt(x), reference(x), atol=1e-5, rtol=0)
     images = tmp_path / "imgs"
     write_images(images, 3)
-    from_export = run_predict(out, [images], output=tmp_path / "a.csv", log=lambda *_: None)
+    from_export = run_predict(out, [images], output=tmp_path / "a.csv")
     from_run = run_predict(
         source,
         [images],
         model="student" if model == "finetuned" else model,
         output=tmp_path / "b.csv",
-        log=lambda *_: None,
     )
     assert [r["top_k"] for r in from_export] == [r["top_k"] for r in from_run]
 
@@ -107,7 +106,7 @@ def test_onnx_export_matches_pytorch(run_dir, tmp_path):
         "onnxruntime", reason="ONNX Runtime is an optional test dependency (pip install onnxruntime)"
     )
     pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package (pip install onnx)")
-    out = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "m.onnx", log=lambda *_: None)
+    out = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx.json").is_file()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     reference = build_model(load_checkpoint(run_dir / "checkpoint.pt"), "ema")
@@ -118,9 +117,7 @@ def test_onnx_export_matches_pytorch(run_dir, tmp_path):
 
 
 def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
-    out = run_export(
-        run_dir, model="student", fmt="torchscript", output=tmp_path / "m.torchscript.pt", log=lambda *_: None
-    )
+    out = run_export(run_dir, model="student", fmt="torchscript", output=tmp_path / "m.torchscript.pt")
     assert (tmp_path / "m.torchscript.pt.json").is_file()
     with pytest.warns(FutureWarning):  # torch.jit.load is deprecated in torch 2.14, and still loads the file
         scripted = torch.jit.load(str(out))
@@ -194,7 +191,7 @@ def test_predict_names_what_it_takes_for_anything_else(run_dir, tmp_path, capsys
     onnx = tmp_path / "bare.onnx"
     onnx.write_bytes(b"not read")  # an .onnx file without its record
     cases.append(([str(onnx)], f"no bare.onnx.json beside {onnx}; keep the JSON that metapl export wrote next to it"))
-    exported = run_export(run_dir, model="ema", output=tmp_path / "e.safetensors", log=lambda *_: None)
+    exported = run_export(run_dir, model="ema", output=tmp_path / "e.safetensors")
     cases.append(
         ([str(exported), "--model", "student"], f"{exported} is an export: it holds one network; drop --model")
     )
@@ -207,12 +204,12 @@ def test_predict_names_what_it_takes_for_anything_else(run_dir, tmp_path, capsys
 
 def test_predict_reads_a_version_1_record_and_onnx_needs_onnxruntime(run_dir, tmp_path, monkeypatch, capsys):
     images, _ = write_images(tmp_path / "imgs", 2)
-    exported = run_export(run_dir, model="ema", output=tmp_path / "ema.safetensors", log=lambda *_: None)
-    expected = run_predict(exported, images, output=tmp_path / "a.csv", log=lambda *_: None)
+    exported = run_export(run_dir, model="ema", output=tmp_path / "ema.safetensors")
+    expected = run_predict(exported, images, output=tmp_path / "a.csv")
     (tmp_path / "ema.safetensors.json").rename(tmp_path / "ema.json")  # metapl 0.1's name, shared by the formats
-    assert run_predict(exported, images, output=tmp_path / "b.csv", log=lambda *_: None) == expected
+    assert run_predict(exported, images, output=tmp_path / "b.csv") == expected
     pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package (pip install onnx)")
-    onnx = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "ema.onnx", log=lambda *_: None)
+    onnx = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "ema.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     assert main(["predict", str(onnx), str(images[0]), "--output", str(tmp_path / "c.csv")]) == 2
     assert capsys.readouterr().err == (

@@ -70,10 +70,10 @@ def test_the_docs_reader_reproduces_predict(run_dir, tmp_path):
     assert len(code.strip().splitlines()) <= 15
     namespace: dict = {}
     exec(compile(code, "docs/usage.md", "exec"), namespace)
-    onnx_file = run_export(run_dir, fmt="onnx", output=tmp_path / "m.onnx", log=lambda *_: None)
+    onnx_file = run_export(run_dir, fmt="onnx", output=tmp_path / "m.onnx")
     images = _images(tmp_path / "images")
     # predict with the run itself (PyTorch, the run's result), every class listed
-    rows = run_predict(run_dir, images, output=tmp_path / "p.csv", top_k=3, device="cpu", log=lambda *_: None)
+    rows = run_predict(run_dir, images, output=tmp_path / "p.csv", top_k=3, device="cpu")
     for image, row in zip(images, rows, strict=True):
         got = namespace["classify"](str(onnx_file), str(image))
         assert set(got) == {"ant", "bee", "cat"}
@@ -95,7 +95,7 @@ def test_the_docs_reader_reproduces_predict(run_dir, tmp_path):
 
 def test_each_exported_file_has_its_own_record_and_predict_takes_each(run_dir, tmp_path):
     images = _images(tmp_path / "images")
-    reference = run_predict(run_dir, images, model="ema", output=tmp_path / "r.csv", device="cpu", log=lambda *_: None)
+    reference = run_predict(run_dir, images, model="ema", output=tmp_path / "r.csv", device="cpu")
     for fmt, name in (("safetensors", "ema.safetensors"), ("onnx", "ema.onnx"), ("torchscript", "ema.torchscript.pt")):
         assert main(["export", str(run_dir), "--model", "ema", "--format", fmt]) == 0
         meta = json.loads((run_dir / "export" / f"{name}.json").read_text())
@@ -108,6 +108,6 @@ def test_each_exported_file_has_its_own_record_and_predict_takes_each(run_dir, t
         }
         assert meta["preprocessing"]["decode"]["channels"] == "RGB" and meta["classes"] == ["ant", "bee", "cat"]
     for name in ("ema.safetensors", "ema.onnx", "ema.torchscript.pt"):
-        rows = run_predict(run_dir / "export" / name, images, output=tmp_path / "e.csv", log=lambda *_: None)
+        rows = run_predict(run_dir / "export" / name, images, output=tmp_path / "e.csv")
         assert [[c for c, _ in r["top_k"]] for r in rows] == [[c for c, _ in r["top_k"]] for r in reference]
         assert [r["probability"] for r in rows] == pytest.approx([r["probability"] for r in reference], abs=1e-5)

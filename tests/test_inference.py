@@ -97,15 +97,15 @@ def expected_probs(model, array):
 # eval
 
 
-def test_eval_writes_json_and_table(tmp_path):
+def test_eval_writes_json_and_table(tmp_path, log_lines):
     models = write_fake_run(tmp_path / "run")
-    lines = []
-    result = run_eval(tmp_path / "run", device="cpu", log=lines.append)
+    result = run_eval(tmp_path / "run", device="cpu")
+    lines = log_lines()
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert saved == result
     # The model objects themselves on the digits test split (the run's seed 0), normalised with the checkpoint's
     # mean and std, in batches of the config's size: the same logits, so exactly the same figures.
-    test = load_dataset("digits", None, cache_dir=str(tmp_path / "run" / "cache"), log=lambda _: None).test
+    test = load_dataset("digits", None, cache_dir=str(tmp_path / "run" / "cache")).test
     loader = make_eval_loader(test, mean=MEAN, std=STD, batch_size=TrainConfig(dataset="digits").eval_batch_size)
     expected = count_accuracies(models, loader)
     for key, value in expected.items():
@@ -179,7 +179,7 @@ def test_predict_over_the_test_images_reproduces_eval(make_tree, tmp_path):
     assert 100.0 * correct / len(rows) == result[f"{role}_acc"]
     # Image by image, the probabilities of the result (here the teacher) over eval's own loader of the test split.
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    test = load_dataset("folder", str(tree), image_size=12, cache_dir=str(tmp_path / "c"), log=lambda _: None).test
+    test = load_dataset("folder", str(tree), image_size=12, cache_dir=str(tmp_path / "c")).test
     with torch.no_grad():
         model = build_model(ckpt, role)
         loader = make_eval_loader(test, mean=ckpt["mean"], std=ckpt["std"], batch_size=64)
@@ -192,7 +192,7 @@ def test_predict_over_the_test_images_reproduces_eval(make_tree, tmp_path):
 def test_eval_of_a_pt_file_writes_beside_it_and_skips_missing_ema(tmp_path):
     write_fake_run(tmp_path / "run", ema=False)
     ckpt = tmp_path / "run" / "checkpoint.pt"
-    result = run_eval(ckpt, device="cpu", log=lambda *_: None)
+    result = run_eval(ckpt, device="cpu")
     assert (tmp_path / "run" / "checkpoint.eval.json").exists()
     assert not (tmp_path / "run" / "eval.json").exists()
     assert "ema_acc" not in result and {"teacher_acc", "student_acc"} <= set(result)
@@ -201,7 +201,7 @@ def test_eval_of_a_pt_file_writes_beside_it_and_skips_missing_ema(tmp_path):
 def test_eval_of_a_labels_only_run_reports_no_teacher(tmp_path):
     write_fake_run(tmp_path / "run", method="supervised")
     out = tmp_path / "elsewhere" / "e.json"
-    result = run_eval(tmp_path / "run", output=out, device="cpu", log=lambda *_: None)
+    result = run_eval(tmp_path / "run", output=out, device="cpu")
     assert out.exists() and "teacher_acc" not in result and "student_acc" in result
 
 
@@ -209,14 +209,14 @@ def test_eval_weights_that_do_not_fit_the_config(tmp_path):
     # The checkpoint claims 10 classes, but its weights were made for 5 (as if hand-edited).
     write_fake_run(tmp_path / "run", num_classes=10, weights_classes=5)
     with pytest.raises(UserError, match=r"\(5, 64\).*\(10, 64\)") as err:
-        run_eval(tmp_path / "run", device="cpu", log=lambda *_: None)
+        run_eval(tmp_path / "run", device="cpu")
     assert "\n" not in str(err.value)
 
 
 def test_eval_dataset_with_another_class_count(tmp_path):
     write_fake_run(tmp_path / "run", num_classes=5)  # consistent checkpoint, but digits has 10 classes
     with pytest.raises(UserError, match=r"10 classes.* 5\b") as err:
-        run_eval(tmp_path / "run", device="cpu", log=lambda *_: None)
+        run_eval(tmp_path / "run", device="cpu")
     assert "\n" not in str(err.value)
 
 
@@ -253,14 +253,14 @@ def test_format_table_is_aligned():
 # predict
 
 
-def test_predict_writes_one_row_per_image_with_sorted_top_k(tmp_path):
+def test_predict_writes_one_row_per_image_with_sorted_top_k(tmp_path, log_lines):
     models = write_fake_run(tmp_path / "run")
     gray, arrays = write_images(tmp_path / "imgs", 3)
     rgb, _ = write_images(tmp_path / "imgs" / "nested" / "deeper", 2, seed=1, size=20, mode="RGB")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")  # not an image extension: skipped in folders
     out = tmp_path / "out" / "pred.csv"
-    lines = []
-    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], output=out, top_k=4, device="cpu", log=lines.append)
+    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], output=out, top_k=4, device="cpu")
+    lines = log_lines()
     csv_rows = read_csv(out)
     assert len(csv_rows) == len(rows) == 5
     assert {r["path"] for r in csv_rows} == {str(p) for p in gray + rgb}
@@ -297,7 +297,6 @@ def test_predict_picks_the_requested_model_and_converts_channels(tmp_path):
         output=tmp_path / "p.csv",
         top_k=20,
         device="cpu",
-        log=lambda *_: None,
     )
     want = expected_probs(models["teacher"], arrays[0])
     assert len(rows[0]["top_k"]) == 10  # top_k capped at the number of classes
@@ -306,13 +305,12 @@ def test_predict_picks_the_requested_model_and_converts_channels(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_predict_ema_falls_back_to_student_with_a_warning(tmp_path):
+def test_predict_ema_falls_back_to_student_with_a_warning(tmp_path, log_lines):
     models = write_fake_run(tmp_path / "run", ema=False)
     _, arrays = write_images(tmp_path / "imgs", 1)
-    lines = []
     out = tmp_path / "p.csv"
-    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], model="ema", output=out, device="cpu", log=lines.append)
-    assert any("warning" in line and "student" in line for line in lines)
+    rows = run_predict(tmp_path / "run", [tmp_path / "imgs"], model="ema", output=out, device="cpu")
+    assert any(line.startswith("warning: ") and "student" in line for line in log_lines())
     assert rows[0]["probability"] == pytest.approx(float(expected_probs(models["student"], arrays[0]).max()), abs=1e-5)
 
 
@@ -331,7 +329,6 @@ def test_predict_finetuned_reads_finetuned_pt(tmp_path):
         model="finetuned",
         output=tmp_path / "p.csv",
         device="cpu",
-        log=lambda *_: None,
     )
     array = np.array(Image.open(tmp_path / "imgs" / "img0.png"))
     assert rows[0]["probability"] == pytest.approx(float(expected_probs(finetuned, array).max()), abs=1e-5)
@@ -350,7 +347,7 @@ def test_predict_errors_are_one_line_user_errors(tmp_path):
     ]
     for paths, message in cases:
         with pytest.raises(UserError, match=message) as err:
-            run_predict(tmp_path / "run", paths, output=tmp_path / "p.csv", device="cpu", log=lambda *_: None)
+            run_predict(tmp_path / "run", paths, output=tmp_path / "p.csv", device="cpu")
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="top-k"):
         run_predict(tmp_path / "run", [tmp_path / "broken"], top_k=0, output=tmp_path / "p.csv")

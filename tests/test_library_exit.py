@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     cfg = TrainConfig(dataset="digits", num_labeled=50, steps=100_000, batch_size=8, mu=1, workers=1, log_every=1,
                       eval_every=100_000, save_every=100_000, tensorboard=False, progress=False, out=OUT)
     threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
-    train(cfg, log=lambda *a, **k: None)  # SIGTERM: saved, then Interrupted, left uncaught
+    train(cfg)  # SIGTERM: saved, then Interrupted, left uncaught
     """
 )
 

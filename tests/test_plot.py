@@ -45,16 +45,15 @@ def legend_labels(ax):
     return [t.get_text() for t in legend.get_texts()] if legend is not None else []
 
 
-def test_two_runs_overlaid_into_a_png(tmp_path):
+def test_two_runs_overlaid_into_a_png(tmp_path, log_lines):
     write_metrics(tmp_path / "mpl", finetuned=True)
     write_metrics(tmp_path / "supervised", mpl=False)
-    lines = []
-    out = plot_runs([tmp_path / "mpl", tmp_path / "supervised"], log=lines.append)
+    out = plot_runs([tmp_path / "mpl", tmp_path / "supervised"])
     assert out == tmp_path / "mpl" / "curves.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     with Image.open(out) as im:
         assert im.width > 1000 and im.height > 700
-    assert str(out) in lines[-1]
+    assert str(out) in log_lines()[-1]
 
 
 def test_figure_has_titled_labelled_panels_with_run_names_in_legends(tmp_path):
@@ -92,7 +91,7 @@ def test_explicit_output_and_cli(tmp_path):
     assert main(["plot", str(tmp_path / "run"), "--output", str(out)]) == 0
     assert out.stat().st_size > 0
     with pytest.raises(UserError, match="xyz"):
-        plot_runs([tmp_path / "run"], output=tmp_path / "c.xyz", log=lambda *_: None)
+        plot_runs([tmp_path / "run"], output=tmp_path / "c.xyz")
 
 
 def test_missing_dir_and_run_without_metrics_are_user_errors(tmp_path):

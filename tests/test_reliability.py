@@ -150,7 +150,7 @@ def test_repro4_idx_images_and_labels_of_different_lengths(tmp_path):
         (tmp_path / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n_images, 28, 28), np.uint8)))
         (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n_labels).astype(np.uint8)))
     with pytest.raises(UserError) as err:
-        load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(tmp_path / "c"), log=lambda _: None)
+        load_dataset("fashion-mnist", str(tmp_path), cache_dir=str(tmp_path / "c"))
     assert str(err.value) == (
         f"{tmp_path / 'train-images-idx3-ubyte'} holds 30 images but {tmp_path / 'train-labels-idx1-ubyte'} holds 29 "
         "labels; the two files must come from the same Fashion-MNIST copy"
@@ -177,9 +177,9 @@ def test_repro4_resume_after_images_were_added(make_tree, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "meta", "edited-meta", "deleted"])
-def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage):
+def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage, log_lines, caplog):
     tree, cache = make_tree(), tmp_path / "cache"
-    first = load_dataset("folder", str(tree), cache_dir=str(cache), log=lambda _: None)
+    first = load_dataset("folder", str(tree), cache_dir=str(cache))
     images = np.array(first.train.images)
     del first
     (entry,) = cache.iterdir()
@@ -195,15 +195,15 @@ def test_repro5_damaged_cache_entry_is_rebuilt(make_tree, tmp_path, damage):
         (entry / "meta.json").write_text(json.dumps({**meta, "classes": ["x", "y", "z"]}))
     else:
         victim.unlink()
-    lines = []
-    again = load_dataset("folder", str(tree), cache_dir=str(cache), log=lines.append)
+    caplog.clear()
+    again = load_dataset("folder", str(tree), cache_dir=str(cache))
     assert np.array_equal(again.train.images, images)
-    damaged = [line for line in lines if "is damaged" in line]
+    damaged = [line for line in log_lines() if "is damaged" in line]
     assert len(damaged) == 1 and damaged[0].startswith(f"cache entry {entry} is damaged (")
     assert damaged[0].endswith("); rebuilding it")
-    lines.clear()
-    load_dataset("folder", str(tree), cache_dir=str(cache), log=lines.append)  # the rebuilt entry is used as it is
-    assert not any("is damaged" in line for line in lines) and [p.name for p in cache.iterdir()] == [entry.name]
+    caplog.clear()
+    load_dataset("folder", str(tree), cache_dir=str(cache))  # the rebuilt entry is used as it is
+    assert not any("is damaged" in line for line in log_lines()) and [p.name for p in cache.iterdir()] == [entry.name]
 
 
 # ----------------------------------------------------------------------------------------------------------------

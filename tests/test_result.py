@@ -64,18 +64,17 @@ def test_automatic_carve_out_needs_fifty_labels_in_every_class():
     assert auto_val_count(1720, 43) == 0
 
 
-def test_an_unfinished_run_falls_back_to_its_latest_ema_saying_so(tmp_path):
+def test_an_unfinished_run_falls_back_to_its_latest_ema_saying_so(tmp_path, log_lines):
     save_config(TrainConfig(ema=0.99), tmp_path / "config.yaml")
     (tmp_path / "summary.json").write_text(json.dumps({"teacher_acc": 3.0}))
-    lines = []
-    result = read_result(tmp_path, log=lines.append)
+    result = read_result(tmp_path)
     assert (result.role, result.file, result.network) == ("ema", "checkpoint.pt", "ema")
-    assert lines == [
+    assert log_lines() == [
         f"warning: {tmp_path} has not finished (its summary.json names no result yet); using the EMA student of its "
         "latest checkpoint.pt"
     ]
     save_config(TrainConfig(ema=0.0), tmp_path / "config.yaml")
-    assert read_result(tmp_path, log=lines.append).role == "student"
+    assert read_result(tmp_path).role == "student"
     (tmp_path / "summary.json").write_text(json.dumps({"result": {"role": "ema"}}))
     with pytest.raises(UserError, match="damaged 'result'"):
         read_result(tmp_path)

@@ -42,10 +42,6 @@ from metapl.errors import UserError
 CLASSES, PER_CLASS, SIZE, PER_SHARD = ("ant", "bee", "cat"), 30, 16, 16
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="session")
 def tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: 48x40 upscaled noise, and one ``bee/zz.bmp``."""
@@ -66,9 +62,7 @@ def shard_dir(tree, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharded(shard_dir, tmp_path_factory):
-    return load_dataset(
-        "shards", str(shard_dir), image_size=SIZE, cache_dir=str(tmp_path_factory.mktemp("c")), log=quiet
-    )
+    return load_dataset("shards", str(shard_dir), image_size=SIZE, cache_dir=str(tmp_path_factory.mktemp("c")))
 
 
 def test_the_writer_records_shards_and_the_class_list(shard_dir, tree, tmp_path):
@@ -82,13 +76,13 @@ def test_the_writer_records_shards_and_the_class_list(shard_dir, tree, tmp_path)
     with tarfile.open(shard_dir / "train-000003.tar") as tf:
         assert "train_00000060.png" in tf.getnames()  # bee/zz.bmp, the last bee, re-encoded losslessly
     with pytest.raises(UserError, match="already holds shards; choose an empty OUT_DIR"):
-        write_shards(tree, shard_dir, per_shard=PER_SHARD, log=quiet)
+        write_shards(tree, shard_dir, per_shard=PER_SHARD)
     with pytest.raises(UserError, match="--per-shard 0 must be at least 1"):
-        write_shards(tree, tmp_path / "new", per_shard=0, log=quiet)
+        write_shards(tree, tmp_path / "new", per_shard=0)
 
 
 def test_shards_read_as_the_folder_streams(sharded, tree):
-    folder = load_dataset("folder", str(tree), image_size=SIZE, data_path="stream", log=quiet)
+    folder = load_dataset("folder", str(tree), image_size=SIZE, data_path="stream")
     assert (len(sharded.train), len(sharded.test)) == (82, 9) and sharded.classes == list(CLASSES)
     for name in ("train", "test"):
         a, b = getattr(folder, name), getattr(sharded, name)
@@ -100,13 +94,13 @@ def test_shards_read_as_the_folder_streams(sharded, tree):
     assert torch.equal(folder.train.image(bmp), sharded.train.image(bmp))
     assert sharded.train.image(bmp).shape == (3, 20, 30)
     assert folder.mean == sharded.mean and folder.std == sharded.std
-    a = make_split(folder.train.labels, 12, 3, seed=4, val=3, log=quiet)
-    b = make_split(sharded.train.labels, 12, 3, seed=4, val=3, log=quiet)
+    a = make_split(folder.train.labels, 12, 3, seed=4, val=3)
+    b = make_split(sharded.train.labels, 12, 3, seed=4, val=3)
     assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("labeled", "val", "unlabeled"))
 
 
 def test_arrays_streamed_files_and_shards_are_all_image_stores(sharded, tree):
-    folder = load_dataset("folder", str(tree), image_size=SIZE, data_path="stream", log=quiet)
+    folder = load_dataset("folder", str(tree), image_size=SIZE, data_path="stream")
     arrays = ImageArrays(sharded.train.images[:4], sharded.train.labels[:4])
     for store in (arrays, folder.train, sharded.train):
         assert isinstance(store, ImageStore)
@@ -125,7 +119,7 @@ def _batches(data, split, start_step: int, steps: int, workers: int, items=None)
 
 
 def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(sharded):
-    split = make_split(sharded.train.labels, 9, 3, seed=0, log=quiet)
+    split = make_split(sharded.train.labels, 9, 3, seed=0)
     whole = _batches(sharded, split, 0, 4, workers=0)
     resumed = _batches(sharded, split, 2, 2, workers=1)  # read and decoded in a worker process
     for a, b in zip(whole[2:], resumed):
@@ -137,7 +131,7 @@ def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(sharded):
 
 
 def test_each_rank_streams_only_its_own_shards(sharded):
-    split = make_split(sharded.train.labels, 9, 3, seed=0, log=quiet)
+    split = make_split(sharded.train.labels, 9, 3, seed=0)
     shard_of = sharded.train.shard_of[split.unlabeled]
     for world in (2, 4):  # 6 shards: 3 each, or 2, 2, 1, 1 (the first ranks own one more)
         owned = [rank_unlabeled_items(sharded, split.unlabeled, r, world) for r in range(world)]
@@ -160,8 +154,8 @@ def _rank_worker(rank: int, shard_dir: str, cache: str, store: str, out: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        data = load_dataset("shards", shard_dir, image_size=SIZE, cache_dir=cache, log=quiet)
-        split = make_split(data.train.labels, 9, 3, seed=0, log=quiet)
+        data = load_dataset("shards", shard_dir, image_size=SIZE, cache_dir=cache)
+        split = make_split(data.train.labels, 9, 3, seed=0)
         own = rank_unlabeled_items(data, split.unlabeled, dist.get_rank(), dist.get_world_size())
         kw = dict(hflip=True, mean=data.mean, std=data.std, crop="resized")
         weak, strong = weak_view(SIZE, **kw), strong_view(SIZE, **kw)
@@ -248,7 +242,7 @@ def test_bad_shards_get_one_line_errors(shard_dir, tmp_path, capsys):
     good = {f"k{i}.{e}": v for i in range(1, 4) for e, v in (("jpg", jpeg.getvalue()), ("cls", str(i % 2).encode()))}
     _tar(shard, {"k0.jpg": b"not a jpeg", "k0.cls": b"0", **good})
     with pytest.raises(UserError, match="cannot read image k0 in shard .*train-000002.tar"):
-        data = load_dataset("shards", str(shard), image_size=SIZE, cache_dir=str(cache), log=quiet)
+        data = load_dataset("shards", str(shard), image_size=SIZE, cache_dir=str(cache))
         [part.image(i) for part in (data.train, data.test) for i in range(len(part))]
     assert "always streamed" in _refused(shard_dir, cache, capsys, "--data-path", "cache")
     with pytest.raises(UserError, match="--per-rank-shards deals tar shards"):

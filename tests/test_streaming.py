@@ -38,10 +38,6 @@ CLASSES, PER_CLASS, SIZE = ("ant", "bee", "cat", "dog"), 60, 32
 WORLD = 2
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="session")
 def jpeg_tree(tmp_path_factory) -> Path:
     """``<class>/<i>.jpg``: smooth random colour fields (a 20x15 noise image upscaled), 500x375, one tree."""
@@ -51,7 +47,7 @@ def jpeg_tree(tmp_path_factory) -> Path:
 
 
 def _stream(tree: Path, **kw):
-    return load_dataset("folder", str(tree), image_size=SIZE, data_path="stream", log=quiet, **kw)
+    return load_dataset("folder", str(tree), image_size=SIZE, data_path="stream", **kw)
 
 
 @pytest.fixture(scope="session")
@@ -85,24 +81,22 @@ def test_auto_streams_above_the_threshold(jpeg_tree, tmp_path):
     assert choose_data_path("auto", 240, SIZE, tmp_path, threshold=decoded) == "cache"
     assert choose_data_path("auto", 240, SIZE, tmp_path, threshold=decoded - 1) == "stream"
     assert choose_data_path("auto", 240, None, tmp_path, threshold=0) == "cache"  # no crop size: cannot stream
-    kw = dict(image_size=SIZE, data_path="auto", cache_dir=str(tmp_path), log=quiet)
+    kw = dict(image_size=SIZE, data_path="auto", cache_dir=str(tmp_path))
     assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded - 1, **kw).train, FolderImages)
     assert not list(tmp_path.iterdir())  # streamed: nothing was written to the cache
     assert isinstance(load_dataset("folder", str(jpeg_tree), stream_above=decoded, **kw).train, ImageArrays)
     with pytest.raises(UserError, match="--image-size"):
         choose_data_path("stream", 240, None, tmp_path)
     with pytest.raises(UserError, match="image folders and tar shards only"):
-        load_dataset("digits", None, data_path="stream", log=quiet)
+        load_dataset("digits", None, data_path="stream")
 
 
 def test_the_seeded_split_is_the_cache_paths(streamed, jpeg_tree, tmp_path):
-    cached = load_dataset(
-        "folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path), log=quiet
-    )
+    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path))
     assert np.array_equal(cached.train.labels, streamed.train.labels)
     assert np.array_equal(cached.test.labels, streamed.test.labels) and cached.classes == streamed.classes
-    a = make_split(cached.train.labels, 20, 4, seed=3, val=4, log=quiet)
-    b = make_split(streamed.train.labels, 20, 4, seed=3, val=4, log=quiet)
+    a = make_split(cached.train.labels, 20, 4, seed=3, val=4)
+    b = make_split(streamed.train.labels, 20, 4, seed=3, val=4)
     assert np.array_equal(a.labeled, b.labeled) and np.array_equal(a.val, b.val)
     assert np.array_equal(a.unlabeled, b.unlabeled)
 
@@ -118,7 +112,7 @@ def _batches(data, split, start_step: int, steps: int, workers: int, rank: int =
 
 
 def test_a_fresh_loader_at_step_k_resumes_the_stream_exactly(streamed):
-    split = make_split(streamed.train.labels, 8, 4, seed=0, log=quiet)
+    split = make_split(streamed.train.labels, 8, 4, seed=0)
     whole = _batches(streamed, split, 0, 4, workers=0)
     resumed = _batches(streamed, split, 2, 2, workers=1)  # in a worker process: the same images, the same crops
     for a, b in zip(whole[2:], resumed):
@@ -147,16 +141,14 @@ def test_metapl_train_runs_on_the_streaming_path(jpeg_tree, tmp_path):
 def test_a_streamed_eval_decodes_in_workers_with_the_same_accuracies(streamed, jpeg_tree, tmp_path):
     torch.manual_seed(0)
     models = {"student": create_model("small_cnn", num_classes=4, in_channels=3, image_size=SIZE)}
-    split = make_split(streamed.train.labels, 8, 4, seed=0, val=4, log=quiet)
+    split = make_split(streamed.train.labels, 8, 4, seed=0, val=4)
     by_workers = {}
     for workers in (0, 2):
         loaders = eval_loaders(streamed, split, 7, workers=workers)
         assert [loader.num_workers for loader in loaders.values()] == [workers, workers]
         by_workers[workers] = evaluate_sets(models, loaders, torch.device("cpu"))
     assert by_workers[0] == by_workers[2] and set(by_workers[0]) >= {"student_acc", "val_student_acc"}
-    cached = load_dataset(
-        "folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path), log=quiet
-    )
+    cached = load_dataset("folder", str(jpeg_tree), image_size=SIZE, data_path="cache", cache_dir=str(tmp_path))
     assert eval_loaders(cached, split, 7, workers=2)[""].num_workers == 0  # cached arrays: in the process
 
 
@@ -165,7 +157,7 @@ def _rank_worker(rank: int, tree: str, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         data = _stream(Path(tree))
-        split = make_split(data.train.labels, 8, 4, seed=0, log=quiet)
+        split = make_split(data.train.labels, 8, 4, seed=0)
         batches = _batches(data, split, 0, 1, workers=0, rank=rank, world=WORLD)
         weak, strong = _views(data)
         spec = BatchSpec(3, 5, weak, strong, mu=2, rank=rank, world_size=WORLD, workers=0)

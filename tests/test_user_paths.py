@@ -18,6 +18,7 @@ from cache_child import digest
 from conftest import REPO, cli
 from metapl.data import load_dataset
 from metapl.data.sources import cache
+from metapl.logs import capture
 
 TINY = [
     *["--num-labeled", "3", "--batch-size", "2", "--mu", "1", "--workers", "0", "--val-labeled", "0"],
@@ -28,8 +29,8 @@ LEFTOVER = (".tmp-", ".trash-", ".lock-")
 
 
 def load(path, cache_dir, **kw):
-    lines = []
-    data = load_dataset("folder", str(path), cache_dir=str(cache_dir), log=lines.append, **kw)
+    with capture() as lines:
+        data = load_dataset("folder", str(path), cache_dir=str(cache_dir), **kw)
     return data, lines
 
 
@@ -128,7 +129,7 @@ def test_fashion_mnist_idx_files_under_a_path_with_spaces(tmp_path):
         for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
             header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
             (folder / f"{prefix}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
-    data = load_dataset("fashion-mnist", str(folder), cache_dir=str(tmp_path / "cache é"), log=lambda _: None)
+    data = load_dataset("fashion-mnist", str(folder), cache_dir=str(tmp_path / "cache é"))
     assert (len(data.train), len(data.test)) == (30, 10)
 
 

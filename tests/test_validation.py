@@ -45,7 +45,7 @@ def test_validation_split_is_evaluated_and_chooses_the_result(tmp_path, capsys):
 
     # The logged validation accuracy is the saved student's accuracy on exactly the held-out images.
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    data = load_dataset("digits", None, log=lambda _: None)
+    data = load_dataset("digits", None)
     split_obj = type("S", (), {"val": torch.tensor(split["val"]).numpy()})()
     loaders = eval_loaders(data, split_obj, 512)
     student = create_model("small_cnn", num_classes=10, in_channels=1, image_size=8)

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     """A short MPL run (teacher, student and EMA student), and its data."""
     out = tmp_path_factory.mktemp("run") / "r"
     assert main(["train", *TINY, "--steps", "30", "--finetune-steps", "0", "--out", str(out)]) == 0
-    data = load_dataset("digits", None, seed=0, log=lambda _: None)
+    data = load_dataset("digits", None, seed=0)
     return out, data
 
 
@@ -47,7 +47,7 @@ def test_a_run_loaded_as_a_teacher_scores_its_recorded_accuracy(trained, source,
     run, data = trained
     weights = str(run) if not source else str(run / "checkpoint.pt") + source
     cfg = TrainConfig(dataset="digits", teacher_weights=weights)
-    teacher = start_model(cfg, "teacher", data, log=lambda _: None)
+    teacher = start_model(cfg, "teacher", data)
     summary = json.loads((run / "summary.json").read_text())
     role = role or summary["result"]["role"]  # a run folder: the model it handed back
     assert _accuracy(teacher, data) == summary[f"{role}_acc"]
@@ -64,12 +64,12 @@ def test_plain_state_dict_files_load_exactly(tmp_path, suffix):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
-def test_a_head_of_another_class_count_is_replaced_and_said(tmp_path):
+def test_a_head_of_another_class_count_is_replaced_and_said(tmp_path, log_lines):
     five = create_model("small_cnn", num_classes=5, in_channels=1, image_size=8)
     ten = create_model("small_cnn", num_classes=10, in_channels=1, image_size=8)
     head_before = ten.fc.weight.clone()
-    lines = []
-    load_into(ten, five.state_dict(), "five.pt", lines.append)
+    load_into(ten, five.state_dict(), "five.pt")
+    lines = log_lines()
     assert len(lines) == 1 and "the classifier head has 5 classes, the data 10" in lines[0]
     body = [k for k in five.state_dict() if five.state_dict()[k].shape == ten.state_dict()[k].shape]
     assert len(body) == len(five.state_dict()) - 2
@@ -108,7 +108,7 @@ def test_broken_or_unsafe_files_are_one_line_in_the_cli(tmp_path, capsys, conten
     assert len(lines) == 1 and lines[0].startswith(f"metapl: error: cannot read weights from {path}")
 
 
-def test_pretrained_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
+def test_pretrained_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch, log_lines):
     # What torchvision downloads once with internet, placed in the cache by hand: no network is touched.
     import torchvision
 
@@ -118,11 +118,10 @@ def test_pretrained_torchvision_weights_come_from_the_hub_cache(tmp_path, monkey
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(reference.state_dict(), cache / weights.url.rsplit("/", 1)[1])
-    lines = []
-    model = create_model("resnet18", num_classes=3, in_channels=1, image_size=32, pretrained=True, log=lines.append)
+    model = create_model("resnet18", num_classes=3, in_channels=1, image_size=32, pretrained=True)
     assert torch.equal(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert torch.equal(model.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
-    assert model.fc.out_features == 3 and any("1000 classes, the data 3" in line for line in lines)
+    assert model.fc.out_features == 3 and any("1000 classes, the data 3" in line for line in log_lines())
 
 
 def test_missing_pretrained_weights_say_where_to_put_them(tmp_path, monkeypatch):

@@ -10,16 +10,20 @@ line in ``metapl.commands`` (docs/architecture.md). The names below come from ``
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from metapl.core import Batch, ModelEMA, MPLConfig, MPLInputError, MPLState, linear_ramp, mpl_update, warmup_cosine
 
+# As a library metapl prints nothing, warnings included, until its user configures logging (metapl.logs).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 __version__ = "0.1.0"
 __all__ = ["Batch", "MPLConfig", "MPLInputError", "MPLState", "ModelEMA", "linear_ramp", "mpl_update", "warmup_cosine"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from metapl import core

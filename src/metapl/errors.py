@@ -36,7 +36,7 @@ def few(names: list[str], n: int = 3) -> str:
 
 
 # What to do about the usual causes; anything else gets the generic advice.
-_FIXES = {
+_FIXES: dict[int | None, str] = {
     errno.ENOSPC: "free disk space or pick another folder",
     errno.EDQUOT: "free disk space or pick another folder",
     errno.EACCES: "check its permissions or pick a writable folder",

@@ -15,13 +15,15 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import NamedTuple
+from types import FrameType
+from typing import Any, NamedTuple, NoReturn
 
 from metapl.config.fields import FINETUNE_STEPS_IF_NONE, TrainConfig
 from metapl.config.flags import add_config_arguments, given_options, resolve
 from metapl.config.rules import RUNTIME_KEYS, refuse_resume_flags
 from metapl.core.options import specs
 from metapl.errors import Interrupted, UserError, describe_os_error
+from metapl.logs import console
 from metapl.rundir.layout import EXPORT_DIR, RUN_FILES, TENSORBOARD, WANDB
 
 RUN_FOLDERS = (TENSORBOARD, WANDB, EXPORT_DIR)  # the folders among the run files, shown with a slash in --help
@@ -30,7 +32,7 @@ RUN_FOLDERS = (TENSORBOARD, WANDB, EXPORT_DIR)  # the folders among the run file
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is the house's one line (``metapl: error: ...``) that names where to look."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's signature
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse's signature
         self.exit(2, f"metapl: error: {message}; see {self.prog} --help\n")
 
 
@@ -251,11 +253,11 @@ class _Terminated(BaseException):
     does, with one line and exit status 143, instead of dying without a word."""
 
 
-def _raise_terminated(_signum, _frame) -> None:
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise _Terminated
 
 
-def _terminate_as_exception():
+def _terminate_as_exception() -> Callable[[int, FrameType | None], Any] | int | None:
     """Make SIGTERM raise ``_Terminated`` for the command's life; returns the previous handler (None: none was set)."""
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -363,11 +365,12 @@ COMMANDS: dict[str, Command] = {
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    COMMANDS[args.command].run(args)
+    with console():  # the library's lines (metapl.logs) on stdout, rank 0 only
+        COMMANDS[args.command].run(args)
     return 0
 
 
-def _resume_config(args: argparse.Namespace):
+def _resume_config(args: argparse.Namespace) -> TrainConfig:
     """The saved config of the ``--resume`` run with the runtime options and ``--steps`` of the command line."""
     from metapl.rundir.layout import load_run_config
 
@@ -387,7 +390,7 @@ def _version() -> str:
         return "(not installed: a source checkout)"
 
 
-def _resolve(args: argparse.Namespace):
+def _resolve(args: argparse.Namespace) -> TrainConfig:
     """The train config of the command line; a ``--config`` file that is not text is named in one line."""
     try:
         return resolve(args)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import statistics
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from metapl.protocol.rows import (
     run_state,
     train_row,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = "runs/compare"
 DEFAULT_SEEDS = "0,1,2"
@@ -64,14 +68,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEEDS, log=print) -> dict:
+def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEEDS) -> dict:
     """``metapl compare``: check what only the command line can get wrong, then ``compare``.
 
     Args:
         base: the resolved recipe (``--config`` and the train flags).
         given: the options given as flags (``metapl.config.flags.given_options``).
         seeds: ``--seeds``.
-        log: where lines go.
 
     Returns:
         ``compare``'s result.
@@ -83,10 +86,12 @@ def compare_command(base: TrainConfig, given: dict, *, seeds: str = DEFAULT_SEED
         raise UserError(
             "compare chooses on validation images; give --val-labeled >= 1 (default: a fifth of the labels)"
         )
-    return compare(base, out=given.get("out", DEFAULT_OUT), seeds=parse_seeds(seeds), log=log)
+    return compare(base, out=given.get("out", DEFAULT_OUT), seeds=parse_seeds(seeds))
 
 
-def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, log=print) -> dict:
+def compare(
+    base: TrainConfig, *, out: str | Path, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] | None = None
+) -> dict:
     """Train every (row, seed) that is not finished, then write and print the table and the recommendation.
 
     Args:
@@ -94,15 +99,14 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
         out: the folder of the runs, ``compare.json`` and ``compare.md``.
         seeds: the seeds, paired across rows.
         rows: names from ``metapl.protocol.rows.ROWS`` (default: ``default_rows``; labels-only is always added).
-        log: where lines go.
 
     Returns:
         What ``compare.json`` holds.
     """
-    if not base.val_labeled:
-        base = replace(base, val_labeled=max(1, round(VAL_SHARE * base.num_labeled)))
-    if base.val_labeled < MIN_VAL_IMAGES:
-        log(f"compare: warning: {few_images(base.val_labeled)}")
+    val_labeled = base.val_labeled or max(1, round(VAL_SHARE * base.num_labeled))
+    base = replace(base, val_labeled=val_labeled)
+    if val_labeled < MIN_VAL_IMAGES:
+        logger.warning(few_images(val_labeled))
     rows = [LABELS_ONLY, *(r for r in rows or default_rows(base) if r != LABELS_ONLY)]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -117,7 +121,7 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
         run_state(cfg)
     created = [p for p in (Path(out), *(Path(out) / row for row in rows)) if not p.exists()]
     try:
-        summaries = _train_all(plan, log)
+        summaries = _train_all(plan)
     except UserError:  # bad data or a split that cannot be drawn: leave no empty folders behind
         for path in reversed(created):
             with contextlib.suppress(OSError):
@@ -126,8 +130,8 @@ def compare(base: TrainConfig, *, out: str | Path, seeds=(0, 1, 2), rows=None, l
     result = _result(base, plan, summaries)
     text = report(result)
     _write(Path(out), result, text)
-    log("")
-    log(text)
+    logger.info("")
+    logger.info(text)
     return result
 
 
@@ -140,14 +144,14 @@ def few_images(count: int) -> str:
     )
 
 
-def _train_all(plan: dict, log) -> dict[str, dict[int, dict]]:
+def _train_all(plan: dict[tuple[str, int], TrainConfig]) -> dict[str, dict[int, dict]]:
     """Train (or read back) every planned run, seed-major (every row of seed 0 first): row -> seed -> summary."""
     summaries: dict[str, dict[int, dict]] = {}
     for (row, seed), cfg in plan.items():
-        log(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
-        summary, state = train_row(cfg, log=log)
+        logger.info(f"== compare: {ROWS[row][0]}, seed {seed}: {cfg.steps} steps -> {cfg.out} ==")
+        summary, state = train_row(cfg)
         if state == "finished":
-            log(f"compare: {row} seed {seed} finished earlier; skipped")
+            logger.info(f"compare: {row} seed {seed} finished earlier; skipped")
         summaries.setdefault(row, {})[seed] = summary
     return summaries
 
@@ -184,7 +188,8 @@ def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]
         for key, a, b in (("val", val[row], val[LABELS_ONLY]), ("test", test, base_test)):
             stats = paired_interval(a, b) if row != LABELS_ONLY else None
             info[f"{key}_vs_labels_only"] = None if stats is None else _interval(stats)
-    num_val = min(s.get("num_val", base.val_labeled) for seeds in summaries.values() for s in seeds.values())
+    counts = [s.get("num_val", base.val_labeled) for seeds in summaries.values() for s in seeds.values()]
+    num_val = min(int(n) for n in counts if n is not None)
     return {
         "dataset": base.dataset,
         "num_labeled": base.num_labeled,

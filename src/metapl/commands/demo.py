@@ -11,6 +11,7 @@ see the other images of the train split without their labels. The settings are r
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from metapl.protocol.rows import ROWS as COMPARE_ROWS
 from metapl.protocol.rows import kept_accuracy, row_config, train_row
 from metapl.rundir.result import describe
 
+logger = logging.getLogger(__name__)
+
 # The data flags of a new user, and a quiet console; every other option at its default.
 DEMO = TrainConfig(dataset="digits", num_labeled=50, steps=500, device="cpu", tensorboard=False, log_every=20)
 
@@ -27,7 +30,7 @@ _PICKED = ("labels-only", "uda-distill", "mpl")  # compare's rows the demo shows
 ROWS = tuple((COMPARE_ROWS[row][0], COMPARE_ROWS[row][1]) for row in _PICKED)
 
 
-def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log=print) -> dict[str, dict]:
+def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0) -> dict[str, dict]:
     """Train labels-only, the UDA teacher distilled with the feedback off (h = 0), and full MPL on digits; print
     their test accuracies side by side.
 
@@ -41,7 +44,6 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log
             metapl's run files are removed).
         steps: MPL steps of each run (default ``DEMO.steps``).
         seed: seed of the split, the models and the augmentations.
-        log: where lines go.
 
     Returns:
         row name -> summary.
@@ -51,30 +53,32 @@ def demo(*, out: str = "runs/demo", steps: int | None = None, seed: int = 0, log
     summaries = {}
     for row, (name, changes) in zip(_PICKED, ROWS):
         cfg = row_config(base, changes, seed=seed, out=Path(out) / row)
-        log(f"== {name}: {cfg.steps} steps on digits, {cfg.num_labeled} labels ==")
+        logger.info(f"== {name}: {cfg.steps} steps on digits, {cfg.num_labeled} labels ==")
         start = time.perf_counter()
-        summaries[name], _ = train_row(cfg, fresh=True, log=log)
+        summaries[name], _ = train_row(cfg, fresh=True)
         summaries[name]["wall_seconds"] = time.perf_counter() - start
-    _print_table(summaries, base, finetune, out, log)
+    _print_table(summaries, base, finetune, out)
     return summaries
 
 
 def final_accuracy(summary: dict) -> float:
     """Test accuracy of the model the run handed back (its result)."""
-    return kept_accuracy(summary)
+    accuracy = kept_accuracy(summary)
+    assert accuracy is not None  # a finished run's summary holds it
+    return accuracy
 
 
-def _print_table(summaries: dict[str, dict], base: TrainConfig, finetune: int, out: str, log) -> None:
-    log("")
-    log(f"digits, {base.num_labeled} labels, {base.steps} steps (+{finetune} finetuning), test accuracy (%):")
-    log(f"{'method':<32}{'teacher':>9}{'student':>9}{'finetuned':>11}{'handed back':>30}{'time':>7}")
+def _print_table(summaries: dict[str, dict], base: TrainConfig, finetune: int, out: str) -> None:
+    logger.info("")
+    logger.info(f"digits, {base.num_labeled} labels, {base.steps} steps (+{finetune} finetuning), test accuracy (%):")
+    logger.info(f"{'method':<32}{'teacher':>9}{'student':>9}{'finetuned':>11}{'handed back':>30}{'time':>7}")
     for name, s in summaries.items():
         teacher = f"{s['teacher_acc']:9.2f}" if s.get("teacher_acc") is not None else f"{'-':>9}"
         tuned = f"{s['finetuned_acc']:11.2f}" if s.get("finetuned_acc") is not None else f"{'-':>11}"
         result = f"{describe(s['result']['role'])} {final_accuracy(s):.2f}"
-        log(f"{name:<32}{teacher}{s['student_acc']:9.2f}{tuned}{result:>30}{s['wall_seconds']:6.0f}s")
+        logger.info(f"{name:<32}{teacher}{s['student_acc']:9.2f}{tuned}{result:>30}{s['wall_seconds']:6.0f}s")
     labels_only, distilled, mpl = (final_accuracy(summaries[name]) for name, _ in ROWS)
-    log(
+    logger.info(
         f"MPL vs labels-only: {mpl - labels_only:+.2f} points; "
         f"feedback (MPL vs h = 0): {mpl - distilled:+.2f} points, one seed "
         f"(the 3-seed answer: README.md, Results); runs in {out}/"

@@ -6,12 +6,17 @@ matplotlib's object-oriented API on an Agg canvas, as ``metapl plot`` draws its 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from metapl.errors import reporting_os_errors
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)
 TOP_K = 5  # the top-k accuracy reported, only where there are more than k classes (top-5 of 5 classes is always 100)
@@ -90,7 +95,7 @@ def plot_confusion(reports: dict[str, dict], classes: list[str], output: Path) -
     return output
 
 
-def confusion_figure(reports: dict[str, dict], classes: list[str]):
+def confusion_figure(reports: dict[str, dict], classes: list[str]) -> Figure:
     """The figure of ``plot_confusion``, laid out by matplotlib's constrained layout so that no title or label is cut:
     each panel grows with the class count (class names readable at 7 pt up to ``CONFUSION_NAMES_MAX`` classes), the
     counts are written in the cells up to 12 classes.
@@ -133,7 +138,12 @@ def confusion_figure(reports: dict[str, dict], classes: list[str]):
 
 
 @torch.no_grad()
-def evaluate_report(models: dict[str, nn.Module], loader, device: torch.device, num_classes: int) -> dict[str, dict]:
+def evaluate_report(
+    models: dict[str, nn.Module],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    num_classes: int,
+) -> dict[str, dict]:
     """Everything ``metapl eval`` reports for each model, over one pass of ``loader``.
 
     Args:
@@ -147,9 +157,9 @@ def evaluate_report(models: dict[str, nn.Module], loader, device: torch.device, 
     """
     for m in models.values():
         m.eval()
-    preds = {name: [] for name in models}
-    confs = {name: [] for name in models}
-    topk_hits = {name: [] for name in models}
+    preds: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    confs: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    topk_hits: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels = []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
@@ -208,7 +218,7 @@ def class_report(
                 "support": int(support[c]),
             }
         )
-    report = {"acc": 100.0 * int(tp.sum()) / n}
+    report: dict[str, object] = {"acc": 100.0 * int(tp.sum()) / n}
     if topk_hits is not None:
         report["top5"] = 100.0 * int(topk_hits.sum()) / n
     report["ece"] = 100.0 * expected_calibration_error(conf, pred == y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from metapl.rundir.layout import EXPORT_DIR, FINETUNED
 from metapl.rundir.rebuild import build_model, checkpoint_file, refuse_untrained_teacher
 from metapl.rundir.result import read_result
 
+logger = logging.getLogger(__name__)
+
 FORMATS = tuple(SUFFIX)
 MODELS = ("finetuned", "ema", "student", "teacher")
 
 
 def run_export(
-    path: str | Path, *, model: str | None = None, fmt: str = "safetensors", output: str | Path | None = None, log=print
+    path: str | Path, *, model: str | None = None, fmt: str = "safetensors", output: str | Path | None = None
 ) -> Path:
     """Export one network of a run.
 
@@ -42,7 +45,6 @@ def run_export(
         fmt: ``safetensors``, ``onnx`` or ``torchscript``.
         output: the model file; default ``RUN_DIR/export/<model><suffix>``. Its JSON record goes beside it, named
             after it (``meta_path``: ``ema.onnx.json``).
-        log: receives the closing line.
 
     Returns:
         The model file written.
@@ -56,7 +58,7 @@ def run_export(
         raise UserError(f"unknown --format {fmt!r}; choose {', '.join(FORMATS)}")
     ckpt_path = checkpoint_file(path)
     if model is None and Path(path).is_dir():
-        model = read_result(path, log).role
+        model = read_result(path).role
     ckpt = load_checkpoint(ckpt_path)
     which, source = _choose(ckpt, ckpt_path, model)
     if source != ckpt_path:
@@ -75,7 +77,7 @@ def run_export(
     }
     data = _serialise(net, meta, fmt)
     write_files({out: data, meta_file: (json.dumps(meta, indent=2) + "\n").encode()})
-    log(f"wrote {out} and {meta_file.name} ({which} model of {source}, step {ckpt.get('step')}, {fmt})")
+    logger.info(f"wrote {out} and {meta_file.name} ({which} model of {source}, step {ckpt.get('step')}, {fmt})")
     return out
 
 
@@ -119,7 +121,7 @@ def _serialise(net: nn.Module, meta: dict, fmt: str) -> bytes:
                 torch.onnx.export(
                     net,
                     (x,),
-                    buf,
+                    buf,  # type: ignore[arg-type]  # a file object works too (torch.onnx.export's docs)
                     dynamo=False,
                     input_names=["images"],
                     output_names=["logits"],

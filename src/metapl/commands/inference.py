@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
 from metapl import data as mdata
 from metapl.commands.eval_report import evaluate_report, format_per_class, format_table, plot_confusion
 from metapl.config.fields import TrainConfig, config_from_dict
 from metapl.data.sources.imagetree import decode_image, is_split_tree
+from metapl.data.stores import SourceData
 from metapl.data.views.per_image import eval_transform
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.methods.by_name import get_method
@@ -33,6 +36,8 @@ from metapl.rundir.layout import EVAL_JSON, FINETUNED, RUN_FILES, read_summary
 from metapl.rundir.rebuild import build_model, checkpoint_file, refuse_untrained_teacher
 from metapl.rundir.result import read_result
 from metapl.training.process import plan_cpu_share, select_device
+
+logger = logging.getLogger(__name__)
 
 PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
 # What predict reads, for --help and for the one line that refuses anything else.
@@ -54,7 +59,6 @@ def run_eval(
     device: str = "auto",
     image_size: int | None = None,
     plot: bool = False,
-    log=print,
 ) -> dict:
     """Accuracy, calibration and per-class figures of a run's teacher, student, EMA student (and finetuned student).
 
@@ -69,7 +73,6 @@ def run_eval(
         image_size: resize the images to this size; default the run's (``--data-dir`` of a folder run: the size
             the checkpoint was trained at).
         plot: also write the confusion matrices as ``<output stem>.confusion.png``.
-        log: receives the tables and progress lines.
 
     Returns:
         ``{"<model>_acc": top-1 %, "<model>_top5": top-5 % (more than 5 classes only), "<model>_ece": expected
@@ -88,12 +91,12 @@ def run_eval(
     cfg = config_from_dict(ckpt["config"])
     models = _eval_models(path, ckpt, ckpt_path, cfg)
     dev = select_device(device)
-    loader, num_test, where = _test_loader(cfg, ckpt, ckpt_path, data_dir, image_size, dev, log)
+    loader, num_test, where = _test_loader(cfg, ckpt, ckpt_path, data_dir, image_size, dev)
     reports = evaluate_report({name: m.to(dev) for name, m in models.items()}, loader, dev, int(ckpt["num_classes"]))
     result = _eval_result(ckpt, ckpt_path, cfg, data_dir, num_test, reports)
     result["result"] = _headline_model(path, reports)
-    _log_eval(result, ckpt_path, where, log)
-    _write_eval(result, output, plot, log)
+    _log_eval(result, ckpt_path, where)
+    _write_eval(result, output, plot)
     return result
 
 
@@ -115,7 +118,9 @@ def _eval_models(path: Path, ckpt: dict, ckpt_path: Path, cfg: TrainConfig) -> d
     return models
 
 
-def _eval_result(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, data_dir, num_test: int, reports: dict) -> dict:
+def _eval_result(
+    ckpt: dict, ckpt_path: Path, cfg: TrainConfig, data_dir: str | None, num_test: int, reports: dict
+) -> dict:
     """``run_eval``'s result: what was scored, each model's headline figures, the classes and the per-model reports."""
     result = {
         "checkpoint": str(ckpt_path),
@@ -130,25 +135,25 @@ def _eval_result(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, data_dir, num_te
     return result
 
 
-def _log_eval(result: dict, ckpt_path: Path, where: str, log) -> None:
+def _log_eval(result: dict, ckpt_path: Path, where: str) -> None:
     """The tables ``metapl eval`` prints: every model's figures, then the main model's per-class figures."""
     reports, classes = result["models"], result["classes"]
-    log(f"{ckpt_path} (step {result['step']}) on {where}, {result['num_test']} images:")
-    log(format_table(result))
+    logger.info(f"{ckpt_path} (step {result['step']}) on {where}, {result['num_test']} images:")
+    logger.info(format_table(result))
     main = result["result"]
-    log(f"per class ({main}, the run's result; ECE: 15 equal-width confidence bins):")
-    log(format_per_class(reports[main], classes))
+    logger.info(f"per class ({main}, the run's result; ECE: 15 equal-width confidence bins):")
+    logger.info(format_per_class(reports[main], classes))
 
 
-def _write_eval(result: dict, output: Path, plot: bool, log) -> None:
+def _write_eval(result: dict, output: Path, plot: bool) -> None:
     """Write the result as JSON (and, with ``plot``, the confusion matrices beside it)."""
     with reporting_os_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {output}")
+    logger.info(f"wrote {output}")
     if plot:
         png = plot_confusion(result["models"], result["classes"], output.with_name(f"{output.stem}.confusion.png"))
-        log(f"wrote {png}")
+        logger.info(f"wrote {png}")
 
 
 def _headline_model(path: Path, reports: dict) -> str:
@@ -174,14 +179,13 @@ def _test_loader(
     data_dir: str | None,
     image_size: int | None,
     device: torch.device,
-    log,
-) -> tuple[object, int, str]:
+) -> tuple[DataLoader, int, str]:
     """A loader of the images to score, checked against what the checkpoint's models take, their count, and a
     phrase naming them. A streamed split is decoded in the run's ``--workers`` loader workers."""
 
     # A flat folder of a folder run is all test images; the run's own data keeps the run's split (same seed).
     whole = data_dir is not None and cfg.dataset == "folder" and Path(data_dir).is_dir()
-    whole = whole and not is_split_tree(Path(data_dir))
+    whole = whole and data_dir is not None and not is_split_tree(Path(data_dir))
     if image_size is None:
         image_size = int(ckpt["image_size"]) if data_dir is not None and cfg.dataset == "folder" else cfg.image_size
     data = mdata.load_dataset(
@@ -192,17 +196,18 @@ def _test_loader(
         cache_dir=cfg.cache_dir,
         skip_corrupt=cfg.skip_corrupt,
         seed=cfg.seed,
-        log=log,
         data_path="cache" if whole else cfg.data_path,
     )
-    _check_test_data(data, cfg, ckpt, ckpt_path, log)
+    _check_test_data(data, cfg, ckpt, ckpt_path)
     test, where = data.test, f"the {cfg.dataset} test split"
     if whole:
         test = mdata.ImageArrays(
             np.concatenate([data.train.images, data.test.images]), np.concatenate([data.train.labels, data.test.labels])
         )
         where = f"all of {data_dir}"
-        log(f"{data_dir} has no train/ and test/ folders: all {len(test)} of its images are scored as the test set")
+        logger.info(
+            f"{data_dir} has no train/ and test/ folders: all {len(test)} of its images are scored as the test set"
+        )
     # The checkpoint's mean/std, not the data set's: they are what the weights were trained on.
     workers = mdata.eval_workers(test, plan_cpu_share(cfg.workers, cfg.threads, device).workers)
     loader = mdata.make_eval_loader(
@@ -211,7 +216,7 @@ def _test_loader(
     return loader, len(test), where
 
 
-def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -> None:
+def _check_test_data(data: SourceData, cfg: TrainConfig, ckpt: dict, ckpt_path: Path) -> None:
     """Refuse test data the checkpoint's models cannot take; warn when only the class names differ."""
     same_data = "pass the --data-dir of the data set the run was trained on"
     checks = (
@@ -226,8 +231,8 @@ def _check_test_data(data, cfg: TrainConfig, ckpt: dict, ckpt_path: Path, log) -
                 f"{want} {what}; {fix}"
             )
     if list(data.classes) != list(ckpt["classes"]):
-        log(
-            f"warning: the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
+        logger.warning(
+            f"the data set's class names differ from the checkpoint's ({few(list(data.classes))} vs "
             f"{few(list(ckpt['classes']))}); labels are compared by index"
         )
 
@@ -244,7 +249,6 @@ def run_predict(
     output: str | Path = "predictions.csv",
     top_k: int = 3,
     device: str = "auto",
-    log=print,
 ) -> list[dict]:
     """Classify image files and folders of images (searched recursively) and write one CSV row per image.
 
@@ -259,7 +263,6 @@ def run_predict(
         output: the CSV file, columns ``path,class,probability,top_k``; ``top_k`` reads ``cat:0.8100;dog:0.1200``.
         top_k: how many classes ``top_k`` lists (capped at the number of classes).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        log: receives warnings and the closing line.
 
     Returns:
         One dict per image: ``path``, ``class``, ``probability`` and ``top_k`` (a list of ``(class, probability)``,
@@ -272,7 +275,7 @@ def run_predict(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     ckpt_path = checkpoint_file(checkpoint)
-    net, ckpt, model = _predictor(checkpoint, ckpt_path, model, log)
+    net, ckpt, model = _predictor(checkpoint, ckpt_path, model)
     files = find_images(paths)
     inputs = (
         (ckpt_path, "the checkpoint"),
@@ -284,11 +287,13 @@ def run_predict(
     rows = _classify(net.to(dev), files, ckpt, top_k, dev)
     output = Path(output)
     _write_predictions(rows, output)
-    log(f"wrote predictions for {len(rows)} images to {output} ({model} model of {ckpt_path}, step {ckpt.get('step')})")
+    logger.info(
+        f"wrote predictions for {len(rows)} images to {output} ({model} model of {ckpt_path}, step {ckpt.get('step')})"
+    )
     return rows
 
 
-def _predictor(given: str | Path, ckpt_path: Path, model: str | None, log) -> tuple[nn.Module, dict, str]:
+def _predictor(given: str | Path, ckpt_path: Path, model: str | None) -> tuple[nn.Module, dict, str]:
     """The network ``run_predict`` uses, the checkpoint (or export record) it came from, and how to name it."""
     if ckpt_path.is_file() and is_export(ckpt_path):  # metapl export's file: its JSON record says what it is
         if model is not None:
@@ -296,7 +301,7 @@ def _predictor(given: str | Path, ckpt_path: Path, model: str | None, log) -> tu
         net, meta = load_export(ckpt_path)
         return net, meta, f"exported {meta['role']}"
     if model is None:
-        model = read_result(given, log).role if Path(given).is_dir() else "ema"
+        model = read_result(given).role if Path(given).is_dir() else "ema"
     try:
         ckpt = load_checkpoint(ckpt_path)
     except UserError:
@@ -306,7 +311,7 @@ def _predictor(given: str | Path, ckpt_path: Path, model: str | None, log) -> tu
             f"{ckpt_path} is not a metapl checkpoint, nor an export with its {meta_path(ckpt_path).name} beside it; "
             f"predict takes {PREDICT_TAKES}"
         ) from None
-    net, ckpt = _predict_model(ckpt, ckpt_path, model, log)
+    net, ckpt = _predict_model(ckpt, ckpt_path, model)
     return net, ckpt, model
 
 
@@ -341,7 +346,7 @@ def _write_predictions(rows: list[dict], output: Path) -> None:
                 writer.writerow([r["path"], r["class"], f"{r['probability']:.4f}", top])
 
 
-def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Module, dict]:
+def _predict_model(ckpt: dict, ckpt_path: Path, which: str) -> tuple[nn.Module, dict]:
     """The network ``--model`` names, and the checkpoint it came from."""
     if which == "finetuned":
         ft_path = ckpt_path if ckpt_path.name == FINETUNED else ckpt_path.with_name(FINETUNED)
@@ -353,7 +358,7 @@ def _predict_model(ckpt: dict, ckpt_path: Path, which: str, log) -> tuple[nn.Mod
         ft = load_checkpoint(ft_path)
         return build_model(ft, "student", source=ft_path), ft
     if which == "ema" and ckpt.get("ema") is None:
-        log(f"warning: {ckpt_path} has no EMA student (trained with --ema 0); predicting with the student")
+        logger.warning(f"{ckpt_path} has no EMA student (trained with --ema 0); predicting with the student")
         which = "student"
     if which == "teacher":
         refuse_untrained_teacher(ckpt, ckpt_path)

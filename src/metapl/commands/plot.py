@@ -7,9 +7,11 @@ caller who imported this module into an interactive session.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -19,6 +21,8 @@ from metapl.rundir.checkpoint import refuse_overwrite
 from metapl.rundir.layout import CURVES, METRICS
 from metapl.training.metrics import read_metrics
 
+logger = logging.getLogger(__name__)
+
 ACC_KEYS = (("eval/teacher_acc", "teacher"), ("eval/student_acc", "student"), ("eval/ema_acc", "EMA student"))
 FINETUNED_KEY = "eval/finetuned_acc"
 LINESTYLES = {"teacher": "--", "student": ":", "EMA student": "-", "h": "-", "baseline": "--", "loss": "-"}
@@ -26,14 +30,13 @@ SMOOTH_MIN_POINTS = 20  # below this many logged points a loss curve is drawn as
 SMOOTH_FRACTION = 0.04  # moving-average window as a share of a loss curve's points (~25 windows across the plot)
 
 
-def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, log=print) -> Path:
+def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None) -> Path:
     """Draw the curves of one or several runs into one image.
 
     Args:
         run_dirs: run directories of ``metapl train`` (each with a ``metrics.jsonl``).
         output: the image file (PNG unless its extension names another format matplotlib writes); default
             ``curves.png`` in the first run directory.
-        log: receives the closing line.
 
     Returns:
         The path of the image written.
@@ -56,7 +59,7 @@ def plot_runs(run_dirs: list[str | Path], *, output: str | Path | None = None, l
     with reporting_os_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(output, format=fmt, dpi=110)
-    log(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    logger.info(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return output
 
 
@@ -161,7 +164,7 @@ def make_figure(runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> Fi
     return fig
 
 
-def _plot_loss(ax, series: dict, key: str, color: str, label: str) -> None:
+def _plot_loss(ax: Axes, series: dict, key: str, color: str, label: str) -> None:
     """Raw values faintly, and a smoothed curve on top once there are enough points."""
     if key not in series:
         return
@@ -194,7 +197,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
 
 
-def _finish(ax, title: str, ylabel: str, empty: str) -> None:
+def _finish(ax: Axes, title: str, ylabel: str, empty: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even when a run has only a few

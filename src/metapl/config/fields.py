@@ -279,7 +279,7 @@ class TrainConfig(MPLConfig):
 
     def schedule(self) -> Schedule:
         """The run's step counts, resolved once in ``__post_init__`` (``metapl.config.budget.plan_schedule``)."""
-        return self._schedule
+        return self._schedule  # type: ignore[attr-defined]  # set by __post_init__, not a field
 
     def planned_labeled_aug(self, num_train_labels: int) -> str:
         """``labeled_aug`` with ``auto`` resolved for ``num_train_labels`` labeled training images
@@ -294,12 +294,12 @@ class TrainConfig(MPLConfig):
 
     def planned_finetune_steps(self) -> int:
         """``finetune_steps``, with its default resolved (``schedule()``): none after a labels-only run."""
-        return self._schedule.finetune_steps
+        return self._schedule.finetune_steps  # type: ignore[attr-defined]  # as above
 
     def mpl_config(self) -> MPLConfig:
         """The core's view of these settings: the values of ``MPLConfig``'s fields, built once in ``__post_init__``
         (the training step asks for it every step)."""
-        return self._mpl_config
+        return self._mpl_config  # type: ignore[attr-defined]  # as above
 
     def to_dict(self) -> dict:
         """Plain dict, for YAML and checkpoints, in the order of ``--help``."""

@@ -7,6 +7,7 @@ Torch-free, as the rest of ``metapl.config`` (``metapl --help`` builds these fla
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from metapl.config.fields import TrainConfig, _defaults, sections
 from metapl.config.option_text import flag, help_line, parse_value
@@ -34,7 +35,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, helps: dict[str, str] 
         group = parser.add_argument_group(title)
         for name in names:
             spec = known[name]
-            kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": helps.get(name) or help_line(spec)}
+            kwargs: dict[str, Any] = {
+                "dest": name,
+                "default": argparse.SUPPRESS,
+                "help": helps.get(name) or help_line(spec),
+            }
             flags = ("--" + flag(name), *_ALIASES.get(name, ()))
             if spec.kind is bool:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)

@@ -17,12 +17,13 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def parse_value(spec: Spec, value):
+def parse_value(spec: Spec, value: object) -> object:
     """A flag's text or a YAML value as the option's type. Text that does not parse is returned unchanged, and the
     check then refuses it with the option's range."""
     if not isinstance(value, str):
-        is_whole = spec.kind is int and isinstance(value, float) and value.is_integer()
-        return int(value) if is_whole else value
+        if spec.kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
     text = value.strip().lower()
     if spec.optional and text in ("none", "null", ""):
         return None
@@ -47,6 +48,6 @@ def help_line(spec: Spec) -> str:
     return f"{text} (default: {shown(spec.default)})".replace("%", "%%")
 
 
-def shown(value) -> str:
+def shown(value: object) -> str:
     """An option's value as a flag takes it: ``none``, ``true``/``false``, else as printed."""
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from metapl.config.option_text import flag, shown
 from metapl.errors import UserError, few
@@ -34,7 +35,7 @@ class Rule:
 
     option: str
     needs: str
-    counts: Callable[[object], bool]
+    counts: Callable[[Any], bool]
     words: str
     why: str
 
@@ -57,16 +58,21 @@ _AFTER = (
 )
 
 
+def _other_than(name: str) -> Callable[[object], bool]:
+    return lambda value: value != name
+
+
+def _equal_to(name: str) -> Callable[[object], bool]:
+    return lambda value: value == name
+
+
 def rules_for(method_name: str) -> list[Rule]:
     """Every idle-option rule of a config whose ``--method`` is ``method_name``, in the order they are checked."""
     method = get_method(method_name)
-    own = [
-        Rule(name, "method", lambda m, name_=method.name: m != name_, idle.instead, idle.why)
-        for name, idle in method.idle.items()
-    ]
+    own = [Rule(name, "method", _other_than(method.name), idle.instead, idle.why) for name, idle in method.idle.items()]
     others = [get_method(name) for name in method_names() if name != method_name]
     others_own = [
-        Rule(name, "method", lambda m, name_=other.name: m == name_, other.name, f"only --method {other.name} reads it")
+        Rule(name, "method", _equal_to(other.name), other.name, f"only --method {other.name} reads it")
         for other in others
         for name in other.own_options
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metapl.core.replicas import unwrap
 
@@ -48,7 +48,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         """Move the average one step towards ``model``'s current weights (one fused op over all tensors)."""
         source = unwrap(model)
-        ema_params = [p for p in self.module.parameters()]
+        ema_params: list[Tensor] = [p for p in self.module.parameters()]
         src_params = [p.detach() for p in source.parameters()]
         torch._foreach_lerp_(ema_params, src_params, 1.0 - self.current_decay())
         for b_ema, b in zip(self.module.buffers(), source.buffers()):

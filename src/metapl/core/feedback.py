@@ -8,6 +8,7 @@ Notation as in ``metapl.core.mpl``: teacher T, student S, labeled (x_l, y_l).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @contextlib.contextmanager
-def feedback_mode(model: nn.Module):
+def feedback_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Measure L_l(θ) comparably before and after the student's step (the "BatchNorm trap").
 
     Inside, BatchNorm layers normalise with the statistics of the batch they see (as in training) but leave their
@@ -48,7 +49,7 @@ def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
 
 
 @contextlib.contextmanager
-def replayed_rng(state: tuple[Tensor, Tensor | None], device: torch.device):
+def replayed_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
     """Inside, the default generators restart from ``state`` (``rng_state``), so a second forward draws the same
     dropout masks as the first; on exit they are back where they were, as if nothing had run inside."""
     on_device = state[1] is not None

@@ -10,6 +10,8 @@ Called through ``metapl.core.mpl.mpl_update``, which checks the arguments.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,15 @@ from metapl.core.losses import pseudo_labels, pseudo_metrics, uda_term, upcast
 from metapl.core.replicas import mean_over_ranks, unwrap
 from metapl.core.steps import autocast_for, clip_and_step
 from metapl.core.validate import LABELS_OK, labels_in_range
+
+if TYPE_CHECKING:
+    from metapl.core.config import MPLConfig
+    from metapl.core.mpl import Batch, MPLState
+
+# (the model as called (DDP or not), the bare model, its optimizer, its gradient scaler)
+Parts = tuple[nn.Module, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None]
+# The teacher's logits before the student's step (labeled, weak, strong), None where that forward made none.
+TeacherLogits = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 # The metrics of the teacher's step: all 0 when the teacher is fixed (it takes no step).
 _TEACHER_METRICS = (
@@ -33,19 +44,19 @@ _TEACHER_METRICS = (
 
 
 def hard_update(
-    teacher,
-    student,
-    t_optimizer,
-    s_optimizer,
-    batch,
-    config,
-    state,
+    teacher: nn.Module,
+    student: nn.Module,
+    t_optimizer: torch.optim.Optimizer | None,
+    s_optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    config: MPLConfig,
+    state: MPLState | None,
     *,
-    uda_weight,
-    amp_dtype,
-    t_scaler,
-    s_scaler,
-    generator,
+    uda_weight: float,
+    amp_dtype: torch.dtype | None,
+    t_scaler: torch.amp.GradScaler | None,
+    s_scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
     """One hard-label MPL update: the student's step on ŷ, then the teacher's (see ``mpl_update`` for the arguments).
 
@@ -58,10 +69,14 @@ def hard_update(
     zero = batch.x_l.new_zeros((), dtype=torch.float32)
     frozen = t_optimizer is None  # a fixed teacher: it labels, nothing more (distillation)
 
+    t_logits: TeacherLogits = (None, None, None)
     if frozen:
-        t_logits, label_source = (None, None, None), _frozen_label_source(t_net, batch, config, autocast)
+        label_source = _frozen_label_source(t_net, batch, config, autocast)
     else:
-        *t_logits, label_source = _label_source(teacher, t_net, batch, config, uda_weight, autocast)
+        t_logits_l, t_logits_uw, t_logits_us, label_source = _label_source(
+            teacher, t_net, batch, config, uda_weight, autocast
+        )
+        t_logits = (t_logits_l, t_logits_uw, t_logits_us)
     y_hat = pseudo_labels(label_source, config.pseudo_label, generator)  # ŷ, (μB,)
     y_l, labels_ok = labels_in_range(batch.y_l, label_source.shape[-1])  # K is known now; the guard refuses a bad y_l
     batch = batch._replace(y_l=y_l)
@@ -77,6 +92,7 @@ def hard_update(
     if frozen:
         metrics.update(dict.fromkeys(_TEACHER_METRICS, zero))
     else:
+        assert t_optimizer is not None  # not frozen
         t_parts = (teacher, t_net, t_optimizer, t_scaler)
         metrics.update(_teacher_step(t_parts, batch, t_logits, y_hat, h, config, state, uda_weight, autocast, zero))
     metrics.update(pseudo_metrics(label_source, y_hat, batch.y_u))
@@ -85,7 +101,16 @@ def hard_update(
 
 
 def _teacher_step(
-    t_parts, batch, t_logits, y_hat: Tensor, h: Tensor, config, state, uda_weight: float, autocast, zero: Tensor
+    t_parts: Parts,
+    batch: Batch,
+    t_logits: TeacherLogits,
+    y_hat: Tensor,
+    h: Tensor,
+    config: MPLConfig,
+    state: MPLState | None,
+    uda_weight: float,
+    autocast: torch.autocast,
+    zero: Tensor,
 ) -> dict[str, Tensor]:
     """The teacher's update: labeled CE + UDA + h · CE(ŷ, T(x_us)) (gradient of Eq. 3 by REINFORCE, Appendix A).
 
@@ -102,13 +127,14 @@ def _teacher_step(
     h = -h if config.feedback_sign == "reversed" else h
     h_used = h
     if config.baseline_decay > 0:
+        assert state is not None  # mpl_update refuses a baseline without an MPLState
         # Official release: m ← m − decay (m − h); the teacher uses h − m (a variance-reducing baseline).
         base = state.baseline if state.baseline is not None else zero
         state.baseline = base + config.baseline_decay * (h - base)
         h_used = h - state.baseline
 
     t_x_l, _, t_x_us = batch.teacher_inputs()
-    if t_logits_l is None:
+    if t_logits_l is None or t_logits_us is None:
         t_logits_l, t_logits_us = _teacher_forward(teacher, t_x_l, t_x_us, autocast)
     t_loss_l = F.cross_entropy(t_logits_l, batch.y_l, label_smoothing=config.label_smoothing)
     t_loss_uda, mask_ratio = uda_term(t_logits_uw, t_logits_us, config, uda_weight, zero)
@@ -132,14 +158,16 @@ def _teacher_step(
 
 
 @torch.no_grad()
-def _frozen_label_source(t_net, batch, config, autocast) -> Tensor:
+def _frozen_label_source(t_net: nn.Module, batch: Batch, config: MPLConfig, autocast: torch.autocast) -> Tensor:
     """A fixed teacher's logits on the view it labels, (μB, K): one forward without a graph."""
     _, t_x_uw, t_x_us = batch.teacher_inputs()
     with autocast:
         return upcast(t_net(t_x_uw if config.label_view == "weak" else t_x_us))
 
 
-def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
+def _label_source(
+    teacher: nn.Module, t_net: nn.Module, batch: Batch, config: MPLConfig, uda_weight: float, autocast: torch.autocast
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
     """The teacher's forwards before the student's step.
 
     Returns:
@@ -162,12 +190,21 @@ def _label_source(teacher, t_net, batch, config, uda_weight: float, autocast):
             t_logits_uw = upcast(t_net(x_uw))  # (μB, K)
     if config.label_view == "strong" and t_logits_us is None:
         t_logits_l, t_logits_us = _teacher_forward(teacher, x_l, x_us, autocast)
-    label_source = t_logits_us.detach() if config.label_view == "strong" else t_logits_uw
+    label_source = t_logits_us.detach() if t_logits_us is not None and config.label_view == "strong" else t_logits_uw
+    assert label_source is not None  # the view ŷ is read from was made above
     return t_logits_l, t_logits_uw, t_logits_us, label_source
 
 
 def _student_step(
-    s_parts, batch, y_hat: Tensor, config, autocast, eta: float, zero: Tensor, *, measure: bool = True
+    s_parts: Parts,
+    batch: Batch,
+    y_hat: Tensor,
+    config: MPLConfig,
+    autocast: torch.autocast,
+    eta: float,
+    zero: Tensor,
+    *,
+    measure: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The student's step on ŷ and the feedback h it gives the teacher (Appendix A), before sign and baseline.
 
@@ -204,7 +241,17 @@ def _student_step(
     return s_loss, s_loss_l_old, s_loss_l_new, h
 
 
-def _feedback(s_net, s_params, x_l, y_l, s_loss_l_old, g_us, eta: float, config, zero: Tensor):
+def _feedback(
+    s_net: nn.Module,
+    s_params: list[nn.Parameter],
+    x_l: Tensor,
+    y_l: Tensor,
+    s_loss_l_old: Tensor,
+    g_us: list[Tensor] | None,
+    eta: float,
+    config: MPLConfig,
+    zero: Tensor,
+) -> tuple[Tensor, Tensor]:
     """The feedback h of the student's step (Appendix A), before sign and baseline; the same on every rank.
 
     Args:
@@ -221,6 +268,7 @@ def _feedback(s_net, s_params, x_l, y_l, s_loss_l_old, g_us, eta: float, config,
         with torch.enable_grad(), feedback_mode(s_net):
             s_loss_l_new = F.cross_entropy(upcast(s_net(x_l)), y_l)
             g_l = torch.autograd.grad(s_loss_l_new, s_params, allow_unused=True)  # ∇_{θ'_S} L_l(θ'_S)
+        assert g_us is not None  # taken by the dot and cosine estimators
         pairs = [(gl, gu) for gl, gu in zip(g_l, g_us) if gl is not None]
         dot = torch.stack([(gl * gu).sum() for gl, gu in pairs]).sum()
         if config.feedback == "dot":
@@ -235,7 +283,7 @@ def _feedback(s_net, s_params, x_l, y_l, s_loss_l_old, g_us, eta: float, config,
     return s_loss_l_new, mean_over_ranks([h])[0]  # every rank applies the same h
 
 
-def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast) -> tuple[Tensor, Tensor]:
+def _teacher_forward(teacher: nn.Module, x_l: Tensor, x_us: Tensor, autocast: torch.autocast) -> tuple[Tensor, Tensor]:
     """One forward with a graph over labeled + strong images; BatchNorm sees them as one batch, as in UDA."""
     with autocast:
         logits = upcast(teacher(torch.cat([x_l, x_us])))  # (B + μB, K)

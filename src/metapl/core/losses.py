@@ -6,9 +6,14 @@ losses of batches of different sizes weigh the same per image.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from metapl.core.config import MPLConfig
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
@@ -85,7 +90,9 @@ def uda_consistency(
     return (per_image * mask).mean(), mask.mean()
 
 
-def uda_term(t_logits_uw, t_logits_us, config, uda_weight: float, zero: Tensor) -> tuple[Tensor, Tensor]:
+def uda_term(
+    t_logits_uw: Tensor | None, t_logits_us: Tensor, config: MPLConfig, uda_weight: float, zero: Tensor
+) -> tuple[Tensor, Tensor]:
     """The teacher's UDA consistency loss and mask ratio under ``config`` (an ``MPLConfig``); zeros when off."""
     if uda_weight <= 0 or t_logits_uw is None:
         return zero, zero

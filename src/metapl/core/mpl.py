@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -152,13 +152,22 @@ def mpl_update(
     step = hard_update if config.mode == "hard" else soft_update
     if check_finite:  # the same call, through the guard that undoes a failed update
         step = functools.partial(guarded_update, step)
-    options = dict(
+    options: dict[str, Any] = dict(
         uda_weight=uda_weight, amp_dtype=amp_dtype, t_scaler=t_scaler, s_scaler=s_scaler, generator=generator
     )
     return step(teacher, student, t_optimizer, s_optimizer, batch, config, state, **options)
 
 
-def _check_arguments(batch, config, state, t_optimizer, s_optimizer, uda_weight, amp_dtype, s_scaler) -> None:
+def _check_arguments(
+    batch: Batch,
+    config: MPLConfig,
+    state: MPLState | None,
+    t_optimizer: torch.optim.Optimizer | None,
+    s_optimizer: torch.optim.Optimizer,
+    uda_weight: float,
+    amp_dtype: torch.dtype | None,
+    s_scaler: torch.amp.GradScaler | None,
+) -> None:
     """``mpl_update``'s checks before the update: metadata and Python scalars only, no host sync."""
     check_batch(batch)  # metadata only: metapl.core.validate
     check_scalars(uda_weight, {"s_optimizer": s_optimizer, "t_optimizer": t_optimizer})

@@ -19,12 +19,16 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}
 
 
 def option(
-    default,
+    default: Any,
     help: str,
     *,
     ge: float | None = None,
@@ -32,7 +36,7 @@ def option(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple | None = None,
-):
+) -> Any:  # a dataclasses.Field, standing as the field's default as field() does
     """A dataclass field with its help text and bounds (``ge`` ≤ value, ``gt`` < value, value ≤ ``le``, value < ``lt``).
     ``choices`` lists a ``str`` field's values where they come from a registry rather than a ``Literal`` type.
 
@@ -68,7 +72,7 @@ class Spec:
             text += f" {interval}" if interval else ""
         return text + (" or none" if self.optional else "")
 
-    def problem(self, value) -> str | None:
+    def problem(self, value: object) -> str | None:
         """Why ``value`` does not fit this option (``is out of range``), or None when it does."""
         if value is None:
             return None if self.optional else "is not allowed"
@@ -109,7 +113,7 @@ def _number(x: float) -> str:
 
 
 @functools.cache
-def specs(cls: type) -> dict[str, Spec]:
+def specs(cls: type[DataclassInstance]) -> dict[str, Spec]:
     """Every field of the dataclass ``cls`` (inherited ones first), by name."""
     hints = typing.get_type_hints(cls)
     out = {}
@@ -125,14 +129,16 @@ def specs(cls: type) -> dict[str, Spec]:
     return out
 
 
-def check_value(spec: Spec, value, where: str, error: type[Exception] = ValueError) -> None:
+def check_value(spec: Spec, value: object, where: str, error: type[Exception] = ValueError) -> None:
     """Raise ``error`` if ``value`` does not fit ``spec``: ``<where> <value> <problem>; use <what fits>``."""
     problem = spec.problem(value)
     if problem:
         raise error(f"{where} {value!r} {problem}; use {spec.expected()}")
 
 
-def check_options(config, error: type[Exception] = ValueError, label: Callable[[str], str] | None = None) -> None:
+def check_options(
+    config: DataclassInstance, error: type[Exception] = ValueError, label: Callable[[str], str] | None = None
+) -> None:
     """Check every field of the dataclass instance ``config`` against its declaration; raise ``error`` at the first
     bad one, naming the option (``label(name)``, default ``Class.name``), the value and what fits.
     """

@@ -14,7 +14,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]  # an attribute nn.Module types as Tensor | Module
         else:
             return model
 
@@ -30,7 +30,7 @@ def replica_group(model: nn.Module) -> dist.ProcessGroup | None:
             return model.process_group
         if not hasattr(model, "_orig_mod"):  # torch.compile around DDP
             return None
-        model = model._orig_mod
+        model = model._orig_mod  # type: ignore[assignment]  # an attribute nn.Module types as Tensor | Module
 
 
 def mean_over_ranks(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> list[Tensor]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -28,6 +30,13 @@ from metapl.core.losses import pseudo_metrics, soft_cross_entropy, uda_term, upc
 from metapl.core.replicas import mean_over_ranks, replica_group, unwrap
 from metapl.core.steps import autocast_for, clip_and_step
 from metapl.core.validate import LABELS_OK, labels_in_range
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from torch import nn
+
+    from metapl.core.config import MPLConfig
+    from metapl.core.mpl import Batch, MPLState
 
 # The metrics a fixed teacher leaves at 0 (it takes no step, there is no look-ahead); ``loss/student`` follows them.
 _FIXED_TEACHER_ZEROS = (
@@ -44,19 +53,19 @@ _FIXED_TEACHER_ZEROS = (
 
 
 def soft_update(
-    teacher,
-    student,
-    t_optimizer,
-    s_optimizer,
-    batch,
-    config,
-    state,
+    teacher: nn.Module,
+    student: nn.Module,
+    t_optimizer: torch.optim.Optimizer | None,
+    s_optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    config: MPLConfig,
+    state: MPLState | None,
     *,
-    uda_weight,
-    amp_dtype,
-    t_scaler,
-    s_scaler,
-    generator,
+    uda_weight: float,
+    amp_dtype: torch.dtype | None,
+    t_scaler: torch.amp.GradScaler | None,
+    s_scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
     """One soft-label MPL update: the teacher's step on the exact meta-gradient, then the student's step on q(θ_T).
 
@@ -95,7 +104,17 @@ def soft_update(
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-def _look_ahead_and_steps(t_parts, s_parts, batch, q: Tensor, t_loss: Tensor, eta: float, config, autocast, zero):
+def _look_ahead_and_steps(
+    t_parts: tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None],
+    s_parts: tuple[nn.Module, nn.Module, torch.optim.Optimizer],
+    batch: Batch,
+    q: Tensor,
+    t_loss: Tensor,
+    eta: float,
+    config: MPLConfig,
+    autocast: torch.autocast,
+    zero: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The student's look-ahead on q (``_look_ahead``), the teacher's step, then the student's real step.
 
     Args:
@@ -126,7 +145,13 @@ def _look_ahead_and_steps(t_parts, s_parts, batch, q: Tensor, t_loss: Tensor, et
     return t_loss, s_loss, s_loss_l_new, meta
 
 
-def _teacher_step(t_net, t_optimizer, t_scaler, t_loss: Tensor, grad_clip: float) -> None:
+def _teacher_step(
+    t_net: nn.Module,
+    t_optimizer: torch.optim.Optimizer,
+    t_scaler: torch.amp.GradScaler | None,
+    t_loss: Tensor,
+    grad_clip: float,
+) -> None:
     """The teacher's step on labeled CE + UDA + the meta term: gradients into the teacher's parameters only."""
     t_params = [p for p in t_net.parameters() if p.requires_grad]
     t_optimizer.zero_grad(set_to_none=True)
@@ -137,7 +162,15 @@ def _teacher_step(t_net, t_optimizer, t_scaler, t_loss: Tensor, grad_clip: float
 
 
 def _fixed_teacher_update(
-    t_net, student, s_net, s_optimizer, batch, config, eta: float, autocast, zero: Tensor
+    t_net: nn.Module,
+    student: nn.Module,
+    s_net: nn.Module,
+    s_optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    config: MPLConfig,
+    eta: float,
+    autocast: torch.autocast,
+    zero: Tensor,
 ) -> dict[str, Tensor]:
     """``soft_update`` with a fixed teacher (``t_optimizer`` None): the student's step on q, detached; no look-ahead.
 
@@ -160,7 +193,9 @@ def _fixed_teacher_update(
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
-def _student_step(s_optimizer, s_params: dict[str, Tensor], grads: list[Tensor], grad_clip: float) -> None:
+def _student_step(
+    s_optimizer: torch.optim.Optimizer, s_params: Mapping[str, Tensor], grads: Sequence[Tensor], grad_clip: float
+) -> None:
     """The student's real step on its (rank-averaged) first-order gradient ``grads``."""
     s_optimizer.zero_grad(set_to_none=True)
     for p, g in zip(s_params.values(), grads):
@@ -168,7 +203,14 @@ def _student_step(s_optimizer, s_params: dict[str, Tensor], grads: list[Tensor],
     clip_and_step(s_optimizer, list(s_params.values()), None, grad_clip)
 
 
-def _student_gradient(s_net, s_params: dict[str, Tensor], x_u: Tensor, q: Tensor, autocast, group):
+def _student_gradient(
+    s_net: nn.Module,
+    s_params: Mapping[str, Tensor],
+    x_u: Tensor,
+    q: Tensor,
+    autocast: torch.autocast,
+    group: dist.ProcessGroup | None,
+) -> tuple[Tensor, list[Tensor]]:
     """The student's training forward on ``x_u`` and its gradient of CE(q, S(x_u)), averaged over ``group``'s ranks.
 
     Returns:
@@ -183,7 +225,9 @@ def _student_gradient(s_net, s_params: dict[str, Tensor], x_u: Tensor, q: Tensor
     return s_loss, grads
 
 
-def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
+def _teacher_logits(
+    teacher: nn.Module, t_net: nn.Module, batch: Batch, config: MPLConfig, uda_weight: float, autocast: torch.autocast
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """The teacher's logits, differentiable where the update needs them.
 
     Returns:
@@ -211,8 +255,14 @@ def _teacher_logits(teacher, t_net, batch, config, uda_weight: float, autocast):
 
 
 def _look_ahead(
-    s_net, s_params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], q: Tensor, eta: float, autocast, group
-):
+    s_net: nn.Module,
+    s_params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor, Tensor],
+    q: Tensor,
+    eta: float,
+    autocast: torch.autocast,
+    group: dist.ProcessGroup | None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """The student's look-ahead θ'_S(θ_T) = θ_S − η_S g (Eq. 3) and L_l(θ'_S), exact across the ranks of ``group``.
 
     One process on the N ranks' concatenated batch has g = (1/N) Σ_r g_r, g_r = ∇_{θ_S} CE(q_r, S(x_us^r; θ_S)),
@@ -251,7 +301,7 @@ def _look_ahead(
     # L_l(θ'_S) in float32 feedback mode, and this rank's ∇_{θ'_S} L_l^r, averaged into v.
     with feedback_mode(s_net):
         s_loss_l_new = F.cross_entropy(upcast(functional_call(s_net, s_params_new, (x_l,), strict=False)), y_l)
-    v = torch.autograd.grad(s_loss_l_new, list(s_params_new.values()), materialize_grads=True)
+    v: Sequence[Tensor] = torch.autograd.grad(s_loss_l_new, list(s_params_new.values()), materialize_grads=True)
     if group is not None:
         v = mean_over_ranks(list(v), group)
     with replayed_rng(rng, x_us.device):
@@ -262,7 +312,14 @@ def _look_ahead(
     return s_loss, s_loss_l_new.detach(), meta, g_mean
 
 
-def _log_softmax_jvp(s_net, s_params, buffers, tangents, x_us: Tensor, autocast) -> Tensor:
+def _log_softmax_jvp(
+    s_net: nn.Module,
+    s_params: Mapping[str, Tensor],
+    buffers: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+    x_us: Tensor,
+    autocast: torch.autocast,
+) -> Tensor:
     """J = ∂ log softmax(S(x_us; θ_S)) / ∂θ_S · v, the forward-mode derivative of the student's log-probabilities.
 
     The forward is the student's training forward again (the caller replays its dropout draws; BatchNorm uses the

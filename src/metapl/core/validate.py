@@ -32,11 +32,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from metapl.core.replicas import unwrap
+
+if TYPE_CHECKING:
+    from metapl.core.mpl import Batch
 
 LABELS_OK = "check/labels_ok"  # the metric key hard/soft updates report the label-range flag under; popped here
 
@@ -51,7 +55,7 @@ def _field_kind(name: str) -> str:
     return {"x": "images", "y": "labels"}.get(name.split("_")[0], "other")
 
 
-def check_batch(batch) -> None:
+def check_batch(batch: Batch) -> None:
     """Refuse a batch by its metadata alone (no kernel, no sync), naming the first bad field.
 
     Checks: every ``x_*`` (and given ``t_x_*``) field is a floating tensor with a leading batch dimension, none empty;
@@ -174,7 +178,7 @@ def labels_in_range(y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
 class _Snapshot:
     """Copies of both models' parameters and buffers and both optimizers' states, to put back after a failure."""
 
-    def __init__(self, models: list[nn.Module], optimizers: list[torch.optim.Optimizer | None]):
+    def __init__(self, models: list[nn.Module], optimizers: list[torch.optim.Optimizer | None]) -> None:
         self.tensors = [t for m in models for t in (*unwrap(m).parameters(), *unwrap(m).buffers())]
         with torch.no_grad():
             self.copies = [t.detach().clone() for t in self.tensors]
@@ -199,7 +203,16 @@ class _Snapshot:
             o.zero_grad(set_to_none=True)
 
 
-def guarded_update(step: Callable, teacher, student, t_optimizer, s_optimizer, batch, *args, **kwargs):
+def guarded_update(
+    step: Callable[..., dict[str, Tensor]],
+    teacher: nn.Module,
+    student: nn.Module,
+    t_optimizer: torch.optim.Optimizer | None,
+    s_optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    *args: Any,
+    **kwargs: Any,
+) -> dict[str, Tensor]:
     """Run ``step`` (``hard_update`` or ``soft_update``) so that a failed update changes nothing.
 
     Fails, with both models and optimizer states as they were before the call, when: a label was out of range, a loss
@@ -234,7 +247,7 @@ def guarded_update(step: Callable, teacher, student, t_optimizer, s_optimizer, b
     raise MPLInputError(_diagnose(batch, labels_ok))
 
 
-def _diagnose(batch, labels_ok: Tensor | None) -> str:
+def _diagnose(batch: Batch, labels_ok: Tensor | None) -> str:
     """Why the guard failed, in one line (the failure path: syncs freely)."""
     if labels_ok is not None and not bool(labels_ok):
         y = batch.y_l

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from metapl.data.datasets import EvalDataset, LabeledDataset, RawImages, UnlabeledDataset, whole_batch
 from metapl.data.sampling import ItemsSampler, ResumableSampler, mix_seed
@@ -28,6 +29,9 @@ from metapl.data.views import BatchView, ViewSpec, eval_transform, per_image
 
 AUGMENT_ON = ("loader", "device")
 PREFETCH = 4  # batches prefetched per worker; the workers persist (the streams are endless)
+# Per-image rows that end each batch (Reduced MPL: the large teacher's stored predictions): the train images', the extra
+# unlabeled images' (None without them).
+Side = tuple[np.ndarray, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class BatchSpec:
     device: torch.device | str = "cpu"
     workers: int = 2
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"unknown augment_on {self.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
 
@@ -80,7 +84,7 @@ class BatchSpec:
 
 
 def make_train_batches(
-    data: SourceData, split: Split, spec: BatchSpec, *, side: tuple[np.ndarray, np.ndarray | None] | None = None
+    data: SourceData, split: Split, spec: BatchSpec, *, side: Side | None = None
 ) -> tuple[Iterable, Iterable | None]:
     """The endless labeled and unlabeled batches of one training run, positioned at ``spec.start_step``.
 
@@ -101,7 +105,9 @@ def make_train_batches(
     return _loader_batches(data, split, spec, side)
 
 
-def _loader_batches(data: SourceData, split: Split, spec: BatchSpec, side) -> tuple[DataLoader, DataLoader | None]:
+def _loader_batches(
+    data: SourceData, split: Split, spec: BatchSpec, side: Side | None
+) -> tuple[DataLoader, DataLoader | None]:
     """``make_train_batches`` with the views made per image, in the loader workers."""
     labeled_side = None if side is None else side[0]
     labeled_ds = LabeledDataset(data.train, split.labeled, per_image(spec.labeled or spec.weak), labeled_side)
@@ -114,7 +120,9 @@ def _loader_batches(data: SourceData, split: Split, spec: BatchSpec, side) -> tu
     return labeled, _stream_loader(unlabeled_ds, sampler, spec.mu * spec.batch_size, spec)
 
 
-def _device_batches(data: SourceData, split: Split, spec: BatchSpec, side) -> tuple[DeviceViews, DeviceViews | None]:
+def _device_batches(
+    data: SourceData, split: Split, spec: BatchSpec, side: Side | None
+) -> tuple[DeviceViews, DeviceViews | None]:
     """``make_train_batches`` with the views made per batch on ``spec.device``; the workers copy uint8 rows only."""
     labeled_ds = RawImages([(data.train, split.labeled)], None if side is None else side[:1])
     loader = _stream_loader(labeled_ds, _labeled_sampler(len(labeled_ds), spec), spec.batch_size, spec, whole_batch)
@@ -122,7 +130,9 @@ def _device_batches(data: SourceData, split: Split, spec: BatchSpec, side) -> tu
     if spec.strong is None:
         return labeled, None
     extra = [(data.extra_unlabeled, np.arange(len(data.extra_unlabeled)))] if data.extra_unlabeled is not None else []
-    unlabeled_ds = RawImages([(data.train, split.unlabeled), *extra], None if side is None else side[: 1 + len(extra)])
+    # The extra images' rows are there when the extra images are (make_train_batches' ``side``).
+    sides = None if side is None else cast("tuple[np.ndarray, ...]", side[: 1 + len(extra)])
+    unlabeled_ds = RawImages([(data.train, split.unlabeled), *extra], sides)
     sampler = _unlabeled_sampler(len(unlabeled_ds), spec)
     loader = _stream_loader(unlabeled_ds, sampler, spec.mu * spec.batch_size, spec, whole_batch)
     return labeled, DeviceViews(loader, spec.device, [BatchView(spec.weak), BatchView(spec.strong)])
@@ -146,7 +156,13 @@ def _unlabeled_sampler(num_unlabeled: int, spec: BatchSpec) -> ResumableSampler 
     return ResumableSampler(num_unlabeled, seed=seed, start=start, rank=spec.rank, world_size=spec.world_size)
 
 
-def _stream_loader(dataset, sampler, batch_size: int, spec: BatchSpec, collate_fn=None) -> DataLoader:
+def _stream_loader(
+    dataset: Dataset,
+    sampler: ResumableSampler | ItemsSampler,
+    batch_size: int,
+    spec: BatchSpec,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
     """A ``DataLoader`` of ``batch_size`` items from a sampler's endless stream, workers set up for it.
 
     Args:
@@ -185,9 +201,9 @@ class DeviceViews:
         views: the views to take of each batch, in order (one generator draws for all of them, in this order).
     """
 
-    def __init__(self, loader, device: torch.device, views: Sequence[BatchView]):
+    def __init__(self, loader: DataLoader, device: torch.device | str, views: Sequence[BatchView]) -> None:
         self.loader, self.device, self.views = loader, torch.device(device), tuple(views)
-        self._batches = None  # the workers start at the first batch, not when the iterator is built
+        self._batches: Iterator | None = None  # the workers start at the first batch, not when the iterator is built
 
     def __iter__(self) -> DeviceViews:
         return self
@@ -203,7 +219,7 @@ class DeviceViews:
         return (*views, *(t.to(self.device, non_blocking=True) for t in (labels, *side)))
 
 
-def close_batches(*iterators) -> None:
+def close_batches(*iterators: object) -> None:
     """Stop the loader workers behind iterators of ``make_train_batches`` (``None`` entries are skipped).
 
     A training loop calls this when it ends, however it ends. An exception unwinding past the loop keeps its iterators

@@ -8,20 +8,23 @@ torch's CPU generator seeded by the sample seed, so it depends on the sample alo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metapl.data.stores import ImageStore
+from metapl.data.stores import EvalViews, ImageStore
+
+_T = TypeVar("_T")
 
 
-def _image_tensor(images: np.ndarray, i: int) -> torch.Tensor:
+def _image_tensor(images: np.ndarray | EvalViews, i: int) -> torch.Tensor:
     # (H, W, C) uint8, possibly a read-only memmap row -> an owned (C, H, W) tensor.
     return torch.from_numpy(np.array(images[i])).permute(2, 0, 1)
 
 
-def _seeded(sample_seed: int, fn: Callable):
+def _seeded(sample_seed: int, fn: Callable[[], _T]) -> _T:
     """Run ``fn`` with torch's CPU generator seeded with ``sample_seed``, then restore it: the caller's draws are
     untouched."""
     # devices=[]: only the CPU generator is saved and seeded; CUDA generators are never touched (nor initialised),
@@ -99,12 +102,15 @@ class UnlabeledDataset(Dataset):
         i, sample_seed = key
         from_extra = i >= len(self.indices)
         source, row = (self.extra, i - len(self.indices)) if from_extra else (self.store, int(self.indices[i]))
+        assert source is not None  # a key past the store's rows is an extra image
         image = source.image(row)  # decoded here, in the worker, for streamed files
         x_uw, x_us = _seeded(sample_seed, lambda: (self.weak(image), self.strong(image)))
         item = (x_uw, x_us, torch.tensor(int(source.labels[row]), dtype=torch.int64))
         if self.side is None:
             return item
-        return (*item, torch.from_numpy(np.array(self.side[from_extra][row])))
+        side = self.side[from_extra]
+        assert side is not None  # predictions for every store that yields images
+        return (*item, torch.from_numpy(np.array(side[row])))
 
 
 class EvalDataset(Dataset):
@@ -164,12 +170,12 @@ class RawImages(Dataset):
                 picked = rows[index[mine] - start]
                 images[mine] = store.images[picked]  # one fancy index per source: a copy out of the memmap
                 labels[mine] = store.labels[picked]
-                if side is not None:
+                if side is not None and self.sides is not None:
                     side[mine] = self.sides[s][picked]
         batch = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), seeds)
         return batch if side is None else (*batch, torch.from_numpy(side))
 
 
-def whole_batch(batch):
+def whole_batch(batch: _T) -> _T:
     """``RawImages.__getitems__`` already returns the collated batch; module-level so that workers can pickle it."""
     return batch

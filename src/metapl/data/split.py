@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from metapl.data.stores import SourceData
 from metapl.errors import UserError, reporting_os_errors
+
+logger = logging.getLogger(__name__)
 
 UNLABELED_MODES = ("all", "rest")
 
@@ -63,12 +66,11 @@ def make_split(
     seed: int,
     unlabeled: str = "all",
     val: int = 0,
-    log: Callable[[str], None] = print,
 ) -> Split:
     """Draw ``num_labeled`` labeled images, ``num_labeled // num_classes`` per class.
 
     When ``num_labeled`` is not a multiple of ``num_classes``, the remainder goes one image each to a seeded choice of
-    classes (among those with images to spare), and ``log`` says which.
+    classes (among those with images to spare), and a line says which.
 
     Args:
         labels: ``(N,)`` labels of the train set.
@@ -78,7 +80,6 @@ def make_split(
         unlabeled: ``"all"`` (every train image is also unlabeled data, as in the paper) or ``"rest"``.
         val: how many of the ``num_labeled`` images to hold out as a class-balanced validation set (for choosing
             hyper-parameters without the test set); they leave both the labeled and the unlabeled stream.
-        log: receives the per-class counts.
 
     Returns:
         The ``Split``.
@@ -91,7 +92,7 @@ def make_split(
             f"--num-labeled {num_labeled} is below the {num_classes} classes; use at least one label per class"
         )
     rng = np.random.default_rng(seed)
-    quota = _label_quota(labels, num_labeled, num_classes, rng, log)
+    quota = _label_quota(labels, num_labeled, num_classes, rng)
     labeled = np.sort(
         np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: quota[c]] for c in range(num_classes)])
     ).astype(np.int64)
@@ -100,13 +101,15 @@ def make_split(
     everything = np.setdiff1d(np.arange(len(labels), dtype=np.int64), held_out)
     rest = everything if unlabeled == "all" else np.setdiff1d(everything, labeled)
     counts = per_class_counts(labels, labeled, num_classes)
-    log(f"labeled images per class: {counts}; {len(rest)} unlabeled images ({unlabeled})")
+    logger.info(f"labeled images per class: {counts}; {len(rest)} unlabeled images ({unlabeled})")
     if len(held_out):
-        log(f"validation: {len(held_out)} of the labeled images held out, {len(held_out) // num_classes}+ per class")
+        logger.info(
+            f"validation: {len(held_out)} of the labeled images held out, {len(held_out) // num_classes}+ per class"
+        )
     return Split(labeled=labeled, unlabeled=rest, seed=seed, val=held_out)
 
 
-def _label_quota(labels: np.ndarray, num_labeled: int, num_classes: int, rng, log) -> np.ndarray:
+def _label_quota(labels: np.ndarray, num_labeled: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     """Labels per class: ``num_labeled // num_classes`` each, the remainder one each to a seeded choice of classes."""
     if num_labeled > len(labels):
         raise UserError(f"--num-labeled {num_labeled} exceeds the {len(labels)} training images; lower it")
@@ -128,11 +131,15 @@ def _label_quota(labels: np.ndarray, num_labeled: int, num_classes: int, rng, lo
             )
         extra = np.sort(rng.choice(spare, size=remainder, replace=False))
         quota[extra] += 1
-        log(f"{num_labeled} labels do not divide by {num_classes} classes: one extra for classes {extra.tolist()}")
+        logger.info(
+            f"{num_labeled} labels do not divide by {num_classes} classes: one extra for classes {extra.tolist()}"
+        )
     return quota
 
 
-def _carve_validation(labels, labeled: np.ndarray, num_classes: int, val: int, rng) -> np.ndarray:
+def _carve_validation(
+    labels: np.ndarray, labeled: np.ndarray, num_classes: int, val: int, rng: np.random.Generator
+) -> np.ndarray:
     """``val`` of the ``labeled`` indices, as evenly over classes as the draw allows (seeded)."""
     if val <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -154,7 +161,7 @@ def _carve_validation(labels, labeled: np.ndarray, num_classes: int, val: int, r
 FINGERPRINT_SAMPLES = 64  # images hashed by data_fingerprint, evenly spaced: a cheap check of the pixels
 
 
-def data_fingerprint(data) -> dict:
+def data_fingerprint(data: SourceData) -> dict:
     """What identifies a data set cheaply: counts, per-class counts, and hashes of the labels and a sample of images.
 
     Reads the labels and ``FINGERPRINT_SAMPLES`` images, never the whole image array, so checking it on resume costs
@@ -181,8 +188,9 @@ def data_fingerprint(data) -> dict:
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "images_sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
     }
-    if getattr(data, "val", None) is not None:  # only then: the fingerprints of data without val/ stay as they were
-        fingerprint["val_images"] = int(len(data.val))
+    val = getattr(data, "val", None)
+    if val is not None:  # only then: the fingerprints of data without val/ stay as they were
+        fingerprint["val_images"] = int(len(val))
     return fingerprint
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from PIL import Image
 
 from metapl.errors import UserError
@@ -40,7 +41,7 @@ class ImageStore(Protocol):
     labels: np.ndarray
 
     @property
-    def images(self): ...
+    def images(self) -> np.ndarray | EvalViews: ...
 
     def __len__(self) -> int: ...
 
@@ -48,7 +49,7 @@ class ImageStore(Protocol):
         """Row ``i`` as the training views' input: an owned uint8 ``(C, H, W)`` tensor."""
         ...
 
-    def take(self, rows) -> ImageStore:
+    def take(self, rows: ArrayLike) -> ImageStore:
         """The images at ``rows`` (an index array), as a store of the same kind."""
         ...
 
@@ -72,7 +73,7 @@ class ImageArrays:
         """Row ``i`` as the training views' input: an owned uint8 ``(C, H, W)`` tensor (a memmap row is copied)."""
         return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)
 
-    def take(self, rows) -> ImageArrays:
+    def take(self, rows: ArrayLike) -> ImageArrays:
         """The images at ``rows`` (an index array), copied into memory."""
         rows = np.asarray(rows, dtype=np.int64)
         return ImageArrays(np.asarray(self.images[rows]), np.asarray(self.labels[rows]))
@@ -94,7 +95,7 @@ class ImageArrays:
             setattr(self, name, value)
 
 
-def _memmap_ref(array: np.ndarray):
+def _memmap_ref(array: np.ndarray) -> tuple[str, tuple[int, ...]] | np.ndarray:
     """``(path, shape)`` for a C-contiguous memmap that covers its whole .npy file, else the array itself."""
     if isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous:
         try:
@@ -127,7 +128,7 @@ class StreamedImages:
         """Image ``i`` decoded as RGB (see ``open_rgb`` for ``min_side``)."""
         raise NotImplementedError
 
-    def take(self, rows) -> StreamedImages:
+    def take(self, rows: ArrayLike) -> StreamedImages:
         """The images at ``rows``, still undecoded."""
         raise NotImplementedError
 
@@ -151,7 +152,7 @@ class EvalViews:
 
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, store: StreamedImages):
+    def __init__(self, store: StreamedImages) -> None:
         self.store = store
 
     def __len__(self) -> int:
@@ -161,7 +162,7 @@ class EvalViews:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.store), self.store.size, self.store.size, 3)
 
-    def __getitem__(self, key) -> np.ndarray:
+    def __getitem__(self, key: int | np.integer | slice | ArrayLike) -> np.ndarray:
         size = self.store.size
         if isinstance(key, (int, np.integer)):
             return centre_view(self.store.open(int(key), min_side=size), size)
@@ -172,7 +173,9 @@ class EvalViews:
         return out
 
 
-def open_rgb(source, min_side: int | None = None, name: str | None = None) -> Image.Image:
+def open_rgb(
+    source: str | os.PathLike[str] | IO[bytes], min_side: int | None = None, name: str | None = None
+) -> Image.Image:
     """Decode one image as RGB.
 
     Args:
@@ -224,7 +227,7 @@ class StringTable:
         names: the strings.
     """
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str]) -> None:
         encoded = [n.encode("utf-8", "surrogateescape") for n in names]  # a file name that is not UTF-8 keeps its bytes
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self.offsets[1:])

@@ -11,10 +11,17 @@ them).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from metapl.methods.by_name import register
 from metapl.methods.labels_only import MPL_OPTIONS, Supervised
 from metapl.methods.meta_pseudo_labels import REDUCED_ONLY
 from metapl.methods.method import Idle
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from metapl.training.setup import Run
 
 _ONE_NETWORK = Idle("FixMatch trains one network, the student, on its own pseudo labels", "mpl")
 
@@ -32,12 +39,13 @@ class FixMatch(Supervised):
     own_options = ("fixmatch_threshold", "fixmatch_weight")
     idle = {"reduced_hidden": REDUCED_ONLY, **{name: _ONE_NETWORK for name in MPL_OPTIONS}}
 
-    def step(self, run, labeled, unlabeled):
+    def step(self, run: Run, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
         """``fixmatch_step`` of the student on the labeled batch and both views of the unlabeled one."""
         from metapl.core import fixmatch_step
 
         cfg = run.cfg
         x_l, y_l, *_ = labeled
+        assert unlabeled is not None  # unlabeled = True: the phase hands them over
         x_uw, x_us, y_u, *_ = unlabeled
         return fixmatch_step(
             run.student,

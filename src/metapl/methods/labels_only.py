@@ -7,10 +7,18 @@ from the same weights as in the pseudo-label runs of the same seed and ``--teach
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from metapl.errors import UserError
 from metapl.methods.by_name import register
 from metapl.methods.meta_pseudo_labels import REDUCED_ONLY
 from metapl.methods.method import Idle, Method
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from metapl.config.fields import TrainConfig
+    from metapl.training.setup import Run
 
 _ALONE = Idle("the labels-only baseline trains the student alone", "mpl")
 # Options of the teacher's training and of the MPL update: none of them reaches the student here (nor FixMatch's).
@@ -30,7 +38,7 @@ class Supervised(Method):
     help = "supervised: the student on the labeled data alone (a baseline)"
     idle = {"reduced_hidden": REDUCED_ONLY, **{name: _ALONE for name in MPL_OPTIONS}}
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: TrainConfig) -> None:
         """No teacher is trained: starting weights for it are refused."""
         if cfg.teacher_weights or cfg.pretrained in ("teacher", "both"):
             raise UserError(f"--method {self.name} trains no teacher; drop --teacher-weights / --pretrained teacher")
@@ -44,7 +52,7 @@ class Supervised(Method):
             "pretrained": {"both": "student", "teacher": "none"}.get(pretrained, pretrained),
         }
 
-    def step(self, run, labeled, unlabeled):
+    def step(self, run: Run, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
         """Cross-entropy of the student on the labeled batch, one optimizer step."""
         from metapl.core import supervised_step
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +32,13 @@ from torch import nn
 
 from metapl import data as mdata
 from metapl.errors import reporting_os_errors
+
+if TYPE_CHECKING:
+    from metapl.config.fields import TrainConfig
+    from metapl.data import SourceData, Split
+    from metapl.training.setup import ModelStart
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,15 +55,15 @@ class TeacherPredictions:
         return 100.0 * hits / max(len(labels), 1)  # counted as training.evaluation counts
 
 
-def large_teacher_predictions(start) -> TeacherPredictions:
+def large_teacher_predictions(start: ModelStart) -> TeacherPredictions:
     """The stored predictions of the run's large teacher: read from the cache, or made now (by rank 0) and stored.
 
     Args:
         start: the run's ``metapl.training.setup.ModelStart``: its config (``teacher``, its weights, ``cache_dir``,
             ``eval_batch_size``, ``workers``), data, device (where the large teacher predicts), place in the job
-            (rank 0 makes the file, the others wait and read it) and log.
+            (rank 0 makes the file, the others wait and read it).
     """
-    cfg, data, device, d, log = start.cfg, start.data, start.device, start.dist, start.log
+    cfg, data, device, d = start.cfg, start.data, start.device, start.dist
     # Loaded on resume too: its weights' digest names the stored predictions.
     teacher = start.model("teacher", replace_head=False, load=True)
     key = {
@@ -69,10 +78,10 @@ def large_teacher_predictions(start) -> TeacherPredictions:
     path = (Path(cfg.cache_dir) if cfg.cache_dir else mdata.default_cache_dir()) / "predictions" / f"{digest}.npz"
     if d.is_main:
         # One process predicts, runs sharing the cache wait and read its file (metapl.data.build_lock).
-        with mdata.build_lock(path, log):
+        with mdata.build_lock(path):
             preds = _read(path, data)
             if preds is None:
-                log(
+                logger.info(
                     f"large teacher {cfg.teacher}: predicting {len(data.train)} training and {len(data.test)} test "
                     f"images once -> {path}"
                 )
@@ -84,17 +93,20 @@ def large_teacher_predictions(start) -> TeacherPredictions:
         dist.barrier()
     if not d.is_main:
         preds = _read(path, data)
-    log(f"large teacher {cfg.teacher}: {preds.test_accuracy(data.test.labels):.2f}% test accuracy (stored predictions)")
+    assert preds is not None, f"{path} was not written"  # rank 0 wrote it before the barrier
+    logger.info(
+        f"large teacher {cfg.teacher}: {preds.test_accuracy(data.test.labels):.2f}% test accuracy (stored predictions)"
+    )
     return preds
 
 
 @torch.no_grad()
-def _predict(teacher: nn.Module, data, device: torch.device, cfg) -> TeacherPredictions:
+def _predict(teacher: nn.Module, data: SourceData, device: torch.device, cfg: TrainConfig) -> TeacherPredictions:
     teacher.eval()
     sets = {"train": data.train, "test": data.test}
     if data.extra_unlabeled is not None:
         sets["extra"] = data.extra_unlabeled
-    out = {"extra": None}
+    out: dict[str, Any] = {"extra": None}
     for name, images in sets.items():
         loader = mdata.make_eval_loader(
             images,
@@ -108,7 +120,7 @@ def _predict(teacher: nn.Module, data, device: torch.device, cfg) -> TeacherPred
     return TeacherPredictions(**out)
 
 
-def _read(path: Path, data) -> TeacherPredictions | None:
+def _read(path: Path, data: SourceData) -> TeacherPredictions | None:
     """The stored predictions, or None when absent, unreadable or not of this data's shape (then rebuilt)."""
     try:
         with np.load(path) as f:
@@ -133,7 +145,11 @@ def _remove_torn(path: Path) -> None:
 
 def _write(path: Path, preds: TeacherPredictions) -> None:
     """Write atomically: a killed run leaves the old file or none, never a torn one."""
-    arrays = {"train": preds.train, "test": preds.test, **({"extra": preds.extra} if preds.extra is not None else {})}
+    arrays: dict[str, Any] = {
+        "train": preds.train,
+        "test": preds.test,
+        **({"extra": preds.extra} if preds.extra is not None else {}),
+    }
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     with reporting_os_errors(path, "write the teacher's predictions to", "pass --cache-dir DIR"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +159,12 @@ def _write(path: Path, preds: TeacherPredictions) -> None:
 
 @torch.no_grad()
 def reduced_teacher_accuracy(
-    teacher: nn.Module, preds: TeacherPredictions, data, split, device: torch.device, limit: int | None = None
+    teacher: nn.Module,
+    preds: TeacherPredictions,
+    data: SourceData,
+    split: Split,
+    device: torch.device,
+    limit: int | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) of the reduced teacher over the large teacher's stored predictions: on the test images
     (``teacher_acc``) and, with a validation split, on it (``val_teacher_acc``); the first ``limit`` of each."""
@@ -155,9 +176,9 @@ def reduced_teacher_accuracy(
     out = {}
     for prefix, (x, y) in sets.items():
         # Copies: the labels are often a read-only memmap of the cache, which torch would only read with a warning.
-        x, y = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.from_numpy(np.array(y[:limit]))
-        hits = int((teacher(x.to(device)).argmax(dim=1).cpu() == y).sum())
-        out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y), 1)  # as training.evaluation counts
+        x_t, y_t = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.from_numpy(np.array(y[:limit]))
+        hits = int((teacher(x_t.to(device)).argmax(dim=1).cpu() == y_t).sum())
+        out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y_t), 1)  # as training.evaluation counts
     teacher.train(was_training)
     return out
 

@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from metapl.config.fields import TrainConfig
+    from metapl.methods.large_teacher import TeacherPredictions
+    from metapl.training.setup import ModelStart, Run
+
 
 @dataclass(frozen=True)
 class Idle:
@@ -43,7 +47,7 @@ class TeacherBuild:
 
     teacher: nn.Module
     name: str
-    predictions: object | None = None
+    predictions: TeacherPredictions | None = None
 
 
 class Method:
@@ -70,7 +74,7 @@ class Method:
     # Options that only this method reads: idle with every other method (metapl.config.rules.rules_for).
     own_options: ClassVar[tuple[str, ...]] = ()
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: TrainConfig) -> None:
         """Refuse what cannot work with this method beyond idle options (a ``UserError`` naming the fix)."""
 
     def adopt(self, values: dict, defaults: dict) -> dict:
@@ -78,11 +82,11 @@ class Method:
         saved config read back). ``config.rules.drop_idle`` applies the idle options; this hook adds the rest."""
         return values
 
-    def build_teacher(self, start) -> TeacherBuild:
+    def build_teacher(self, start: ModelStart) -> TeacherBuild:
         """The run's teacher. ``start`` is the run's ``metapl.training.setup.ModelStart`` (``start.model(role)``)."""
         return TeacherBuild(start.model("teacher"), start.cfg.teacher)
 
-    def step(self, run, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
+    def step(self, run: Run, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
         """One training step on the next batches (on the device); the named metrics, detached, not synchronised.
 
         Args:
@@ -93,7 +97,7 @@ class Method:
         """
         raise NotImplementedError(f"method {self.name!r} declares no step")
 
-    def evaluated_models(self, run) -> dict[str, nn.Module]:
+    def evaluated_models(self, run: Run) -> dict[str, nn.Module]:
         """The networks scored after each evaluation: ``evaluated_roles`` and the EMA student, unwrapped."""
         from metapl.core import unwrap
 
@@ -103,11 +107,11 @@ class Method:
             models["ema"] = run.ema.module
         return models
 
-    def extra_accuracies(self, run) -> dict[str, float]:
+    def extra_accuracies(self, run: Run) -> dict[str, float]:
         """Accuracies of networks that do not read images (a reduced teacher); none here."""
         return {}
 
-    def extra_summary(self, run) -> dict:
+    def extra_summary(self, run: Run) -> dict:
         """What ``summary.json`` adds for this method; nothing here."""
         return {}
 

@@ -9,10 +9,16 @@ apply to it: ``--uda-weight`` is refused, and its default is 0.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from metapl.errors import UserError
 from metapl.methods.by_name import register
 from metapl.methods.meta_pseudo_labels import MPL
 from metapl.methods.method import TeacherBuild
+
+if TYPE_CHECKING:
+    from metapl.config.fields import TrainConfig
+    from metapl.training.setup import ModelStart, Run
 
 
 class ReducedMPL(MPL):
@@ -34,7 +40,7 @@ class ReducedMPL(MPL):
     result_rule = ("ema", "student", "finetuned")
     idle = {}
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: TrainConfig) -> None:
         """A large teacher's weights are needed; UDA is refused (see the module docstring)."""
         if not cfg.teacher_weights:
             # A library's pretrained head predicts the library's classes, not the data's: it is no teacher here.
@@ -53,7 +59,7 @@ class ReducedMPL(MPL):
         """A recipe switched to a reduced method: UDA off (weight 0; its other options are then idle)."""
         return {**values, "uda_weight": 0.0}
 
-    def build_teacher(self, start) -> TeacherBuild:
+    def build_teacher(self, start: ModelStart) -> TeacherBuild:
         """The large teacher's predictions (made once, or read from the cache), and a reduced teacher over them."""
         from metapl.methods.large_teacher import large_teacher_predictions
         from metapl.models.reduced import ReducedTeacher
@@ -63,16 +69,18 @@ class ReducedMPL(MPL):
         teacher = ReducedTeacher(start.data.num_classes, hidden=cfg.reduced_hidden)
         return TeacherBuild(teacher, f"reduced teacher over {cfg.teacher}'s predictions", predictions)
 
-    def extra_accuracies(self, run) -> dict[str, float]:
+    def extra_accuracies(self, run: Run) -> dict[str, float]:
         """The reduced teacher's accuracy over the stored predictions of the test (and validation) images."""
         from metapl.core import unwrap
         from metapl.methods.large_teacher import reduced_teacher_accuracy
 
         teacher = unwrap(run.teacher)
+        assert run.predictions is not None  # build_teacher made them
         return reduced_teacher_accuracy(teacher, run.predictions, run.data, run.split, run.device, run.cfg.eval_limit)
 
-    def extra_summary(self, run) -> dict:
+    def extra_summary(self, run: Run) -> dict:
         """The large teacher's own test accuracy."""
+        assert run.predictions is not None  # build_teacher made them
         return {"large_teacher_acc": run.predictions.test_accuracy(run.data.test.labels)}
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -17,6 +19,8 @@ from torch import nn
 
 from metapl.errors import UserError
 from metapl.models.weights import load_into, torchvision_pretrained
+
+logger = logging.getLogger(__name__)
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -92,8 +96,7 @@ def create_model(
     image_size: int = 32,
     dropout: float = 0.0,
     pretrained: bool = False,
-    log=print,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a classifier by name, freshly initialised or from its library's pretrained weights, and check that it
     takes ``image_size`` inputs.
@@ -110,8 +113,7 @@ def create_model(
             inserted in front of the final ``nn.Linear``; timm's ``drop_rate``).
         pretrained: start from the library's default pretrained weights (torchvision's through the torch hub cache,
             timm's through its own); a head of another class count is replaced and a 1-channel input stem gets the
-            RGB kernels summed (each said in a line to ``log``). metapl's own models have none.
-        log: receives those lines.
+            RGB kernels summed (each said in a line). metapl's own models have none.
         **kwargs: Passed on to the factory or builder unchanged.
 
     Returns:
@@ -126,14 +128,12 @@ def create_model(
         from metapl.models.plugins import load_entry_points  # installed packages' models (metapl.models group)
 
         load_entry_points()
-    model = _build(name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
+    model = _build(name, num_classes, in_channels, dropout, pretrained, **kwargs)
     _check_dry_forward(model, name, in_channels, image_size)
     return model
 
 
-def _build(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
-) -> nn.Module:
+def _build(name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``create_model``'s model from the first place that knows ``name``: metapl's registry, timm or torchvision."""
     if name in _REGISTRY:
         if pretrained:
@@ -147,7 +147,7 @@ def _build(
     tv_name = name[len(_TV_PREFIX) :] if name.startswith(_TV_PREFIX) else name
     if tv_name not in _torchvision_names():
         raise UserError(_unknown_name_message(name, tv_name))
-    return _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, log, **kwargs)
+    return _create_torchvision(tv_name, num_classes, in_channels, dropout, pretrained, **kwargs)
 
 
 @functools.cache
@@ -170,12 +170,12 @@ def _unknown_name_message(name: str, bare_name: str) -> str:
 
 
 def _create_torchvision(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, log, **kwargs: object
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: Any
 ) -> nn.Module:
     builder_kwargs = {**_TV_DEFAULT_KWARGS.get(name, {}), **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **builder_kwargs)
     if pretrained:  # loaded while the stem is RGB, before any layer is replaced or inserted
-        load_into(model, torchvision_pretrained(name), f"torchvision's pretrained {name}", log)
+        load_into(model, torchvision_pretrained(name), f"torchvision's pretrained {name}")
     if in_channels != 3:
         _replace_first_conv(model, name, in_channels, keep_weights=pretrained)
     if dropout > 0:
@@ -188,13 +188,14 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int, keep_weig
     # named_modules() follows registration order, which for torchvision classifiers puts the stem first.
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            stem: Any = module  # torch types its kernel_size, stride, padding as tuple[int, ...], its constructor pairs
             new_conv = nn.Conv2d(
                 in_channels,
                 module.out_channels,
-                kernel_size=module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
+                kernel_size=stem.kernel_size,
+                stride=stem.stride,
+                padding=stem.padding,
+                dilation=stem.dilation,
                 groups=module.groups,
                 bias=module.bias is not None,
                 padding_mode=module.padding_mode,
@@ -202,7 +203,7 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int, keep_weig
             if keep_weights and in_channels == 1:
                 with torch.no_grad():
                     new_conv.weight.copy_(module.weight.sum(dim=1, keepdim=True))
-                    if module.bias is not None:
+                    if module.bias is not None and new_conv.bias is not None:
                         new_conv.bias.copy_(module.bias)
             _set_submodule(model, module_name, new_conv)
             return
@@ -225,7 +226,7 @@ def _set_submodule(model: nn.Module, dotted_name: str, new: nn.Module) -> None:
 
 
 def _create_timm(
-    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: object
+    name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool, **kwargs: Any
 ) -> nn.Module:
     try:
         timm = importlib.import_module("timm")

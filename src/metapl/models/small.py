@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -82,7 +84,7 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.act = nn.ReLU(inplace=True)
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(
+            self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
             )
         else:
@@ -130,7 +132,7 @@ class ResNet18Cifar(nn.Module):
 
 
 @register_model("small_cnn")
-def small_cnn(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: object) -> SmallCNN:
+def small_cnn(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: Any) -> SmallCNN:
     """A small CNN (70k parameters) for fast CPU runs; see :class:`SmallCNN`.
 
     Args:
@@ -146,7 +148,7 @@ def small_cnn(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, *
 
 
 @register_model("resnet18_cifar")
-def resnet18_cifar(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: object) -> ResNet18Cifar:
+def resnet18_cifar(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: Any) -> ResNet18Cifar:
     """ResNet-18 (11M parameters) with a CIFAR stem; see :class:`ResNet18Cifar`.
 
     Args:

@@ -9,15 +9,20 @@ random-generator state holds are allow-listed). Where a run folder or a metapl c
 
 from __future__ import annotations
 
+import logging
 import pickle
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from metapl.errors import UserError, few
+
+logger = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")  # common containers around a state dict
 _PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's
@@ -49,7 +54,7 @@ def read_file(path: str | Path) -> dict:
     return obj
 
 
-def load_weights_only(path: str | Path):
+def load_weights_only(path: str | Path) -> Any:  # what the file holds: a state dict, a checkpoint
     """``torch.load(path, weights_only=True)`` onto the CPU: reading a file runs no pickled code.
 
     A checkpoint of metapl 0.1 also held NumPy's generator state as an array (``np.random.get_state()``: a tuple with
@@ -59,16 +64,21 @@ def load_weights_only(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _np_reconstruct()]
+        allowed: list[Callable | tuple[Callable, str]] = [
+            np.ndarray,
+            np.dtype,
+            type(np.dtype(np.uint32)),
+            _np_reconstruct(),
+        ]
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _np_reconstruct():
+def _np_reconstruct() -> Callable:
     try:  # NumPy 2 moved the module; pickles name whichever wrote them, and both resolve to the same function
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # pragma: no cover - NumPy 1
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]  # the same function, NumPy 1's path
     return _reconstruct
 
 
@@ -95,7 +105,7 @@ def as_state_dict(obj: dict, source: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print) -> None:
+def load_into(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load ``state`` into ``model``, fitting the two differences a new task brings; refuse any other mismatch.
 
     * A classifier head of another class count (the last ``nn.Linear``'s weight and bias) keeps the model's own
@@ -113,7 +123,7 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print
         old = state[head[0]].shape[0]
         for k in head:
             del state[k]
-        log(
+        logger.info(
             f"{source}: the classifier head has {old} classes, the data {expected[head[0]].shape[0]}; "
             f"{head[0].rsplit('.', 1)[0]} is replaced by a new, randomly initialised layer"
         )
@@ -122,7 +132,7 @@ def load_into(model: nn.Module, state: dict[str, Tensor], source: str, log=print
         rgb_into_grey = tensor.ndim == 4 and tensor.shape[1] == 3  # an RGB stem into a 1-channel model
         if rgb_into_grey and want is not None and tuple(want.shape) == (tensor.shape[0], 1, *tensor.shape[2:]):
             state[key] = tensor.sum(dim=1, keepdim=True)
-            log(f"{source}: {key} summed over its 3 input channels for 1-channel images")
+            logger.info(f"{source}: {key} summed over its 3 input channels for 1-channel images")
     problem = state_dict_mismatch({k: v for k, v in expected.items() if k in state or k not in head}, state)
     if problem:
         raise UserError(

@@ -7,6 +7,8 @@ pre-activation to the shortcut too (``activate_before_residual``), and dropout s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -110,7 +112,7 @@ class WideResNet(nn.Module):
 
 
 @register_model("wrn28_2")
-def wrn28_2(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: object) -> WideResNet:
+def wrn28_2(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: Any) -> WideResNet:
     """WRN-28-2 (1.5M parameters), the CIFAR-10 / SVHN model of Meta Pseudo Labels and FixMatch.
 
     Args:
@@ -126,7 +128,7 @@ def wrn28_2(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **k
 
 
 @register_model("wrn28_8")
-def wrn28_8(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: object) -> WideResNet:
+def wrn28_8(*, num_classes: int, in_channels: int = 3, dropout: float = 0.0, **kwargs: Any) -> WideResNet:
     """WRN-28-8 (23M parameters), the CIFAR-100 model of Meta Pseudo Labels and FixMatch.
 
     Args:

@@ -14,6 +14,7 @@ Student-t interval.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import fields
 from pathlib import Path
@@ -25,10 +26,12 @@ from metapl.methods.by_name import get_method
 from metapl.protocol.paired import paired_interval, paired_text
 from metapl.rundir.layout import LATEST, SUMMARY, load_run_config, read_summary
 
+logger = logging.getLogger(__name__)
+
 LABELS_ONLY = "labels-only"
 # name -> (what a reader sees, the row's changes to the user's recipe). The order is the table's, cheapest first: a
 # tie on validation goes to the earlier row.
-ROWS = {
+ROWS: dict[str, tuple[str, dict[str, object]]] = {
     LABELS_ONLY: ("labels only", dict(method="supervised", labeled_aug="weak")),
     "labels-strong": ("labels only, strong augmentation", dict(method="supervised", labeled_aug="strong")),
     # FixMatch as its paper runs it: weak labeled views and no label smoothing, which would cap the confidence under
@@ -117,13 +120,12 @@ def _check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
         )
 
 
-def train_row(cfg: TrainConfig, *, fresh: bool = False, log=print) -> tuple[dict, str]:
+def train_row(cfg: TrainConfig, *, fresh: bool = False) -> tuple[dict, str]:
     """Train one run unless it is finished; resume it when it was stopped.
 
     Args:
         cfg: the run's config (``row_config``).
         fresh: start the run again even if its folder holds one (``--overwrite``'s deletion of its run files).
-        log: where the trainer's lines go.
 
     Returns:
         (the run's summary, what was done: ``"finished"`` (read back), ``"resume"``, ``"redo"``, ``"new"``).
@@ -133,7 +135,7 @@ def train_row(cfg: TrainConfig, *, fresh: bool = False, log=print) -> tuple[dict
     state = "new" if fresh else run_state(cfg)
     if state == "finished":
         return read_summary(Path(cfg.out)), state
-    summary = train(cfg, resume=state == "resume", overwrite=fresh or state == "redo", log=log)
+    summary = train(cfg, resume=state == "resume", overwrite=fresh or state == "redo")
     return summary, state
 
 

@@ -20,14 +20,20 @@ import hashlib
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from metapl.core import unwrap
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.models.weights import load_weights_only, state_dict_mismatch
 from metapl.rundir.layout import CONFIG, LATEST, LOCK, RUN_FILES, SPLIT
+
+if TYPE_CHECKING:
+    from metapl.data import Split
+    from metapl.training.setup import Run
 
 ROLES = ("teacher", "student", "ema")  # the networks a checkpoint holds (ema and teacher may be None)
 # What rebuilding a model needs (eval, predict), and what resuming training needs on top.
@@ -38,7 +44,7 @@ RESUME_KEYS = MODEL_KEYS + (
 )
 
 
-def checkpoint_state(run, *, with_training_state: bool = True) -> dict:
+def checkpoint_state(run: Run, *, with_training_state: bool = True) -> dict:
     """The flat checkpoint dict of a run (a ``metapl.training.setup.Run``).
 
     Args:
@@ -77,7 +83,7 @@ def checkpoint_state(run, *, with_training_state: bool = True) -> dict:
     }
 
 
-def inference_state(run, *, student=None) -> dict:
+def inference_state(run: Run, *, student: nn.Module | None = None) -> dict:
     """What ``finetuned.pt`` keeps of a run: the models and what rebuilds them (config, data shape,
     normalisation, classes), the step and the split's digest; no optimizer, scheduler, scaler or generator state.
 
@@ -95,7 +101,7 @@ def inference_state(run, *, student=None) -> dict:
     return full
 
 
-def restore(run, ckpt: dict, source: str | Path) -> bool:
+def restore(run: Run, ckpt: dict, source: str | Path) -> bool:
     """Load a checkpoint into a freshly built run, after checking that it belongs to this run and is finite.
 
     Args:
@@ -141,7 +147,7 @@ def restore(run, ckpt: dict, source: str | Path) -> bool:
     return True
 
 
-def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
+def _check_belongs(run: Run, modules: dict[str, nn.Module], ckpt: dict, source: str | Path) -> None:
     """Refuse a checkpoint of another run (data shape, split, architecture) or with non-finite weights."""
     require_keys(ckpt, RESUME_KEYS, source)
     have = (int(ckpt["num_classes"]), int(ckpt["in_channels"]), int(ckpt["image_size"]))
@@ -168,7 +174,7 @@ def _check_belongs(run, modules: dict, ckpt: dict, source: str | Path) -> None:
     refuse_nonfinite_weights(ckpt, source)
 
 
-def split_digest(split) -> str:
+def split_digest(split: Split) -> str:
     """SHA-256 of a ``metapl.data.Split``'s index arrays: what a checkpoint keeps of its split."""
     h = hashlib.sha256()
     for name in ("labeled", "unlabeled", "val"):
@@ -296,7 +302,8 @@ def load_checkpoint(path: str | Path) -> dict:
 def rng_state() -> dict:
     """Every global random generator the training loop draws from, as tensors and plain Python values (NumPy's
     key array as an int64 tensor) so that a checkpoint loads with ``weights_only=True``."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # the legacy form, a tuple
+    kind, key, pos, has_gauss, gauss = legacy
     numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -264,7 +265,7 @@ class _OnnxModel(nn.Module):
         return torch.from_numpy(logits).to(x.device)
 
 
-def import_modules(imports) -> None:
+def import_modules(imports: Iterable[str] | None) -> None:
     """Import the user's model modules a run or an export names (``--import``); a no-op when there are none."""
     if not imports:
         return

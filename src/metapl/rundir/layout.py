@@ -13,14 +13,21 @@ Importing this module does not import torch: the command line names the run file
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from metapl.config.fields import TrainConfig, config_from_dict
 from metapl.errors import UserError, few, reporting_os_errors
+
+if TYPE_CHECKING:
+    from metapl.data import Split
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"  # the resolved config (metapl.config.fields)
 SPLIT = "split.json"  # labeled / unlabeled / validation indices and the data fingerprint (metapl.data.split)
@@ -35,7 +42,7 @@ TENSORBOARD = "tb"  # TensorBoard event files
 WANDB = "wandb"  # Weights & Biases' folder (--wandb; offline runs stay there until `wandb sync`)
 WANDB_ID = "wandb-id"  # the W&B run id of this run folder, so that --resume continues the same W&B run
 EXPORT_DIR = "export"  # metapl export's default folder (metapl.rundir.export_format)
-TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.training.metrics.LogFile)
+TRAIN_LOG = "train.log"  # the lines metapl train showed on the terminal (metapl.logs.RunLog)
 # What one run writes into its directory (plus "<name>.eval.json" beside each checkpoint); --overwrite removes these.
 RUN_FILES = (
     CONFIG,
@@ -122,14 +129,14 @@ def write_summary(run_dir: str | Path, summary: dict) -> None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def save_run_split(split, run_dir: str | Path) -> None:
+def save_run_split(split: Split, run_dir: str | Path) -> None:
     """Write the run's ``split.json`` (``metapl.data.save_split``)."""
     from metapl.data import save_split  # the data package imports torch; this module stays light
 
     save_split(split, Path(run_dir) / SPLIT)
 
 
-def load_run_split(run_dir: str | Path):
+def load_run_split(run_dir: str | Path) -> Split:
     """The run's saved split (``metapl.data.load_split`` of ``split.json``)."""
     from metapl.data import load_split
 
@@ -194,7 +201,7 @@ def check_out_path(out: str) -> Path:
     return run_dir
 
 
-def clear_run_files(run_dir: Path, log) -> None:
+def clear_run_files(run_dir: Path) -> None:
     """Delete the files a run writes (``RUN_FILES``) from ``run_dir``; other files stay."""
     removed = []
     for name in RUN_FILES:
@@ -208,4 +215,4 @@ def clear_run_files(run_dir: Path, log) -> None:
                 continue
         removed.append(name)
     if removed:
-        log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+        logger.info(f"--overwrite: removed {', '.join(removed)} from {run_dir}")

@@ -15,6 +15,7 @@ means the previous writer died while holding it, and the new holder says in one 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -24,10 +25,12 @@ from pathlib import Path
 from metapl.errors import UserError, reporting_os_errors
 from metapl.rundir.layout import LOCK
 
+logger = logging.getLogger(__name__)
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock, as before
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module, or None where it does not exist
 
 
 # Lock descriptors this process holds. A forked child (a DataLoader worker) would share the lock through its copy of
@@ -52,13 +55,12 @@ def is_writer_rank() -> bool:
 
 
 @contextmanager
-def run_lock(run_dir: Path, *, command: str, log=print, enabled: bool = True) -> Iterator[None]:
+def run_lock(run_dir: Path, *, command: str, enabled: bool = True) -> Iterator[None]:
     """Hold the run folder's lock for the block; the folder is created if need be.
 
     Args:
         run_dir: the run folder.
         command: what this process is, for the message another writer gets (``metapl train``).
-        log: where the line about a taken-over lock goes.
         enabled: False on the ranks that write nothing: no lock, no folder.
 
     Raises:
@@ -84,7 +86,7 @@ def run_lock(run_dir: Path, *, command: str, log=print, enabled: bool = True) ->
             ) from None
         left = _read(fd)
         if left:
-            log(f"{path}: its last holder ({left}) ended without releasing it; taken over")
+            logger.info(f"{path}: its last holder ({left}) ended without releasing it; taken over")
         _write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {command}")
         _HELD.add(fd)
         try:

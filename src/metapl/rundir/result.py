@@ -21,12 +21,19 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metapl.errors import UserError
 from metapl.methods.by_name import get_method
 from metapl.rundir.layout import FINETUNED, LATEST, load_run_config, read_summary
+
+if TYPE_CHECKING:
+    from metapl.config.fields import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("teacher", "student", "ema", "finetuned")  # the candidates, as summary.json and metrics name them
 # Ties on validation: the cheapest model to trust first.
@@ -121,25 +128,24 @@ def choose_result(roles: list[str], accs: dict, num_val: int, rule: tuple[str, .
     )
 
 
-def record_result(summary: dict, cfg, log) -> RunResult:
+def record_result(summary: dict, cfg: TrainConfig) -> RunResult:
     """Choose a finished run's result among its final models, put it in ``summary["result"]`` and say it.
 
     Args:
         summary: the run's summary with its final accuracies and ``num_val`` (``run_summary``, and finetuning's).
         cfg: the run's ``TrainConfig``.
-        log: receives the result's line.
     """
     num_val = summary.get("num_val", 0)
     roles = candidates(cfg.method, cfg.teacher, cfg.student, summary)
     result = choose_result(roles, summary, num_val, get_method(cfg.method).result_rule)
     summary["result"] = result.to_dict()
-    log(result.line())
+    logger.info(result.line())
     return result
 
 
-def read_result(run_dir: str | Path, log=print) -> RunResult:
+def read_result(run_dir: str | Path) -> RunResult:
     """The result recorded in a run's ``summary.json``; for a run that has not finished (none recorded yet), the EMA
-    student of its latest checkpoint (its student without an EMA), said in one line to ``log``.
+    student of its latest checkpoint (its student without an EMA), said in a warning line.
 
     Raises:
         UserError: no run there, or a damaged summary or config.
@@ -148,8 +154,8 @@ def read_result(run_dir: str | Path, log=print) -> RunResult:
     entry = read_summary(run_dir).get("result")
     if not isinstance(entry, dict):
         role = "ema" if load_run_config(run_dir).ema > 0 else "student"
-        log(
-            f"warning: {run_dir} has not finished (its summary.json names no result yet); using the {describe(role)} "
+        logger.warning(
+            f"{run_dir} has not finished (its summary.json names no result yet); using the {describe(role)} "
             f"of its latest {LATEST}"
         )
         return RunResult(role, LATEST, role, "fallback (the run has not finished)", None, None)

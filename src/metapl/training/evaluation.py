@@ -4,6 +4,9 @@ figures."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,8 +14,14 @@ from torch import nn
 from metapl import data as mdata
 from metapl.training.process import barrier
 
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
-def validation_images(data, split, limit: int | None = None):
+    from metapl.data import ImageStore, SourceData, Split
+    from metapl.training.setup import Run
+
+
+def validation_images(data: SourceData, split: Split, limit: int | None = None) -> ImageStore | None:
     """The run's validation images: a folder's own ``val/`` (``SourceData.val``), else the labeled images the split
     held out (``--val-labeled``), else None; the first ``limit`` of them when given."""
     if data.val is not None:
@@ -22,7 +31,9 @@ def validation_images(data, split, limit: int | None = None):
     return None
 
 
-def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers: int = 0) -> dict[str, object]:
+def eval_loaders(
+    data: SourceData, split: Split, batch_size: int, limit: int | None = None, workers: int = 0
+) -> dict[str, DataLoader]:
     """Loaders to evaluate a run on: the test set (key ``""``) and, when the split holds labeled images out, the
     validation set (key ``"val_"``, the prefix its accuracies are reported under).
 
@@ -54,7 +65,7 @@ def eval_loaders(data, split, batch_size: int, limit: int | None = None, workers
 @torch.no_grad()
 def evaluate(
     models: dict[str, nn.Module],
-    loader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     *,
     amp_dtype: torch.dtype | None = None,
@@ -104,7 +115,7 @@ def evaluate(
 
 def evaluate_sets(
     models: dict[str, nn.Module],
-    loaders: dict[str, object],
+    loaders: Mapping[str, Iterable[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     *,
     amp_dtype: torch.dtype | None = None,
@@ -129,7 +140,7 @@ def evaluate_sets(
     return out
 
 
-def evaluate_run(run, loaders: dict[str, object]) -> dict[str, float]:
+def evaluate_run(run: Run, loaders: dict[str, DataLoader]) -> dict[str, float]:
     """Accuracies of the run's models (its method's: teacher, student, EMA) on each loader; validation keys carry a
     ``val_`` prefix. Main rank only ({} on the others)."""
     out = {}
@@ -155,7 +166,7 @@ def eval_line(step: int, accs: dict[str, float]) -> str:
     return f"step {step}: test accuracy {listing('')}{val}"
 
 
-def run_summary(run, accs: dict[str, float]) -> dict:
+def run_summary(run: Run, accs: dict[str, float]) -> dict:
     """What ``summary.json`` holds after training (before finetuning adds its own and the result is chosen):
     accuracies, validation size, settings."""
     cfg = run.cfg

@@ -4,18 +4,22 @@ finetuning's labeled batches."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from metapl import data as mdata
 from metapl.config.fields import TrainConfig
+from metapl.data.stores import SourceData
 from metapl.errors import UserError
 from metapl.training.setup import Run
 
 
-def hflip(cfg: TrainConfig, data) -> bool:
+def hflip(cfg: TrainConfig, data: SourceData) -> bool:
     """Whether the views flip horizontally: ``--hflip`` where given, else the data set's default."""
     return data.hflip if cfg.hflip is None else cfg.hflip
 
 
-def train_batches(run: Run):
+def train_batches(run: Run) -> tuple[Iterator, Iterator | None]:
     """The endless iterators of labeled batches and (for a method that reads them) unlabeled batches, positioned at
     ``run.step``."""
     cfg, data = run.cfg, run.data
@@ -25,7 +29,7 @@ def train_batches(run: Run):
             "(--data-path); use --augment-on loader, or --data-path cache if the decoded images fit on disk"
         )
     # Random-resized crops of streamed images, padded crops of cached arrays.
-    kw = {"hflip": hflip(cfg, data), "mean": data.mean, "std": data.std, "crop": mdata.train_crop(data)}
+    kw: dict[str, Any] = {"hflip": hflip(cfg, data), "mean": data.mean, "std": data.std, "crop": mdata.train_crop(data)}
     weak = mdata.weak_view(data.image_size, **kw)
     strong = mdata.strong_view(
         data.image_size, **kw, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m, cutout=cfg.cutout
@@ -49,19 +53,19 @@ def train_batches(run: Run):
         unlabeled_items=own,
         augment_on=cfg.augment_on,
         device=run.device,
-        workers=cfg.workers,
+        workers=cfg.workers or 0,  # filled in by the run (setup.build_run)
     )
     labeled, unlabeled = mdata.make_train_batches(data, run.split, spec, side=_side(run))
     return iter(labeled), (iter(unlabeled) if unlabeled is not None else None)
 
 
-def _side(run: Run):
+def _side(run: Run) -> mdata.batches.Side | None:
     """Reduced MPL: the large teacher's stored predictions of the train and extra images, one row per image."""
     preds = run.predictions
     return None if preds is None else (preds.train, preds.extra)
 
 
-def finetune_batches(run, start: int):
+def finetune_batches(run: Run, start: int) -> Iterator:
     """The finetuning's batches from step ``start`` on: shuffled labeled images, weak views, per rank."""
     cfg, data = run.cfg, run.data
     weak = mdata.weak_view(
@@ -75,7 +79,7 @@ def finetune_batches(run, start: int):
         rank=run.dist.rank,
         world_size=run.dist.world_size,
         device=run.device,
-        workers=cfg.workers,
+        workers=cfg.workers or 0,
     )
     loader, _ = mdata.make_train_batches(data, run.split, spec)
     return iter(loader)

@@ -15,9 +15,12 @@ and the stop protocol are the loop's.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from metapl.training.process import StopSignals, stop_agreed
+
+if TYPE_CHECKING:
+    from metapl.training.setup import Run
 
 
 class Phase(Protocol):
@@ -57,7 +60,7 @@ class Phase(Protocol):
         """After each step: the progress bar, if the phase shows one."""
 
 
-def run_phase(phase: Phase, run, stop: StopSignals | None) -> None:
+def run_phase(phase: Phase, run: Run, stop: StopSignals | None) -> None:
     """Run ``phase`` from ``phase.start`` to ``phase.steps`` (the module docstring's order).
 
     Args:
@@ -81,5 +84,6 @@ def run_phase(phase: Phase, run, stop: StopSignals | None) -> None:
         if phase.saves(done, last) or stopping:
             phase.save(done)
         if stopping:
+            assert stop is not None  # stopping on its signal
             raise phase.interrupted(done, stop)
         phase.progressed()

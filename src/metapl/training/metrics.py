@@ -7,9 +7,14 @@ import math
 import os
 import secrets
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from metapl.errors import UserError, reporting_os_errors
 from metapl.rundir.layout import METRICS, TENSORBOARD, WANDB_ID
+
+if TYPE_CHECKING:
+    from metapl.config.fields import TrainConfig
 
 
 class MetricsWriter:
@@ -44,7 +49,7 @@ class MetricsWriter:
         self._wandb = None if wandb is None else _start_wandb(Path(run_dir), wandb)
 
     @classmethod
-    def for_run(cls, cfg, run_dir: str | Path, resume_step: int | None = None) -> MetricsWriter:
+    def for_run(cls, cfg: TrainConfig, run_dir: str | Path, resume_step: int | None = None) -> MetricsWriter:
         """The writer of a ``TrainConfig``'s run: TensorBoard and W&B as its options say (rank 0 only)."""
         wandb = cfg.to_dict() if cfg.wandb else None
         return cls(run_dir, tensorboard=cfg.tensorboard, resume_step=resume_step, wandb=wandb)
@@ -85,7 +90,10 @@ class NullWriter:
         """Nothing to close."""
 
 
-def require_wandb():
+Writer = MetricsWriter | NullWriter  # a run's metrics writer: rank 0's MetricsWriter, the other ranks' NullWriter
+
+
+def require_wandb() -> ModuleType:
     """The ``wandb`` module, or a ``UserError`` saying how to install it (checked before a run writes anything)."""
     try:
         import wandb
@@ -94,7 +102,7 @@ def require_wandb():
     return wandb
 
 
-def _start_wandb(run_dir: Path, config: dict):
+def _start_wandb(run_dir: Path, config: dict) -> Any:  # a wandb Run
     """Start (or, for a run folder that has one, continue) the folder's W&B run, its files under ``RUN_DIR/wandb``.
 
     The run id is kept in ``RUN_DIR/wandb-id``: a resumed run logs into the same W&B run (an id derived from the
@@ -157,47 +165,3 @@ def _torn(path: Path) -> bool:
             return False
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
-
-
-class LogFile:
-    """A ``log`` callable that prints as ``log`` does and keeps each line for ``RUN_DIR/train.log``.
-
-    Lines logged before the run folder exists (data, models) are held in memory and written when ``open`` is
-    called, so a run refused before it starts leaves no file. The file is appended to (a resumed run continues it)
-    and flushed after every line, so it holds what the terminal showed up to a kill.
-
-    Args:
-        log: where the lines also go (``print``).
-    """
-
-    def __init__(self, log) -> None:
-        self._log = log
-        self._pending: list[str] = []
-        self._file = None
-        self.path: Path | None = None
-
-    def __call__(self, *args, **kwargs) -> None:
-        """Log one line (``print``'s arguments: the objects joined by spaces)."""
-        self._log(*args, **kwargs)
-        line = kwargs.get("sep", " ").join(str(a) for a in args)
-        if self._file is None:
-            self._pending.append(line)
-            return
-        with reporting_os_errors(self.path):
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def open(self, path: str | Path) -> None:
-        """Start writing into ``path`` (appending), beginning with the lines held so far."""
-        self.path = Path(path)
-        with reporting_os_errors(self.path):
-            self._file = open(self.path, "a")  # noqa: SIM115 - held for the run's life, closed by close()
-            self._file.write("".join(line + "\n" for line in self._pending))
-            self._file.flush()
-        self._pending = []
-
-    def close(self) -> None:
-        """Close the file (lines logged afterwards are printed and held again)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None

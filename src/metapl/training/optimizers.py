@@ -12,10 +12,15 @@ extension, on the extended student (``finetuned.pt`` is replaced; ``finetune_ste
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from metapl.core import warmup_cosine
+
+if TYPE_CHECKING:
+    from metapl.training.setup import Run
 
 
 def make_sgd(
@@ -25,7 +30,8 @@ def make_sgd(
 
     The fused CUDA kernel is used on GPUs, the multi-tensor ``foreach`` path elsewhere.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -34,13 +40,15 @@ def make_sgd(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fast)
 
 
-def make_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, wait_steps: int = 0):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0, wait_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over ``metapl.core.warmup_cosine``."""
     schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, wait_steps=wait_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def replan_schedules(run, saved_steps: int) -> None:
+def replan_schedules(run: Run, saved_steps: int) -> None:
     """After restoring a run whose length changed (``run.cfg.steps`` != ``saved_steps``), set each optimizer's
     learning rate to its N-step schedule's value at the current step (the module docstring's rule).
 

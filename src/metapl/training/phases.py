@@ -13,9 +13,12 @@ signal stops it (``metapl.training.saver``).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,17 +30,26 @@ from metapl.training.optimizers import make_sgd
 from metapl.training.process import all_reduce_mean
 from metapl.training.saver import CheckpointSaver
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from metapl.training.metrics import Writer
+    from metapl.training.process import StopSignals
+    from metapl.training.setup import Run
+
+logger = logging.getLogger(__name__)
+
 
 class TrainingPhase:
     """Training by the run's method, from ``run.step`` to ``cfg.steps``."""
 
-    def __init__(self, run, saver: CheckpointSaver, writer, log) -> None:
-        self.run, self.saver, self.writer, self.log = run, saver, writer, log
+    def __init__(self, run: Run, saver: CheckpointSaver, writer: Writer) -> None:
+        self.run, self.saver, self.writer = run, saver, writer
         cfg = run.cfg
         self.plan = cfg.schedule()
         self.start, self.steps = run.step, cfg.steps
         self.batches = train_batches(run)
-        self.loaders = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
+        self.loaders = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers or 0)
         self.images_per_step = run.method.images_per_step(cfg.batch_size, cfg.mu) * run.dist.world_size
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.pending: list[torch.Tensor] = []  # per-step metric vectors since the last sync (no .item() per step)
@@ -50,7 +62,8 @@ class TrainingPhase:
         """One step of the method, then the student's schedule and EMA; the metrics stay on the device."""
         run = self.run
         labeled = self._to_device(next(self.batches[0]), images=1)
-        unlabeled = self._to_device(next(self.batches[1]), images=2) if run.method.unlabeled else None
+        unlabeled_batches = self.batches[1] if run.method.unlabeled else None
+        unlabeled = self._to_device(next(unlabeled_batches), images=2) if unlabeled_batches is not None else None
         metrics = run.method.step(run, labeled, unlabeled)
         with warnings.catch_warnings():
             # While the student waits, mpl_update skips its optimizer on purpose; the schedule still advances.
@@ -62,7 +75,7 @@ class TrainingPhase:
         self.keys = list(metrics)
         self.pending.append(torch.stack([metrics[k] for k in self.keys]))
 
-    def _to_device(self, batch, images: int) -> tuple[torch.Tensor, ...]:
+    def _to_device(self, batch: Sequence[torch.Tensor], images: int) -> tuple[torch.Tensor, ...]:
         """A batch on the device (non-blocking), its first ``images`` tensors (B, C, H, W) in the run's memory
         format."""
         moved = [t.to(self.run.device, non_blocking=True) for t in batch]
@@ -115,7 +128,7 @@ class TrainingPhase:
         run.last_eval = (run.step, accs)
         if run.dist.is_main:
             self.writer.write(run.step, {f"eval/{k}": v for k, v in accs.items()})
-            self.log(eval_line(run.step, accs))
+            logger.info(eval_line(run.step, accs))
         self.shown.update({k: accs[k] for k in accs if k.endswith("_acc")})
         self.tick = time.perf_counter()  # evaluation time is not step time
 
@@ -129,7 +142,7 @@ class TrainingPhase:
         self._count_time()
         self.saver.save_latest()
 
-    def interrupted(self, done: int, stop) -> Exception:
+    def interrupted(self, done: int, stop: StopSignals) -> Exception:
         return self.saver.interrupted(stop)
 
     def progressed(self) -> None:
@@ -151,7 +164,7 @@ class TrainingPhase:
         self.segment = now
 
 
-def _progress_bar(run):
+def _progress_bar(run: Run) -> tqdm | None:
     if not (run.cfg.progress and run.dist.is_main):
         return None
     from tqdm import tqdm
@@ -165,8 +178,8 @@ def _progress_bar(run):
 class FinetunePhase:
     """The student finetuned for ``cfg.planned_finetune_steps()`` steps, continuing a stopped finetuning."""
 
-    def __init__(self, run, saver: CheckpointSaver, writer, log, resume_command: str) -> None:
-        self.run, self.saver, self.writer, self.log = run, saver, writer, log
+    def __init__(self, run: Run, saver: CheckpointSaver, writer: Writer, resume_command: str) -> None:
+        self.run, self.saver, self.writer = run, saver, writer
         self.resume_command = resume_command
         cfg = run.cfg
         self.opt = make_sgd(  # a fresh SGD for the student: training's settings at --finetune-lr
@@ -177,10 +190,10 @@ class FinetunePhase:
             weight_decay=cfg.weight_decay,
             device=run.device,
         )
-        self.start = saver.restore_progress(self.opt, log)
+        self.start = saver.restore_progress(self.opt)
         self.steps = cfg.planned_finetune_steps()
         self.batches = finetune_batches(run, self.start)
-        self.loaders = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers)
+        self.loaders = eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers or 0)
         self.losses: list[torch.Tensor] = []
         self.accs: dict[str, float] = {}
         run.student.train()  # DDP-wrapped under torchrun: the ranks stay in step
@@ -235,7 +248,7 @@ class FinetunePhase:
     def save(self, done: int) -> None:
         self.saver.save_progress(self.opt, done)
 
-    def interrupted(self, done: int, stop) -> Exception:
+    def interrupted(self, done: int, stop: StopSignals) -> Exception:
         return self.saver.finetune_interrupted(done, stop, self.resume_command)
 
     def progressed(self) -> None:
@@ -251,9 +264,9 @@ class FinetunePhase:
         run = self.run
         if self.steps == 0 and run.dist.is_main:
             self.accs = self._score()
-        result = {"finetune_steps": self.steps}
+        result: dict[str, float] = {"finetune_steps": self.steps}
         if run.dist.is_main:
-            self.log(f"finetuned student: test accuracy {self.accs['finetuned_acc']:.2f}%")
+            logger.info(f"finetuned student: test accuracy {self.accs['finetuned_acc']:.2f}%")
             result.update(self.accs)
         self.saver.save_finetuned()
         return result

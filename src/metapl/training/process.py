@@ -10,6 +10,8 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,7 +209,9 @@ def wrap_ddp(model: nn.Module, d: Dist, device: torch.device, *, sync_bn: bool) 
     # Buffers are not broadcast every forward: BatchNorm statistics stay per rank (or synced by SyncBatchNorm).
     # Newer torch renames the flag (and deprecates the old name); both leave the initial broadcast of rank 0's
     # parameters, which is what makes every rank start from the same weights.
-    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+    sync: dict[str, Any] = (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+    )
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **sync)
 
 
@@ -246,12 +250,12 @@ class StopSignals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __exit__(self, *_exc) -> None:
+    def __exit__(self, *_exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 

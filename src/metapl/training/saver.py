@@ -17,10 +17,13 @@ is therefore a collective that every rank calls, and rank 0 alone writes.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 
 from metapl.core import unwrap
@@ -37,6 +40,11 @@ from metapl.rundir.checkpoint import (
 from metapl.rundir.layout import FINETUNE_PROGRESS, FINETUNED, LATEST
 from metapl.training.process import StopSignals, barrier
 
+if TYPE_CHECKING:
+    from metapl.training.setup import Run
+
+logger = logging.getLogger(__name__)
+
 
 class TrainingDiverged(UserError):
     """A loss or a weight became NaN or infinite; the last good checkpoint is kept."""
@@ -50,7 +58,7 @@ class CheckpointSaver:
         run_dir: its folder.
     """
 
-    def __init__(self, run, run_dir: Path) -> None:
+    def __init__(self, run: Run, run_dir: Path) -> None:
         self.run = run
         self.run_dir = Path(run_dir)
 
@@ -135,7 +143,7 @@ class CheckpointSaver:
             return None  # another MPL step (an extended run) or other settings: finetune from the MPL checkpoint
         return progress
 
-    def restore_progress(self, opt, log) -> int:
+    def restore_progress(self, opt: torch.optim.Optimizer) -> int:
         """Load a stopped finetuning's student, optimizer and generators into the run; its step (0 if none)."""
         progress = self.finetune_progress()
         if progress is None:
@@ -145,10 +153,10 @@ class CheckpointSaver:
         opt.load_state_dict(progress["opt"])
         set_rng_state(progress["rng_ranks"][run.dist.rank])
         path = self.run_dir / FINETUNE_PROGRESS
-        log(f"finetuning continues at step {progress['done']} of {progress['steps']} ({path})")
+        logger.info(f"finetuning continues at step {progress['done']} of {progress['steps']} ({path})")
         return int(progress["done"])
 
-    def save_progress(self, opt, done: int) -> None:
+    def save_progress(self, opt: torch.optim.Optimizer, done: int) -> None:
         """Write a stopped finetuning's progress (a collective: rank 0 writes every rank's generators)."""
         run = self.run
         self.refuse_nonfinite_student()
@@ -188,6 +196,6 @@ class CheckpointSaver:
 
     def _rng_of_ranks(self) -> list:
         """Every rank's random generators, gathered on every rank (a collective)."""
-        ranks = [None] * self.run.dist.world_size
+        ranks: list[object] = [None] * self.run.dist.world_size
         dist.all_gather_object(ranks, rng_state())
         return ranks

@@ -9,12 +9,14 @@ Every file is read weights-only (``metapl.models.weights``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from metapl.config.fields import TrainConfig
+from metapl.data.stores import SourceData
 from metapl.errors import UserError
 from metapl.methods.by_name import get_method
 from metapl.models import create_model
@@ -23,10 +25,12 @@ from metapl.rundir.checkpoint import ROLES, refuse_nonfinite_weights
 from metapl.rundir.layout import FINETUNED, LATEST
 from metapl.rundir.result import read_result
 
+logger = logging.getLogger(__name__)
 
-def read_weights(source: str, log=print) -> tuple[dict[str, torch.Tensor], str]:
+
+def read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict a weights source names, and a description of it for the log (``runs/t/checkpoint.pt (ema)``);
-    ``log`` receives the line of a run folder that has not finished (``metapl.rundir.result.read_result``).
+    a run folder that has not finished gets a warning line (``metapl.rundir.result.read_result``).
 
     Raises:
         UserError: a missing file or network, a file that is not weights, non-finite weights.
@@ -36,7 +40,7 @@ def read_weights(source: str, log=print) -> tuple[dict[str, torch.Tensor], str]:
         if not (path / LATEST).is_file():
             raise UserError(f"{source} is a folder without {LATEST}; pass a metapl run folder or a weights file")
         if role is None:
-            result = read_result(path, log)
+            result = read_result(path)
             path, role = path / result.file, result.network
         else:
             path = path / LATEST
@@ -67,7 +71,7 @@ def _path_and_role(source: str) -> tuple[Path, str | None]:
 
 
 def start_model(
-    cfg: TrainConfig, role: str, data, log=print, *, replace_head: bool = True, load: bool = True
+    cfg: TrainConfig, role: str, data: SourceData, *, replace_head: bool = True, load: bool = True
 ) -> nn.Module:
     """The run's ``role`` network (``teacher`` or ``student``), built and started from its weights, if any.
 
@@ -75,7 +79,6 @@ def start_model(
         cfg: the run's config (model names, dropout, ``pretrained``, the weights sources).
         role: ``teacher`` or ``student``.
         data: the run's ``SourceData`` (class count, channels, image size).
-        log: receives what was loaded and what was replaced.
         replace_head: accept weights whose classifier has another class count (replacing it); False refuses them
             (a large teacher that only predicts must already know the data's classes).
         load: start from the configured weights; False builds the bare network (a resumed run's checkpoint has them).
@@ -91,15 +94,14 @@ def start_model(
         image_size=data.image_size,
         dropout=dropout,
         pretrained=load and cfg.pretrained in (role, "both"),
-        log=log,
     )
     source = cfg.teacher_weights if role == "teacher" else cfg.student_weights
     if source and load:
-        state, where = read_weights(source, log)
+        state, where = read_weights(source)
         if not replace_head:
             _refuse_other_classes(model, state, where, data.num_classes)
-        load_into(model, state, where, log)
-        log(f"{role} {name} starts from {where}")
+        load_into(model, state, where)
+        logger.info(f"{role} {name} starts from {where}")
     return model
 
 

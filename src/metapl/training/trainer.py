@@ -10,6 +10,7 @@ checkpoint on disk. SIGINT (Ctrl-C) and SIGTERM stop it after the current step, 
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from metapl.config.fields import FINETUNE_STEPS_IF_NONE, TrainConfig, config_from_dict
 from metapl.config.rules import check_resume
 from metapl.errors import UserError, reporting_os_errors
+from metapl.logs import RunLog, run_log
 from metapl.rundir.checkpoint import load_checkpoint
 from metapl.rundir.layout import (
     CONFIG,
@@ -37,10 +39,11 @@ from metapl.rundir.lock import is_writer_rank, run_lock
 from metapl.rundir.result import record_result
 from metapl.training.evaluation import eval_loaders, evaluate_run, run_summary
 from metapl.training.loop import run_phase
-from metapl.training.metrics import LogFile, MetricsWriter, NullWriter, require_wandb
+from metapl.training.metrics import MetricsWriter, NullWriter, Writer, require_wandb
 from metapl.training.optimizers import replan_schedules
 from metapl.training.phases import FinetunePhase, TrainingPhase
 from metapl.training.process import (
+    Dist,
     StopSignals,
     barrier,
     init_distributed,
@@ -50,18 +53,22 @@ from metapl.training.process import (
     stop_agreed,
 )
 from metapl.training.saver import CheckpointSaver
-from metapl.training.setup import build_run
+from metapl.training.setup import Run, build_run
+
+logger = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a run to ``cfg.steps`` (then finetune if asked) and return its summary.
+
+    Its lines go to the ``metapl`` logger (``metapl.logs``: printed by the ``metapl`` command, silent in a library
+    unless configured) and, on rank 0, to ``RUN_DIR/train.log``.
 
     Args:
         cfg: the resolved config; ``cfg.out`` is the run directory.
         resume: continue the run in ``cfg.out`` from its latest checkpoint.
         overwrite: start a new run in ``cfg.out`` even if it is not empty, deleting the old run's files (see
             ``metapl.rundir.layout.clear_run_files``); without it, a folder that is not empty is refused.
-        log: where progress lines go (rank 0 only).
 
     Returns:
         The summary dict also written to ``RUN_DIR/summary.json``.
@@ -76,28 +83,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         require_wandb()
     # Checked and locked before joining the process group, so no rank can have written anything yet.
     run_dir = check_out_path(cfg.out)
-    with run_lock(run_dir, command="metapl train", log=log, enabled=is_writer_rank()):
+    with run_lock(run_dir, command="metapl train", enabled=is_writer_rank()):
         run_dir = check_out_dir(cfg.out, resume=resume, overwrite=overwrite)
         d = init_distributed(device)
-        log = LogFile(log if d.is_main else (lambda *a, **k: None))  # also RUN_DIR/train.log, once the folder exists
-        try:
-            return _train(cfg, run_dir, d, device, log, resume=resume, overwrite=overwrite)
-        finally:
-            log.close()
+        with run_log() as lines:  # RUN_DIR/train.log (rank 0), once the folder exists
+            return _train(cfg, run_dir, d, device, lines, resume=resume, overwrite=overwrite)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, resume: bool, overwrite: bool) -> dict:
-    """``train`` after the run folder was checked and the process group joined; ``log`` is the run's ``LogFile``."""
+def _train(
+    cfg: TrainConfig, run_dir: Path, d: Dist, device: torch.device, lines: RunLog, *, resume: bool, overwrite: bool
+) -> dict:
+    """``train`` after the run folder was checked and the process group joined; ``lines`` is the run's ``RunLog``."""
     ckpt = load_checkpoint(run_dir / LATEST) if resume else None
     if ckpt is not None:
         _check_resume(cfg, ckpt, run_dir)
-    run, saver = _open_run(cfg, run_dir, d, device, ckpt, log, seed=cfg.seed)
+    run, saver = _open_run(cfg, run_dir, d, device, ckpt, seed=cfg.seed)
     if d.is_main:
         with reporting_os_errors(run_dir, "create"):
             run_dir.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
-            clear_run_files(run_dir, log)
-        log.open(run_dir / TRAIN_LOG)
+            clear_run_files(run_dir)
+        lines.open(run_dir / TRAIN_LOG)
         save_run_config(cfg, run_dir)
         save_run_split(run.split, run_dir)
     progress = saver.finetune_progress() if ckpt is not None else None  # a stopped finetuning keeps its records
@@ -107,42 +113,44 @@ def _train(cfg: TrainConfig, run_dir: Path, d, device: torch.device, log, *, res
         with StopSignals() as stop:
             if run.step < cfg.steps:
                 start = run.step
-                phase = TrainingPhase(run, saver, writer, log)
+                phase = TrainingPhase(run, saver, writer)
                 try:
                     run_phase(phase, run, stop)
                 finally:
                     phase.close()
-                log(f"trained steps {start}..{run.step} in {run.seconds:.0f} s (total)")
-            summary = _finish(run, saver, writer, log, stop)
+                logger.info(f"trained steps {start}..{run.step} in {run.seconds:.0f} s (total)")
+            summary = _finish(run, saver, writer, stop)
     finally:
         writer.close()
     return summary
 
 
-def _finish(run, saver: CheckpointSaver, writer, log, stop: StopSignals) -> dict:
+def _finish(run: Run, saver: CheckpointSaver, writer: Writer, stop: StopSignals) -> dict:
     """After training: the final accuracies, finetuning if planned, the result and ``summary.json``."""
     cfg = run.cfg
     if run.last_eval is not None and run.last_eval[0] == run.step:
         accs = run.last_eval[1]  # the loop just evaluated this very step
     else:
-        accs = evaluate_run(run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers))
+        accs = evaluate_run(
+            run, eval_loaders(run.data, run.split, cfg.eval_batch_size, cfg.eval_limit, cfg.workers or 0)
+        )
     if stop_agreed(stop, run.dist, run.device, synced=True):  # signalled during the last evaluation: saved already
         raise saver.interrupted(stop)
     summary = run_summary(run, accs)
     if cfg.planned_finetune_steps() > 0:
         resume = f"metapl train --resume {shlex.quote(cfg.out)}"
-        summary.update(_finetune(run, saver, writer, log, stop, resume))
+        summary.update(_finetune(run, saver, writer, stop, resume))
     if run.dist.is_main:
-        record_result(summary, cfg, log)
+        record_result(summary, cfg)
         write_summary(saver.run_dir, summary)
-        log(f"summary: {json.dumps({k: v for k, v in summary.items() if k.endswith('_acc')})}")
+        logger.info(f"summary: {json.dumps({k: v for k, v in summary.items() if k.endswith('_acc')})}")
     barrier(run.dist)
     return summary
 
 
-def _finetune(run, saver: CheckpointSaver, writer, log, stop: StopSignals | None, resume_command: str) -> dict:
+def _finetune(run: Run, saver: CheckpointSaver, writer: Writer, stop: StopSignals | None, resume_command: str) -> dict:
     """The finetuning phase, to its end; ``{"finetune_steps", "finetuned_acc", "finetuned_top5"}`` for the summary."""
-    phase = FinetunePhase(run, saver, writer, log, resume_command)
+    phase = FinetunePhase(run, saver, writer, resume_command)
     try:
         run_phase(phase, run, stop)
     finally:
@@ -150,7 +158,7 @@ def _finetune(run, saver: CheckpointSaver, writer, log, stop: StopSignals | None
     return phase.finish()
 
 
-def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, device: str | None, log=print) -> dict:
+def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, device: str | None) -> dict:
     """``metapl finetune RUN_DIR``: rebuild the run from its latest checkpoint and finetune its student.
 
     Args:
@@ -159,7 +167,6 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
             run's ``finetune_steps``, or ``FINETUNE_STEPS_IF_NONE`` (1000) when that is 0.
         lr: learning rate (default: the run's ``finetune_lr``).
         device: ``auto``/``cpu``/``cuda`` (default: the run's).
-        log: progress lines.
 
     Returns:
         The run's summary, updated with the finetuned accuracy (also written to ``summary.json``).
@@ -169,11 +176,11 @@ def finetune_run(run_dir: str | Path, *, steps: int | None, lr: float | None, de
         raise UserError(f"--steps {steps} is out of range; use an integer >= 0 (0 scores the student as it is)")
     if load_run_config(run_dir).wandb:  # a missing or damaged run is named before the folder is locked
         require_wandb()
-    with run_lock(run_dir, command="metapl finetune", log=log, enabled=is_writer_rank()):
-        return _finetune_run(run_dir, steps=steps, lr=lr, device=device, log=log)
+    with run_lock(run_dir, command="metapl finetune", enabled=is_writer_rank()):
+        return _finetune_run(run_dir, steps=steps, lr=lr, device=device)
 
 
-def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None, log) -> dict:
+def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device: str | None) -> dict:
     saved = load_run_config(run_dir)
     default = saved.planned_finetune_steps() or FINETUNE_STEPS_IF_NONE
     cfg = replace(
@@ -187,17 +194,17 @@ def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device:
     _check_resume(saved, ckpt, run_dir)  # an edited config.yaml would rebuild another run around these weights
     summary = read_summary(run_dir)  # read first: a damaged file is reported before minutes of work
     dev = select_device(cfg.device)
-    run, saver = _open_run(cfg, run_dir, init_distributed(dev), dev, ckpt, log, seed=cfg.seed + 1)
+    run, saver = _open_run(cfg, run_dir, init_distributed(dev), dev, ckpt, seed=cfg.seed + 1)
     progress = saver.finetune_progress()  # a stopped finetuning keeps the records it wrote
     writer = _writer(run, run_dir, run.step + progress["done"] if progress is not None else None)
     again = f"metapl finetune {shlex.quote(str(run_dir))} --steps {cfg.finetune_steps} --lr {cfg.finetune_lr}"
     try:
         with StopSignals() as stop:
-            summary.update(_finetune(run, saver, writer, log, stop, again))
+            summary.update(_finetune(run, saver, writer, stop, again))
     finally:
         writer.close()
     if run.dist.is_main:
-        record_result(summary, cfg, log)
+        record_result(summary, cfg)
         write_summary(run_dir, summary)
     return summary
 
@@ -206,17 +213,19 @@ def _finetune_run(run_dir: Path, *, steps: int | None, lr: float | None, device:
 # What both commands share
 
 
-def _open_run(cfg: TrainConfig, run_dir: Path, d, device: torch.device, ckpt: dict | None, log, *, seed: int):
+def _open_run(
+    cfg: TrainConfig, run_dir: Path, d: Dist, device: torch.device, ckpt: dict | None, *, seed: int
+) -> tuple[Run, CheckpointSaver]:
     """Seed (``cfg.deterministic`` kernels included), build the run, restore ``ckpt`` into it with its length
     re-planned; the run and its ``CheckpointSaver``."""
     seed_everything(seed, cfg.deterministic)
-    run = build_run(cfg, device, d, run_dir, ckpt, log)
+    run = build_run(cfg, device, d, run_dir, ckpt)
     if ckpt is not None:
         replan_schedules(run, ckpt["config"]["steps"])
     return run, CheckpointSaver(run, run_dir)
 
 
-def _writer(run, run_dir: Path, resume_step: int | None):
+def _writer(run: Run, run_dir: Path, resume_step: int | None) -> Writer:
     """The run's metrics writer, keeping the records up to ``resume_step`` (None: all); rank 0 alone writes the run's
     files, the other ranks only train."""
     if not run.dist.is_main:

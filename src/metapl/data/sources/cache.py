@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,8 @@ import numpy as np
 
 from metapl.data.sources.locking import LOCK_PREFIX, build_lock, release, try_lock
 from metapl.errors import UserError, describe_os_error
+
+logger = logging.getLogger(__name__)
 
 # Bump when the meaning of cached arrays changes (decoding, resizing, layout), so old entries are not reused.
 FORMAT_VERSION = 1
@@ -129,7 +132,7 @@ def load_or_build(
     reader: str,
     parts: dict,
     build: Callable[[], tuple[dict[str, np.ndarray], dict]],
-    log: Callable[[str], None] = print,
+    quiet: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Return cached arrays for ``(reader, parts)``, building and storing them first if they are not cached yet.
 
@@ -141,7 +144,7 @@ def load_or_build(
         parts: the key parts, see ``cache_key``.
         build: called only on a cache miss; returns ``(arrays, meta)`` where ``arrays`` maps a name (a valid file
             stem) to an array and ``meta`` is a JSON-able dict.
-        log: receives one line on a miss (where the entry is written) and one on a hit.
+        quiet: say nothing; else one line on a miss (where the entry is written) and one on a hit.
 
     Returns:
         ``(arrays, meta)``: arrays opened read-only with ``np.load(mmap_mode="r")``, and the stored meta dict.
@@ -152,20 +155,24 @@ def load_or_build(
     if final.exists():
         try:
             opened = _open_checked(final, key)
-            log(f"using cached arrays in {final}")
+            if not quiet:
+                logger.info(f"using cached arrays in {final}")
             return opened
         except _Damaged as e:
-            log(f"cache entry {final} is damaged ({e}); rebuilding it")
+            if not quiet:
+                logger.info(f"cache entry {final} is damaged ({e}); rebuilding it")
 
-    with build_lock(final, log) as locked:
+    with build_lock(final, quiet=quiet) as locked:
         if locked:  # another process may have built it while this one waited; a killed one left nothing to trust
             remove_leftovers(root, holding=final.name)
             with contextlib.suppress(_Damaged):
                 opened = _open_checked(final, key)
-                log(f"using cached arrays in {final} (built by another process)")
+                if not quiet:
+                    logger.info(f"using cached arrays in {final} (built by another process)")
                 return opened
         _write_entry(final, key, build)
-    log(f"cached decoded arrays in {final} (delete the folder to clear it)")
+    if not quiet:
+        logger.info(f"cached decoded arrays in {final} (delete the folder to clear it)")
     return _open_checked(final, key)
 
 
@@ -177,7 +184,7 @@ def remove_leftovers(root: Path, holding: str | None = None) -> None:
         names = [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-", LOCK_PREFIX))]
     except OSError:
         return
-    entries = {m.group(2): [] for name in names if (m := _LEFTOVER.match(name))}
+    entries: dict[str, list[Path]] = {m.group(2): [] for name in names if (m := _LEFTOVER.match(name))}
     for name in names:
         if (m := _LEFTOVER.match(name)) is not None:
             entries[m.group(2)].append(root / name)

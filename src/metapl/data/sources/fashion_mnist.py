@@ -4,16 +4,20 @@ in ``--data-dir``, torchvision's download folder or where Debian's ``dataset-fas
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from metapl.data.sources import cache
 from metapl.data.sources.imagetree import resize_arrays
 from metapl.data.sources.readers import DEFAULT_DATA_DIR, DatasetStats, ReadOptions, cached_source, register_source
 from metapl.data.stores import SourceData
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST = DatasetStats((0.2860,), (0.3530,), hflip=True)
 _FASHION_CLASSES = [
@@ -44,7 +48,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise UserError(f"cannot read {path} ({e}); replace it with an intact copy") from e
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     # Header: two zero bytes, a dtype code, the number of dimensions, then each dimension as big-endian uint32.
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in dtypes:
         raise UserError(f"{path} is not an IDX file; point --data-dir at the original Fashion-MNIST files")
@@ -84,14 +88,14 @@ def _check_fashion_shapes(arrays: dict[str, np.ndarray], files: dict[str, Path])
 @register_source("fashion-mnist")
 def read_fashion_mnist(o: ReadOptions) -> SourceData:
     """Fashion-MNIST's IDX files (gzip-compressed or not), downloaded by torchvision when ``o.download``."""
-    image_size, log = o.image_size, o.log
+    image_size = o.image_size
     root = Path(o.data_dir or DEFAULT_DATA_DIR).expanduser()
     dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist", FASHION_SYSTEM_DIR]
     files = _find_fashion(dirs)
     if files is None and o.download:
         from torchvision import datasets
 
-        log(f"downloading Fashion-MNIST into {root}")
+        logger.info(f"downloading Fashion-MNIST into {root}")
         try:
             datasets.FashionMNIST(str(root), download=True)
         except (OSError, RuntimeError, ValueError) as e:
@@ -103,7 +107,7 @@ def read_fashion_mnist(o: ReadOptions) -> SourceData:
             "pass --download or point --data-dir at the four *-ubyte[.gz] IDX files"
         )
 
-    def build():
+    def build() -> tuple[dict[str, np.ndarray], dict]:
         arrays = {key: read_idx(path) for key, path in files.items()}
         _check_fashion_shapes(arrays, files)
         for split in ("train", "test"):
@@ -121,5 +125,5 @@ def read_fashion_mnist(o: ReadOptions) -> SourceData:
         return arrays, {"classes": _FASHION_CLASSES}
 
     parts = {"source": [cache.fingerprint(files[k]) for k in sorted(files)], "image_size": image_size}
-    arrays, meta = cache.load_or_build(o.cache_dir, "fashion-mnist", parts, build, log)
+    arrays, meta = cache.load_or_build(o.cache_dir, "fashion-mnist", parts, build)
     return cached_source(arrays, meta["classes"], FASHION_MNIST)

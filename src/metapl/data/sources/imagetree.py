@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import logging
 import lzma
 import multiprocessing
 import os
@@ -18,9 +19,10 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import IO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,6 +30,8 @@ from PIL import Image, ImageOps
 from metapl.data.sources.cache import walk_folder
 from metapl.data.stores import printable
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -93,7 +97,8 @@ def _clean(name: str) -> str:
 
 def _list_tree(path: Path) -> tuple[list[str], set[str]]:
     """Relative POSIX paths of the files and folders below ``path`` (a folder or a tar), hidden entries left out."""
-    files, dirs = [], set()
+    files: list[str] = []
+    dirs: set[str] = set()
     if archive_or_folder(path) == "folder":
         for root, subdirs, names in walk_folder(path):
             rel = Path(root).relative_to(path).as_posix()
@@ -194,6 +199,7 @@ def _plan_tree(source: Path, files: list[str], dirs: set[str]) -> tuple[list[str
         raise UserError(f"{source} has only one class folder ({classes[0]}); a classifier needs at least two")
     for split in ("test", "val"):
         if split in per_tree and set(per_tree[split]) != set(classes):
+            assert folders is not None  # a test/ or val/ tree has its folder
             name = folders[split]
             only_train = sorted(set(classes) - set(per_tree[split]))
             only_other = sorted(set(per_tree[split]) - set(classes))
@@ -238,7 +244,6 @@ def decode_tree(
     *,
     image_size: int | None,
     skip_corrupt: bool,
-    log: Callable[[str], None] = print,
     flat: bool = False,
     channels: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
@@ -249,7 +254,6 @@ def decode_tree(
         image_size: resize (shorter side, then centre crop) to this square size; without it all images must share
             one square size.
         skip_corrupt: leave out unreadable images (listed in ``meta["skipped"]``) instead of raising.
-        log: receives progress lines.
         flat: ignore folder structure and label everything -1 (``--unlabeled-dir``).
         channels: force 1 (grayscale) or 3 (RGB) channels; ``None`` picks 1 only when every image is grayscale.
 
@@ -264,11 +268,11 @@ def decode_tree(
         classes, plan, folders = plan_layout(path)
     entries = [entry for split_entries in plan.values() for entry in split_entries]
     n = len(entries)
-    log(f"decoding {n} images from {path} (once: later runs read the cache)")
+    logger.info(f"decoding {n} images from {path} (once: later runs read the cache)")
     start = time.perf_counter()
     force_mode = {None: None, 1: "L", 3: "RGB"}[channels]
     images, ok, skipped = _decode_entries(path, [f for f, _ in entries], image_size, force_mode, skip_corrupt)
-    log(f"decoded {n} images in {time.perf_counter() - start:.1f} s")
+    logger.info(f"decoded {n} images in {time.perf_counter() - start:.1f} s")
     if images.shape[1] != images.shape[2]:
         raise UserError(
             f"images in {path} are {images.shape[1]}x{images.shape[2]}, not square; pass --image-size N to crop them"
@@ -295,13 +299,18 @@ def _per_split(plan: dict, images: np.ndarray, labels: np.ndarray, ok: np.ndarra
     return arrays
 
 
-def _decode_entries(path, names, image_size, force_mode, skip_corrupt):
+def _decode_entries(
+    path: Path, names: list[str], image_size: int | None, force_mode: str | None, skip_corrupt: bool
+) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
     """Decode ``names`` (in that order) into one array; returns ``(images, ok mask, skipped [name, reason] list)``."""
     slots = {name: i for i, name in enumerate(names)}
-    images, ok, skipped, size_of = None, np.zeros(len(names), dtype=bool), [], {}
+    images, ok = None, np.zeros(len(names), dtype=bool)
+    skipped: list[list[str]] = []
+    size_of: tuple[str, tuple[int, ...]] = ("", ())  # the first image's name and size
     for slot, array, reason in _decode_parallel(path, slots, image_size, force_mode):
         if array is None:
-            name, reason = printable(names[slot]), printable(reason)  # the messages and meta.json hold text only
+            # The messages and meta.json hold text only; a missing array always comes with its reason.
+            name, reason = printable(names[slot]), printable(str(reason))
             if not skip_corrupt:
                 raise UserError(f"cannot read image {name} ({reason}); fix or delete it, or pass --skip-corrupt")
             skipped.append([name, reason])
@@ -323,7 +332,9 @@ def _decode_entries(path, names, image_size, force_mode, skip_corrupt):
     return images, ok, skipped
 
 
-def _decode_parallel(path: Path, slots: dict[str, int], image_size, force_mode) -> Iterator[tuple]:
+def _decode_parallel(
+    path: Path, slots: dict[str, int], image_size: int | None, force_mode: str | None
+) -> Iterator[_Decoded]:
     """Yield ``(slot, array or None, reason)`` per image, decoding chunks in worker processes when there are many."""
     tasks = ((chunk, image_size, force_mode) for chunk in _batched(_read_entries(path, slots), _CHUNK))
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
@@ -345,12 +356,14 @@ def _read_entries(path: Path, slots: dict[str, int]) -> Iterator[tuple[int, byte
             yield slot, str(path / name)
         return
     for tf, member in _iter_tar(path):
-        slot = slots.get(_clean(member.name)) if member.isfile() else None
-        if slot is not None:
-            yield slot, tf.extractfile(member).read()
+        found = slots.get(_clean(member.name)) if member.isfile() else None
+        if found is not None:
+            file = tf.extractfile(member)
+            assert file is not None  # a regular member
+            yield found, file.read()
 
 
-_DECOMPRESSORS = {
+_DECOMPRESSORS: dict[bytes, Callable[[IO[bytes]], io.BufferedIOBase]] = {
     b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f),
     b"BZh": bz2.BZ2File,
     b"\xfd7zXZ\x00": lzma.LZMAFile,
@@ -385,25 +398,34 @@ def _iter_tar(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
         raise UserError(f"cannot read archive {path} ({e}); check the file (a cut-off copy?) or extract it") from e
 
 
-def _batched(items, n):
+_T = TypeVar("_T")
+
+
+def _batched(items: Iterable[_T], n: int) -> Iterator[list[_T]]:
     it = iter(items)
     while chunk := list(islice(it, n)):
         yield chunk
 
 
-def _decode_chunk(task) -> list[tuple[int, np.ndarray | None, str | None]]:
+def _decode_chunk(task: tuple[list[tuple[int, bytes | str]], int | None, str | None]) -> list[_Decoded]:
     chunk, image_size, force_mode = task
     return [_decode_one(slot, src, image_size, force_mode) for slot, src in chunk]
 
 
-def _decode_one(slot, src, image_size, force_mode):
+# An image's slot, its pixels (None: unreadable) and why it is unreadable.
+_Decoded = tuple[int, np.ndarray | None, str | None]
+
+
+def _decode_one(slot: int, src: bytes | str, image_size: int | None, force_mode: str | None) -> _Decoded:
     try:
         return slot, decode_image(src, image_size, force_mode), None
     except Exception as e:  # Pillow raises many exception types for broken files; all of them mean "unreadable"
         return slot, None, f"{type(e).__name__}: {e}"
 
 
-def decode_image(src, image_size: int | None, mode: str | None = None) -> np.ndarray:
+def decode_image(
+    src: bytes | str | os.PathLike[str] | IO[bytes], image_size: int | None, mode: str | None = None
+) -> np.ndarray:
     """Decode one image file as the folder cache does: the one decoder of training, ``eval`` and ``predict``.
 
     Args:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 from metapl.data.sources.folder import read_unlabeled
 from metapl.data.sources.readers import ReadOptions, can_stream, get_reader, list_sources
 from metapl.data.stores import SourceData
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def load_dataset(
@@ -21,7 +23,6 @@ def load_dataset(
     cache_dir: str | None = None,
     skip_corrupt: bool = False,
     seed: int = 0,
-    log: Callable[[str], None] = print,
     data_path: str | None = None,
     stream_above: int | None = None,
 ) -> SourceData:
@@ -41,7 +42,6 @@ def load_dataset(
         cache_dir: cache root (default ``$METAPL_CACHE_DIR`` or ``~/.cache/metapl``).
         skip_corrupt: skip unreadable images with a warning instead of stopping.
         seed: seeds the train/test split of ``digits`` and of folders without ``test/``.
-        log: receives progress lines.
         data_path: ``cache`` (decode once into the cache), ``stream`` (keep file paths, decode in the loader workers;
             ``folder`` data sets; ``shards`` always stream) or ``auto`` (stream a folder whose decoded size exceeds
             ``stream_above``); None: ``stream`` for ``shards``, else ``cache``.
@@ -53,12 +53,12 @@ def load_dataset(
     name = name.lower().replace("_", "-")
     _check_request(name, image_size, data_path)
     opts = ReadOptions(
-        data_dir, download, image_size, test_fraction, cache_dir, skip_corrupt, seed, log, data_path, stream_above
+        data_dir, download, image_size, test_fraction, cache_dir, skip_corrupt, seed, data_path, stream_above
     )
     data = get_reader(name)(opts)
     if unlabeled_dir is not None:
         data.extra_unlabeled = read_unlabeled(unlabeled_dir, data, opts)
-    log(_summary(name, data))
+    logger.info(_summary(name, data))
     return data
 
 

@@ -10,6 +10,7 @@ whole.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,13 +18,15 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; concurrent runs each build, and the first rename wins
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module, or None where it does not exist
+
+logger = logging.getLogger(__name__)
 
 LOCK_PREFIX = ".lock-"
 
 
 @contextlib.contextmanager
-def build_lock(path: str | os.PathLike, log: Callable[[str], None] = print) -> Iterator[bool]:
+def build_lock(path: str | os.PathLike, *, quiet: bool = False) -> Iterator[bool]:
     """Hold the build lock of one cache entry (a folder or a file), waiting while another process holds it.
 
     The lock is an advisory ``flock`` on ``.lock-<name>`` beside ``path``; the kernel releases it when its holder
@@ -33,13 +36,18 @@ def build_lock(path: str | os.PathLike, log: Callable[[str], None] = print) -> I
     Args:
         path: the entry, e.g. ``<cache>/folder-0123456789abcdef`` or ``<cache>/predictions/<digest>.npz``; its folder
             is created if need be.
-        log: receives one line when this process has to wait for another's build.
+        quiet: say nothing; else one line (``logging``) when this process has to wait for another's build.
 
     Yields:
         True while the lock is held; False where locking is unavailable (no ``fcntl``, a file system without locks,
         a folder that cannot be written): then concurrent processes each build, and should rename atomically.
     """
-    fd = _acquire(lock_file(path), wait=True, log=lambda who: log(f"waiting for {who} to finish building {path}"))
+
+    def say(who: str) -> None:
+        if not quiet:
+            logger.info(f"waiting for {who} to finish building {path}")
+
+    fd = _acquire(lock_file(path), wait=True, log=say)
     try:
         yield fd is not None
     finally:
@@ -57,7 +65,7 @@ def try_lock(path: str | os.PathLike) -> int | None:
     return _acquire(lock_file(path), wait=False)
 
 
-def _acquire(lock: Path, *, wait: bool, log: Callable[[str], None] = print) -> int | None:
+def _acquire(lock: Path, *, wait: bool, log: Callable[[str], None] | None = None) -> int | None:
     """An open descriptor holding ``lock`` exclusively, or None (locking unavailable, or held and ``wait`` False)."""
     if fcntl is None:
         return None
@@ -74,8 +82,9 @@ def _acquire(lock: Path, *, wait: bool, log: Callable[[str], None] = print) -> i
                 if not wait:
                     os.close(fd)
                     return None
-                log(_holder(fd))
-                log = _quiet  # one line, however often the lock file is replaced while this process waits
+                if log is not None:
+                    log(_holder(fd))
+                log = None  # one line, however often the lock file is replaced while this process waits
                 fcntl.flock(fd, fcntl.LOCK_EX)
             # The previous holder unlinks the file before it lets go: a lock on a file no longer at that path guards
             # nothing, so take the current one.
@@ -90,10 +99,6 @@ def _acquire(lock: Path, *, wait: bool, log: Callable[[str], None] = print) -> i
             os.close(fd)
             return None
         os.close(fd)
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def _holder(fd: int) -> str:

@@ -4,7 +4,9 @@ torchvision's ``cifar10`` / ``cifar100`` / ``svhn`` files (CIFAR also reads an I
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,8 @@ from metapl.data.sources.readers import (
 )
 from metapl.data.stores import ImageArrays, SourceData
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # -- digits: bundled with scikit-learn, needs no files -----------------------------------------------------------------
 
@@ -108,7 +112,7 @@ def _tv_files(name: str, root: Path) -> list[Path]:
     return [root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")]
 
 
-def _tv_dataset(name: str, root: Path, train: bool, download: bool):
+def _tv_dataset(name: str, root: Path, train: bool, download: bool) -> Any:  # a torchvision data set
     from torchvision import datasets
 
     if name == "svhn":
@@ -119,20 +123,20 @@ def _tv_dataset(name: str, root: Path, train: bool, download: bool):
 
 def read_torchvision(name: str, stats: DatasetStats, o: ReadOptions) -> SourceData:
     """CIFAR-10, CIFAR-100 or SVHN from torchvision's files under ``o.data_dir`` (downloaded when ``o.download``)."""
-    image_size, log = o.image_size, o.log
+    image_size = o.image_size
     root = Path(o.data_dir or DEFAULT_DATA_DIR).expanduser()
     pretty = _PRETTY[name]
     if not all(p.exists() for p in _tv_files(name, root)):
         if not o.download:
             raise UserError(f"{pretty} not found in {root}; pass --download or point --data-dir at an existing copy")
-        log(f"downloading {pretty} into {root}")
+        logger.info(f"downloading {pretty} into {root}")
         try:
             for train in (True, False):
                 _tv_dataset(name, root, train, download=True)
         except (OSError, RuntimeError, ValueError) as e:
             raise UserError(f"could not download {pretty} into {root} ({e}); check the network or copy it there") from e
 
-    def build():
+    def build() -> tuple[dict[str, np.ndarray], dict]:
         arrays = {}
         for split in ("train", "test"):
             try:
@@ -151,5 +155,5 @@ def read_torchvision(name: str, stats: DatasetStats, o: ReadOptions) -> SourceDa
         return arrays, {"classes": classes}
 
     parts = {"source": [cache.fingerprint(p) for p in _tv_files(name, root)], "image_size": image_size}
-    arrays, meta = cache.load_or_build(o.cache_dir, name, parts, build, log)
+    arrays, meta = cache.load_or_build(o.cache_dir, name, parts, build)
     return cached_source(arrays, meta["classes"], stats)

@@ -29,7 +29,6 @@ class ReadOptions:
     cache_dir: str | None
     skip_corrupt: bool
     seed: int
-    log: Callable[[str], None]
     data_path: str | None = None  # auto, cache or stream (folders only; None: the reader's own default)
     stream_above: int | None = None  # decoded bytes above which auto streams; None: streamed.STREAM_ABOVE_BYTES
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 from metapl.data.sources.imagetree import plan_images
@@ -15,10 +15,10 @@ from metapl.data.sources.shards import CLASSES_FILE, IMAGE_EXTS, LABEL_EXT, SHAR
 from metapl.data.stores import open_rgb
 from metapl.errors import UserError, reporting_os_errors
 
+logger = logging.getLogger(__name__)
 
-def write_shards(
-    src: str | Path, out: str | Path, *, per_shard: int, skip_corrupt: bool = False, log: Callable[[str], None] = print
-) -> dict:
+
+def write_shards(src: str | Path, out: str | Path, *, per_shard: int, skip_corrupt: bool = False) -> dict:
     """Write an image-folder tree as tar shards with a class list (``metapl shards``).
 
     Every image is decoded first: an unreadable one stops the command in one line naming it, before any shard is
@@ -29,7 +29,6 @@ def write_shards(
         out: the shard folder to write; it must not hold shards yet.
         per_shard: samples per shard.
         skip_corrupt: leave unreadable images out (named) instead of stopping.
-        log: receives one line per split and per skipped image.
 
     Returns:
         ``{"classes": [...], "train": images, "test": images}`` (``test`` only for a tree with ``test/``), as written
@@ -43,7 +42,7 @@ def write_shards(
     if out.is_dir() and (any(out.glob(SHARD_GLOB)) or (out / CLASSES_FILE).exists()):
         raise UserError(f"{out} already holds shards; choose an empty OUT_DIR or delete its .tar files")
     classes, plan = plan_images(src)
-    plan = {split: _readable(src, entries, skip_corrupt, log) for split, entries in plan.items()}
+    plan = {split: _readable(src, entries, skip_corrupt) for split, entries in plan.items()}
     with reporting_os_errors(out, "create"):
         out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"classes": classes}
@@ -53,13 +52,13 @@ def write_shards(
         for s, start in enumerate(starts):
             _write_shard(out / shard_name(name, s), src, entries[start : start + per_shard], name, start)
         summary[name] = len(entries)
-        log(f"{name}: {len(entries)} images in {len(starts)} shards of up to {per_shard} in {out}")
+        logger.info(f"{name}: {len(entries)} images in {len(starts)} shards of up to {per_shard} in {out}")
     with reporting_os_errors(out / CLASSES_FILE):  # written last: its presence marks a complete shard folder
         (out / CLASSES_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def _readable(src: Path, entries: list[tuple[str, int]], skip_corrupt: bool, log) -> list[tuple[str, int]]:
+def _readable(src: Path, entries: list[tuple[str, int]], skip_corrupt: bool) -> list[tuple[str, int]]:
     """The entries whose image decodes; an unreadable one is a one-line error, or a warning with ``skip_corrupt``."""
     kept = []
     for name, label in entries:
@@ -68,7 +67,7 @@ def _readable(src: Path, entries: list[tuple[str, int]], skip_corrupt: bool, log
         except UserError as e:
             if not skip_corrupt:
                 raise UserError(f"{e}, or pass --skip-corrupt to leave it out") from None
-            log("warning: skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
+            logger.warning("skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
             continue
         kept.append((name, label))
     return kept

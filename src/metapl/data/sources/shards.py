@@ -16,15 +16,19 @@ resume work unchanged. ``rank_unlabeled_items`` gives each rank the unlabeled im
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
+import logging
 import os
 import re
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 
 from metapl.data.sources import cache, streamed
@@ -32,6 +36,8 @@ from metapl.data.sources.folder import check_test_fraction, holdout
 from metapl.data.sources.readers import ReadOptions, register_source
 from metapl.data.stores import SourceData, StreamedImages, StringTable, open_rgb
 from metapl.errors import UserError, reporting_os_errors
+
+logger = logging.getLogger(__name__)
 
 CLASSES_FILE = "classes.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png")  # what a sample's image member may be called; other formats are written as PNG
@@ -95,16 +101,18 @@ def read_shards(o: ReadOptions) -> SourceData:
     if o.data_path == "cache":
         raise UserError("tar shards are always streamed; drop --data-path cache, or extract them into an image folder")
     folder, found = find_shards(o.data_dir)
-    sets = {split: load_shards(paths, o.image_size, o.cache_dir) for split, paths in found.items()}
+    sets: dict[str, StreamedImages] = {
+        split: load_shards(paths, o.image_size, o.cache_dir) for split, paths in found.items()
+    }
     classes = read_classes(folder, np.concatenate([s.labels for s in sets.values()]))
     images, shards = sum(map(len, sets.values())), sum(map(len, found.values()))
-    o.log(f"streaming {images} images from {shards} tar shards in {folder}: decoded in the loader workers")
+    logger.info(f"streaming {images} images from {shards} tar shards in {folder}: decoded in the loader workers")
     if "all" in sets:
         check_test_fraction(o.test_fraction)
         train_idx, test_idx = holdout(sets["all"].labels, o.test_fraction, o.seed)
         sets = {"train": sets["all"].take(train_idx), "test": sets["all"].take(test_idx)}
     if o.skip_corrupt:  # decoded once up front, so that training never meets an unreadable image
-        sets = {split: streamed.drop_unreadable(images, o.log) for split, images in sets.items()}
+        sets = {split: streamed.drop_unreadable(images) for split, images in sets.items()}
     mean, std = streamed.sample_stats(sets["train"].images)
     return SourceData(sets["train"], sets["test"], None, classes, mean, std, hflip=True)
 
@@ -148,7 +156,16 @@ class ShardImages(StreamedImages):
         size: side of the evaluation view.
     """
 
-    def __init__(self, shards: list[str], shard_of, offsets, sizes, keys: StringTable, labels, size: int):
+    def __init__(
+        self,
+        shards: Sequence[str | os.PathLike[str]],
+        shard_of: ArrayLike,
+        offsets: ArrayLike,
+        sizes: ArrayLike,
+        keys: StringTable,
+        labels: ArrayLike,
+        size: int,
+    ) -> None:
         self.shards, self.keys, self.size = [str(p) for p in shards], keys, int(size)
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
@@ -173,7 +190,7 @@ class ShardImages(StreamedImages):
         name = f"{self.keys[i]} in shard {self.shards[self.shard_of[i]]}"
         return open_rgb(io.BytesIO(self.read(i)), min_side, name=name)
 
-    def take(self, rows) -> ShardImages:
+    def take(self, rows: ArrayLike) -> ShardImages:
         rows = np.asarray(rows, dtype=np.int64)
         picked = (self.shard_of[rows], self.offsets[rows], self.sizes[rows], self.keys.take(rows), self.labels[rows])
         return ShardImages(self.shards, *picked, self.size)
@@ -198,9 +215,10 @@ def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> ShardIma
     """
     parts = []
     for path in paths:
-        # Keyed by the shard's path, size and mtime: a rewritten shard is indexed again.
+        # Keyed by the shard's path, size and mtime: a rewritten shard is indexed again. Quiet: a run may read
+        # thousands of shards.
         key = {"source": cache.fingerprint(path)}
-        arrays, _ = cache.load_or_build(cache_dir, "shard-index", key, lambda path=path: index_shard(path), log=_quiet)
+        arrays, _ = cache.load_or_build(cache_dir, "shard-index", key, functools.partial(index_shard, path), quiet=True)
         parts.append(arrays)
     counts = [len(a["labels"]) for a in parts]
     starts = np.cumsum([0] + [len(a["key_blob"]) for a in parts[:-1]])  # each shard's keys, after the earlier ones'
@@ -214,10 +232,6 @@ def load_shards(paths: list[Path], size: int, cache_dir: str | None) -> ShardIma
     return ShardImages(paths, shard_of, joined("offsets"), joined("sizes"), keys, joined("labels"), size)
 
 
-def _quiet(_line: str) -> None:
-    """Indexing a shard says nothing: a run may read thousands of them."""
-
-
 def index_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Index one shard: every sample's image offset and size, and its label from its ``.cls`` member.
 
@@ -228,7 +242,7 @@ def index_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         ``(arrays, meta)`` for ``cache.load_or_build``: ``offsets``, ``sizes``, ``labels``, ``key_offsets``,
         ``key_blob`` (the keys as a ``StringTable``), in the order the samples first appear in the shard.
     """
-    samples: dict[str, dict[str, object]] = {}
+    samples: dict[str, dict[str, bytes | tuple[int, int]]] = {}
     end = path.stat().st_size
     try:
         with tarfile.open(path, "r:") as tf:  # "r:": compressed shards cannot be read by offset, so refuse them
@@ -240,7 +254,9 @@ def index_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
                 if member.offset_data + member.size > end:
                     raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
                 if ext == LABEL_EXT:
-                    samples.setdefault(key, {})[ext] = tf.extractfile(member).read()
+                    file = tf.extractfile(member)
+                    assert file is not None  # a regular member
+                    samples.setdefault(key, {})[ext] = file.read()
                 elif ext in IMAGE_EXTS:
                     if any(e in samples.get(key, {}) for e in IMAGE_EXTS):
                         raise UserError(f"sample {key} in shard {path} has two images; keep one per key")
@@ -256,7 +272,7 @@ def index_shard(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return _index_arrays(path, samples), {}
 
 
-def _index_arrays(path: Path, samples: dict[str, dict[str, object]]) -> dict[str, np.ndarray]:
+def _index_arrays(path: Path, samples: dict[str, dict[str, bytes | tuple[int, int]]]) -> dict[str, np.ndarray]:
     """The index arrays of one shard's samples (see ``index_shard``), refusing incomplete samples."""
     if not samples:
         raise UserError(f"shard {path} holds no samples; expected <key>.jpg + <key>.cls pairs")
@@ -267,7 +283,9 @@ def _index_arrays(path: Path, samples: dict[str, dict[str, object]]) -> dict[str
             raise UserError(f"sample {key} in shard {path} has no image (.jpg, .jpeg or .png); add it or drop {key}.*")
         if LABEL_EXT not in parts:
             raise UserError(f"sample {key} in shard {path} has no {key}.cls (its class index); add it or drop {key}.*")
-        text = parts[LABEL_EXT].decode("utf-8", "replace").strip()
+        label = parts[LABEL_EXT]
+        assert isinstance(label, bytes) and isinstance(image, tuple)  # a .cls's text; an image's (offset, size)
+        text = label.decode("utf-8", "replace").strip()
         if not text.isdigit():
             raise UserError(f"{key}.cls in shard {path} holds {text[:20]!r}, not a class index; write it as text")
         offsets.append(image[0])
@@ -283,7 +301,7 @@ def _index_arrays(path: Path, samples: dict[str, dict[str, object]]) -> dict[str
     }
 
 
-def rank_unlabeled_items(data, unlabeled: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+def rank_unlabeled_items(data: SourceData, unlabeled: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """The unlabeled stream's items that rank ``rank`` reads under ``--per-rank-shards``: those of its own shards.
 
     Shards are dealt round-robin by global rank (shard ``s`` to rank ``s % world_size``); when their number is not a

@@ -9,14 +9,18 @@ normalisation from a sample, and ``drop_unreadable`` is ``--skip-corrupt`` witho
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 
 from metapl.data.stores import EvalViews, StreamedImages, StringTable, open_rgb
 from metapl.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # Decoded size above which ``--data-path auto`` streams instead of caching. 8 GiB: every data set this package knew
 # before (CIFAR, SVHN, Fashion-MNIST, small folders) stays far below it at its native size (SVHN with extra: 1.9 GB),
@@ -100,7 +104,7 @@ class FolderImages(StreamedImages):
     def open(self, i: int, min_side: int | None = None) -> Image.Image:
         return open_rgb(self.file(i), min_side)
 
-    def take(self, rows) -> FolderImages:
+    def take(self, rows: ArrayLike) -> FolderImages:
         rows = np.asarray(rows, dtype=np.int64)
         return FolderImages(self.root, self.paths.take(rows), self.labels[rows], self.size)
 
@@ -129,14 +133,13 @@ def sample_stats(images: EvalViews, samples: int = STATS_SAMPLES) -> tuple[tuple
     return tuple(round(float(m), 4) for m in pixels.mean(0)), tuple(round(float(s), 4) for s in pixels.std(0))
 
 
-def drop_unreadable(files: StreamedImages, log) -> StreamedImages:
+def drop_unreadable(files: StreamedImages) -> StreamedImages:
     """``--skip-corrupt`` on a streamed set: decode every image once, up front, and drop the unreadable ones, each
     named in a warning line. A full decoding pass (what the cache path does anyway), so that training never meets an
     unreadable file later; without ``--skip-corrupt`` training stops at the first one, in one line naming it.
 
     Args:
         files: the streamed images (files in a folder or members of tar shards).
-        log: receives one ``warning: skipped unreadable image ...`` line per dropped image.
 
     Returns:
         ``files`` without the unreadable images (the same object when all are readable).
@@ -147,7 +150,7 @@ def drop_unreadable(files: StreamedImages, log) -> StreamedImages:
             files.open(i)
         except UserError as e:
             bad.append(i)
-            log("warning: skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
+            logger.warning("skipped unreadable image " + str(e).split("; fix")[0].removeprefix("cannot read image "))
     if not bad:
         return files
     return files.take(np.setdiff1d(np.arange(len(files)), bad))

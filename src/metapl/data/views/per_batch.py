@@ -226,7 +226,9 @@ class BatchView:
             x = kernels.cutout(x, cy, cx, self.cutout, fill)
         return kernels.normalize(x, mean, std)
 
-    def _crop_flip(self, images: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
+    def _crop_flip(
+        self, images: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor
+    ) -> torch.Tensor:
         """Flip, then crop the reflect-padded image: one gather, as ``RandomFlip`` + ``ReflectPadCrop``."""
         n, _, height, width = images.shape
         if min(height, width) + 2 * self.padding < self.size:

@@ -12,6 +12,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from metapl.data.stores import SourceData
 
 import torch
 
@@ -48,7 +52,7 @@ class ViewSpec:
     randaug_m: int = 0
     cutout: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.crop not in CROPS:
             raise ValueError(f"unknown crop {self.crop!r}; choose one of {', '.join(CROPS)}")
         object.__setattr__(self, "mean", tuple(self.mean))
@@ -80,7 +84,7 @@ def weak_view(
     Returns:
         The ``ViewSpec``.
     """
-    return ViewSpec(image_size, hflip, mean, std, crop=crop)
+    return ViewSpec(image_size, hflip, tuple(mean), tuple(std), crop=crop)
 
 
 def strong_view(
@@ -110,10 +114,10 @@ def strong_view(
         The ``ViewSpec``.
     """
     side = image_size // 2 if cutout is None else cutout
-    return ViewSpec(image_size, hflip, mean, std, crop, int(randaug_n), int(randaug_m), int(side))
+    return ViewSpec(image_size, hflip, tuple(mean), tuple(std), crop, int(randaug_n), int(randaug_m), int(side))
 
 
-def train_crop(data) -> str:
+def train_crop(data: SourceData) -> str:
     """The training views' crop for a ``SourceData``: ``"resized"`` (RandomResizedCrop) for streamed images, whose
     sizes differ, ``"pad"`` (the reflect-padded crop of the paper's CIFAR recipe) for cached arrays."""
     return "resized" if data.streamed else "pad"
