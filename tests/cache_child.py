@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 
 from metapl.data import load_dataset
 from metapl.data.sources import cache, folder
-from metapl.logs import capture
+from metapl.logs import LineFormatter
 
 
 def digest(data) -> str:
@@ -72,10 +73,12 @@ def main(argv: list[str]) -> int:
         log("ready")
         while not Path(args.go).exists():
             time.sleep(0.02)
-    with capture() as lines:
-        data = load_dataset("folder", args.tree, cache_dir=args.cache)
-    for line in lines:
-        log(line)
+    # metapl's lines go to the log file as they come (the parent waits for "waiting for ..." while this one waits).
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(LineFormatter())
+    logging.getLogger("metapl").addHandler(handler)
+    logging.getLogger("metapl").setLevel(logging.INFO)
+    data = load_dataset("folder", args.tree, cache_dir=args.cache)
     log(f"digest {digest(data)}")
     log("done")
     return 0
