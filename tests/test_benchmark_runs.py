@@ -18,7 +18,7 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
     ablation = benchmark_module("ablation")
     root, cache = tmp_path / "runs", tmp_path / "cache"
     common = ["--protocol", "fashion", "--root", str(root), "--steps", "2", "--cache-dir", str(cache)]
-    assert ablation.main([*common, "--rows", "labels-only,uda-distill", "--seeds", "0,1"]) == 0
+    assert ablation.main([*common, "--rows", "labels-only,uda-distill,fixmatch", "--seeds", "0,1"]) == 0
     first = root / "fashion" / "labels-only" / "seed0" / "summary.json"
     stamp = first.stat().st_mtime_ns
     assert ablation.main([*common, "--rows", "labels-only", "--seeds", "0"]) == 0  # finished: not trained again
@@ -29,6 +29,8 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
     # Every final model gets the same optimizer-step count: 2 MPL steps + 1 finetuning step vs 3 labels-only steps.
     assert labels_only["steps"] == 3 and "finetuned_acc" not in labels_only
     assert distilled["steps"] == 2 and distilled["finetune_steps"] == 1
+    fixmatch = json.loads((root / "fashion" / "fixmatch" / "seed0" / "summary.json").read_text())
+    assert fixmatch["steps"] == 3 and "finetuned_acc" not in fixmatch  # one network, no finetuning: as labels-only
     # Seeds are paired: the same labeled split for every row of a seed.
     splits = {
         row: json.loads((root / "fashion" / row / "seed1" / "split.json").read_text())["labeled"]
@@ -47,6 +49,11 @@ def test_ablation_runs_in_pieces_pairs_seeds_and_reports(fashion_dir, tmp_path):
     diffs = [runs["uda-distill"][s]["final"] - runs["labels-only"][s]["final"] for s in (0, 1)]
     mean = sum(diffs) / 2
     assert f"| uda-distill − labels-only | 2 | {mean:+.2f} |" in table
+    fixmatch_diffs = [runs["fixmatch"][s]["final"] - runs["uda-distill"][s]["final"] for s in (0, 1)]
+    assert f"| fixmatch − uda-distill | 2 | {sum(fixmatch_diffs) / 2:+.2f} |" in table
+    records = [json.loads(line) for line in (root / "fashion" / "fixmatch" / "seed1" / "metrics.jsonl").open()]
+    mask = [r["train/mask_ratio"] for r in records if "train/mask_ratio" in r]
+    assert f"| seed1 | {sum(mask) / len(mask):.2f} | " in table  # 3 steps: all of them are the last 500
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         ablation.main([*common, "--rows", "mpl-nope"])

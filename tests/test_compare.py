@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 
@@ -29,6 +30,13 @@ def test_paired_interval_is_a_t_interval():
     assert mean_sd([1.0, 3.0]) == "2.00 ± 1.41" and mean_sd([5.0]) == "5.00 ± 0.00" and mean_sd([]) == "–"
     assert paired_text({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0}) == "+2.00 [-0.48, +4.48]"
     assert paired_text({0: 3.0}, {0: 4.5}) == "-1.50 (one seed)"
+
+
+def test_intervals_are_clipped_and_identical_differences_said_in_words():
+    # differences 100 and 0: t(0.975, 1) x sd 70.7 / sqrt(2) = 635 points either side, clipped to what accuracies allow
+    assert paired_text({0: 100.0, 1: 0.0}, {0: 0.0, 1: 0.0}) == "+50.00 [-100.00, +100.00]"
+    # 72.3 - 70.1 and 75.4 - 73.2 differ by a rounding error: a zero-width interval would claim certainty
+    assert paired_text({0: 72.3, 1: 75.4, 2: 80.0}, {0: 70.1, 1: 73.2, 2: 77.8}) == "+2.20 (the same in all 3 seeds)"
 
 
 def test_recommendation_names_the_best_row_on_validation_and_what_mpl_adds():
@@ -63,7 +71,8 @@ def test_row_configs_of_a_big_teacher_recipe_pass_every_refusal():
         teacher_weights="big.safetensors", feedback="dot", mpl_weight=0.5, steps=100, s_wait_steps=10, out="x"
     )
     rows = default_rows(base)
-    assert rows == list(ROWS) and default_rows(TrainConfig()) == ["labels-only", "labels-strong", "uda-distill", "mpl"]
+    assert rows == list(ROWS)
+    assert default_rows(TrainConfig()) == ["labels-only", "labels-strong", "fixmatch", "uda-distill", "mpl"]
     cfgs = {row: row_config(base, ROWS[row][1], seed=3, out=f"o/{row}") for row in rows}
     assert all(c.seed == 3 and c.out == f"o/{row}" for row, c in cfgs.items())
     # labels only: the pseudo-label rows' 100 + 10 finetuning steps, no teacher, no wait for one
@@ -75,6 +84,14 @@ def test_row_configs_of_a_big_teacher_recipe_pass_every_refusal():
         0,
     )
     assert cfgs["labels-strong"].labeled_aug == "strong" and labels.labeled_aug == "weak"
+    fixmatch = cfgs["fixmatch"]  # one network: the labels-only row's steps, no teacher, the paper's settings
+    assert (fixmatch.steps, fixmatch.planned_finetune_steps(), fixmatch.teacher_weights, fixmatch.s_wait_steps) == (
+        110,
+        0,
+        None,
+        0,
+    )
+    assert (fixmatch.label_smoothing, fixmatch.fixmatch_threshold, fixmatch.uda_weight) == (0.0, 0.95, None)
     assert (cfgs["uda-distill"].mpl_weight, cfgs["mpl"].mpl_weight, cfgs["mpl"].feedback) == (0.0, 0.5, "dot")
     assert cfgs["mpl"].planned_finetune_steps() == 10 and cfgs["mpl"].teacher_weights == "big.safetensors"
     distill, reduced = cfgs["distill"], cfgs["reduced-mpl"]
@@ -95,9 +112,21 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", *TINY, "--seeds", "0,1", "--out", str(out)]) == 0
     result = json.loads((out / "compare.json").read_text())
-    assert list(result["rows"]) == ["labels-only", "labels-strong", "uda-distill", "mpl"]
+    assert list(result["rows"]) == ["labels-only", "labels-strong", "fixmatch", "uda-distill", "mpl"]
     assert (result["val_labeled"], result["seeds"]) == (10, [0, 1])  # a fifth of the 50 labels
-    assert result["rows"]["labels-only"]["steps"] == 6 and result["rows"]["mpl"]["steps"] == 4
+    steps = {row: (info["steps"], info["finetune_steps"]) for row, info in result["rows"].items()}
+    assert steps == {
+        "labels-only": (6, 0),
+        "labels-strong": (6, 0),
+        "fixmatch": (6, 0),
+        "uda-distill": (4, 2),
+        "mpl": (4, 2),
+    }
+    warning = (
+        "the rows are compared on 10 validation images, where one image moves an accuracy by 10 points: differences "
+        "that small are noise; give --val-labeled 100 or more where your labels allow"
+    )
+    assert result["warnings"] == [warning]
     # The interval recomputed by hand from the runs' own summaries (each run's result: its validation accuracy).
     val = {
         row: [json.loads((out / row / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
@@ -111,13 +140,19 @@ def test_tiny_compare_tabulates_paired_intervals_and_resumes(tmp_path, capsys):
     assert f"| Meta Pseudo Labels | {mean_sd([s['result']['val_acc'] for s in val['mpl']])} | " in table
     assert f"| {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] | " in table
     assert table.splitlines()[-1] == result["recommendation"] and result["recommendation"].startswith("recommend: ")
-    assert capsys.readouterr().out.rstrip().endswith(result["recommendation"])
+    assert table.splitlines()[-2] == f"warning: {warning}"
+    # Each row's time per run: the mean of its runs' training seconds (evaluations included), in the JSON and table.
+    seconds = statistics.mean(s["seconds"] for s in val["mpl"])
+    assert result["rows"]["mpl"]["seconds"] == seconds and seconds < 100
+    assert f"| 4 + 2 | {seconds:.0f} s |" in next(line for line in table.splitlines() if "Meta Pseudo" in line)
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith(result["recommendation"]) and printed.startswith(f"warning: {warning}\n")
 
     # Again: every run is finished, nothing trains.
     before = _mtimes(out)
-    assert len(before) == 8 and main(["compare", *TINY, "--seeds", "0,1", "--out", str(out)]) == 0
+    assert len(before) == 10 and main(["compare", *TINY, "--seeds", "0,1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier; skipped") == 8 and "trained steps" not in printed
+    assert printed.count("finished earlier; skipped") == 10 and "trained steps" not in printed
     assert _mtimes(out) == before and (out / "compare.md").read_text() == table
 
     # A run stopped before its summary is resumed from its checkpoint, to the same figures.
@@ -159,6 +194,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, messag
     assert main(["compare", *TINY, "--out", str(out), *args]) == 2
     assert capsys.readouterr().err == f"metapl: error: {message}\n"
     assert not out.exists()
+
+
+def test_compare_help_gives_its_own_defaults_and_hides_what_it_refuses():
+    sub = next(a for a in get_args_parser()._actions if a.dest == "command").choices["compare"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert helps["out"].endswith("(default: runs/compare)") and "runs/mpl" not in helps["out"]
+    assert helps["val_labeled"].endswith("(default: a fifth of --num-labeled, at least 1)")
+    assert "[--method " not in sub.format_usage() and "[--seed " not in sub.format_usage()
+    assert (helps["method"], helps["seed"]) == (argparse.SUPPRESS, argparse.SUPPRESS)
+    train = next(a for a in get_args_parser()._actions if a.dest == "command").choices["train"]
+    assert next(a.help for a in train._actions if a.dest == "out").endswith("(default: runs/mpl)")
+    demo = next(a for a in get_args_parser()._actions if a.dest == "command").choices["demo"]
+    demo_helps = {a.dest: a.help for a in demo._actions}
+    assert demo_helps["out"] == "where the 3 runs go (default: runs/demo)"  # labels only, h = 0, MPL
+    assert demo_helps["steps"].endswith("(default: 500)") and demo_helps["seed"].endswith("(default: 0)")
 
 
 def test_val_is_short_for_val_labeled():

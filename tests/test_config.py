@@ -50,7 +50,8 @@ def test_choices_come_from_the_literal_types_and_the_methods_registry():
     assert {n for n, a in actions.items() if a.choices} == {*literal, "method"}
     for name, allowed in literal.items():
         assert tuple(actions[name].choices) == allowed
-    assert tuple(actions["method"].choices) == method_names() == ("mpl", "supervised", "reduced-mpl", "distill")
+    assert tuple(actions["method"].choices) == method_names()
+    assert method_names() == ("mpl", "supervised", "reduced-mpl", "distill", "fixmatch")
 
 
 def test_help_lines_show_what_range_and_default(capsys):
@@ -86,7 +87,7 @@ def test_mpl_options_are_train_options_with_one_declaration():
 
 def test_saved_config_is_grouped_and_round_trips(tmp_path):
     titles = [title.split(" ")[0] for title, _ in sections()]
-    assert titles == ["data", "models", "optimisation", "Meta", "student", "run"]
+    assert titles == ["data", "models", "optimisation", "Meta", "FixMatch", "student", "run"]
     names = [n for _, group in sections() for n in group]
     assert sorted(names) == sorted(f.name for f in fields(TrainConfig))
     cfg = TrainConfig(image_size=32, cutout=16, hflip=None, feedback="cosine", seed=2**32 - 1, t_lr=0.0)

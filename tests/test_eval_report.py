@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.text
+import numpy as np
 import pytest
 import torch
 
 from metapl.commands.cli import main
-from metapl.commands.eval_report import class_report, expected_calibration_error
+from metapl.commands.eval_report import class_report, confusion_figure, expected_calibration_error, plot_confusion
 from metapl.commands.inference import run_eval
 
 
@@ -98,3 +100,27 @@ def test_eval_image_size_other_than_the_runs_is_refused(folder_run, make_tree, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("metapl: error: the folder test data has 16 pixels per side but checkpoint ")
     assert err.endswith("was trained with 12 pixels per side; pass --image-size 12\n") and not out.exists()
+
+
+@pytest.mark.parametrize("k", [10, 43])
+def test_confusion_png_keeps_every_title_and_class_name_inside_the_image(k, tmp_path):
+    rng = np.random.default_rng(k)
+    classes = [f"class {i} with a long name" for i in range(k)]
+    reports = {
+        role: {"confusion_matrix": (rng.integers(0, 5, (k, k)) + 40 * np.eye(k, dtype=int)).tolist(), "acc": 75.0}
+        for role in ("teacher", "student", "ema", "finetuned")
+    }
+    fig = confusion_figure(reports, classes)
+    fig.canvas.draw()
+    frame = fig.bbox
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text()]
+    for text in texts:  # nothing cut at the image's edges, nothing smaller than 7 pt at 100 dpi
+        box = text.get_window_extent()
+        assert frame.x0 - 0.5 <= box.x0 and box.x1 <= frame.x1 + 0.5, text.get_text()
+        assert frame.y0 - 0.5 <= box.y0 and box.y1 <= frame.y1 + 0.5, text.get_text()
+        assert text.get_fontsize() >= 7, text.get_text()
+    shown = {t.get_text() for t in texts}
+    assert {f"{role}: 75.00% top-1" for role in reports} <= shown
+    assert sum(t.get_text() == "class 0 with a lo…" for t in texts) == 2 * len(reports)  # both axes of every panel
+    png = plot_confusion(reports, classes, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

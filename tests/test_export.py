@@ -60,7 +60,7 @@ def test_old_checkpoint_with_a_numpy_rng_state_still_loads(tmp_path):
 @pytest.mark.parametrize("model", ["finetuned", "ema", "student", "teacher"])
 def test_safetensors_export_matches_pytorch_and_predict_takes_it(run_dir, tmp_path, model):
     out = run_export(run_dir, model=model, output=tmp_path / f"{model}.safetensors")
-    meta = json.loads((tmp_path / f"{model}.json").read_text())
+    meta = json.loads((tmp_path / f"{model}.safetensors.json").read_text())
     source = run_dir / ("finetuned.pt" if model == "finetuned" else "checkpoint.pt")
     ckpt = load_checkpoint(source)
     assert meta["architecture"] == "small_cnn" and meta["arguments"] == {
@@ -97,7 +97,7 @@ def test_default_export_is_the_runs_result_into_the_run_folder(run_dir, capsys):
     role = json.loads((run_dir / "summary.json").read_text())["result"]["role"]
     assert main(["export", str(run_dir)]) == 0
     assert (run_dir / "export" / f"{role}.safetensors").is_file()
-    assert json.loads((run_dir / "export" / f"{role}.json").read_text())["role"] == role
+    assert json.loads((run_dir / "export" / f"{role}.safetensors.json").read_text())["role"] == role
     assert "wrote " in capsys.readouterr().out
 
 
@@ -107,7 +107,7 @@ def test_onnx_export_matches_pytorch(run_dir, tmp_path):
     )
     pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package (pip install onnx)")
     out = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "m.onnx")
-    assert (tmp_path / "m.json").is_file()
+    assert (tmp_path / "m.onnx.json").is_file()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     reference = build_model(load_checkpoint(run_dir / "checkpoint.pt"), "ema")
     x = _batch(1)  # a batch of 6 through a model traced with a batch of 1: the batch axis is dynamic
@@ -118,7 +118,7 @@ def test_onnx_export_matches_pytorch(run_dir, tmp_path):
 
 def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
     out = run_export(run_dir, model="student", fmt="torchscript", output=tmp_path / "m.torchscript.pt")
-    assert (tmp_path / "m.json").is_file()
+    assert (tmp_path / "m.torchscript.pt.json").is_file()
     with pytest.warns(FutureWarning):  # torch.jit.load is deprecated in torch 2.14, and still loads the file
         scripted = torch.jit.load(str(out))
     reference = build_model(load_checkpoint(run_dir / "checkpoint.pt"), "student")
@@ -173,3 +173,46 @@ def test_onnx_without_the_onnx_package_is_one_line(run_dir, tmp_path, monkeypatc
         'metapl: error: --format onnx needs the onnx package; pip install "metapl[onnx]", or use --format safetensors\n'
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_names_what_it_takes_for_anything_else(run_dir, tmp_path, capsys):
+    images, _ = write_images(tmp_path / "imgs", 1)
+    not_a_model = tmp_path / "notes.pt"
+    not_a_model.write_text("not a model")
+    cases = [
+        (
+            [str(not_a_model)],
+            f"{not_a_model} is not a metapl checkpoint, nor an export with its notes.pt.json beside it; predict takes "
+            "a run folder, a .pt checkpoint of metapl train, or a file of metapl export (.safetensors, .onnx or "
+            ".torchscript.pt, its .json record beside it)",
+        ),
+        ([str(images[0])], f"{images[0]} is not a metapl checkpoint, nor an export with its img0.png.json beside it"),
+    ]
+    onnx = tmp_path / "bare.onnx"
+    onnx.write_bytes(b"not read")  # an .onnx file without its record
+    cases.append(([str(onnx)], f"no bare.onnx.json beside {onnx}; keep the JSON that metapl export wrote next to it"))
+    exported = run_export(run_dir, model="ema", output=tmp_path / "e.safetensors")
+    cases.append(
+        ([str(exported), "--model", "student"], f"{exported} is an export: it holds one network; drop --model")
+    )
+    for args, message in cases:
+        assert main(["predict", args[0], str(images[0]), *args[1:], "--output", str(tmp_path / "p.csv")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"metapl: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_reads_a_version_1_record_and_onnx_needs_onnxruntime(run_dir, tmp_path, monkeypatch, capsys):
+    images, _ = write_images(tmp_path / "imgs", 2)
+    exported = run_export(run_dir, model="ema", output=tmp_path / "ema.safetensors")
+    expected = run_predict(exported, images, output=tmp_path / "a.csv")
+    (tmp_path / "ema.safetensors.json").rename(tmp_path / "ema.json")  # metapl 0.1's name, shared by the formats
+    assert run_predict(exported, images, output=tmp_path / "b.csv") == expected
+    pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package (pip install onnx)")
+    onnx = run_export(run_dir, model="ema", fmt="onnx", output=tmp_path / "ema.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    assert main(["predict", str(onnx), str(images[0]), "--output", str(tmp_path / "c.csv")]) == 2
+    assert capsys.readouterr().err == (
+        f'metapl: error: {onnx} is an ONNX file: reading it needs onnxruntime; pip install "metapl[onnx]", or predict '
+        "with the run folder or a .safetensors export\n"
+    )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import REPO
 from metapl.errors import UserError
 from metapl.models import WideResNet, count_parameters, create_model, list_models, register_model, registry
 
@@ -112,8 +115,10 @@ def test_unknown_name_suggests_close_matches(name, suggestion):
     with pytest.raises(UserError) as info:
         create_model(name, num_classes=10)
     message = str(info.value)
-    assert suggestion in message
-    assert "list_models" in message
+    assert message.startswith(f"unknown model {name!r}; did you mean ") and suggestion in message.split("?")[0]
+    assert "use one of metapl's (small_cnn, resnet18_cifar, wrn28_2, wrn28_8; your own: register_model" in message
+    # every torchvision classification model by name, and where timm's come from
+    assert "(alexnet, convnext_base, " in message and ", wide_resnet50_2), or timm's as timm:NAME" in message
     assert "\n" not in message
 
 
@@ -153,3 +158,16 @@ def test_resnet50_comes_from_torchvision_and_trains_on_a_tiny_input():
     assert count_parameters(model) == 23_518_277  # torchvision's ResNet-50 with a 5-class head
     model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_factory_in_docs_usage_is_what_create_model_calls(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    text = (REPO / "docs" / "usage.md").read_text()
+    section = text[text.index("**Your own models.**") :]
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
+    parameters = inspect.signature(namespace["my_cnn"]).parameters
+    keyword_only = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keyword_only == ["num_classes", "in_channels", "dropout"]
+    model = create_model("my_cnn", num_classes=3, in_channels=1, image_size=8, dropout=0.1)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 3) and model[5].p == 0.1

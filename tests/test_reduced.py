@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -125,6 +126,25 @@ def test_distill_starts_and_stays_at_the_large_teacher(big_teacher, tmp_path, ca
     assert s["large_teacher_acc"] == _summary(big_teacher)["ema_acc"]  # the stored predictions are the EMA's
     assert s["teacher_acc"] == s["large_teacher_acc"]  # a fixed reduced teacher is the identity
     assert "predicting" in capsys.readouterr().out
+
+
+def test_a_distill_run_shows_no_pytorch_or_numpy_warning(big_teacher, tmp_path, monkeypatch):
+    # The fixed teacher's schedule no longer steps without its optimizer (PyTorch: "lr_scheduler.step() before
+    # optimizer.step()"), and the reduced teacher's accuracy copies labels that the cache holds read-only (NumPy:
+    # "non-writable array"; digits' labels are made read-only here as the cache's memmaps are).
+    from metapl.methods import large_teacher
+
+    score = large_teacher.reduced_teacher_accuracy
+
+    def on_read_only_labels(teacher, preds, data, split, device, limit=None):
+        data.test.labels.setflags(write=False)
+        return score(teacher, preds, data, split, device, limit)
+
+    monkeypatch.setattr(large_teacher, "reduced_teacher_accuracy", on_read_only_labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert distill(big_teacher, tmp_path / "d") == 0
+    assert [str(w.message) for w in caught] == []
 
 
 def test_reduced_mpl_reuses_the_stored_predictions_and_learns(big_teacher, tmp_path, capsys):

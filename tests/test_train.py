@@ -257,3 +257,19 @@ def test_fp16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
     assert cli(*TINY, "--steps", "2", "--amp", "fp16", "--out", str(tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--amp fp16 needs a CUDA device" in err
+
+
+def test_soft_mode_and_fixmatch_runs_show_no_warning(tmp_path):
+    # In a fresh process, every warning an error: soft mode's first forward-mode derivative used to print PyTorch's
+    # "torch.jit.script is deprecated" (its jvp decompositions are scripted on first use).
+    one_network = [a for a in TINY if a not in ("--uda-weight", "1")]  # FixMatch refuses a UDA weight
+    for args in ([*TINY, "--mode", "soft"], [*one_network, "--method", "fixmatch"]):
+        done = subprocess.run(
+            [sys.executable, "-W", "error", "-m", "metapl", "train", *args, "--steps", "2"]
+            + ["--out", str(tmp_path / args[-1]), "--cache-dir", str(tmp_path / "c")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+        )
+        assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr[-2000:]

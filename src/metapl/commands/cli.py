@@ -118,7 +118,15 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         help="default: a run folder's result (the model the run handed back: summary.json's 'result'); a checkpoint "
         "file's finetuned student if finetuned.pt is beside it, else ema, else student",
     )
-    p.add_argument("--format", dest="fmt", choices=("safetensors", "onnx", "torchscript"), default="safetensors")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("safetensors", "onnx", "torchscript"),
+        default="safetensors",
+        help="safetensors (the weights; metapl rebuilds the network from the JSON record), onnx (pip install "
+        '"metapl[onnx]") or torchscript (a traced graph); each file gets its own JSON record, <file>.json '
+        "(default: safetensors)",
+    )
     p.add_argument(
         "--output",
         default=None,
@@ -127,17 +135,44 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="a run directory, a .pt checkpoint or an exported .safetensors")
-    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.description = (
+        "Classify images as the run's evaluation read them (the training decoder: shorter side resized with bicubic "
+        "and centre-cropped, JPEG draft decoding; the run's mean/std) and write one CSV row per image"
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="a run folder, a .pt checkpoint of metapl train, or a file of metapl export (.safetensors, .onnx (needs "
+        'onnxruntime: pip install "metapl[onnx]") or .torchscript.pt) with its .json record beside it',
+    )
+    p.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="+",
+        help="image files (any format Pillow reads, whatever the extension) and folders (searched recursively for "
+        "image files, hidden ones skipped)",
+    )
     p.add_argument(
         "--model",
         choices=("ema", "student", "teacher", "finetuned"),
         default=None,
-        help="the network that predicts (default: a run folder's result, the model the run handed back; a checkpoint "
-        "file's EMA student)",
+        help="the network of a run folder or checkpoint that predicts: ema (the EMA student; the student when the run "
+        "kept none), student, teacher, or finetuned (finetuned.pt beside the checkpoint); not with an export, which "
+        "holds one network (default: a run folder's result, the model the run handed back; a checkpoint file's EMA "
+        "student)",
     )
-    p.add_argument("--output", default="predictions.csv", help="CSV file (default: predictions.csv)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--output",
+        default="predictions.csv",
+        help="CSV file, columns path, class, probability, top_k (default: predictions.csv)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        help="how many of the most probable classes the top_k column lists, as class:probability pairs, at most the "
+        "number of classes; an integer >= 1 (default: 3)",
+    )
     _add_device(p)
 
 
@@ -158,20 +193,30 @@ def _shards_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    from metapl.commands.compare import DEFAULT_OUT, DEFAULT_SEEDS, flag_helps  # torch-free
+
     p.description = (
         "Train the rows on your recipe (the train options below), seeds paired, the same optimizer-step count for "
         "every final model; compare them on --val-labeled images carved from --num-labeled (default: a fifth); runs "
-        "go to --out/<row>/seed<k>/ (default: runs/compare), finished ones are skipped, stopped ones resumed; the "
+        f"go to --out/<row>/seed<k>/ (default: {DEFAULT_OUT}), finished ones are skipped, stopped ones resumed; the "
         "table and one recommendation go to compare.md and compare.json there"
     )
-    add_config_arguments(p)
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds, paired across rows (default: 0,1,2)")
+    add_config_arguments(p, flag_helps())
+    p.add_argument(
+        "--seeds", default=DEFAULT_SEEDS, help=f"comma list of seeds, paired across rows (default: {DEFAULT_SEEDS})"
+    )
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="where the two runs go (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run, at least 1 (default: 500)")
-    p.add_argument("--seed", type=int, default=0)
+    from metapl.commands.demo import DEMO, ROWS  # torch-free
+
+    p.add_argument("--out", default="runs/demo", help=f"where the {len(ROWS)} runs go (default: runs/demo)")
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"training steps of each run, at least 1 (default: {DEMO.steps})"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the models and the augmentations (default: 0)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,8 +355,8 @@ COMMANDS: dict[str, Command] = {
         "write an image-folder tree as WebDataset-style tar shards (--dataset shards)", _shards_arguments, _shards
     ),
     "compare": Command(
-        "does MPL pay on my data? labels only, strong augmentation, h = 0 and MPL (+ distill and Reduced MPL with "
-        "--teacher-weights), seeds paired, chosen on validation",
+        "does MPL pay on my data? labels only, strong augmentation, FixMatch, h = 0 and MPL (+ distill and Reduced "
+        "MPL with --teacher-weights), seeds paired, chosen on validation",
         _compare_arguments,
         _compare,
     ),

@@ -1,25 +1,28 @@
 """``metapl compare``: does Meta Pseudo Labels pay on my data? One command trains the rows and answers.
 
 On the user's recipe (any ``metapl train`` options), seeds paired across rows, every final model at the same number
-of optimizer steps (``metapl.protocol.rows``): labels only, labels only with strong augmentation, the UDA teacher
-distilled with the feedback off (h = 0), full MPL, and with a big teacher (``--teacher-weights``) also its plain
-distillation and Reduced MPL. Rows are compared on validation images carved from the labeled ones, never on the test
-set; test accuracy is reported beside it. Each run goes to ``OUT/<row>/seed<k>/``; ``OUT/compare.json`` and
-``OUT/compare.md`` hold the table and the recommendation.
+of optimizer steps (``metapl.protocol.rows``): labels only, labels only with strong augmentation, FixMatch (one
+network on its own confident pseudo labels), the UDA teacher distilled with the feedback off (h = 0), full MPL, and
+with a big teacher (``--teacher-weights``) also its plain distillation and Reduced MPL. Rows are compared on
+validation images carved from the labeled ones, never on the test set; test accuracy is reported beside it, and each
+row's steps and time per run. Each run goes to ``OUT/<row>/seed<k>/``; ``OUT/compare.json`` and ``OUT/compare.md``
+hold the table and the recommendation.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
+import statistics
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from metapl.config.fields import TrainConfig
 from metapl.errors import UserError, reporting_os_errors
-from metapl.protocol.paired import mean_sd, paired_interval, paired_text
+from metapl.protocol.paired import identical, interval_bounds, mean_sd, paired_interval, paired_text
 from metapl.protocol.rows import (
     LABELS_ONLY,
     ROWS,
@@ -36,6 +39,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUT = "runs/compare"
 DEFAULT_SEEDS = "0,1,2"
 VAL_SHARE = 0.2  # of --num-labeled, held out for validation unless --val-labeled is given
+# Below this many validation images a comparison is mostly noise: one image moves an accuracy by more than a point,
+# and the binomial sd of an accuracy near 75 % is 43 / sqrt(n) points (4.3 at 100 images, 9.7 at 20).
+MIN_VAL_IMAGES = 100
+
+
+def flag_helps() -> dict[str, str]:
+    """``metapl compare --help``'s own lines for the train options it reads otherwise: ``--out`` and ``--val-labeled``
+    (other defaults), ``--method`` and ``--seed`` (refused: every row's method and every ``--seeds`` seed run)."""
+    return {
+        "out": f"where the runs (OUT/<row>/seed<k>/), compare.json and compare.md go (default: {DEFAULT_OUT})",
+        "val_labeled": "of the labeled images, hold out this many (class-balanced) as validation images, on which "
+        f"the rows are compared; under {MIN_VAL_IMAGES} a warning says the comparison is mostly noise; an integer "
+        ">= 1 (default: a fifth of --num-labeled, at least 1)",
+        "method": argparse.SUPPRESS,
+        "seed": argparse.SUPPRESS,
+    }
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -84,8 +103,10 @@ def compare(
     Returns:
         What ``compare.json`` holds.
     """
-    if not base.val_labeled:
-        base = replace(base, val_labeled=max(1, round(VAL_SHARE * base.num_labeled)))
+    val_labeled = base.val_labeled or max(1, round(VAL_SHARE * base.num_labeled))
+    base = replace(base, val_labeled=val_labeled)
+    if val_labeled < MIN_VAL_IMAGES:
+        logger.warning(few_images(val_labeled))
     rows = [LABELS_ONLY, *(r for r in rows or default_rows(base) if r != LABELS_ONLY)]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -114,6 +135,15 @@ def compare(
     return result
 
 
+def few_images(count: int) -> str:
+    """The warning of a comparison on ``count`` < ``MIN_VAL_IMAGES`` validation images."""
+    return (
+        f"the rows are compared on {count} validation image{'s' * (count != 1)}, where one image moves an accuracy by "
+        f"{100 / count:.2g} points: differences that small are noise; give --val-labeled {MIN_VAL_IMAGES} or more "
+        "where your labels allow"
+    )
+
+
 def _train_all(plan: dict[tuple[str, int], TrainConfig]) -> dict[str, dict[int, dict]]:
     """Train (or read back) every planned run, seed-major (every row of seed 0 first): row -> seed -> summary."""
     summaries: dict[str, dict[int, dict]] = {}
@@ -131,11 +161,19 @@ def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]
     recommendation."""
     rows = {}
     for row, seeds in summaries.items():
+        cfg = plan[(row, next(iter(seeds)))]
         rows[row] = {
             "label": ROWS[row][0],
-            "steps": plan[(row, next(iter(seeds)))].steps,
+            "steps": cfg.steps,
+            "finetune_steps": cfg.planned_finetune_steps(),  # with steps, every optimizer step of its final model
+            "seconds": statistics.mean(s["seconds"] for s in seeds.values()),  # per run, evaluations included
             "seeds": {
-                seed: {"val": kept_accuracy(s, "val_"), "test": kept_accuracy(s), "run": plan[(row, seed)].out}
+                seed: {
+                    "val": kept_accuracy(s, "val_"),
+                    "test": kept_accuracy(s),
+                    "seconds": s["seconds"],
+                    "run": plan[(row, seed)].out,
+                }
                 for seed, s in seeds.items()
             },
         }
@@ -149,11 +187,14 @@ def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]
         base_test = {seed: r["test"] for seed, r in rows[LABELS_ONLY]["seeds"].items()}
         for key, a, b in (("val", val[row], val[LABELS_ONLY]), ("test", test, base_test)):
             stats = paired_interval(a, b) if row != LABELS_ONLY else None
-            info[f"{key}_vs_labels_only"] = None if stats is None else dict(zip(("mean", "half_width", "seeds"), stats))
+            info[f"{key}_vs_labels_only"] = None if stats is None else _interval(stats)
+    counts = [s.get("num_val", base.val_labeled) for seeds in summaries.values() for s in seeds.values()]
+    num_val = min(int(n) for n in counts if n is not None)
     return {
         "dataset": base.dataset,
         "num_labeled": base.num_labeled,
         "val_labeled": base.val_labeled,
+        "warnings": [few_images(num_val)] if num_val < MIN_VAL_IMAGES else [],
         "mpl_steps": base.steps,
         "finetune_steps": base.planned_finetune_steps(),
         "seeds": sorted({seed for info in rows.values() for seed in info["seeds"]}),
@@ -161,6 +202,14 @@ def _result(base: TrainConfig, plan: dict, summaries: dict[str, dict[int, dict]]
         "recommend": best,
         "recommendation": line,
     }
+
+
+def _interval(stats: tuple[float, float, int]) -> dict:
+    """A paired difference in ``compare.json``: mean, half-width and seeds, the interval clipped to ±100 points, and
+    whether every seed's difference was the same (then the interval says nothing about another seed)."""
+    low, high = interval_bounds(stats)
+    named = dict(zip(("mean", "half_width", "seeds"), stats))
+    return {**named, "low": low, "high": high, "identical": identical(stats)}
 
 
 def report(result: dict) -> str:
@@ -172,8 +221,9 @@ def report(result: dict) -> str:
         f"steps + {r['finetune_steps']} finetuning (labels-only rows: {r['mpl_steps'] + r['finetune_steps']} steps), "
         f"seeds {', '.join(map(str, r['seeds']))}; accuracy (%) of the model a user keeps, mean ± std:",
         "",
-        "| row | validation | test | validation vs labels only (95 % interval) | test vs labels only |",
-        "|---|---|---|---|---|",
+        "| row | validation | test | validation vs labels only (95 % interval) | test vs labels only | steps "
+        "| time / run |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = r["rows"][LABELS_ONLY]["seeds"]
     for row, info in r["rows"].items():
@@ -182,8 +232,18 @@ def report(result: dict) -> str:
         for k in ("val", "test"):
             own, other = ({seed: s[k] for seed, s in d.items()} for d in (per_seed, base))
             cells.append("–" if row == LABELS_ONLY else paired_text(own, other))
+        steps = f"{info['steps']:,}" + (f" + {info['finetune_steps']:,}" if info["finetune_steps"] else "")
+        cells += [steps, _duration(info["seconds"])]
         lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", r["recommendation"]])
+    warnings = [f"warning: {w}" for w in r.get("warnings", [])]
+    return "\n".join([*lines, "", *warnings, r["recommendation"]])
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"12.5 min"`` or ``"3.2 h"``."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
 def _write(out: Path, result: dict, text: str) -> None:

@@ -8,11 +8,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from metapl.errors import reporting_os_errors
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)
 TOP_K = 5  # the top-k accuracy reported, only where there are more than k classes (top-5 of 5 classes is always 100)
@@ -67,8 +71,14 @@ def format_per_class(report: dict, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+CONFUSION_DPI = 100
+CONFUSION_NAMES_MAX = 60  # classes named on the axes; beyond, every fifth index
+NAME_CHARS = 18  # a class name on an axis is cut to this many characters
+
+
 def plot_confusion(reports: dict[str, dict], classes: list[str], output: Path) -> Path:
-    """One panel per model: its confusion matrix, rows = true class, columns = predicted, each row as shares.
+    """One panel per model (two per row): its confusion matrix, rows = true class, columns = predicted, each row as
+    shares; ``confusion_figure`` draws it.
 
     Args:
         reports: model name -> ``evaluate_report`` entry.
@@ -78,41 +88,49 @@ def plot_confusion(reports: dict[str, dict], classes: list[str], output: Path) -
     Returns:
         ``output``.
     """
+    fig = confusion_figure(reports, classes)
+    with reporting_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output, format="png", dpi=CONFUSION_DPI)
+    return output
+
+
+def confusion_figure(reports: dict[str, dict], classes: list[str]) -> Figure:
+    """The figure of ``plot_confusion``, laid out by matplotlib's constrained layout so that no title or label is cut:
+    each panel grows with the class count (class names readable at 7 pt up to ``CONFUSION_NAMES_MAX`` classes), the
+    counts are written in the cells up to 12 classes.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` on an Agg canvas.
+    """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     k, n = len(classes), len(reports)
-    side = min(2.5 + 0.35 * k, 12.0)
-    fig = Figure(figsize=(side * n, side))
+    cols = min(n, 2)
+    side = max(4.5, 1.5 + 0.16 * k)  # inches per panel: 0.16 in (11 px at 100 dpi) per class row
+    fig = Figure(figsize=(side * cols, side * math.ceil(n / cols) + 0.4), layout="constrained")
     FigureCanvasAgg(fig)
+    fig.suptitle("confusion matrices: rows = true class, colour = share of the row", fontsize=11)
+    names = [c if len(c) <= NAME_CHARS else c[: NAME_CHARS - 1] + "…" for c in map(str, classes)]
     for i, (name, report) in enumerate(reports.items()):
-        ax = fig.add_subplot(1, n, i + 1)
+        ax = fig.add_subplot(math.ceil(n / cols), cols, i + 1)
         counts = np.asarray(report["confusion_matrix"], dtype=float)  # (K, K)
         shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(f"{name}: {report['acc']:.2f}% top-1")
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-        if k <= 30:
-            ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
-            ax.set_yticks(range(k), classes, fontsize=7)
+        ax.set_title(f"{name}: {report['acc']:.2f}% top-1", fontsize=11)
+        ax.set_xlabel("predicted class", fontsize=9)
+        ax.set_ylabel("true class", fontsize=9)
+        ticks = range(k) if k <= CONFUSION_NAMES_MAX else range(0, k, 5)
+        labels = [names[t] for t in ticks] if k <= CONFUSION_NAMES_MAX else [str(t) for t in ticks]
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, labels, fontsize=7)
         if k <= 12:  # counts readable in the cells
             for (r, c), v in np.ndenumerate(counts):
-                ax.text(
-                    c,
-                    r,
-                    f"{int(v)}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if shares[r, c] > 0.5 else "black",
-                )
-    fig.tight_layout()
-    with reporting_os_errors(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(output, format="png", dpi=max(60, int(110 / math.sqrt(n))))
-    return output
+                colour = "white" if shares[r, c] > 0.5 else "black"
+                ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=7, color=colour)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """``metapl export RUN``: one trained network as a deployable file plus a JSON record of how to feed it.
 
 Formats: ``safetensors`` (weights only; ``metapl predict`` and ``metapl.rundir.export_format.read_exported`` rebuild the
-network from the JSON), ``onnx`` (the legacy TorchScript-based exporter, which needs no extra package; a dynamic batch
-axis, input ``images``, output ``logits``) and ``torchscript`` (``torch.jit.trace``). The file format and the JSON are
-described in ``metapl.rundir.export_format``.
+network from the JSON), ``onnx`` (the legacy TorchScript-based exporter, which needs the ``onnx`` package; a dynamic
+batch axis, input ``images``, output ``logits``) and ``torchscript`` (``torch.jit.trace``); ``metapl predict`` takes
+all three. Each file gets its own JSON record (``ema.onnx.json``), with the preprocessing of a raw image spelled out;
+both are described in ``metapl.rundir.export_format``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def run_export(
             (``metapl.rundir.result``); a checkpoint file's finetuned student when ``finetuned.pt`` is beside it, else
             its EMA student, else its student.
         fmt: ``safetensors``, ``onnx`` or ``torchscript``.
-        output: the model file; default ``RUN_DIR/export/<model><suffix>``. The JSON goes beside it
-            (``meta_path``).
+        output: the model file; default ``RUN_DIR/export/<model><suffix>``. Its JSON record goes beside it, named
+            after it (``meta_path``: ``ema.onnx.json``).
 
     Returns:
         The model file written.
@@ -67,9 +68,13 @@ def run_export(
     meta = export_meta(ckpt, which, source)
     out = Path(output) if output is not None else ckpt_path.parent / EXPORT_DIR / f"{which}{SUFFIX[fmt]}"
     meta_file = meta_path(out)
-    if meta_file == out:
-        raise UserError(f"--output {out} would be overwritten by its own JSON record; end it with {SUFFIX[fmt]}")
-    meta["weights"] = out.name
+    meta = {
+        "format": meta.pop("format"),
+        "version": meta.pop("version"),
+        "weights": out.name,
+        "file_format": fmt,
+        **meta,
+    }
     data = _serialise(net, meta, fmt)
     write_files({out: data, meta_file: (json.dumps(meta, indent=2) + "\n").encode()})
     logger.info(f"wrote {out} and {meta_file.name} ({which} model of {source}, step {ckpt.get('step')}, {fmt})")

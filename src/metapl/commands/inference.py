@@ -31,7 +31,7 @@ from metapl.data.views.per_image import eval_transform
 from metapl.errors import UserError, few, reporting_os_errors
 from metapl.methods.by_name import get_method
 from metapl.rundir.checkpoint import load_checkpoint, refuse_overwrite
-from metapl.rundir.export_format import read_exported
+from metapl.rundir.export_format import is_export, load_export, meta_path
 from metapl.rundir.layout import EVAL_JSON, FINETUNED, RUN_FILES, read_summary
 from metapl.rundir.rebuild import build_model, checkpoint_file, refuse_untrained_teacher
 from metapl.rundir.result import read_result
@@ -40,6 +40,11 @@ from metapl.training.process import plan_cpu_share, select_device
 logger = logging.getLogger(__name__)
 
 PREDICT_BATCH = 256  # images decoded and classified at once: bounds memory for folders of any size
+# What predict reads, for --help and for the one line that refuses anything else.
+PREDICT_TAKES = (
+    "a run folder, a .pt checkpoint of metapl train, or a file of metapl export (.safetensors, .onnx or "
+    ".torchscript.pt, its .json record beside it)"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,8 +253,9 @@ def run_predict(
     """Classify image files and folders of images (searched recursively) and write one CSV row per image.
 
     Args:
-        checkpoint: a ``.pt`` checkpoint, a run directory (its ``checkpoint.pt``), or a ``.safetensors`` file of
-            ``metapl export`` with its JSON beside it (``model`` is then the exported one).
+        checkpoint: a ``.pt`` checkpoint, a run directory (its ``checkpoint.pt``), or a file of ``metapl export``
+            (``.safetensors``, ``.onnx`` (needs onnxruntime) or ``.torchscript.pt``) with its JSON record beside it: the
+            exported network predicts (``model`` must then be None).
         paths: image files (any format Pillow reads) and folders.
         model: ``ema`` (the EMA student; the student when the run kept no EMA), ``student``, ``teacher`` or
             ``finetuned`` (the student in ``finetuned.pt`` beside the checkpoint); None: a run folder's result
@@ -263,15 +269,13 @@ def run_predict(
         most probable first).
 
     Raises:
-        UserError: a missing path, no images found, an unreadable image (named), no ``finetuned.pt``, or a bad
-            ``top_k``.
+        UserError: a missing path, no images found, an unreadable image (named), no ``finetuned.pt``, a bad
+            ``top_k``, ``model`` given with an export, or a file that is neither a checkpoint nor an export.
     """
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     ckpt_path = checkpoint_file(checkpoint)
-    if model is None:
-        model = read_result(checkpoint).role if Path(checkpoint).is_dir() else "ema"
-    net, ckpt, model = _predictor(ckpt_path, model)
+    net, ckpt, model = _predictor(checkpoint, ckpt_path, model)
     files = find_images(paths)
     inputs = (
         (ckpt_path, "the checkpoint"),
@@ -289,12 +293,25 @@ def run_predict(
     return rows
 
 
-def _predictor(ckpt_path: Path, model: str) -> tuple[nn.Module, dict, str]:
+def _predictor(given: str | Path, ckpt_path: Path, model: str | None) -> tuple[nn.Module, dict, str]:
     """The network ``run_predict`` uses, the checkpoint (or export record) it came from, and how to name it."""
-    if ckpt_path.suffix == ".safetensors":  # metapl export's file: the JSON beside it says what to rebuild
-        net, ckpt = read_exported(ckpt_path)
-        return net, ckpt, f"exported {ckpt['role']}"
-    net, ckpt = _predict_model(load_checkpoint(ckpt_path), ckpt_path, model)
+    if ckpt_path.is_file() and is_export(ckpt_path):  # metapl export's file: its JSON record says what it is
+        if model is not None:
+            raise UserError(f"{ckpt_path} is an export: it holds one network; drop --model, or predict with the run")
+        net, meta = load_export(ckpt_path)
+        return net, meta, f"exported {meta['role']}"
+    if model is None:
+        model = read_result(given).role if Path(given).is_dir() else "ema"
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except UserError:
+        if not ckpt_path.is_file():
+            raise
+        raise UserError(
+            f"{ckpt_path} is not a metapl checkpoint, nor an export with its {meta_path(ckpt_path).name} beside it; "
+            f"predict takes {PREDICT_TAKES}"
+        ) from None
+    net, ckpt = _predict_model(ckpt, ckpt_path, model)
     return net, ckpt, model
 
 

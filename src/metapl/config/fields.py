@@ -49,6 +49,7 @@ _SECTIONS = {
     "teacher": "models",
     "method": "optimisation",
     "uda_weight": _MPL_SECTION,
+    "fixmatch_threshold": "FixMatch (--method fixmatch; metapl.core.fixmatch)",
     "finetune_steps": "student finetuning on the labeled data after MPL (the paper's last phase)",
     "out": "run",
 }
@@ -178,7 +179,7 @@ class TrainConfig(MPLConfig):
     s_wait_steps: int | None = option(
         None,
         "student's learning rate is 0 (and its work skipped) for these first steps while the teacher learns; none: "
-        f"{fraction_text('s_wait_steps')} (0 for --method supervised)",
+        f"{fraction_text('s_wait_steps')} (0 for the methods without a teacher: supervised, fixmatch)",
         ge=0,
     )
     s_warmup_steps: int | None = option(
@@ -206,10 +207,21 @@ class TrainConfig(MPLConfig):
         ge=0,
     )
 
+    fixmatch_threshold: float = option(
+        0.95,
+        "--method fixmatch: the confidence (max probability on the weak view) an unlabeled image needs for its "
+        "pseudo label to count (the paper's tau)",
+        ge=0,
+        le=1,
+    )
+    fixmatch_weight: float = option(
+        1.0, "--method fixmatch: weight of the unlabeled loss beside the labeled one (the paper's lambda_u)", ge=0
+    )
+
     finetune_steps: int | None = option(
         None,
         f"student finetuning steps after MPL; 0 = none; none: {fraction_text('finetune_steps')} (none for --method "
-        "supervised); the finetuned student is handed back only where validation images show it better",
+        "supervised or fixmatch); the finetuned student is handed back only where validation images show it better",
         ge=0,
     )
     finetune_lr: float = option(0.01, "finetuning learning rate (constant)", gt=0)

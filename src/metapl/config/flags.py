@@ -18,8 +18,15 @@ from metapl.core.options import specs
 _ALIASES = {"imports": ("--import",)}  # second spellings of a few flags
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per ``TrainConfig`` field, in groups; flags default to "not given"."""
+def add_config_arguments(parser: argparse.ArgumentParser, helps: dict[str, str] | None = None) -> None:
+    """Add ``--config`` and one flag per ``TrainConfig`` field, in groups; flags default to "not given".
+
+    Args:
+        parser: the subcommand's parser.
+        helps: option -> its whole ``--help`` line, for a command whose default differs from training's
+            (``metapl compare``'s ``--out`` and ``--val-labeled``).
+    """
+    helps = helps or {}
     parser.add_argument(
         "--config", help="YAML file of defaults (keys as the flags, with _ or -); flags on the command line win"
     )
@@ -28,7 +35,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for name in names:
             spec = known[name]
-            kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_line(spec)}
+            kwargs: dict[str, Any] = {
+                "dest": name,
+                "default": argparse.SUPPRESS,
+                "help": helps.get(name) or help_line(spec),
+            }
             flags = ("--" + flag(name), *_ALIASES.get(name, ()))
             if spec.kind is bool:
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)

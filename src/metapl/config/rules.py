@@ -26,7 +26,7 @@ from typing import Any
 
 from metapl.config.option_text import flag, shown
 from metapl.errors import UserError, few
-from metapl.methods.by_name import get_method
+from metapl.methods.by_name import get_method, method_names
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,21 @@ def _other_than(name: str) -> Callable[[object], bool]:
     return lambda value: value != name
 
 
+def _equal_to(name: str) -> Callable[[object], bool]:
+    return lambda value: value == name
+
+
 def rules_for(method_name: str) -> list[Rule]:
     """Every idle-option rule of a config whose ``--method`` is ``method_name``, in the order they are checked."""
     method = get_method(method_name)
     own = [Rule(name, "method", _other_than(method.name), idle.instead, idle.why) for name, idle in method.idle.items()]
-    return [*_BEFORE, *own, *_AFTER]
+    others = [get_method(name) for name in method_names() if name != method_name]
+    others_own = [
+        Rule(name, "method", _equal_to(other.name), other.name, f"only --method {other.name} reads it")
+        for other in others
+        for name in other.own_options
+    ]
+    return [*_BEFORE, *own, *others_own, *_AFTER]
 
 
 def idle_options(values: dict, defaults: dict) -> list[Rule]:

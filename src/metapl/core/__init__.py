@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from metapl.core.config import MPLConfig
     from metapl.core.ema import ModelEMA
+    from metapl.core.fixmatch import fixmatch_step
     from metapl.core.losses import pseudo_labels, soft_cross_entropy, uda_consistency
     from metapl.core.mpl import Batch, MPLState, feedback_mode, mpl_update, unwrap
     from metapl.core.schedules import linear_ramp, warmup_cosine
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # what the names are, for readers and type checkers
 # name -> the submodule that defines it
 _HOMES = {
     "ModelEMA": "ema",
+    "fixmatch_step": "fixmatch",
     "pseudo_labels": "losses",
     "soft_cross_entropy": "losses",
     "uda_consistency": "losses",
@@ -43,6 +45,7 @@ __all__ = [
     "MPLState",
     "ModelEMA",
     "feedback_mode",
+    "fixmatch_step",
     "linear_ramp",
     "mpl_update",
     "pseudo_labels",

@@ -76,7 +76,7 @@ class MPLConfig:
     label_smoothing: float = option(
         0.0,
         "label smoothing of the teacher's labeled cross-entropy (the trainer also applies it to the student's labeled "
-        "steps: --method supervised and finetuning)",
+        "steps: --method supervised, fixmatch and finetuning)",
         ge=0,
         lt=1,
     )

@@ -14,6 +14,8 @@ Called through ``metapl.core.mpl.mpl_update``, which checks the arguments (no fl
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -336,7 +338,20 @@ def _log_softmax_jvp(
     Returns:
         J, (μB, K), detached, in the precision of the losses (``upcast``).
     """
+    _load_jvp_decompositions()
     with torch.no_grad(), fwAD.dual_level(), autocast:
         duals = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in s_params.items()}
         logits = functional_call(s_net, {**buffers, **duals}, (x_us,), strict=False)
         return fwAD.unpack_dual(F.log_softmax(upcast(logits), dim=-1)).tangent
+
+
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Load forward-mode AD's decompositions once, with PyTorch's own deprecation notice silenced.
+
+    The first ``make_dual`` of a process imports them, and that import calls ``torch.jit.script``, which torch 2.14
+    marks deprecated: a ``FutureWarning`` about PyTorch's internals on the user's console in every soft-mode run.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        getattr(fwAD, "_maybe_load_decompositions", lambda: None)()  # private, so looked up: absent, nothing to do

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from metapl.training.setup import Run
 
 _ALONE = Idle("the labels-only baseline trains the student alone", "mpl")
-# Options of the teacher's training and of the MPL update: none of them reaches the student here.
-_MPL_OPTIONS = (
+# Options of the teacher's training and of the MPL update: none of them reaches the student here (nor FixMatch's).
+MPL_OPTIONS = (
     *("mode", "feedback", "feedback_sign", "pseudo_label", "label_view", "student_view", "teacher_batch"),
     *("soft_temperature", "mpl_weight", "baseline_decay"),
     *("uda_weight", "uda_steps", "uda_temperature", "uda_threshold"),
@@ -36,12 +36,12 @@ class Supervised(Method):
     name = "supervised"
     label = "labels-only"
     help = "supervised: the student on the labeled data alone (a baseline)"
-    idle = {"reduced_hidden": REDUCED_ONLY, **{name: _ALONE for name in _MPL_OPTIONS}}
+    idle = {"reduced_hidden": REDUCED_ONLY, **{name: _ALONE for name in MPL_OPTIONS}}
 
     def check(self, cfg: TrainConfig) -> None:
         """No teacher is trained: starting weights for it are refused."""
         if cfg.teacher_weights or cfg.pretrained in ("teacher", "both"):
-            raise UserError("--method supervised trains no teacher; drop --teacher-weights / --pretrained teacher")
+            raise UserError(f"--method {self.name} trains no teacher; drop --teacher-weights / --pretrained teacher")
 
     def adopt(self, values: dict, defaults: dict) -> dict:
         """A recipe as the labels-only baseline: no teacher weights, a pretrained teacher dropped."""

@@ -175,7 +175,8 @@ def reduced_teacher_accuracy(
     teacher.eval()
     out = {}
     for prefix, (x, y) in sets.items():
-        x_t, y_t = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.as_tensor(np.asarray(y[:limit]))
+        # Copies: the labels are often a read-only memmap of the cache, which torch would only read with a warning.
+        x_t, y_t = torch.from_numpy(np.array(x[:limit], dtype=np.float32)), torch.from_numpy(np.array(y[:limit]))
         hits = int((teacher(x_t.to(device)).argmax(dim=1).cpu() == y_t).sum())
         out[f"{prefix}teacher_acc"] = 100.0 * hits / max(len(y_t), 1)  # as training.evaluation counts
     teacher.train(was_training)

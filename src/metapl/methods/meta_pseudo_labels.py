@@ -36,7 +36,8 @@ class MPL(Method):
     idle = {"reduced_hidden": REDUCED_ONLY}
 
     def step(self, run: Run, labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
-        """One ``mpl_update`` of the teacher (not of a fixed one) and the student; the teacher's schedule steps."""
+        """One ``mpl_update`` of the teacher (not of a fixed one) and the student; the trained teacher's schedule
+        steps."""
         from metapl.core import Batch, linear_ramp, mpl_update
 
         cfg = run.cfg
@@ -61,7 +62,8 @@ class MPL(Method):
             s_scaler=run.s_scaler,
             check_finite=False,  # no sync per step: the loop checks the weights when it syncs (TrainingDiverged)
         )
-        run.t_sched.step()
+        if self.trains_teacher:  # a fixed teacher takes no optimizer step, so its schedule has nothing to follow
+            run.t_sched.step()
         return metrics
 
 

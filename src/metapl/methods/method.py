@@ -71,6 +71,8 @@ class Method:
     # the measurements behind each order: docs/algorithm.md, "The model a run hands back").
     result_rule: ClassVar[tuple[str, ...]] = ("ema", "student")
     idle: ClassVar[dict[str, Idle]] = {}  # option -> why it does nothing here
+    # Options that only this method reads: idle with every other method (metapl.config.rules.rules_for).
+    own_options: ClassVar[tuple[str, ...]] = ()
 
     def check(self, cfg: TrainConfig) -> None:
         """Refuse what cannot work with this method beyond idle options (a ``UserError`` naming the fix)."""

@@ -157,12 +157,15 @@ def _torchvision_names() -> frozenset[str]:
 
 
 def _unknown_name_message(name: str, bare_name: str) -> str:
-    candidates = [*_REGISTRY, *_torchvision_names()]
-    close = difflib.get_close_matches(bare_name, candidates, n=3, cutoff=0.6)
+    """One line: the unknown name, the closest known ones, and every known name (metapl's registry, torchvision's
+    classification models), with where timm's and the user's own come from."""
+    tv = sorted(_torchvision_names())
+    close = difflib.get_close_matches(bare_name, [*_REGISTRY, *tv], n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return (
-        f"unknown model {name!r}; {hint}registered models: metapl.models.list_models(); "
-        "torchvision: torchvision.models.list_models(module=torchvision.models); timm models as 'timm:NAME'"
+        f"unknown model {name!r}; {hint}use one of metapl's ({', '.join(_REGISTRY)}; your own: register_model and "
+        f"--import), torchvision's classification models as NAME or tv:NAME ({', '.join(tv)}), or timm's as "
+        "timm:NAME (pip install timm)"
     )
 
 

@@ -11,6 +11,9 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
 
 
+LIMIT = 100.0  # the largest difference of two accuracies, in points
+
+
 def t_975(df: int) -> float:
     """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (the nearest tabled df at or below)."""
     return T_975[max(k for k in T_975 if k <= df)]
@@ -42,11 +45,28 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
+def interval_bounds(stats: tuple[float, float, int], limit: float = LIMIT) -> tuple[float, float]:
+    """The 95 % interval of ``paired_interval``'s ``stats``, clipped to [-``limit``, +``limit``]: a difference of two
+    accuracies in % lies there, however wide few seeds make the t-interval."""
+    mean, half, _ = stats
+    return max(mean - half, -limit), min(mean + half, limit)
+
+
+def identical(stats: tuple[float, float, int]) -> bool:
+    """Whether every seed's difference was the same (the t-interval has width 0, up to float rounding)."""
+    return stats[1] < 1e-9
+
+
 def interval_text(stats: tuple[float, float, int] | None, single: float | None = None) -> str:
-    """``"+1.20 [-0.30, +2.70]"``; with one paired seed (``stats`` None) ``"+1.20 (one seed)"``; "–" for neither."""
+    """``"+1.20 [-0.30, +2.70]"`` (clipped to ±100 points); ``"+2.00 (the same in all 3 seeds)"`` when every seed's
+    difference is the same (a t-interval of width 0 says nothing about another seed); with one paired seed (``stats``
+    None) ``"+1.20 (one seed)"``; "–" for neither."""
     if stats is not None:
-        mean, half, _ = stats
-        return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+        mean, _, n = stats
+        if identical(stats):
+            return f"{mean:+.2f} (the same in all {n} seeds)"
+        low, high = interval_bounds(stats)
+        return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
     return "–" if single is None else f"{single:+.2f} (one seed)"
 
 
